@@ -1,0 +1,1 @@
+"""sftflow flows: orchestration only (load config, call tasks, gates)."""

@@ -1,0 +1,82 @@
+"""`sftflow` command line: run the whole pipeline, or one step of an earlier run, with one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tasks.errors import SftflowError
+
+STEPS = ("ingest", "clean", "validate", "format", "train", "evaluate", "register")
+
+
+class HideUserErrorTracebacks(logging.Filter):
+    """Drop the traceback from log records about a user error: the CLI prints it as one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SftflowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Attach the filter to every handler of Prefect's loggers."""
+    import prefect.logging  # noqa: F401  (configures Prefect's handlers)
+
+    for name in ["prefect", *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")]]:
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(HideUserErrorTracebacks())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Return the parsed command line."""
+    parser = argparse.ArgumentParser(prog="sftflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline")
+    run.add_argument("config", nargs="?", type=Path, default=Path("configs/default.yaml"))
+    run.add_argument("--run-id", help="name the run (re-using an id resumes it: finished steps are cache hits)")
+    task = sub.add_parser("task", help="re-run one step on an earlier run's outputs")
+    task.add_argument("step", choices=STEPS)
+    task.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
+    task.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    for p in (run, task):
+        p.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.FIELD=VALUE",
+                       help="override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    return parser.parse_args(argv)
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    """Run the flow and print its summary."""
+    from flows.sft_pipeline import sft_pipeline
+    from tasks.config import load_config
+    from tasks.report import human_summary
+
+    load_config(args.config, args.overrides)  # fail fast, before any server or model starts
+    summary = sft_pipeline(args.config, args.overrides, args.run_id)
+    print(human_summary(summary))
+    print(f"summary: {Path(load_config(args.config, args.overrides).runs_dir) / summary['run_id'] / 'summary.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sftflow` console script; returns the exit code."""
+    args = parse_args(argv)
+    try:
+        quiet_user_errors()
+        if args.command == "run":
+            run_pipeline(args)
+        else:
+            from flows.single_task import run_step
+
+            print(run_step(args.step, args.runs_dir, args.run_id, args.overrides))
+    except SftflowError as e:
+        print(f"sftflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The SFT pipeline flow: ingest → clean → validate → format → train → evaluate → register."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.chat_format import format_chats
+from tasks.clean import clean
+from tasks.config import RunPaths, dump_config, load_config
+from tasks.evaluate import evaluate_adapter
+from tasks.ingest import fingerprint_sources, ingest
+from tasks.modeling import prepare_base_model
+from tasks.register import register_model
+from tasks.report import save_config, write_summary
+from tasks.train import train_adapter
+from tasks.validate import validate
+
+
+def new_run_id() -> str:
+    """Return a sortable, readable run id: timestamp plus the Prefect flow run name."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
+
+
+@flow(name="sft-pipeline")
+def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: list[str] | None = None,
+                 run_id: str | None = None) -> dict:
+    """Clean, validate, format, train, evaluate and register; a failed data suite stops before training."""
+    started = time.time()
+    cfg = load_config(config_path, overrides or [])
+    run = RunPaths(cfg.runs_dir, run_id or new_run_id())
+    config_file = save_config(dump_config(cfg), run.config)
+    raw_db = ingest(cfg.data, fingerprint_sources(cfg.data), run.sources, run.ingest_db)
+    clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
+    validate(clean_db, cfg.validation.suite, run.validation, cfg.validation)  # raises DataValidationError
+    base = prepare_base_model(cfg.train.base_model)
+    chats = format_chats(clean_db, base, run.formatted, cfg.chat)
+    adapter = train_adapter(chats, base, run.train, cfg.train)
+    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit)
+    registered = register_model(cfg.tracking_uri(), run.run_id, {"sftflow_run_id": run.run_id,
+                                "prefect_flow_run_id": str(flow_run.id)}, config_file, base, adapter, run.train,
+                                evaluation, [run.clean_report, run.validation, run.formatted / "stats.json"],
+                                cfg.registry)
+    return write_summary(run.run_id, run.clean_report, evaluation, registered, flow_run.id, started, run.summary)

@@ -1,0 +1,46 @@
+"""Run one pipeline step alone on an earlier run's outputs (`sftflow task <step> --run <run-id>`), for debugging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.chat_format import format_chats
+from tasks.clean import clean
+from tasks.config import RunPaths, load_config
+from tasks.errors import ConfigError
+from tasks.evaluate import evaluate_adapter
+from tasks.ingest import fingerprint_data, ingest
+from tasks.modeling import prepare_base_model
+from tasks.register import register_model
+from tasks.train import train_adapter
+from tasks.validate import validate
+
+
+def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
+    """Return the task and the arguments it takes for `step`, all derived from the run's saved layout."""
+    base = lambda: prepare_base_model.fn(cfg.train.base_model)  # noqa: E731  (resolved only for model steps)
+    calls = {
+        "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
+        "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)),
+        "validate": lambda: (validate, (run.clean_db, cfg.validation.suite, run.validation, cfg.validation)),
+        "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat)),
+        "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
+        "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), run.train / "adapter", run.eval, cfg.evaluate,
+                                                cfg.train.load_in_4bit)),
+        "register": lambda: (register_model, (cfg.tracking_uri(), run.run_id, {"sftflow_run_id": run.run_id},
+                                              run.config, base(), run.train / "adapter", run.train, run.eval,
+                                              [run.clean_report, run.validation, run.formatted / "stats.json"],
+                                              cfg.registry)),
+    }
+    return calls[step]()
+
+
+def run_step(step: str, runs_dir: Path, run_id: str, overrides: list[str]) -> Any:
+    """Re-run `step` of run `run_id` as a Prefect task (cache refreshed) and return its result."""
+    run = RunPaths(runs_dir, run_id)
+    if not run.config.is_file():
+        raise ConfigError(f"{run.config}: no such run (expected the config saved by `sftflow run`)")
+    cfg = load_config(run.config, overrides)
+    task, args = step_call(step, cfg, run)
+    return task.with_options(refresh_cache=True)(*args)

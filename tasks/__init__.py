@@ -1,0 +1,1 @@
+"""sftflow stages: each module is one pipeline step; Prefect tasks wrap plain, testable helpers."""

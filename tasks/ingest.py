@@ -1,0 +1,207 @@
+"""Ingest: read the configured sources (JSONL/JSON/CSV/Parquet; Alpaca or chat `messages`) into one DuckDB table.
+
+Every record read becomes a row of `raw`, including records that are malformed or miss a field: those carry a
+`problem_rule` and are quarantined by the clean step, so raw = clean + quarantine always holds.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import inspect
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from prefect import get_run_logger
+
+from tasks.common import stage_task
+from tasks.config import DataConfig, SourceConfig
+from tasks.errors import InputError
+from tasks import synth
+from tasks.synth import write_orders
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+RAW_SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("source", pa.string()), ("source_file", pa.string()), ("line_number", pa.int64()),
+    ("system", pa.string()), ("messages", pa.list_(MESSAGE)),
+    ("problem_rule", pa.string()), ("problem", pa.string()), ("record", pa.string()),
+])
+FORMAT_FIELDS = {"alpaca": ("instruction", "output"), "messages": ("messages",)}
+
+
+class RecordProblem(Exception):
+    """A record that cannot become a conversation; `rule` names the quarantine rule."""
+
+    def __init__(self, rule: str, field: str, message: str):
+        super().__init__(message)
+        self.rule, self.field = rule, field
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line or row number, parsed record or the JSONDecodeError) for each record of a supported file."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet"):
+        reader = "read_csv" if suffix == ".csv" else "read_parquet"
+        with duckdb.connect() as con:
+            rows = con.sql(f"SELECT * FROM {reader}($p)", params={"p": str(path)}).fetchall()  # reader is a constant
+            cols = con.sql(f"DESCRIBE SELECT * FROM {reader}($p)", params={"p": str(path)}).fetchall()
+        names = [c[0] for c in cols]
+        offset = 2 if suffix == ".csv" else 1  # CSV line 1 is the header
+        for i, row in enumerate(rows):
+            yield i + offset, dict(zip(names, row))
+        return
+    if suffix not in (".jsonl", ".json"):
+        raise InputError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        yield from enumerate(records, start=1)  # numbered by position in the array
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, e
+
+
+def detect_format(keys: set[str], source: SourceConfig, path: Path) -> str:
+    """Return the record format of a file from its (mapped) column names, or raise an error listing them."""
+    if source.format != "auto":
+        return source.format
+    for fmt, needed in FORMAT_FIELDS.items():
+        if needed[0] in keys:
+            return fmt
+    hints = "; ".join(f"{fmt} needs columns {', '.join(f)}" for fmt, f in FORMAT_FIELDS.items())
+    raise InputError(
+        f"{path}: cannot tell the record format from columns {sorted(keys)}: {hints}. "
+        f"Map yours in the source config, e.g. columns: {{instruction: question, output: answer}}"
+    )
+
+
+def text_of(value: Any, field: str) -> str | None:
+    """Return a turn's text: a string, or the text parts of a typed content list; None when absent."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and p.get("type", "text") == "text")
+    raise RecordProblem("malformed", field, f"field '{field}': expected text, got {type(value).__name__}")
+
+
+def to_conversation(record: dict, fmt: str) -> tuple[str | None, list[dict]]:
+    """Return (system, messages) for one record; a missing required field leaves its content None."""
+    system = text_of(record.get("system"), "system")
+    if fmt == "alpaca":
+        prompt = text_of(record.get("instruction"), "instruction")
+        extra = text_of(record.get("input"), "input")
+        if prompt is not None and extra and extra.strip():
+            prompt = f"{prompt}\n\n{extra}"
+        return system, [{"role": "user", "content": prompt},
+                        {"role": "assistant", "content": text_of(record.get("output"), "output")}]
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise RecordProblem("malformed", "messages", "field 'messages': expected a list of {role, content} objects")
+    turns = [{"role": str(m.get("role")), "content": text_of(m.get("content"), "content")} for m in messages]
+    if turns and turns[0]["role"] == "system":
+        system, turns = turns[0]["content"], turns[1:]
+    return system, turns
+
+
+def missing_fields(record: dict, fmt: str) -> list[str]:
+    """Return the required fields of `fmt` that are absent or null in `record`."""
+    return [f for f in FORMAT_FIELDS[fmt] if record.get(f) is None]
+
+
+def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iterator[dict]:
+    """Yield canonical rows (without row_id) for every record of one file."""
+    fmt = None
+    renames = {column: canonical for canonical, column in source.columns.items()}
+    for line, record in iter_records(path):
+        base = {"source": source.label, "source_file": str(path), "line_number": line, "system": None,
+                "messages": None, "problem_rule": None, "problem": None}
+        try:
+            if isinstance(record, json.JSONDecodeError):
+                raise RecordProblem("malformed", "", f"invalid JSON: {record.msg} (column {record.colno})")
+            if not isinstance(record, dict):
+                raise RecordProblem("malformed", "", f"expected a JSON object, got {type(record).__name__}")
+            record = {renames.get(k, k): v for k, v in record.items()}
+            fmt = fmt or detect_format(set(record), source, path)
+            base["system"], base["messages"] = to_conversation(record, fmt)
+            if missing := missing_fields(record, fmt):
+                base["problem_rule"], base["problem"] = "missing_field", f"missing field '{missing[0]}'"
+        except RecordProblem as p:
+            if on_bad_rows == "fail":
+                raise InputError(f"{path}:{line}: {p} (set data.on_bad_rows=quarantine to keep going)") from None
+            base["problem_rule"], base["problem"] = p.rule, str(p)
+        base["record"] = record if isinstance(record, str) else json.dumps(
+            record if isinstance(record, (dict, list)) else str(record), ensure_ascii=False, default=str)
+        yield base
+
+
+def source_files(source: SourceConfig, sources_dir: Path) -> list[Path]:
+    """Return the files of one source (writing the synthetic set first); raise if a path or glob matches nothing."""
+    if source.synthetic is not None:
+        out = sources_dir / f"{source.label}.jsonl"
+        return [write_orders(out, source.synthetic.rows, source.synthetic.seed)]
+    files = sorted(Path(p) for p in glob.glob(source.path, recursive=True)) if glob.has_magic(source.path) else [
+        Path(source.path)]
+    missing = [f for f in files if not f.is_file()]
+    if not files or missing:
+        raise InputError(f"{missing[0] if missing else source.path}: source file not found")
+    return files
+
+
+def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, int]:
+    """Write every record of every source into table `raw` of a fresh DuckDB file; return rows per source."""
+    rows: list[dict] = []
+    counts: dict[str, int] = {}
+    for source in cfg.sources:
+        before = len(rows)
+        for path in source_files(source, sources_dir):
+            rows.extend(read_source_file(path, source, cfg.on_bad_rows))
+        counts[source.label] = len(rows) - before
+    for i, row in enumerate(rows):
+        row["row_id"] = i
+    table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+    out_db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_db.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    with duckdb.connect(str(tmp)) as con:
+        con.register("incoming", table)
+        con.execute("CREATE TABLE raw AS SELECT * FROM incoming ORDER BY row_id")
+    tmp.replace(out_db)  # atomic: a retry never sees a half-written table
+    return counts
+
+
+def fingerprint_data(cfg: DataConfig) -> str:
+    """Return a hash of the source config and the bytes of every local source file (changed data re-runs all)."""
+    h = hashlib.sha256(cfg.model_dump_json().encode())
+    h.update(inspect.getsource(synth).encode())  # generator code is part of a synthetic source's identity
+    for source in cfg.sources:
+        if source.path:
+            paths = glob.glob(source.path, recursive=True) if glob.has_magic(source.path) else [source.path]
+            for p in sorted(paths):
+                h.update(p.encode())
+                h.update(Path(p).read_bytes() if Path(p).is_file() else b"<missing>")
+    return h.hexdigest()
+
+
+@stage_task("fingerprint-sources", cache=False)
+def fingerprint_sources(cfg: DataConfig) -> str:
+    """Return the content fingerprint of the configured sources (never cached: it is what detects new data)."""
+    return fingerprint_data(cfg)
+
+
+@stage_task("ingest")
+def ingest(cfg: DataConfig, sources_fingerprint: str, out_sources: Path, out_db: Path) -> Path:
+    """Ingest all sources into `out_db` (table `raw`) and return its path."""
+    counts = ingest_rows(cfg, out_sources, out_db)
+    get_run_logger().info("ingest read %d rows (%s) -> %s", sum(counts.values()), counts, out_db)
+    return out_db

@@ -1,0 +1,96 @@
+"""Register: log the run to MLflow (params, training curve, eval metrics, reports, samples), log the adapter as a
+model that reloads and generates, register a version and give it an alias (champion first, then challenger)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from prefect import get_run_logger
+
+from tasks.common import stage_task
+from tasks.config import RegisterConfig, flatten
+
+PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers"]
+
+
+def log_run_data(config_file: Path, train_dir: Path, eval_dir: Path, reports: list[Path]) -> None:
+    """Log the flattened config, the loss curve, eval metrics, report files and the sample table to the active run."""
+    import mlflow
+    import pandas as pd
+
+    params = flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")))
+    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
+    for record in json.loads((train_dir / "log_history.json").read_text(encoding="utf-8")):
+        step = int(record.get("step", 0))
+        metrics = {f"train_{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        mlflow.log_metrics(metrics, step=step)
+    mlflow.log_metrics(json.loads((eval_dir / "report.json").read_text(encoding="utf-8")))
+    for path in reports:
+        mlflow.log_artifact(str(path), artifact_path="reports")
+    samples = pd.read_json(eval_dir / "samples.jsonl", lines=True)
+    mlflow.log_table(samples, artifact_file="eval/samples.json")
+
+
+def log_adapter_model(model_dir: str, adapter_dir: Path, model_name: str):
+    """Log adapter + tokenizer + chat template (base referenced, not copied) and register it; return the version."""
+    import mlflow
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Attach the adapter to a full-precision base: a 4-bit model cannot be serialised (mlflow#10878), and the
+    # adapter is what is logged anyway. A local base is referenced by path so reloading does not re-init weights.
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    local_base = Path(model_dir).is_dir()
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+        base_model_path=str(Path(model_dir).resolve()) if local_base else None,
+        pip_requirements=PIP_REQUIREMENTS, registered_model_name=model_name)
+    return info.registered_model_version
+
+
+def assign_alias(model_name: str, version: str | int) -> str:
+    """Give `version` the alias champion if the model has none yet, else challenger; return the alias."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.get_model_version_by_alias(model_name, "champion")
+        alias = "challenger"
+    except MlflowException:
+        alias = "champion"
+    client.set_registered_model_alias(model_name, alias, str(version))
+    return alias
+
+
+def register_run(tracking_uri: str, run_name: str, tags: dict, config_file: Path, model_dir: str, adapter_dir: Path,
+                 train_dir: Path, eval_dir: Path, reports: list[Path], cfg: RegisterConfig) -> dict:
+    """Log everything about one run to MLflow and register its model; return the registry coordinates."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        log_run_data(config_file, train_dir, eval_dir, reports)
+        version = log_adapter_model(model_dir, adapter_dir, cfg.model_name)
+        alias = assign_alias(cfg.model_name, version)
+        mlflow.set_tags({"registered_model": cfg.model_name, "model_version": str(version), "alias": alias})
+    return {"registered_model": cfg.model_name, "model_version": int(version), "alias": alias,
+            "mlflow_run_id": run.info.run_id}
+
+
+@stage_task("register", retries=3, retry_delay_seconds=[10, 60, 300], cache=False)
+def register_model(tracking_uri: str, run_name: str, tags: dict, config_file: Path, model_dir: str,
+                   adapter_dir: Path, train_dir: Path, eval_dir: Path, reports: list[Path],
+                   cfg: RegisterConfig) -> dict:
+    """Log the run and register the adapter in the MLflow registry; return name, version, alias and run id."""
+    result = register_run(tracking_uri, run_name, tags, config_file, model_dir, adapter_dir, train_dir, eval_dir,
+                          reports, cfg)
+    get_run_logger().info("register: %s", result)
+    return result

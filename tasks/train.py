@@ -1,0 +1,101 @@
+"""Train: QLoRA with TRL's SFTTrainer and a PEFT LoRA config on the (4-bit) base, on the pre-tokenized rows.
+
+Labels come from the format step's `assistant_masks` (TRL folds them into `labels`). Warmup then linear decay,
+gradient accumulation, periodic adapter checkpoints; a retry resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from tasks.chat_format import load_tokenizer
+from tasks.common import stage_task
+from tasks.config import TrainConfig
+from tasks.errors import ConfigError
+from tasks.modeling import has_cuda, load_base_model
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Fail before any training time is spent on options that cannot work here."""
+    if cfg.load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.load_in_4bit=true needs bitsandbytes: `pip install bitsandbytes` "
+                              "or set train.load_in_4bit=false") from None
+
+
+def sft_config(cfg: TrainConfig, out_dir: Path):
+    """Return TRL's SFTConfig for this run."""
+    from trl import SFTConfig
+
+    cuda = has_cuda()
+    return SFTConfig(
+        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear", warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        seed=cfg.seed, report_to=[], use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, max_length=None,
+        gradient_checkpointing=cuda, disable_tqdm=True,
+    )
+
+
+def lora_config(cfg: TrainConfig):
+    """Return the PEFT LoRA config (all linear layers by default)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+
+
+def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()):
+    """Return an SFTTrainer over the tokenized training rows, with the LoRA-wrapped (4-bit) base model."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    check_train_config(cfg)
+    rows = Dataset.from_parquet(str(formatted_dir / "train.parquet")).select_columns(["input_ids", "assistant_masks"])
+    return SFTTrainer(model=load_base_model(model_dir, cfg.load_in_4bit), args=sft_config(cfg, out_dir / "checkpoints"),
+                      train_dataset=rows, processing_class=load_tokenizer(model_dir), peft_config=lora_config(cfg),
+                      callbacks=list(callbacks))
+
+
+def progress_callback():
+    """Return a TrainerCallback that logs each loss record to the Prefect run log as training runs."""
+    from transformers import TrainerCallback
+
+    class LogToPrefect(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            get_run_logger().info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(logs or {}))
+
+    return LogToPrefect()
+
+
+def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()) -> Path:
+    """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, callbacks)
+    checkpoints = out_dir / "checkpoints"
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    adapter, tmp = out_dir / "adapter", out_dir / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    load_tokenizer(model_dir).save_pretrained(tmp)  # the inference chat template, not the training variant
+    shutil.rmtree(adapter, ignore_errors=True)
+    tmp.replace(adapter)
+    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
+    return adapter
+
+
+@stage_task("train", retries=1)
+def train_adapter(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig) -> Path:
+    """Train a LoRA adapter on the formatted rows and return its directory."""
+    adapter = train_model(formatted_dir, model_dir, out_dir, cfg, callbacks=[progress_callback()])
+    get_run_logger().info("train: adapter saved to %s", adapter)
+    return adapter
