@@ -41,8 +41,6 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     chats = format_chats(clean_db, base, run.formatted, cfg.chat)
     adapter = train_adapter(chats, base, run.train, cfg.train)
     evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit)
-    registered = register_model(cfg.tracking_uri(), run.run_id, {"sftflow_run_id": run.run_id,
-                                "prefect_flow_run_id": str(flow_run.id)}, config_file, base, adapter, run.train,
-                                evaluation, [run.clean_report, run.validation, run.formatted / "stats.json"],
-                                cfg.registry)
+    registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
+                                {"prefect_flow_run_id": str(flow_run.id), "config": str(config_file)}, cfg.registry)
     return write_summary(run.run_id, run.clean_report, evaluation, registered, flow_run.id, started, run.summary)

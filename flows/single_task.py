@@ -28,10 +28,8 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
         "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
         "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), run.train / "adapter", run.eval, cfg.evaluate,
                                                 cfg.train.load_in_4bit)),
-        "register": lambda: (register_model, (cfg.tracking_uri(), run.run_id, {"sftflow_run_id": run.run_id},
-                                              run.config, base(), run.train / "adapter", run.train, run.eval,
-                                              [run.clean_report, run.validation, run.formatted / "stats.json"],
-                                              cfg.registry)),
+        "register": lambda: (register_model, (cfg.tracking_uri(), cfg.artifact_root(), run, base(),
+                                              run.train / "adapter", run.eval, {}, cfg.registry)),
     }
     return calls[step]()
 

@@ -24,7 +24,8 @@ WITH turns AS (
         'content': CASE
             WHEN m.content IS NULL THEN NULL
             WHEN m.role = 'assistant' THEN rtrim(regexp_replace(regexp_replace(
-                nfc_normalize(m.content), '[ \\t]+(\\r?\\n)', '\\1', 'g'), '^([ \\t]*\\r?\\n)+', ''))
+                nfc_normalize(m.content), '[ \\t]+(\\r?\\n)', '\\1', 'g'), '^([ \\t]*\\r?\\n)+', ''),
+                chr(32) || chr(9) || chr(10) || chr(13))  -- rtrim() alone trims spaces only
             ELSE trim(regexp_replace(nfc_normalize(m.content), '\\s+', ' ', 'g'))
         END}) AS turns,
         trim(regexp_replace(nfc_normalize(system), '\\s+', ' ', 'g')) AS norm_system

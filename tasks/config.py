@@ -114,6 +114,10 @@ class PipelineConfig(StageConfig):
         """Return the MLflow tracking URI: the configured one or a sqlite store in runs_dir."""
         return self.registry.tracking_uri or f"sqlite:///{self.runs_dir.resolve() / 'mlflow.db'}"
 
+    def artifact_root(self) -> Path:
+        """Return where MLflow stores the artifacts of experiments sftflow creates."""
+        return self.runs_dir / "mlartifacts"
+
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set `section.field=value` in the raw config dict; the value is parsed as YAML so types are checked later."""

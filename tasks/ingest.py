@@ -72,13 +72,15 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, e
 
 
-def detect_format(keys: set[str], source: SourceConfig, path: Path) -> str:
-    """Return the record format of a file from its (mapped) column names, or raise an error listing them."""
+def detect_format(keys: set[str], source: SourceConfig, path: Path, previous: str | None = None) -> str:
+    """Return a record's format from its (mapped) column names; else the file's format so far; else raise."""
     if source.format != "auto":
         return source.format
     for fmt, needed in FORMAT_FIELDS.items():
         if needed[0] in keys:
             return fmt
+    if previous:
+        return previous  # e.g. an Alpaca row whose instruction is missing: quarantined as missing_field
     hints = "; ".join(f"{fmt} needs columns {', '.join(f)}" for fmt, f in FORMAT_FIELDS.items())
     raise InputError(
         f"{path}: cannot tell the record format from columns {sorted(keys)}: {hints}. "
@@ -132,7 +134,7 @@ def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iter
             if not isinstance(record, dict):
                 raise RecordProblem("malformed", "", f"expected a JSON object, got {type(record).__name__}")
             record = {renames.get(k, k): v for k, v in record.items()}
-            fmt = fmt or detect_format(set(record), source, path)
+            fmt = detect_format(set(record), source, path, fmt)
             base["system"], base["messages"] = to_conversation(record, fmt)
             if missing := missing_fields(record, fmt):
                 base["problem_rule"], base["problem"] = "missing_field", f"missing field '{missing[0]}'"
@@ -140,8 +142,9 @@ def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iter
             if on_bad_rows == "fail":
                 raise InputError(f"{path}:{line}: {p} (set data.on_bad_rows=quarantine to keep going)") from None
             base["problem_rule"], base["problem"] = p.rule, str(p)
-        base["record"] = record if isinstance(record, str) else json.dumps(
-            record if isinstance(record, (dict, list)) else str(record), ensure_ascii=False, default=str)
+        # The original record, kept verbatim for the quarantine (for a JSON error, the line as it stands).
+        base["record"] = record.doc if isinstance(record, json.JSONDecodeError) else json.dumps(
+            record, ensure_ascii=False, default=str)
         yield base
 
 

@@ -10,24 +10,24 @@ import yaml
 from prefect import get_run_logger
 
 from tasks.common import stage_task
-from tasks.config import RegisterConfig, flatten
+from tasks.config import RegisterConfig, RunPaths, flatten
 
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers"]
 
 
-def log_run_data(config_file: Path, train_dir: Path, eval_dir: Path, reports: list[Path]) -> None:
+def log_run_data(run: RunPaths, eval_dir: Path) -> None:
     """Log the flattened config, the loss curve, eval metrics, report files and the sample table to the active run."""
     import mlflow
     import pandas as pd
 
-    params = flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")))
+    params = flatten(yaml.safe_load(run.config.read_text(encoding="utf-8")))
     mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
-    for record in json.loads((train_dir / "log_history.json").read_text(encoding="utf-8")):
+    for record in json.loads((run.train / "log_history.json").read_text(encoding="utf-8")):
         step = int(record.get("step", 0))
         metrics = {f"train_{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         mlflow.log_metrics(metrics, step=step)
     mlflow.log_metrics(json.loads((eval_dir / "report.json").read_text(encoding="utf-8")))
-    for path in reports:
+    for path in (run.clean_report, run.validation, run.formatted / "stats.json", run.quarantine):
         mlflow.log_artifact(str(path), artifact_path="reports")
     samples = pd.read_json(eval_dir / "samples.jsonl", lines=True)
     mlflow.log_table(samples, artifact_file="eval/samples.json")
@@ -68,29 +68,36 @@ def assign_alias(model_name: str, version: str | int) -> str:
     return alias
 
 
-def register_run(tracking_uri: str, run_name: str, tags: dict, config_file: Path, model_dir: str, adapter_dir: Path,
-                 train_dir: Path, eval_dir: Path, reports: list[Path], cfg: RegisterConfig) -> dict:
-    """Log everything about one run to MLflow and register its model; return the registry coordinates."""
+def use_experiment(tracking_uri: str, artifact_root: Path, name: str) -> None:
+    """Point MLflow at the store and select the experiment, creating it with artifacts under `artifact_root`."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        log_run_data(config_file, train_dir, eval_dir, reports)
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
+    mlflow.set_experiment(name)
+
+
+def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_dir: str, adapter_dir: Path,
+                 eval_dir: Path, tags: dict, cfg: RegisterConfig) -> dict:
+    """Log everything about one run to MLflow and register its model; return the registry coordinates."""
+    import mlflow
+
+    use_experiment(tracking_uri, artifact_root, cfg.experiment)
+    with mlflow.start_run(run_name=run.run_id, tags={"sftflow_run_id": run.run_id, **tags}) as active:
+        log_run_data(run, eval_dir)
         version = log_adapter_model(model_dir, adapter_dir, cfg.model_name)
         alias = assign_alias(cfg.model_name, version)
         mlflow.set_tags({"registered_model": cfg.model_name, "model_version": str(version), "alias": alias})
     return {"registered_model": cfg.model_name, "model_version": int(version), "alias": alias,
-            "mlflow_run_id": run.info.run_id}
+            "mlflow_run_id": active.info.run_id}
 
 
 @stage_task("register", retries=3, retry_delay_seconds=[10, 60, 300], cache=False)
-def register_model(tracking_uri: str, run_name: str, tags: dict, config_file: Path, model_dir: str,
-                   adapter_dir: Path, train_dir: Path, eval_dir: Path, reports: list[Path],
-                   cfg: RegisterConfig) -> dict:
+def register_model(tracking_uri: str, artifact_root: Path, run: RunPaths, model_dir: str, adapter_dir: Path,
+                   eval_dir: Path, tags: dict, cfg: RegisterConfig) -> dict:
     """Log the run and register the adapter in the MLflow registry; return name, version, alias and run id."""
-    result = register_run(tracking_uri, run_name, tags, config_file, model_dir, adapter_dir, train_dir, eval_dir,
-                          reports, cfg)
+    result = register_run(tracking_uri, artifact_root, run, model_dir, adapter_dir, eval_dir, tags, cfg)
     get_run_logger().info("register: %s", result)
     return result

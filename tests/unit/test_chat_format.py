@@ -1,0 +1,74 @@
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.chat_format import TEMPLATES, conversation, format_rows, tokenize_conversation, training_template
+from tasks.clean import clean_database
+from tasks.config import ChatConfig, CleanConfig, DataConfig
+from tasks.ingest import ingest_rows
+from tests.conftest import write_jsonl
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}],
+    [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "a=1?"},
+     {"role": "assistant", "content": '{"a": 1}'}, {"role": "user", "content": "and b?"},
+     {"role": "assistant", "content": "def f():\n    return 2"}],
+]
+
+
+def supervised_text(tokenizer, encoded):
+    return tokenizer.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"]) if m])
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_the_training_template_renders_exactly_like_the_models_own(tiny_tokenizer, messages):
+    template = training_template(tiny_tokenizer)
+    assert template != tiny_tokenizer.chat_template  # patched: SmolLM2's own has no generation markers
+    for gen in (False, True):
+        assert tiny_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=gen) == \
+            tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_labelled_tokens_are_exactly_the_assistant_turns_plus_end_of_turn(tiny_tokenizer, messages):
+    out = tokenize_conversation(tiny_tokenizer, training_template(tiny_tokenizer), messages, max_length=512)
+    expected = "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+    assert supervised_text(tiny_tokenizer, out) == expected
+    assert out["n_supervised"] == sum(out["assistant_masks"]) and not out["truncated"]
+
+
+def test_truncation_is_flagged_and_cuts_ids_and_masks_together(tiny_tokenizer):
+    out = tokenize_conversation(tiny_tokenizer, training_template(tiny_tokenizer), CONVERSATIONS[1], max_length=20)
+    assert out["truncated"] and len(out["input_ids"]) == len(out["assistant_masks"]) == out["n_tokens"] == 20
+
+
+def test_an_unpatchable_template_without_markers_asks_for_chat_chat_template(tiny_tokenizer, tmp_path):
+    from tasks.errors import ConfigError
+
+    original = tiny_tokenizer.chat_template
+    try:
+        tiny_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        with pytest.raises(ConfigError, match="chat.chat_template"):
+            training_template(tiny_tokenizer)
+        custom = tmp_path / "t.jinja"
+        custom.write_text((TEMPLATES / "smollm2_training.jinja").read_text())
+        assert training_template(tiny_tokenizer, custom) == custom.read_text()
+    finally:
+        tiny_tokenizer.chat_template = original
+
+
+def test_format_writes_both_splits_with_prompts_references_and_length_stats(tiny_model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in CONVERSATIONS] +
+                      [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)])
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig(heldout_fraction=0.3))
+    stats = format_rows(tmp_path / "c.duckdb", str(tiny_model_dir), tmp_path / "fmt", ChatConfig())
+    assert stats["train"]["rows"] + stats["heldout"]["rows"] == 42 and stats["heldout"]["rows"] > 0
+    rows = pq.read_table(tmp_path / "fmt" / "train.parquet").to_pylist() + \
+        pq.read_table(tmp_path / "fmt" / "heldout.parquet").to_pylist()
+    multi = next(r for r in rows if r["reference"] == "def f():\n    return 2")
+    assert json.loads(multi["prompt"]) == conversation("Answer in JSON.", CONVERSATIONS[1][1:4])
+    assert all(r["n_supervised"] > 0 for r in rows)
+    assert json.loads((tmp_path / "fmt" / "stats.json").read_text())["train"]["truncation_rate"] == 0.0

@@ -1,0 +1,77 @@
+import duckdb
+from prefect.logging import disable_run_logger
+
+from tasks.clean import clean, clean_database, read_accounting
+from tasks.config import CleanConfig, DataConfig
+from tasks.ingest import ingest_rows
+from tests.conftest import write_jsonl
+
+
+def run_clean(tmp_path, rows, **cfg):
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "ingest.duckdb")
+    counts = clean_database(tmp_path / "ingest.duckdb", tmp_path / "clean.duckdb", CleanConfig(**cfg))
+    with duckdb.connect(str(tmp_path / "clean.duckdb"), read_only=True) as con:
+        kept = con.execute("SELECT line_number, messages FROM clean ORDER BY row_id").fetchall()
+        dropped = con.execute("SELECT line_number, rule, detail FROM quarantine ORDER BY row_id").fetchall()
+    return counts, kept, dropped
+
+
+def test_duplicates_after_whitespace_and_unicode_normalisation_are_quarantined_with_their_rule(tmp_path):
+    counts, kept, dropped = run_clean(tmp_path, [
+        {"instruction": "Ship to Malmö", "output": "ok"},
+        {"instruction": "  Ship   to\nMalmö ", "output": "ok"},             # whitespace variant
+        {"instruction": "Ship to Malmo\u0308", "output": "ok"},              # decomposed unicode (NFD) variant
+        {"instruction": "Ship to Malmö", "output": "ok"},                    # exact duplicate
+    ])
+    assert [line for line, _ in kept] == [1]
+    assert dropped == [(2, "duplicate", "same normalised content as row 0"),
+                       (3, "duplicate", "same normalised content as row 0"),
+                       (4, "duplicate", "same normalised content as row 0")]
+    assert counts["rows_raw"] == counts["rows_clean"] + counts["rows_quarantined"] == 4
+
+
+def test_empty_missing_and_over_long_rows_are_quarantined_and_accounted_for(tmp_path):
+    counts, kept, dropped = run_clean(tmp_path, [
+        {"instruction": "fine", "output": "yes"},
+        {"instruction": "empty answer", "output": "   \n "},
+        {"instruction": "no answer"},
+        {"instruction": "long " * 50, "output": "x"},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+    ], max_chars=100)
+    assert [line for line, _ in kept] == [1]
+    assert [(line, rule) for line, rule, _ in dropped] == [
+        (2, "empty_turn"), (3, "missing_field"), (4, "too_long"), (5, "no_assistant_turn")]
+    assert dropped[0][2] == "empty assistant turn" and "clean.max_chars=100" in dropped[2][2]
+    assert counts["dropped_by_rule"] == {"empty_turn": 1, "missing_field": 1, "no_assistant_turn": 1, "too_long": 1}
+
+
+def test_prompt_whitespace_collapses_but_code_indentation_in_responses_survives(tmp_path):
+    code = "Here:\n\n```python\ndef f(x):   \n    if x:\n        return 1\n```"
+    _, kept, _ = run_clean(tmp_path, [{"instruction": "  Write\t a   function \n", "output": "\n\n" + code + "  \n\n"}])
+    (_, messages), = kept
+    assert messages[0]["content"] == "Write a function"
+    assert messages[1]["content"] == code.replace("f(x):   \n", "f(x):\n")
+
+
+def test_split_is_deterministic_by_content_and_roughly_the_configured_fraction(tmp_path):
+    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(400)]
+    counts, _, _ = run_clean(tmp_path, rows, heldout_fraction=0.25)
+    assert 70 <= counts["split"]["heldout"] <= 130
+    with duckdb.connect(str(tmp_path / "clean.duckdb"), read_only=True) as con:
+        first = con.execute("SELECT content_hash, split FROM clean ORDER BY content_hash").fetchall()
+    clean_database(tmp_path / "ingest.duckdb", tmp_path / "again.duckdb", CleanConfig(heldout_fraction=0.25))
+    with duckdb.connect(str(tmp_path / "again.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT content_hash, split FROM clean ORDER BY content_hash").fetchall() == first
+
+
+def test_clean_task_writes_report_and_quarantine_files(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b"}])
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "ingest.duckdb")
+    with disable_run_logger():
+        out = clean.fn(tmp_path / "ingest.duckdb", tmp_path / "clean.duckdb", tmp_path / "report.json",
+                       tmp_path / "q.parquet", CleanConfig())
+    assert read_accounting(out)["rows_quarantined"] == 1
+    with duckdb.connect() as con:
+        assert con.execute("SELECT rule, line_number FROM read_parquet(?)", [str(tmp_path / "q.parquet")]).fetchall() \
+            == [("duplicate", 2)]

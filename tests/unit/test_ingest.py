@@ -1,0 +1,102 @@
+import duckdb
+import pytest
+from prefect.logging import disable_run_logger
+
+from tasks.config import DataConfig
+from tasks.errors import InputError
+from tasks.ingest import ingest, ingest_rows
+from tests.conftest import write_jsonl
+
+
+def raw_rows(db):
+    with duckdb.connect(str(db), read_only=True) as con:
+        cur = con.execute("SELECT * FROM raw ORDER BY row_id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def test_alpaca_rows_become_user_and_assistant_turns_with_input_appended(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [
+        {"instruction": "Add", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi", "input": "", "output": "hi", "system": "Be brief."},
+    ])
+    with disable_run_logger():
+        db = ingest.fn(DataConfig(sources=[{"path": str(src)}]), "fp", tmp_path / "s", tmp_path / "ingest.duckdb")
+    rows = raw_rows(db)
+    assert [list(map(dict, r["messages"])) for r in rows] == [
+        [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
+        [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+    ]
+    assert rows[1]["system"] == "Be brief." and [r["line_number"] for r in rows] == [1, 2]
+    assert all(r["source"] == "a" and r["source_file"] == str(src) for r in rows)
+
+
+def test_chat_messages_keep_their_turns_and_a_leading_system_turn_moves_to_system(tmp_path):
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": [{"type": "text", "text": "a1"}]}]}])
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    (row,) = raw_rows(tmp_path / "i.duckdb")
+    assert row["system"] == "S"
+    assert [dict(m) for m in row["messages"]] == [{"role": "user", "content": "u1"},
+                                                  {"role": "assistant", "content": "a1"}]
+
+
+def test_malformed_json_line_fails_with_file_and_line(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, '{"instruction": "x", "output"'])
+    with pytest.raises(InputError) as err:
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    assert str(err.value).startswith(f"{src}:2: invalid JSON") and "\n" not in str(err.value)
+
+
+def test_malformed_line_is_kept_as_a_raw_row_when_quarantining(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, "not json"])
+    ingest_rows(DataConfig(sources=[{"path": str(src)}], on_bad_rows="quarantine"), tmp_path, tmp_path / "i.duckdb")
+    rows = raw_rows(tmp_path / "i.duckdb")
+    assert [(r["line_number"], r["problem_rule"]) for r in rows] == [(1, None), (2, "malformed")]
+    assert rows[1]["record"] == "not json"
+
+
+def test_wrongly_typed_field_is_named(tmp_path):
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": "hello"}])
+    with pytest.raises(InputError, match=r"chat.jsonl:1: field 'messages': expected a list"):
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+
+
+def test_missing_output_is_ingested_and_marked_for_quarantine(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a"}])
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    (row,) = raw_rows(tmp_path / "i.duckdb")
+    assert (row["problem_rule"], row["problem"]) == ("missing_field", "missing field 'output'")
+
+
+def test_unknown_columns_get_an_error_listing_them_and_the_fitting_mappings(tmp_path):
+    src = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(InputError) as err:
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    assert "['answer', 'question']" in str(err.value) and "instruction: question" in str(err.value)
+
+
+def test_column_mapping_reads_question_answer_as_alpaca(tmp_path):
+    src = write_jsonl(tmp_path / "q.jsonl", [{"question": "q?", "answer": "a."}])
+    cfg = DataConfig(sources=[{"path": str(src), "columns": {"instruction": "question", "output": "answer"}}])
+    ingest_rows(cfg, tmp_path, tmp_path / "i.duckdb")
+    (row,) = raw_rows(tmp_path / "i.duckdb")
+    assert [dict(m)["content"] for m in row["messages"]] == ["q?", "a."]
+
+
+def test_csv_and_parquet_sources_are_read_with_row_numbers(tmp_path):
+    with duckdb.connect() as con:
+        con.execute(f"COPY (SELECT 'i' || x AS instruction, 'o' || x AS output FROM range(3) t(x)) "
+                    f"TO '{tmp_path / 'a.csv'}' (HEADER)")
+        con.execute(f"COPY (SELECT 'i' || x AS instruction, 'o' || x AS output FROM range(2) t(x)) "
+                    f"TO '{tmp_path / 'b.parquet'}' (FORMAT parquet)")
+    counts = ingest_rows(DataConfig(sources=[{"path": str(tmp_path / "a.csv")}, {"path": str(tmp_path / "b.parquet")}]),
+                         tmp_path, tmp_path / "i.duckdb")
+    assert counts == {"a": 3, "b": 2}
+    assert [r["line_number"] for r in raw_rows(tmp_path / "i.duckdb")] == [2, 3, 4, 1, 2]
+
+
+def test_missing_source_file_is_named(tmp_path):
+    with pytest.raises(InputError, match="nope.jsonl: source file not found"):
+        ingest_rows(DataConfig(sources=[{"path": str(tmp_path / "nope.jsonl")}]), tmp_path, tmp_path / "i.duckdb")
