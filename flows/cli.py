@@ -22,12 +22,9 @@ class HideUserErrorTracebacks(logging.Filter):
 
 
 def quiet_user_errors() -> None:
-    """Attach the filter to every handler of Prefect's loggers."""
-    import prefect.logging  # noqa: F401  (configures Prefect's handlers)
-
-    for name in ["prefect", *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")]]:
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(HideUserErrorTracebacks())
+    """Filter the loggers Prefect's engines report failures on (filters on loggers survive its logging re-setup)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(HideUserErrorTracebacks())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

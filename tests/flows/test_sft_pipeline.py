@@ -1,0 +1,116 @@
+"""The whole flow on configs/tiny.yaml with a tiny random llama: real DuckDB, GX, Prefect API and MLflow (sqlite)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+from flows.sft_pipeline import sft_pipeline
+from tasks.config import load_config
+from tests.conftest import ROOT, write_jsonl
+
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    overrides = [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}"]
+    summary = sft_pipeline(TINY, overrides, "run-1")
+    return runs, overrides, summary
+
+
+def test_the_flow_writes_a_summary_with_every_promised_field(finished_run):
+    runs, _, summary = finished_run
+    on_disk = json.loads((runs / "run-1" / "summary.json").read_text())
+    assert on_disk == summary
+    for field in ("base_exact_match", "tuned_exact_match", "eval_loss", "rows_raw", "rows_clean", "rows_quarantined",
+                  "registered_model", "model_version", "alias", "mlflow_run_id", "prefect_flow_run_id",
+                  "wall_seconds"):
+        assert field in summary, field
+    assert summary["rows_raw"] == summary["rows_clean"] + summary["rows_quarantined"]
+    assert summary["rows_quarantined"] > 0 and summary["eval_loss"] > 0
+    assert (summary["registered_model"], summary["model_version"], summary["alias"]) == ("sftflow-tiny", 1, "champion")
+
+
+def test_every_dropped_row_is_in_the_quarantine_with_its_rule(finished_run):
+    runs, _, summary = finished_run
+    with duckdb.connect(str(runs / "run-1" / "clean.duckdb"), read_only=True) as con:
+        rules = dict(con.execute("SELECT rule, count(*) FROM quarantine GROUP BY rule").fetchall())
+    assert sum(rules.values()) == summary["rows_quarantined"]
+    assert {"duplicate", "empty_turn", "missing_field", "too_long"} <= set(rules)
+
+
+def test_the_prefect_api_holds_the_flow_run_with_every_task_completed(finished_run):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    _, _, summary = finished_run
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(summary["prefect_flow_run_id"])
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    assert flow_run.state.is_completed()
+    names = {t.name.rsplit("-", 1)[0] for t in task_runs}
+    assert {"ingest", "clean", "validate", "format", "train", "evaluate", "register", "summarize"} <= names
+    assert all(t.state.is_completed() for t in task_runs)
+
+
+def test_the_registered_model_reloads_from_mlflow_and_generates(finished_run):
+    import mlflow
+
+    runs, overrides, summary = finished_run
+    mlflow.set_tracking_uri(load_config(TINY, overrides).tracking_uri())
+    pipe = mlflow.transformers.load_model(f"models:/{summary['registered_model']}@champion")
+    out = pipe([{"role": "user", "content": "Extract the order."}], max_new_tokens=5, do_sample=False)
+    assert isinstance(out[0]["generated_text"], list) and out[0]["generated_text"][-1]["role"] == "assistant"
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.params["train.lora_r"] == "16" and "train_loss" in run.data.metrics
+    assert run.data.metrics["tuned_exact_match"] == summary["tuned_exact_match"]
+
+
+def test_rerunning_the_same_run_id_reuses_cached_steps(finished_run):
+    runs, overrides, _ = finished_run
+    adapter = runs / "run-1" / "train" / "adapter" / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    summary = sft_pipeline(TINY, overrides, "run-1")
+    assert adapter.stat().st_mtime_ns == before  # train was a cache hit, not a retrain
+    assert (summary["model_version"], summary["alias"]) == (2, "challenger")
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {"PATH": str(Path(sys.executable).parent), "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "HOME": str(Path.home()), "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GX_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def test_one_task_reruns_alone_on_an_earlier_run(finished_run):
+    runs, _, summary = finished_run
+    (runs / "run-1" / "clean.duckdb").unlink()
+    result = run_cli("task", "clean", "--run", "run-1", "--runs-dir", str(runs))
+    assert result.returncode == 0, result.stderr
+    with duckdb.connect(str(runs / "run-1" / "clean.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM clean").fetchall()[0][0] == summary["rows_clean"]
+
+
+def test_a_malformed_input_file_stops_the_cli_with_one_line_naming_file_and_line(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, '{"instruction": oops}'])
+    result = run_cli("run", str(TINY), "--set", f"runs_dir={tmp_path}",
+                     "--set", f"data.sources=[{{path: {bad}}}]")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sftflow: error:")]
+    assert errors == [f"sftflow: error: {bad}:2: invalid JSON: Expecting value (column 17) "
+                      "(set data.on_bad_rows=quarantine to keep going)"]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_an_invalid_config_stops_the_cli_before_any_work_with_the_key_named(tmp_path):
+    result = run_cli("run", str(TINY), "--set", "train.lora_rank=8", "--set", f"runs_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"sftflow: error: {TINY}: invalid config: unknown key `train.lora_rank`"
+    assert list(tmp_path.iterdir()) == []
