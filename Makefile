@@ -33,6 +33,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 run: $(STAMP)
+	@mkdir -p $(PREFECT_HOME)
 	$(BIN)/sftflow run $(CONFIG) $(ARGS)
 
 test: $(STAMP)
@@ -40,6 +41,7 @@ test: $(STAMP)
 
 # Prefect UI on http://127.0.0.1:4200, over the same database the runs wrote to.
 ui-prefect: $(STAMP)
+	@mkdir -p $(PREFECT_HOME)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 # MLflow UI on http://127.0.0.1:5000: runs, metrics, artifacts and the model registry.
