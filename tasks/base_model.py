@@ -37,9 +37,13 @@ def resolve_gguf(spec: str) -> Path | None:
 
 
 def converted_dir(gguf: Path) -> Path:
-    """Return the cache directory for a converted GGUF file, keyed by its name, size and modification time."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    """Return the cache directory for a converted GGUF file, keyed by its name, size and first MiB of content.
+
+    Not by path: the same packaged file installed in another venv or clone reuses the conversion.
+    """
+    with gguf.open("rb") as f:
+        head = f.read(1 << 20)
+    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:".encode() + head).hexdigest()[:12]
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 

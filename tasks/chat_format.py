@@ -17,11 +17,16 @@ from prefect import get_run_logger
 
 from tasks.common import stage_task
 from tasks.config import ChatConfig
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, DataValidationError
 
 TEMPLATES = Path(__file__).parent / "templates"
 # Inference template -> training variant with generation markers, for templates TRL does not patch.
 KNOWN_TRAINING_TEMPLATES = {"smollm2.jinja": "smollm2_training.jinja"}
+FORMATTED_SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
+    ("assistant_masks", pa.list_(pa.int8())), ("n_tokens", pa.int32()), ("n_supervised", pa.int32()),
+    ("truncated", pa.bool_()), ("prompt", pa.string()), ("reference", pa.string()),
+])
 ROWS_SQL = "SELECT row_id, source, system, messages FROM clean WHERE split = $split ORDER BY row_id"
 
 
@@ -78,7 +83,7 @@ def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template
                                                                                 cfg.max_length),
                      "prompt": json.dumps(convo[:last_assistant], ensure_ascii=False),
                      "reference": convo[last_assistant]["content"]})
-    return pa.Table.from_pylist(rows)
+    return pa.Table.from_pylist(rows, schema=FORMATTED_SCHEMA)
 
 
 def length_stats(table: pa.Table) -> dict:
@@ -112,5 +117,9 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig) 
 def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig) -> Path:
     """Tokenize the clean conversations with loss masks into `out_dir` and return it."""
     stats = format_rows(clean_db, model_dir, out_dir, cfg)
+    empty = [split for split, s in stats.items() if s["rows"] == 0]
+    if empty:
+        raise DataValidationError(f"{clean_db}: the {' and '.join(empty)} split is empty; add rows or change "
+                                  "clean.heldout_fraction")
     get_run_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
     return out_dir

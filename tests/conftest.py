@@ -20,7 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template from the packaged GGUF."""
+    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template from the packaged GGUF.
+
+    A wide init (0.4) gives logits enough range for LoRA on the linear layers to move them (0.02 would not).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -33,7 +36,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         tie_word_embeddings=True, initializer_range=0.4, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

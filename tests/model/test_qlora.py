@@ -1,0 +1,84 @@
+"""QLoRA on a tiny random llama, on the CPU: the real bitsandbytes 4-bit + PEFT + TRL path."""
+
+import json
+
+import pytest
+import torch
+
+from tasks.chat_format import format_rows
+from tasks.clean import clean_database
+from tasks.config import ChatConfig, CleanConfig, DataConfig, TrainConfig
+from tasks.ingest import ingest_rows
+from tasks.train import build_trainer, train_model
+from tests.conftest import write_jsonl
+
+ANSWER = '{"customer": "Ada", "item": "lamp", "quantity": 2, "city": "Oslo"}'
+
+
+@pytest.fixture(scope="module")
+def formatted(tiny_model_dir, tmp_path_factory):
+    """One memorisable conversation (repeated under distinct prompts) plus a multi-turn one, tokenized."""
+    tmp = tmp_path_factory.mktemp("qlora")
+    rows = [{"instruction": f"Extract the order #{i}.", "output": ANSWER} for i in range(24)]
+    rows.append({"messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "first"},
+                              {"role": "user", "content": "u2"}, {"role": "assistant", "content": "second"}]})
+    ingest_rows(DataConfig(sources=[{"path": str(write_jsonl(tmp / "d.jsonl", rows))}]), tmp, tmp / "i.duckdb")
+    clean_database(tmp / "i.duckdb", tmp / "c.duckdb", CleanConfig(heldout_fraction=0.1))
+    format_rows(tmp / "c.duckdb", str(tiny_model_dir), tmp / "fmt", ChatConfig(max_length=128))
+    return tmp / "fmt"
+
+
+def tiny_train_config(**kw):
+    return TrainConfig(**{"learning_rate": 2e-2, "max_steps": 30, "batch_size": 4, "gradient_accumulation_steps": 2,
+                          "logging_steps": 5, "save_steps": 15, "lora_r": 8, **kw})
+
+
+def test_trl_labels_are_exactly_the_assistant_turns_plus_end_of_turn(formatted, tiny_model_dir, tiny_tokenizer,
+                                                                     tmp_path):
+    trainer = build_trainer(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=1))
+    decoded = {tiny_tokenizer.decode([t for t in row["labels"] if t != -100]) for row in trainer.train_dataset}
+    assert decoded == {ANSWER + "<|im_end|>", "first<|im_end|>second<|im_end|>"}
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):  # padding never carries a label
+        kept = labels[labels != -100]
+        assert tiny_tokenizer.decode(kept) in decoded
+
+
+def test_qlora_lowers_the_loss_changes_only_lora_weights_and_learns_the_answer(formatted, tiny_model_dir,
+                                                                               tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    from tasks.evaluate import generate_answers
+    from tasks.config import EvaluateConfig
+    from tasks.modeling import load_base_model
+
+    base_before = {k: v.detach().clone() for k, v in load_base_model(str(tiny_model_dir), True).state_dict().items()}
+    adapter = train_model(formatted, str(tiny_model_dir), tmp_path, tiny_train_config())
+    losses = [r["loss"] for r in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+
+    model = PeftModel.from_pretrained(load_base_model(str(tiny_model_dir), True), str(adapter))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero: non-zero means it trained
+    base_after = model.get_base_model().state_dict()
+    for name, before in base_before.items():
+        after = base_after[name.replace(".weight", ".base_layer.weight")] if name not in base_after else \
+            base_after[name]
+        assert torch.equal(before, after), f"base weight {name} changed"
+    assert any("4bit" in type(m).__name__ for m in model.modules())  # trained over a real 4-bit NF4 base
+
+    prompt = [[{"role": "user", "content": "Extract the order #3."}]]
+    (answer,) = generate_answers(model.eval(), tiny_tokenizer, prompt, EvaluateConfig(max_new_tokens=40))
+    with model.disable_adapter():
+        (base_answer,) = generate_answers(model, tiny_tokenizer, prompt, EvaluateConfig(max_new_tokens=40))
+    assert answer.startswith(ANSWER) and not base_answer.startswith(ANSWER)
+
+
+def test_a_retry_resumes_from_the_last_checkpoint(formatted, tiny_model_dir, tmp_path):
+    train_model(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=4, save_steps=2))
+    history = json.loads((tmp_path / "log_history.json").read_text())
+    assert (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
+    train_model(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=6, save_steps=2))
+    resumed = json.loads((tmp_path / "log_history.json").read_text())
+    assert resumed[: len(history) - 1] == history[:-1]  # steps 1-4 were restored, not re-run
+    assert max(r.get("step", 0) for r in resumed) == 6
