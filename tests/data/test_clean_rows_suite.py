@@ -1,0 +1,83 @@
+"""The clean-rows GX suite passes good data and each expectation fails on data built to break it."""
+
+import duckdb
+import pytest
+from prefect.logging import disable_run_logger
+
+from tasks.clean import clean_database
+from tasks.config import CleanConfig, DataConfig, ValidateConfig
+from tasks.errors import DataValidationError
+from tasks.ingest import ingest_rows
+from tasks.validate import validate, validate_table
+from tests.conftest import SHARED_DATA, write_jsonl
+
+GOOD = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(30)]
+
+
+def clean_db_from(tmp_path, rows):
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig())
+    return tmp_path / "c.duckdb"
+
+
+def failed(results):
+    return sorted((r["expectation"], r["kwargs"].get("column", "")) for r in results if not r["success"])
+
+
+def test_the_suite_passes_clean_rows(tmp_path):
+    assert failed(validate_table(clean_db_from(tmp_path, GOOD), ValidateConfig(min_rows=30))) == []
+
+
+# Each case corrupts the clean table the way a bug upstream could, and names the expectation that must catch it.
+BREAKERS = {
+    "content_hash null": ("UPDATE clean SET content_hash = NULL WHERE row_id = 0",
+                          ("expect_column_values_to_not_be_null", "content_hash")),
+    "duplicate": ("UPDATE clean SET content_hash = (SELECT content_hash FROM clean WHERE row_id = 1) WHERE row_id = 0",
+                  ("expect_column_values_to_be_unique", "content_hash")),
+    "bad split": ("UPDATE clean SET split = 'test' WHERE row_id = 0",
+                  ("expect_column_values_to_be_in_set", "split")),
+    "one turn": ("UPDATE clean SET messages = [messages[2]] WHERE row_id = 0",
+                 ("expect_column_values_to_be_between", "n_turns")),
+    "empty turn": ("UPDATE clean SET messages = [messages[1], {'role': 'assistant', 'content': ''}] WHERE row_id = 0",
+                   ("expect_column_values_to_be_between", "min_turn_chars")),
+    "huge": ("UPDATE clean SET n_chars = 200000 WHERE row_id = 0", ("expect_column_values_to_be_between", "n_chars")),
+    "ends on user": ("UPDATE clean SET messages = [messages[2], messages[1]] WHERE row_id = 0",
+                     ("expect_column_values_to_be_in_set", "last_role")),
+    "odd role": ("UPDATE clean SET messages = [{'role': 'narrator', 'content': 'x'}, messages[2]] WHERE row_id = 0",
+                 ("expect_column_values_to_match_regex", "roles")),
+    "too few rows": ("DELETE FROM clean WHERE row_id > 5", ("expect_table_row_count_to_be_between", "")),
+}
+
+
+@pytest.mark.parametrize("case", BREAKERS, ids=list(BREAKERS))
+def test_each_expectation_fails_on_data_built_to_break_it(tmp_path, case):
+    sql, expected = BREAKERS[case]
+    db = clean_db_from(tmp_path, GOOD)
+    with duckdb.connect(str(db)) as con:
+        con.execute(sql)
+    assert failed(validate_table(db, ValidateConfig(min_rows=30))) == [expected]
+
+
+def test_a_failed_suite_stops_with_a_readable_summary_and_keeps_the_details(tmp_path):
+    db = clean_db_from(tmp_path, GOOD)
+    with duckdb.connect(str(db)) as con:
+        con.execute(BREAKERS["bad split"][0])
+    with disable_run_logger(), pytest.raises(DataValidationError) as err:
+        validate.fn(db, ValidateConfig().suite, tmp_path / "v.json", ValidateConfig(min_rows=30))
+    assert "expect_column_values_to_be_in_set(split): 1 rows unexpected, e.g. ['test']" in str(err.value)
+    assert (tmp_path / "v.json").is_file()
+
+
+def test_gsm8k_goes_through_ingest_clean_and_validate_via_a_column_mapping(tmp_path):
+    source = {"path": str(SHARED_DATA / "gsm8k_train.jsonl"), "columns": {"instruction": "question",
+                                                                           "output": "answer"}}
+    counts = ingest_rows(DataConfig(sources=[source]), tmp_path, tmp_path / "i.duckdb")
+    assert counts == {"gsm8k_train": 7473}
+    accounting = clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig())
+    assert accounting["rows_raw"] == accounting["rows_clean"] + accounting["rows_quarantined"] == 7473
+    assert accounting["rows_clean"] > 7400 and 600 < accounting["split"]["heldout"] < 900
+    assert failed(validate_table(tmp_path / "c.duckdb", ValidateConfig(min_rows=1000))) == []
+    with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
+        (answer,) = con.execute("SELECT messages[2].content FROM clean WHERE line_number = 1").fetchall()[0]
+    assert answer.endswith("#### 72") and "\n" in answer  # the answer's line structure survives cleaning
