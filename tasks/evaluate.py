@@ -15,22 +15,21 @@ from tasks.config import EvaluateConfig
 from tasks.modeling import load_base_model
 
 
-def supervised_loss(model, rows: list[dict], batch_size: int) -> float:
+def supervised_loss(model, rows: list[dict]) -> float:
     """Return the mean cross-entropy over supervised (assistant) tokens of the given tokenized rows."""
     import torch
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, len(rows), batch_size):
-        for row in rows[i:i + batch_size]:  # one at a time: no padding, exact per-token sum
-            ids = torch.tensor([row["input_ids"]], device=device)
-            labels = torch.tensor([[t if m else -100 for t, m in zip(row["input_ids"], row["assistant_masks"])]],
-                                  device=device)
-            with torch.no_grad():
-                logits = model(input_ids=ids).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
-                                                     reduction="sum")
-            total, count = total + loss.item(), count + int((labels[0, 1:] != -100).sum())
+    for row in rows:  # one at a time: no padding, an exact per-token sum
+        ids = torch.tensor([row["input_ids"]], device=device)
+        labels = torch.tensor([[t if m else -100 for t, m in zip(row["input_ids"], row["assistant_masks"])]],
+                              device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        total += torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
+                                                   reduction="sum").item()
+        count += int((labels[0, 1:] != -100).sum())
     return total / max(count, 1)
 
 
@@ -69,8 +68,8 @@ def evaluate_model(formatted_dir: Path, model_dir: str, adapter_dir: Path, out_d
     tuned = generate_answers(model, tokenizer, prompts, cfg)
     with model.disable_adapter():  # the same weights without LoRA: the base model, on the same prompts
         base = generate_answers(model, tokenizer, prompts, cfg)
-        base_loss = supervised_loss(model, rows, cfg.batch_size)
-    report = {"heldout_rows": len(rows), "eval_loss": supervised_loss(model, rows, cfg.batch_size),
+        base_loss = supervised_loss(model, rows)
+    report = {"heldout_rows": len(rows), "eval_loss": supervised_loss(model, rows),
               "base_eval_loss": base_loss, "base_exact_match": exact_match(base, references),
               "tuned_exact_match": exact_match(tuned, references)}
     out_dir.mkdir(parents=True, exist_ok=True)

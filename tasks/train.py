@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from tasks.chat_format import load_tokenizer
-from tasks.common import stage_task
+from tasks.common import fingerprint_path, stage_task
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError
 from tasks.modeling import has_cuda, load_base_model
@@ -75,14 +75,29 @@ def progress_callback():
     return LogToPrefect()
 
 
-def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()) -> Path:
-    """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter."""
+def training_key(formatted_dir: Path, model_dir: str, cfg: TrainConfig) -> str:
+    """Return what identifies a training job: the tokenized data, the base model and the train config."""
+    return json.dumps({"data": fingerprint_path(formatted_dir), "model": model_dir, "cfg": cfg.model_dump(mode="json")},
+                      sort_keys=True)
+
+
+def resumable_checkpoint(out_dir: Path, key: str) -> str | None:
+    """Return the last checkpoint of the same training job, if any; clear checkpoints of a different job."""
     from transformers.trainer_utils import get_last_checkpoint
 
+    checkpoints, marker = out_dir / "checkpoints", out_dir / "job.json"
+    if checkpoints.is_dir() and marker.is_file() and marker.read_text(encoding="utf-8") == key:
+        return get_last_checkpoint(str(checkpoints))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another config's or data's optimizer state
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key, encoding="utf-8")
+    return None
+
+
+def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()) -> Path:
+    """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter."""
     trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, callbacks)
-    checkpoints = out_dir / "checkpoints"
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg)))
     adapter, tmp = out_dir / "adapter", out_dir / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)
