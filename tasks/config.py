@@ -27,7 +27,11 @@ class SourceConfig(StageConfig):
     path: str | None = Field(None, description="Local .jsonl/.json/.csv/.parquet file or glob, relative to the CWD.")
     synthetic: SyntheticConfig | None = Field(None, description="Generate the built-in order-extraction data set.")
     name: str | None = Field(None, description="Label kept in the `source` column; defaults to the file stem.")
-    format: Literal["auto", "alpaca", "messages"] = Field("auto", description="Record shape; auto-detected by columns.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Record shape; auto-detected per record by columns (messages, conversations, prompt+completion, "
+        "instruction, text).",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map canonical fields to your columns, e.g. {instruction: question, output: answer}.",

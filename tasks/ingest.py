@@ -1,4 +1,7 @@
-"""Ingest: read the configured sources (JSONL/JSON/CSV/Parquet; Alpaca or chat `messages`) into one DuckDB table.
+"""Ingest: read the configured sources (JSONL/JSON/CSV/Parquet) into one DuckDB table of conversations.
+
+Record formats, detected per record from its columns: chat `messages`, ShareGPT `conversations`, `prompt` +
+`completion` (strings or chat lists), Alpaca `instruction`/`input`/`output` (+ `history`), and plain `text`.
 
 Every record read becomes a row of `raw`, including records that are malformed or miss a field: those carry a
 `problem_rule` and are quarantined by the clean step, so raw = clean + quarantine always holds.
@@ -30,7 +33,14 @@ RAW_SCHEMA = pa.schema([
     ("system", pa.string()), ("messages", pa.list_(MESSAGE)),
     ("problem_rule", pa.string()), ("problem", pa.string()), ("record", pa.string()),
 ])
-FORMAT_FIELDS = {"alpaca": ("instruction", "output"), "messages": ("messages",)}
+# Required fields per format, in auto-detection priority order.
+FORMAT_FIELDS = {
+    "messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"), "text": ("text",),
+}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "tool"}
+NO_INPUT = frozenset({"", "n/a", "none", "not applicable", "<noinput>", "no input"})  # Alpaca `input` placeholders
 
 
 class RecordProblem(Exception):
@@ -77,8 +87,11 @@ def detect_format(keys: set[str], source: SourceConfig, path: Path, previous: st
     if source.format != "auto":
         return source.format
     for fmt, needed in FORMAT_FIELDS.items():
-        if needed[0] in keys:
+        if keys.issuperset(needed):
             return fmt
+    for fmt, needed in FORMAT_FIELDS.items():
+        if needed[0] in keys:
+            return fmt  # e.g. an Alpaca row without `output`: quarantined as missing_field
     if previous:
         return previous  # e.g. an Alpaca row whose instruction is missing: quarantined as missing_field
     hints = "; ".join(f"{fmt} needs columns {', '.join(f)}" for fmt, f in FORMAT_FIELDS.items())
@@ -97,23 +110,80 @@ def text_of(value: Any, field: str) -> str | None:
     raise RecordProblem("malformed", field, f"field '{field}': expected text, got {type(value).__name__}")
 
 
+def chat_turns(value: Any, field: str) -> list[dict]:
+    """Return the turns of a chat list of {role, content} objects (none when absent); raise when it is not one."""
+    if value is None:
+        return []  # missing: marked missing_field by the caller
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise RecordProblem("malformed", field, f"field '{field}': expected a list of {{role, content}} objects")
+    return [{"role": str(m.get("role")), "content": text_of(m.get("content"), "content")} for m in value]
+
+
+def split_system(system: str | None, turns: list[dict]) -> tuple[str | None, list[dict]]:
+    """Move a leading system turn into the system prompt (it wins over a top-level `system`)."""
+    if turns and turns[0]["role"] == "system":
+        return turns[0]["content"], turns[1:]
+    return system, turns
+
+
+def sharegpt_turns(value: Any) -> list[dict]:
+    """Return the turns of a ShareGPT `conversations` list of {from, value} objects with roles mapped."""
+    if value is None:
+        return []  # missing: marked missing_field by the caller
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise RecordProblem("malformed", "conversations",
+                            "field 'conversations': expected a list of {from, value} objects")
+    turns = []
+    for m in value:
+        role = SHAREGPT_ROLES.get(str(m.get("from")))
+        if role is None:
+            raise RecordProblem("malformed", "conversations", f"field 'conversations': unknown role {m.get('from')!r} "
+                                f"(expected {', '.join(SHAREGPT_ROLES)})")
+        turns.append({"role": role, "content": text_of(m.get("value"), "conversations")})
+    return turns
+
+
+def prompt_completion_turns(prompt: Any, completion: Any) -> list[dict]:
+    """Return user + assistant turns for string prompt/completion, or both chat lists concatenated."""
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not all(v is None or isinstance(v, list) for v in (prompt, completion)):
+            raise RecordProblem("malformed", "completion" if isinstance(prompt, list) else "prompt",
+                                "fields 'prompt' and 'completion': expected both strings or both chat lists")
+        return [*chat_turns(prompt, "prompt"), *chat_turns(completion, "completion")]
+    return [{"role": "user", "content": text_of(prompt, "prompt")},
+            {"role": "assistant", "content": text_of(completion, "completion")}]
+
+
+def alpaca_turns(record: dict) -> list[dict]:
+    """Return the `history` pairs as turns, then the instruction (+ a non-placeholder input) and the output."""
+    history = record.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+        raise RecordProblem("malformed", "history", "field 'history': expected a list of [instruction, response] pairs")
+    turns = [{"role": role, "content": text_of(text, "history")}
+             for pair in history for role, text in zip(("user", "assistant"), pair)]
+    prompt = text_of(record.get("instruction"), "instruction")
+    extra = text_of(record.get("input"), "input")
+    if prompt is not None and extra and extra.strip().lower() not in NO_INPUT:
+        prompt = f"{prompt}\n\n{extra}"
+    return [*turns, {"role": "user", "content": prompt},
+            {"role": "assistant", "content": text_of(record.get("output"), "output")}]
+
+
 def to_conversation(record: dict, fmt: str) -> tuple[str | None, list[dict]]:
-    """Return (system, messages) for one record; a missing required field leaves its content None."""
+    """Return (system, messages) for one record; a missing required field leaves its content None.
+
+    Plain `text` becomes a single assistant turn, so the whole text is supervised (language modelling on it).
+    """
     system = text_of(record.get("system"), "system")
     if fmt == "alpaca":
-        prompt = text_of(record.get("instruction"), "instruction")
-        extra = text_of(record.get("input"), "input")
-        if prompt is not None and extra and extra.strip():
-            prompt = f"{prompt}\n\n{extra}"
-        return system, [{"role": "user", "content": prompt},
-                        {"role": "assistant", "content": text_of(record.get("output"), "output")}]
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise RecordProblem("malformed", "messages", "field 'messages': expected a list of {role, content} objects")
-    turns = [{"role": str(m.get("role")), "content": text_of(m.get("content"), "content")} for m in messages]
-    if turns and turns[0]["role"] == "system":
-        system, turns = turns[0]["content"], turns[1:]
-    return system, turns
+        return system, alpaca_turns(record)
+    if fmt == "text":
+        return system, [{"role": "assistant", "content": text_of(record.get("text"), "text")}]
+    if fmt == "sharegpt":
+        return split_system(system, sharegpt_turns(record.get("conversations")))
+    if fmt == "prompt_completion":
+        return split_system(system, prompt_completion_turns(record.get("prompt"), record.get("completion")))
+    return split_system(system, chat_turns(record.get("messages"), "messages"))
 
 
 def missing_fields(record: dict, fmt: str) -> list[str]:

@@ -37,8 +37,8 @@ BREAKERS = {
                   ("expect_column_values_to_be_unique", "content_hash")),
     "bad split": ("UPDATE clean SET split = 'test' WHERE row_id = 0",
                   ("expect_column_values_to_be_in_set", "split")),
-    "one turn": ("UPDATE clean SET messages = [messages[2]] WHERE row_id = 0",
-                 ("expect_column_values_to_be_between", "n_turns")),
+    "no turns": ("UPDATE clean SET messages = [] WHERE row_id = 0",
+                 ("expect_column_values_to_be_between", "n_turns"), ("expect_column_values_to_match_regex", "roles")),
     "empty turn": ("UPDATE clean SET messages = [messages[1], {'role': 'assistant', 'content': ''}] WHERE row_id = 0",
                    ("expect_column_values_to_be_between", "min_turn_chars")),
     "huge": ("UPDATE clean SET n_chars = 200000 WHERE row_id = 0", ("expect_column_values_to_be_between", "n_chars")),
@@ -52,11 +52,11 @@ BREAKERS = {
 
 @pytest.mark.parametrize("case", BREAKERS, ids=list(BREAKERS))
 def test_each_expectation_fails_on_data_built_to_break_it(tmp_path, case):
-    sql, expected = BREAKERS[case]
+    sql, *expected = BREAKERS[case]
     db = clean_db_from(tmp_path, GOOD)
     with duckdb.connect(str(db)) as con:
         con.execute(sql)
-    assert failed(validate_table(db, ValidateConfig(min_rows=30))) == [expected]
+    assert failed(validate_table(db, ValidateConfig(min_rows=30))) == sorted(expected)
 
 
 def test_a_failed_suite_stops_with_a_readable_summary_and_keeps_the_details(tmp_path):
@@ -81,3 +81,11 @@ def test_gsm8k_goes_through_ingest_clean_and_validate_via_a_column_mapping(tmp_p
     with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
         (answer,) = con.execute("SELECT messages[2].content FROM clean WHERE line_number = 1").fetchall()[0]
     assert answer.endswith("#### 72") and "\n" in answer  # the answer's line structure survives cleaning
+
+
+def test_plain_text_rows_are_one_assistant_turn_and_pass_the_suite(tmp_path):
+    rows = [{"text": f"Document number {i}: some prose."} for i in range(30)]
+    db = clean_db_from(tmp_path, rows)
+    assert failed(validate_table(db, ValidateConfig(min_rows=30))) == []
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT DISTINCT len(messages), messages[1].role FROM clean").fetchall() == [(1, "assistant")]

@@ -100,3 +100,103 @@ def test_csv_and_parquet_sources_are_read_with_row_numbers(tmp_path):
 def test_missing_source_file_is_named(tmp_path):
     with pytest.raises(InputError, match="nope.jsonl: source file not found"):
         ingest_rows(DataConfig(sources=[{"path": str(tmp_path / "nope.jsonl")}]), tmp_path, tmp_path / "i.duckdb")
+
+
+def ingest_messages(tmp_path, records, **source):
+    src = write_jsonl(tmp_path / "data.jsonl", records)
+    cfg = DataConfig(sources=[{"path": str(src), **source}], on_bad_rows="quarantine")
+    ingest_rows(cfg, tmp_path, tmp_path / "i.duckdb")
+    return [(r["system"], [dict(m) for m in r["messages"] or []], r["problem_rule"])
+            for r in raw_rows(tmp_path / "i.duckdb")]
+
+
+def test_sharegpt_conversations_map_roles_and_a_leading_system_turn_moves_to_system(tmp_path):
+    rows = ingest_messages(tmp_path, [{"conversations": [
+        {"from": "system", "value": "S"}, {"from": "human", "value": "weather?"},
+        {"from": "function_call", "value": '{"name": "weather"}'}, {"from": "observation", "value": "sunny"},
+        {"from": "gpt", "value": "It is sunny."}, {"from": "human", "value": "thanks"}, {"from": "gpt", "value": "np"},
+    ], "tools": '[{"name": "weather"}]'}])
+    assert rows == [("S", [
+        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": '{"name": "weather"}'},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."},
+        {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "np"}], None)]
+
+
+def test_sharegpt_top_level_system_is_the_system_prompt(tmp_path):
+    rows = ingest_messages(tmp_path, [{"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}])
+    assert rows == [("Be brief.", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], None)]
+
+
+def test_unknown_sharegpt_role_fails_in_one_line_naming_file_line_and_field(tmp_path):
+    src = write_jsonl(tmp_path / "sg.jsonl", [
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        {"conversations": [{"from": "human", "value": "a"}, {"from": "xyz", "value": "b"}]},
+    ])
+    with pytest.raises(InputError) as err:
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    assert str(err.value).startswith(f"{src}:2: field 'conversations': unknown role 'xyz' "
+                                     "(expected human, gpt, system, function_call, observation)")
+    assert "\n" not in str(err.value)
+
+
+def test_string_prompt_and_completion_become_a_user_and_an_assistant_turn(tmp_path):
+    rows = ingest_messages(tmp_path, [{"prompt": "2+2?", "completion": "4"}])
+    assert rows == [(None, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], None)]
+
+
+def test_conversational_prompt_and_completion_are_concatenated_in_order(tmp_path):
+    rows = ingest_messages(tmp_path, [{
+        "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                   {"role": "assistant", "content": "a1"},
+                   {"role": "user", "content": [{"type": "text", "text": "u2"}]}],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": "a2"}]}],
+    }])
+    assert rows == [("S", [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+                           {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}], None)]
+
+
+def test_a_string_prompt_with_a_list_completion_is_quarantined_as_malformed(tmp_path):
+    rows = ingest_messages(tmp_path, [{"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]}])
+    assert rows == [(None, [], "malformed")]
+
+
+def test_missing_completion_is_ingested_and_marked_for_quarantine(tmp_path):
+    rows = ingest_messages(tmp_path, [{"prompt": "p", "completion": None}])
+    assert rows == [(None, [{"role": "user", "content": "p"}, {"role": "assistant", "content": None}],
+                     "missing_field")]
+
+
+def test_plain_text_becomes_one_assistant_turn_so_all_of_it_is_supervised(tmp_path):
+    rows = ingest_messages(tmp_path, [{"text": "Once upon a time."}])
+    assert rows == [(None, [{"role": "assistant", "content": "Once upon a time."}], None)]
+
+
+def test_alpaca_history_pairs_come_before_the_current_turn(tmp_path):
+    rows = ingest_messages(tmp_path, [{"instruction": "i3", "input": "", "output": "o3",
+                                       "history": [["i1", "o1"], ["i2", "o2"]]}])
+    assert rows == [(None, [
+        {"role": "user", "content": "i1"}, {"role": "assistant", "content": "o1"},
+        {"role": "user", "content": "i2"}, {"role": "assistant", "content": "o2"},
+        {"role": "user", "content": "i3"}, {"role": "assistant", "content": "o3"}], None)]
+
+
+@pytest.mark.parametrize("placeholder", ["Not applicable", " N/A ", "none", "<noinput>", "<NOINPUT>"])
+def test_alpaca_placeholder_input_counts_as_no_input(tmp_path, placeholder):
+    rows = ingest_messages(tmp_path, [{"instruction": "Say hi", "input": placeholder, "output": "hi"}])
+    assert rows == [(None, [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}], None)]
+
+
+def test_format_error_lists_the_columns_of_every_format(tmp_path):
+    src = write_jsonl(tmp_path / "q.jsonl", [{"question": "q"}])
+    with pytest.raises(InputError) as err:
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    for hint in ("messages needs columns messages", "sharegpt needs columns conversations",
+                 "prompt_completion needs columns prompt, completion", "alpaca needs columns instruction, output",
+                 "text needs columns text"):
+        assert hint in str(err.value)
+
+
+def test_explicit_format_is_used_instead_of_detection(tmp_path):
+    rows = ingest_messages(tmp_path, [{"text": "t", "instruction": "i", "output": "o"}], format="text")
+    assert rows == [(None, [{"role": "assistant", "content": "t"}], None)]
