@@ -50,10 +50,10 @@ def run_pipeline(args: argparse.Namespace) -> None:
     from tasks.config import load_config
     from tasks.report import human_summary
 
-    load_config(args.config, args.overrides)  # fail fast, before any server or model starts
+    cfg = load_config(args.config, args.overrides)  # fail fast, before any server or model starts
     summary = sft_pipeline(args.config, args.overrides, args.run_id)
     print(human_summary(summary))
-    print(f"summary: {Path(load_config(args.config, args.overrides).runs_dir) / summary['run_id'] / 'summary.json'}")
+    print(f"summary: {cfg.runs_dir / summary['run_id'] / 'summary.json'}")
 
 
 def main(argv: list[str] | None = None) -> int:
