@@ -58,10 +58,15 @@ def training_template(tokenizer, override: Path | None = None) -> str:
             "chat.chat_template=<path>") from None
 
 
-def conversation(system: str | None, messages: list[dict]) -> list[dict]:
-    """Return the message list to render: the system turn (if any) followed by the conversation."""
+def conversation(system: str | None, messages: list[dict], keep_reasoning: bool = False) -> list[dict]:
+    """Return the message list to render: the system turn (if any), then the turns, thinking traces inline if kept."""
+    def content(m: dict) -> str:
+        if keep_reasoning and m.get("reasoning"):
+            return f"<think>\n{m['reasoning']}\n</think>\n\n{m['content']}"
+        return m["content"]
+
     head = [{"role": "system", "content": system}] if system else []
-    return head + [{"role": m["role"], "content": m["content"]} for m in messages]
+    return head + [{"role": m["role"], "content": content(m)} for m in messages]
 
 
 def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_length: int) -> dict:
@@ -77,7 +82,7 @@ def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template
     """Return the tokenized rows of one split, with the prompt and reference answer kept for evaluation."""
     rows = []
     for row_id, source, system, messages in con.execute(ROWS_SQL, {"split": split}).fetchall():
-        convo = conversation(system, messages)
+        convo = conversation(system, messages, cfg.keep_reasoning)
         last_assistant = max(i for i, m in enumerate(convo) if m["role"] == "assistant")
         rows.append({"row_id": row_id, "source": source, **tokenize_conversation(tokenizer, template, convo,
                                                                                 cfg.max_length),

@@ -1,8 +1,9 @@
 """Clean: normalise text, quarantine bad rows with the rule that dropped them, dedupe, and split by content hash.
 
-All in DuckDB SQL. Prompt turns have their whitespace collapsed; assistant turns keep their inner layout (code
-indentation survives) and lose only trailing spaces and surrounding blank lines. Row accounting is checked on
-every run: raw = clean + quarantine.
+All in DuckDB SQL, except the MinHash arithmetic of near-duplicate detection (tasks/dedup.py). Every turn is NFC
+normalised and stripped of control characters; prompt turns have their whitespace collapsed, while assistant turns
+keep their inner layout (code indentation survives) and lose only trailing spaces and surrounding blank lines.
+Row accounting is checked on every run: raw = clean + quarantine.
 """
 
 from __future__ import annotations
@@ -11,62 +12,109 @@ import json
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 from prefect import get_run_logger
 
 from tasks.common import stage_task
 from tasks.config import CleanConfig
+from tasks.dedup import near_duplicate_clusters
 
-NORMALISE_SQL = """
+CONTROL_CHARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]"
+EMAIL = "[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*\\.[A-Za-z]{2,}"
+PHONE = "\\+?[0-9][0-9 ().-]{7,}[0-9]"
+
+MACROS_SQL = f"""
+CREATE TEMP MACRO scrub(x, strip, redact) AS CASE WHEN redact
+    THEN regexp_replace(regexp_replace(scrub_ctrl(x, strip), '{EMAIL}', '[EMAIL]', 'g'), '{PHONE}', '[PHONE]', 'g')
+    ELSE scrub_ctrl(x, strip) END;
+"""
+CTRL_MACRO_SQL = f"""
+CREATE TEMP MACRO scrub_ctrl(x, strip) AS CASE WHEN strip THEN regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g')
+    ELSE nfc_normalize(x) END
+"""
+# Assistant text: trailing spaces per line and surrounding blank lines go; indentation stays.
+ANSWER_MACRO_SQL = """
+CREATE TEMP MACRO tidy_answer(x) AS rtrim(regexp_replace(regexp_replace(x, '[ \\t]+(\\r?\\n)', '\\1', 'g'),
+    '^([ \\t]*\\r?\\n)+', ''), chr(32) || chr(9) || chr(10) || chr(13))  -- rtrim(x) alone trims spaces only
+"""
+
+NORMALISE_SQL = f"""
 CREATE TEMP TABLE normalised AS
 WITH turns AS (
-    SELECT *, list_transform(messages, lambda m: {
+    SELECT *, list_transform(messages, lambda m: {{
         'role': m.role,
         'content': CASE
             WHEN m.content IS NULL THEN NULL
-            WHEN m.role = 'assistant' THEN rtrim(regexp_replace(regexp_replace(
-                nfc_normalize(m.content), '[ \\t]+(\\r?\\n)', '\\1', 'g'), '^([ \\t]*\\r?\\n)+', ''),
-                chr(32) || chr(9) || chr(10) || chr(13))  -- rtrim() alone trims spaces only
-            ELSE trim(regexp_replace(nfc_normalize(m.content), '\\s+', ' ', 'g'))
-        END}) AS turns,
-        trim(regexp_replace(nfc_normalize(system), '\\s+', ' ', 'g')) AS norm_system
+            WHEN m.role = 'assistant' THEN tidy_answer(scrub(m.content, $strip, $redact))
+            ELSE trim(regexp_replace(scrub(m.content, $strip, $redact), '\\s+', ' ', 'g'))
+        END,
+        'reasoning': tidy_answer(scrub(m.reasoning, $strip, $redact))}}) AS turns,
+        trim(regexp_replace(scrub(system, $strip, $redact), '\\s+', ' ', 'g')) AS norm_system,
+        list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{CONTROL_CHARS}'))) AS had_ctrl,
+        list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{EMAIL}|{PHONE}'))) AS had_pii
     FROM src.raw
 )
-SELECT row_id, source, source_file, line_number, norm_system AS system, turns AS messages, problem_rule, problem,
-       record,
+SELECT row_id, source, source_file, line_number, pinned_split, norm_system AS system, turns AS messages, tools,
+       problem_rule, problem, record, had_ctrl, had_pii,
        md5(coalesce(norm_system, '') || chr(1) || array_to_string(
            list_transform(turns, lambda t: t.role || chr(2) || coalesce(t.content, '')), chr(3))) AS content_hash,
        coalesce(list_sum(list_transform(turns, lambda t: length(coalesce(t.content, '')))), 0)
-           + coalesce(length(norm_system), 0) AS n_chars
+           + coalesce(length(norm_system), 0) AS n_chars,
+       CASE pinned_split WHEN 'heldout' THEN 0 ELSE 1 END AS priority  -- a fixed held-out row wins over its copies
 FROM turns
 """
 
 # The first rule that matches a row drops it; the order is the report's order.
 RULES_SQL = """
 CREATE TEMP TABLE judged AS
-SELECT *, CASE
-    WHEN problem_rule IS NOT NULL THEN problem_rule
-    WHEN len(messages) = 0 OR list_bool_or(list_transform(messages, lambda t: t.content IS NULL)) THEN 'missing_field'
-    WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role = 'assistant')) THEN 'no_assistant_turn'
-    WHEN list_bool_or(list_transform(messages, lambda t: t.content = '')) THEN 'empty_turn'
-    WHEN n_chars > $max_chars THEN 'too_long'
-    WHEN row_number() OVER (PARTITION BY content_hash ORDER BY row_id) > 1 THEN 'duplicate'
-END AS rule,
-CASE
-    WHEN problem_rule IS NOT NULL THEN problem
-    WHEN list_bool_or(list_transform(messages, lambda t: t.content = ''))
-        THEN 'empty ' || list_filter(messages, lambda t: t.content = '')[1].role || ' turn'
-    WHEN n_chars > $max_chars THEN n_chars || ' characters > clean.max_chars=' || $max_chars
-    WHEN row_number() OVER (PARTITION BY content_hash ORDER BY row_id) > 1
-        THEN 'same normalised content as row ' || first(row_id) OVER (PARTITION BY content_hash ORDER BY row_id)
-END AS detail
-FROM normalised
+WITH ranked AS (
+    SELECT *, row_number() OVER w AS dup_rank, first(row_id) OVER w AS dup_of,
+           list_filter(messages, lambda t: t.content = '') AS empties
+    FROM normalised WINDOW w AS (PARTITION BY content_hash ORDER BY priority, row_id)
+), ruled AS (
+    SELECT *, CASE
+        WHEN problem_rule IS NOT NULL THEN problem_rule
+        WHEN len(messages) = 0 OR list_bool_or(list_transform(messages, lambda t: t.content IS NULL))
+            THEN 'missing_field'
+        WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role = 'assistant')) THEN 'no_assistant_turn'
+        WHEN len(empties) > 0 THEN 'empty_turn'
+        WHEN n_chars > $max_chars THEN 'too_long'
+        WHEN $dedupe AND dup_rank > 1 THEN 'duplicate'
+    END AS rule
+    FROM ranked
+)
+SELECT * EXCLUDE (dup_rank, dup_of, empties), CASE
+    WHEN rule = problem_rule THEN problem
+    WHEN rule = 'empty_turn' THEN 'empty ' || empties[1].role || ' turn'
+    WHEN rule = 'too_long' THEN n_chars || ' characters > clean.max_chars=' || $max_chars
+    WHEN rule = 'duplicate' THEN 'same normalised content as row ' || dup_of
+END AS detail, content_hash AS split_key
+FROM ruled
+"""
+
+DEDUP_INPUT_SQL = """
+CREATE TEMP TABLE dedup_input AS
+SELECT row_id, priority, concat_ws(chr(10), system, array_to_string(list_transform(messages, lambda t: t.content),
+       chr(10))) AS text
+FROM judged WHERE rule IS NULL
+"""
+
+# Near duplicates: dropped, or kept on their representative's side of the split so no cluster straddles it.
+NEAR_DUP_SQL = """
+UPDATE judged SET
+    rule = CASE WHEN $drop THEN 'near_duplicate' END,
+    detail = CASE WHEN $drop THEN 'near duplicate of row ' || near.rep END,
+    split_key = rep_row.content_hash
+FROM near JOIN judged AS rep_row ON rep_row.row_id = near.rep
+WHERE judged.row_id = near.row_id
 """
 
 # Hash-based split: a row's side depends on its content alone, so appending data never moves old rows.
 SPLIT_SQL = """
 CREATE TABLE clean AS
-SELECT row_id, source, source_file, line_number, system, messages, content_hash, n_chars,
-       CASE WHEN (md5_number(content_hash) % 1000000) < $heldout * 1000000 THEN 'heldout' ELSE 'train' END AS split
+SELECT row_id, source, source_file, line_number, system, messages, tools, content_hash, n_chars,
+       CASE WHEN pinned_split IS NOT NULL THEN pinned_split
+            WHEN (md5_number(split_key) % 1000000) < $heldout * 1000000 THEN 'heldout' ELSE 'train' END AS split
 FROM judged WHERE rule IS NULL ORDER BY row_id
 """
 
@@ -75,9 +123,19 @@ CREATE TABLE quarantine AS
 SELECT row_id, source, source_file, line_number, rule, coalesce(detail, rule) AS detail, record
 FROM judged WHERE rule IS NOT NULL ORDER BY row_id;
 CREATE TABLE report AS
-SELECT rule, count(*) AS rows, min(source_file || ':' || line_number) AS example
+SELECT rule, count(*) AS rows, min(source_file || ':' || line_number) AS example, first(detail) AS example_detail
 FROM quarantine GROUP BY rule ORDER BY rows DESC, rule;
 """
+
+
+def mark_near_duplicates(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
+    """Cluster the surviving rows by MinHash similarity and apply NEAR_DUP_SQL to every non-representative."""
+    con.execute(DEDUP_INPUT_SQL)
+    reps = near_duplicate_clusters(con, "dedup_input", cfg.near_dup_threshold)
+    con.register("near_pairs", pa.table({"row_id": list(reps), "rep": list(reps.values())},
+                                        schema=pa.schema([("row_id", pa.int64()), ("rep", pa.int64())])))
+    con.execute("CREATE TEMP TABLE near AS SELECT * FROM near_pairs")
+    con.execute(NEAR_DUP_SQL, {"drop": cfg.drop_near_duplicates})
 
 
 def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
@@ -86,28 +144,35 @@ def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
     tmp.unlink(missing_ok=True)
     with duckdb.connect(str(tmp)) as con:
         con.execute("ATTACH ? AS src (READ_ONLY)", [str(raw_db)])
-        con.execute(NORMALISE_SQL)
-        con.execute(RULES_SQL, {"max_chars": cfg.max_chars})
+        for macro in (CTRL_MACRO_SQL, MACROS_SQL, ANSWER_MACRO_SQL):
+            con.execute(macro)
+        con.execute(NORMALISE_SQL, {"strip": cfg.strip_control_chars, "redact": cfg.redact_pii})
+        con.execute(RULES_SQL, {"max_chars": cfg.max_chars, "dedupe": cfg.dedupe_exact})
+        mark_near_duplicates(con, cfg)
         con.execute(SPLIT_SQL, {"heldout": cfg.heldout_fraction})
         con.execute(QUARANTINE_SQL)
-        counts = row_counts(con)
+        counts = row_counts(con, cfg)
         con.execute("CREATE TABLE meta AS SELECT $a::JSON AS accounting", {"a": json.dumps(counts)})
         con.execute("DETACH src")
     tmp.replace(out_db)
     return counts
 
 
-def row_counts(con: duckdb.DuckDBPyConnection) -> dict:
-    """Return raw/clean/quarantine counts, per-rule drops and split sizes; raise if any row went missing."""
+def row_counts(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> dict:
+    """Return raw/clean/quarantine counts, per-rule drops and edits, split sizes; raise if any row went missing."""
     raw = con.execute("SELECT count(*) FROM src.raw").fetchall()[0][0]
     clean = con.execute("SELECT count(*) FROM clean").fetchall()[0][0]
     quarantined = con.execute("SELECT count(*) FROM quarantine").fetchall()[0][0]
     if raw != clean + quarantined:  # an internal invariant: every raw row lands on exactly one side
         raise AssertionError(f"row accounting broken: raw {raw} != clean {clean} + quarantine {quarantined}")
+    ctrl, pii = con.execute("SELECT count(*) FILTER (had_ctrl), count(*) FILTER (had_pii) FROM judged "
+                            "WHERE rule IS NULL").fetchall()[0]
     return {
         "rows_raw": raw, "rows_clean": clean, "rows_quarantined": quarantined,
-        "dropped_by_rule": dict(con.sql("SELECT rule, rows FROM report").fetchall()),
-        "split": dict(con.sql("SELECT split, count(*) FROM clean GROUP BY split ORDER BY split").fetchall()),
+        "dropped_by_rule": dict(con.execute("SELECT rule, rows FROM report").fetchall()),
+        "edited_by_rule": {"control_chars_stripped": ctrl if cfg.strip_control_chars else 0,
+                           "pii_redacted": pii if cfg.redact_pii else 0},
+        "split": dict(con.execute("SELECT split, count(*) FROM clean GROUP BY split ORDER BY split").fetchall()),
     }
 
 
@@ -120,7 +185,9 @@ def read_accounting(clean_db: Path) -> dict:
 def export_report(clean_db: Path, out_report: Path, out_quarantine: Path) -> None:
     """Write the cleaning report (accounting, rule -> rows with an example) as JSON and the quarantine as Parquet."""
     with duckdb.connect(str(clean_db), read_only=True) as con:
-        rules = [dict(zip(("rule", "rows", "example"), r)) for r in con.execute("SELECT * FROM report").fetchall()]
+        cur = con.execute("SELECT * FROM report")
+        names = [d[0] for d in cur.description]
+        rules = [dict(zip(names, r)) for r in cur.fetchall()]
         con.execute("COPY quarantine TO $p (FORMAT parquet)", {"p": str(out_quarantine)})
     out_report.write_text(json.dumps({**read_accounting(clean_db), "rules": rules}, indent=1), encoding="utf-8")
 
@@ -131,6 +198,7 @@ def clean(raw_db: Path, out_db: Path, out_report: Path, out_quarantine: Path, cf
     counts = clean_database(raw_db, out_db, cfg)
     export_report(out_db, out_report, out_quarantine)
     get_run_logger().info(
-        "clean kept %d of %d rows, quarantined %d %s; split %s -> %s", counts["rows_clean"], counts["rows_raw"],
-        counts["rows_quarantined"], counts["dropped_by_rule"], counts["split"], out_db)
+        "clean kept %d of %d rows, quarantined %d %s, edited %s; split %s -> %s", counts["rows_clean"],
+        counts["rows_raw"], counts["rows_quarantined"], counts["dropped_by_rule"], counts["edited_by_rule"],
+        counts["split"], out_db)
     return out_db

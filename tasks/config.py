@@ -27,6 +27,8 @@ class SourceConfig(StageConfig):
     path: str | None = Field(None, description="Local .jsonl/.json/.csv/.parquet file or glob, relative to the CWD.")
     synthetic: SyntheticConfig | None = Field(None, description="Generate the built-in order-extraction data set.")
     name: str | None = Field(None, description="Label kept in the `source` column; defaults to the file stem.")
+    split: Literal["auto", "train", "heldout"] = Field(
+        "auto", description="Pin this source to one side, e.g. a fixed held-out set from its own file.")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
         "auto",
         description="Record shape; auto-detected per record by columns (messages, conversations, prompt+completion, "
@@ -58,6 +60,13 @@ class DataConfig(StageConfig):
 
 class CleanConfig(StageConfig):
     max_chars: int = Field(4000, gt=0, description="Rows whose turns total more characters are quarantined.")
+    strip_control_chars: bool = Field(True, description="Remove ASCII control characters (tabs and newlines stay).")
+    redact_pii: bool = Field(False, description="Replace e-mail addresses and phone numbers by [EMAIL] / [PHONE].")
+    dedupe_exact: bool = Field(True, description="Quarantine rows whose normalised content repeats an earlier row.")
+    near_dup_threshold: float = Field(
+        0.8, gt=0, le=1, description="Jaccard similarity (word 3-grams, MinHash) from which rows are near duplicates.")
+    drop_near_duplicates: bool = Field(
+        True, description="Quarantine near duplicates; if false they are kept but always land on the same split side.")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation, by hash.")
 
 
@@ -68,6 +77,7 @@ class ValidateConfig(StageConfig):
 
 class ChatConfig(StageConfig):
     max_length: int = Field(512, gt=8, description="Token limit per conversation; longer ones are truncated.")
+    keep_reasoning: bool = Field(False, description="Train on thinking traces (<think>…</think> before answers).")
     chat_template: Path | None = Field(
         None, description="Jinja file with {% generation %} markers, for templates sftflow cannot patch itself."
     )

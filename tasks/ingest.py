@@ -13,6 +13,7 @@ import glob
 import hashlib
 import inspect
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,10 @@ from tasks.errors import InputError
 from tasks import synth
 from tasks.synth import write_orders
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string())])
 RAW_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("source_file", pa.string()), ("line_number", pa.int64()),
-    ("system", pa.string()), ("messages", pa.list_(MESSAGE)),
+    ("pinned_split", pa.string()), ("system", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string()),
     ("problem_rule", pa.string()), ("problem", pa.string()), ("record", pa.string()),
 ])
 # Required fields per format, in auto-detection priority order.
@@ -40,6 +41,7 @@ FORMAT_FIELDS = {
 }
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
                   "observation": "tool"}
+THINK = re.compile(r"\s*<think>(.*?)</think>\s*(.*)", re.DOTALL)
 NO_INPUT = frozenset({"", "n/a", "none", "not applicable", "<noinput>", "no input"})  # Alpaca `input` placeholders
 
 
@@ -116,7 +118,8 @@ def chat_turns(value: Any, field: str) -> list[dict]:
         return []  # missing: marked missing_field by the caller
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise RecordProblem("malformed", field, f"field '{field}': expected a list of {{role, content}} objects")
-    return [{"role": str(m.get("role")), "content": text_of(m.get("content"), "content")} for m in value]
+    return [{"role": str(m.get("role")), "content": text_of(m.get("content"), "content"),
+             "reasoning": text_of(m.get("reasoning_content", m.get("reasoning")), "reasoning")} for m in value]
 
 
 def split_system(system: str | None, turns: list[dict]) -> tuple[str | None, list[dict]]:
@@ -176,14 +179,29 @@ def to_conversation(record: dict, fmt: str) -> tuple[str | None, list[dict]]:
     """
     system = text_of(record.get("system"), "system")
     if fmt == "alpaca":
-        return system, alpaca_turns(record)
-    if fmt == "text":
-        return system, [{"role": "assistant", "content": text_of(record.get("text"), "text")}]
-    if fmt == "sharegpt":
-        return split_system(system, sharegpt_turns(record.get("conversations")))
-    if fmt == "prompt_completion":
-        return split_system(system, prompt_completion_turns(record.get("prompt"), record.get("completion")))
-    return split_system(system, chat_turns(record.get("messages"), "messages"))
+        turns = alpaca_turns(record)
+    elif fmt == "text":
+        turns = [{"role": "assistant", "content": text_of(record.get("text"), "text")}]
+    elif fmt == "sharegpt":
+        system, turns = split_system(system, sharegpt_turns(record.get("conversations")))
+    elif fmt == "prompt_completion":
+        system, turns = split_system(system, prompt_completion_turns(record.get("prompt"), record.get("completion")))
+    else:
+        system, turns = split_system(system, chat_turns(record.get("messages"), "messages"))
+    return system, split_reasoning(turns, text_of(record.get("reasoning"), "reasoning"))
+
+
+def split_reasoning(turns: list[dict], record_reasoning: str | None) -> list[dict]:
+    """Move thinking traces (a leading <think>…</think> or a `reasoning` field) of assistant turns to `reasoning`."""
+    for turn in turns:
+        turn.setdefault("reasoning", None)
+        match = THINK.match(turn["content"] or "") if turn["role"] == "assistant" else None
+        if match:
+            turn["reasoning"], turn["content"] = match.group(1).strip(), match.group(2)
+    last = next((t for t in reversed(turns) if t["role"] == "assistant"), None)
+    if record_reasoning and last is not None and not last["reasoning"]:
+        last["reasoning"] = record_reasoning  # a record-level trace belongs to the final answer
+    return turns
 
 
 def missing_fields(record: dict, fmt: str) -> list[str]:
@@ -197,7 +215,8 @@ def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iter
     renames = {column: canonical for canonical, column in source.columns.items()}
     for line, record in iter_records(path):
         base = {"source": source.label, "source_file": str(path), "line_number": line, "system": None,
-                "messages": None, "problem_rule": None, "problem": None}
+                "messages": None, "tools": None, "problem_rule": None, "problem": None,
+                "pinned_split": None if source.split == "auto" else source.split}
         try:
             if isinstance(record, json.JSONDecodeError):
                 raise RecordProblem("malformed", "", f"invalid JSON: {record.msg} (column {record.colno})")
@@ -206,6 +225,8 @@ def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iter
             record = {renames.get(k, k): v for k, v in record.items()}
             fmt = detect_format(set(record), source, path, fmt)
             base["system"], base["messages"] = to_conversation(record, fmt)
+            if record.get("tools") is not None:
+                base["tools"] = json.dumps(record["tools"], ensure_ascii=False)
             if missing := missing_fields(record, fmt):
                 base["problem_rule"], base["problem"] = "missing_field", f"missing field '{missing[0]}'"
         except RecordProblem as p:

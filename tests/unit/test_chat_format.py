@@ -72,3 +72,9 @@ def test_format_writes_both_splits_with_prompts_references_and_length_stats(tiny
     assert json.loads(multi["prompt"]) == conversation("Answer in JSON.", CONVERSATIONS[1][1:4])
     assert all(r["n_supervised"] > 0 for r in rows)
     assert json.loads((tmp_path / "fmt" / "stats.json").read_text())["train"]["truncation_rate"] == 0.0
+
+
+def test_thinking_traces_are_dropped_unless_kept():
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "reasoning": "add"}]
+    assert conversation(None, turns)[1]["content"] == "4"
+    assert conversation(None, turns, keep_reasoning=True)[1]["content"] == "<think>\nadd\n</think>\n\n4"

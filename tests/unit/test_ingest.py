@@ -1,3 +1,4 @@
+import json
 import duckdb
 import pytest
 from prefect.logging import disable_run_logger
@@ -9,10 +10,15 @@ from tests.conftest import write_jsonl
 
 
 def raw_rows(db):
+    """Rows of the raw table; turns without a thinking trace are shown without the (null) reasoning field."""
     with duckdb.connect(str(db), read_only=True) as con:
         cur = con.execute("SELECT * FROM raw ORDER BY row_id")
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+    for row in rows:
+        row["messages"] = row["messages"] and [{k: v for k, v in m.items() if k != "reasoning" or v is not None}
+                                               for m in row["messages"]]
+    return rows
 
 
 def test_alpaca_rows_become_user_and_assistant_turns_with_input_appended(tmp_path):
@@ -200,3 +206,17 @@ def test_format_error_lists_the_columns_of_every_format(tmp_path):
 def test_explicit_format_is_used_instead_of_detection(tmp_path):
     rows = ingest_messages(tmp_path, [{"text": "t", "instruction": "i", "output": "o"}], format="text")
     assert rows == [(None, [{"role": "assistant", "content": "t"}], None)]
+
+
+def test_thinking_traces_and_tools_are_kept_as_their_own_fields(tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", [
+        {"messages": [{"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}],
+         "tools": [{"name": "calc"}]},
+        {"instruction": "3+3?", "output": "6", "reasoning": "double three"},
+    ])
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    first, second = raw_rows(tmp_path / "i.duckdb")
+    assert first["messages"][1] == {"role": "assistant", "content": "4", "reasoning": "add them"}
+    assert json.loads(first["tools"]) == [{"name": "calc"}]
+    assert second["messages"][1] == {"role": "assistant", "content": "6", "reasoning": "double three"}
