@@ -27,7 +27,14 @@ FORMATTED_SCHEMA = pa.schema([
     ("assistant_masks", pa.list_(pa.int8())), ("n_tokens", pa.int32()), ("n_supervised", pa.int32()),
     ("truncated", pa.bool_()), ("prompt", pa.string()), ("reference", pa.string()),
 ])
-ROWS_SQL = "SELECT row_id, source, system, messages FROM clean WHERE split = $split ORDER BY row_id"
+ROWS_SQL = """
+SELECT row_id, source, system, messages,
+       -- a source's weight repeats its training rows: floor(w) copies, plus one more for a hash-chosen share
+       CASE WHEN split = 'heldout' THEN 1 ELSE floor(source_weight)::INT + CASE WHEN
+           (md5_number(content_hash) % 1000000) < (source_weight - floor(source_weight)) * 1000000 THEN 1 ELSE 0 END
+       END AS copies
+FROM clean WHERE split = $split ORDER BY row_id
+"""
 
 
 def load_tokenizer(model_dir: str):
@@ -81,13 +88,13 @@ def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_le
 def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template: str, cfg: ChatConfig) -> pa.Table:
     """Return the tokenized rows of one split, with the prompt and reference answer kept for evaluation."""
     rows = []
-    for row_id, source, system, messages in con.execute(ROWS_SQL, {"split": split}).fetchall():
+    for row_id, source, system, messages, copies in con.execute(ROWS_SQL, {"split": split}).fetchall():
         convo = conversation(system, messages, cfg.keep_reasoning)
         last_assistant = max(i for i, m in enumerate(convo) if m["role"] == "assistant")
-        rows.append({"row_id": row_id, "source": source, **tokenize_conversation(tokenizer, template, convo,
-                                                                                cfg.max_length),
-                     "prompt": json.dumps(convo[:last_assistant], ensure_ascii=False),
-                     "reference": convo[last_assistant]["content"]})
+        row = {"row_id": row_id, "source": source, **tokenize_conversation(tokenizer, template, convo, cfg.max_length),
+               "prompt": json.dumps(convo[:last_assistant], ensure_ascii=False),
+               "reference": convo[last_assistant]["content"]}
+        rows.extend([row] * copies)
     return pa.Table.from_pylist(rows, schema=FORMATTED_SCHEMA)
 
 
@@ -97,7 +104,9 @@ def length_stats(table: pa.Table) -> dict:
 
     n = np.array(table.column("n_tokens").to_pylist() or [0])
     sup = np.array(table.column("n_supervised").to_pylist() or [0])
-    return {"rows": table.num_rows, "tokens_mean": float(n.mean()), "tokens_p50": float(np.percentile(n, 50)),
+    sources = table.column("source").to_pylist()
+    return {"rows": table.num_rows, "rows_by_source": {k: sources.count(k) for k in sorted(set(sources))},
+            "tokens_mean": float(n.mean()), "tokens_p50": float(np.percentile(n, 50)),
             "tokens_p95": float(np.percentile(n, 95)), "tokens_max": int(n.max()),
             "supervised_share": float(sup.sum() / max(n.sum(), 1)), "min_supervised": int(sup.min()),
             "truncation_rate": float(np.mean(table.column("truncated").to_pylist() or [0]))}

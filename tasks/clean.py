@@ -54,7 +54,8 @@ WITH turns AS (
         list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{EMAIL}|{PHONE}'))) AS had_pii
     FROM src.raw
 )
-SELECT row_id, source, source_file, line_number, pinned_split, norm_system AS system, turns AS messages, tools,
+SELECT row_id, source, source_file, line_number, pinned_split, source_weight, source_cap, norm_system AS system,
+       turns AS messages, tools,
        problem_rule, problem, record, had_ctrl, had_pii,
        md5(coalesce(norm_system, '') || chr(1) || array_to_string(
            list_transform(turns, lambda t: t.role || chr(2) || coalesce(t.content, '')), chr(3))) AS content_hash,
@@ -109,10 +110,18 @@ FROM near JOIN judged AS rep_row ON rep_row.row_id = near.rep
 WHERE judged.row_id = near.row_id
 """
 
+# A source's row cap keeps the clean rows with the lowest content hash: a stable choice as data is appended.
+SOURCE_CAP_SQL = """
+UPDATE judged SET rule = 'source_cap', detail = 'over data.sources[].max_rows=' || judged.source_cap
+FROM (SELECT row_id, row_number() OVER (PARTITION BY source ORDER BY content_hash) AS n
+      FROM judged WHERE rule IS NULL AND source_cap IS NOT NULL) ranked
+WHERE judged.row_id = ranked.row_id AND ranked.n > judged.source_cap
+"""
+
 # Hash-based split: a row's side depends on its content alone, so appending data never moves old rows.
 SPLIT_SQL = """
 CREATE TABLE clean AS
-SELECT row_id, source, source_file, line_number, system, messages, tools, content_hash, n_chars,
+SELECT row_id, source, source_file, line_number, source_weight, system, messages, tools, content_hash, n_chars,
        CASE WHEN pinned_split IS NOT NULL THEN pinned_split
             WHEN (md5_number(split_key) % 1000000) < $heldout * 1000000 THEN 'heldout' ELSE 'train' END AS split
 FROM judged WHERE rule IS NULL ORDER BY row_id
@@ -149,6 +158,7 @@ def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
         con.execute(NORMALISE_SQL, {"strip": cfg.strip_control_chars, "redact": cfg.redact_pii})
         con.execute(RULES_SQL, {"max_chars": cfg.max_chars, "dedupe": cfg.dedupe_exact})
         mark_near_duplicates(con, cfg)
+        con.execute(SOURCE_CAP_SQL)
         con.execute(SPLIT_SQL, {"heldout": cfg.heldout_fraction})
         con.execute(QUARANTINE_SQL)
         counts = row_counts(con, cfg)

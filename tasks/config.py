@@ -26,6 +26,11 @@ class SyntheticConfig(StageConfig):
 class SourceConfig(StageConfig):
     path: str | None = Field(None, description="Local .jsonl/.json/.csv/.parquet file or glob, relative to the CWD.")
     synthetic: SyntheticConfig | None = Field(None, description="Generate the built-in order-extraction data set.")
+    hf_dataset: str | None = Field(None, description="Anything datasets.load_dataset opens: a Hub id or local path.")
+    hf_config: str | None = Field(None, description="Configuration name for hf_dataset, if it has several.")
+    hf_split: str = Field("train", description="Split of hf_dataset to read.")
+    max_rows: int | None = Field(None, gt=0, description="Keep at most this many clean rows (chosen by hash).")
+    weight: float = Field(1.0, gt=0, description="Share in training: 2 repeats each training row, 0.5 keeps half.")
     name: str | None = Field(None, description="Label kept in the `source` column; defaults to the file stem.")
     split: Literal["auto", "train", "heldout"] = Field(
         "auto", description="Pin this source to one side, e.g. a fixed held-out set from its own file.")
@@ -41,14 +46,16 @@ class SourceConfig(StageConfig):
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:
-        if (self.path is None) == (self.synthetic is None):
-            raise ValueError("give exactly one of `path` or `synthetic`")
+        if sum(x is not None for x in (self.path, self.synthetic, self.hf_dataset)) != 1:
+            raise ValueError("give exactly one of `path`, `synthetic` or `hf_dataset`")
         return self
 
     @property
     def label(self) -> str:
         """Return the source label used in the `source` column."""
-        return self.name or ("synthetic_orders" if self.synthetic else Path(self.path).stem)
+        if self.name or self.synthetic:
+            return self.name or "synthetic_orders"
+        return Path(self.path).stem if self.path else Path(self.hf_dataset.rstrip("/")).name
 
 
 class DataConfig(StageConfig):

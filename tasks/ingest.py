@@ -14,7 +14,7 @@ import hashlib
 import inspect
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 from prefect import get_run_logger
 
-from tasks.common import stage_task
+from tasks.common import fingerprint_path, stage_task
 from tasks.config import DataConfig, SourceConfig
 from tasks.errors import InputError
 from tasks import synth
@@ -31,7 +31,7 @@ from tasks.synth import write_orders
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string())])
 RAW_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("source_file", pa.string()), ("line_number", pa.int64()),
-    ("pinned_split", pa.string()), ("system", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string()),
+    ("pinned_split", pa.string()), ("source_weight", pa.float64()), ("source_cap", pa.int64()), ("system", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string()),
     ("problem_rule", pa.string()), ("problem", pa.string()), ("record", pa.string()),
 ])
 # Required fields per format, in auto-detection priority order.
@@ -84,7 +84,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, e
 
 
-def detect_format(keys: set[str], source: SourceConfig, path: Path, previous: str | None = None) -> str:
+def detect_format(keys: set[str], source: SourceConfig, path: str, previous: str | None = None) -> str:
     """Return a record's format from its (mapped) column names; else the file's format so far; else raise."""
     if source.format != "auto":
         return source.format
@@ -209,21 +209,23 @@ def missing_fields(record: dict, fmt: str) -> list[str]:
     return [f for f in FORMAT_FIELDS[fmt] if record.get(f) is None]
 
 
-def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iterator[dict]:
-    """Yield canonical rows (without row_id) for every record of one file."""
+def read_records(origin: str, records: Iterable[tuple[int, Any]], source: SourceConfig,
+                 on_bad_rows: str) -> Iterator[dict]:
+    """Yield canonical rows (without row_id) for every (line, record) of one file or dataset named `origin`."""
     fmt = None
     renames = {column: canonical for canonical, column in source.columns.items()}
-    for line, record in iter_records(path):
-        base = {"source": source.label, "source_file": str(path), "line_number": line, "system": None,
+    for line, record in records:
+        base = {"source": source.label, "source_file": origin, "line_number": line, "system": None,
                 "messages": None, "tools": None, "problem_rule": None, "problem": None,
-                "pinned_split": None if source.split == "auto" else source.split}
+                "pinned_split": None if source.split == "auto" else source.split,
+                "source_weight": source.weight, "source_cap": source.max_rows}
         try:
             if isinstance(record, json.JSONDecodeError):
                 raise RecordProblem("malformed", "", f"invalid JSON: {record.msg} (column {record.colno})")
             if not isinstance(record, dict):
                 raise RecordProblem("malformed", "", f"expected a JSON object, got {type(record).__name__}")
             record = {renames.get(k, k): v for k, v in record.items()}
-            fmt = detect_format(set(record), source, path, fmt)
+            fmt = detect_format(set(record), source, origin, fmt)
             base["system"], base["messages"] = to_conversation(record, fmt)
             if record.get("tools") is not None:
                 base["tools"] = json.dumps(record["tools"], ensure_ascii=False)
@@ -231,7 +233,7 @@ def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iter
                 base["problem_rule"], base["problem"] = "missing_field", f"missing field '{missing[0]}'"
         except RecordProblem as p:
             if on_bad_rows == "fail":
-                raise InputError(f"{path}:{line}: {p} (set data.on_bad_rows=quarantine to keep going)") from None
+                raise InputError(f"{origin}:{line}: {p} (set data.on_bad_rows=quarantine to keep going)") from None
             base["problem_rule"], base["problem"] = p.rule, str(p)
         # The original record, kept verbatim for the quarantine (for a JSON error, the line as it stands).
         base["record"] = record.doc if isinstance(record, json.JSONDecodeError) else json.dumps(
@@ -239,17 +241,33 @@ def read_source_file(path: Path, source: SourceConfig, on_bad_rows: str) -> Iter
         yield base
 
 
-def source_files(source: SourceConfig, sources_dir: Path) -> list[Path]:
-    """Return the files of one source (writing the synthetic set first); raise if a path or glob matches nothing."""
+def hf_records(source: SourceConfig) -> Iterable[tuple[int, dict]]:
+    """Return (row number, record) pairs of a `datasets.load_dataset` source (Hub id or local path)."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(source.hf_dataset, source.hf_config, split=source.hf_split)
+    except Exception as e:  # the library raises many types (not found, offline, bad split): all mean a bad source
+        raise InputError(f"{source.hf_dataset}: datasets.load_dataset failed: {str(e).splitlines()[0]}") from None
+    return enumerate(dataset, start=1)
+
+
+def source_streams(source: SourceConfig, sources_dir: Path) -> Iterator[tuple[str, Iterable[tuple[int, Any]]]]:
+    """Yield (origin, records) for each file or dataset of one source (writing the synthetic set first)."""
+    if source.hf_dataset is not None:
+        yield f"hf://{source.hf_dataset}[{source.hf_split}]", hf_records(source)
+        return
     if source.synthetic is not None:
         out = sources_dir / f"{source.label}.jsonl"
-        return [write_orders(out, source.synthetic.rows, source.synthetic.seed)]
-    files = sorted(Path(p) for p in glob.glob(source.path, recursive=True)) if glob.has_magic(source.path) else [
-        Path(source.path)]
-    missing = [f for f in files if not f.is_file()]
-    if not files or missing:
-        raise InputError(f"{missing[0] if missing else source.path}: source file not found")
-    return files
+        files = [write_orders(out, source.synthetic.rows, source.synthetic.seed)]
+    else:
+        files = sorted(Path(p) for p in glob.glob(source.path, recursive=True)) if glob.has_magic(source.path) else [
+            Path(source.path)]
+        missing = [f for f in files if not f.is_file()]
+        if not files or missing:
+            raise InputError(f"{missing[0] if missing else source.path}: source file not found")
+    for path in files:
+        yield str(path), iter_records(path)
 
 
 def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, int]:
@@ -258,8 +276,8 @@ def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, i
     counts: dict[str, int] = {}
     for source in cfg.sources:
         before = len(rows)
-        for path in source_files(source, sources_dir):
-            rows.extend(read_source_file(path, source, cfg.on_bad_rows))
+        for origin, records in source_streams(source, sources_dir):
+            rows.extend(read_records(origin, records, source, cfg.on_bad_rows))
         counts[source.label] = len(rows) - before
     for i, row in enumerate(rows):
         row["row_id"] = i
@@ -279,6 +297,8 @@ def fingerprint_data(cfg: DataConfig) -> str:
     h = hashlib.sha256(cfg.model_dump_json().encode())
     h.update(inspect.getsource(synth).encode())  # generator code is part of a synthetic source's identity
     for source in cfg.sources:
+        if source.hf_dataset and Path(source.hf_dataset).exists():  # a local dataset; Hub ids are keyed by name
+            h.update(fingerprint_path(Path(source.hf_dataset)).encode())
         if source.path:
             paths = glob.glob(source.path, recursive=True) if glob.has_magic(source.path) else [source.path]
             for p in sorted(paths):

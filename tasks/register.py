@@ -53,6 +53,20 @@ def log_adapter_model(model_dir: str, adapter_dir: Path, model_name: str):
     return info.registered_model_version
 
 
+def model_card(run: RunPaths, eval_dir: Path, model_dir: str) -> str:
+    """Return a markdown model card: base model, training data by source, held-out results."""
+    stats = json.loads((run.formatted / "stats.json").read_text(encoding="utf-8"))
+    report = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
+    lines = [f"# sftflow run {run.run_id}", "", f"LoRA adapter on `{model_dir}`.", "",
+             "| source | training rows | held-out rows |", "|---|---|---|"]
+    for source in sorted(set(stats["train"]["rows_by_source"]) | set(stats["heldout"]["rows_by_source"])):
+        lines.append(f"| {source} | {stats['train']['rows_by_source'].get(source, 0)} | "
+                     f"{stats['heldout']['rows_by_source'].get(source, 0)} |")
+    lines += ["", f"Held-out exact match: base {report['base_exact_match']:.3f} -> tuned "
+                  f"{report['tuned_exact_match']:.3f}; eval loss {report['eval_loss']:.4f}."]
+    return "\n".join(lines)
+
+
 def assign_alias(model_name: str, version: str | int) -> str:
     """Give `version` the alias champion if the model has none yet, else challenger; return the alias."""
     from mlflow import MlflowClient
@@ -83,11 +97,15 @@ def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_di
                  eval_dir: Path, tags: dict, cfg: RegisterConfig) -> dict:
     """Log everything about one run to MLflow and register its model; return the registry coordinates."""
     import mlflow
+    from mlflow import MlflowClient
 
     use_experiment(tracking_uri, artifact_root, cfg.experiment)
     with mlflow.start_run(run_name=run.run_id, tags={"sftflow_run_id": run.run_id, **tags}) as active:
         log_run_data(run, eval_dir)
         version = log_adapter_model(model_dir, adapter_dir, cfg.model_name)
+        card = model_card(run, eval_dir, model_dir)
+        mlflow.log_text(card, "model_card.md")
+        MlflowClient().update_model_version(cfg.model_name, str(version), description=card)
         alias = assign_alias(cfg.model_name, version)
         mlflow.set_tags({"registered_model": cfg.model_name, "model_version": str(version), "alias": alias})
     return {"registered_model": cfg.model_name, "model_version": int(version), "alias": alias,

@@ -70,6 +70,8 @@ def test_the_registered_model_reloads_from_mlflow_and_generates(finished_run):
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.params["train.lora_r"] == "16" and "train_loss" in run.data.metrics
     assert run.data.metrics["tuned_exact_match"] == summary["tuned_exact_match"]
+    version = mlflow.MlflowClient().get_model_version(summary["registered_model"], str(summary["model_version"]))
+    assert "| synthetic_orders |" in version.description  # the source mix reaches the model card
 
 
 def test_rerunning_the_same_run_id_reuses_cached_steps(finished_run):
