@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tasks.errors import SftflowError
 
-STEPS = ("ingest", "clean", "validate", "format", "train", "evaluate", "register")
+STEPS = ("ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train", "evaluate", "register")
 
 
 class HideUserErrorTracebacks(logging.Filter):

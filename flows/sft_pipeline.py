@@ -29,16 +29,19 @@ def new_run_id() -> str:
 @flow(name="sft-pipeline")
 def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: list[str] | None = None,
                  run_id: str | None = None) -> dict:
-    """Clean, validate, format, train, evaluate and register; a failed data suite stops before training."""
+    """Ingest, clean, format (each validated), train, evaluate and register; bad data stops before training."""
     started = time.time()
     cfg = load_config(config_path, overrides or [])
     run = RunPaths(cfg.runs_dir, run_id or new_run_id())
     config_file = save_config(dump_config(cfg), run.config)
+    checks = cfg.validation  # each validate() raises DataValidationError: bad data never reaches training
     raw_db = ingest(cfg.data, fingerprint_sources(cfg.data), run.sources, run.ingest_db)
+    validate("raw", raw_db, checks.raw_suite, run.validation / "raw.json", run.root, checks)
     clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
-    validate(clean_db, cfg.validation.suite, run.validation, cfg.validation)  # raises DataValidationError
+    validate("clean", clean_db, checks.clean_suite, run.validation / "clean.json", run.root, checks)
     base = prepare_base_model(cfg.train.base_model)
     chats = format_chats(clean_db, base, run.formatted, cfg.chat)
+    validate("tokenized", chats, checks.tokenized_suite, run.validation / "tokenized.json", run.root, checks)
     adapter = train_adapter(chats, base, run.train, cfg.train)
     evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit)
     registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,

@@ -23,7 +23,12 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
     calls = {
         "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
         "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)),
-        "validate": lambda: (validate, (run.clean_db, cfg.validation.suite, run.validation, cfg.validation)),
+        "validate-raw": lambda: (validate, ("raw", run.ingest_db, cfg.validation.raw_suite,
+                                            run.validation / "raw.json", run.root, cfg.validation)),
+        "validate": lambda: (validate, ("clean", run.clean_db, cfg.validation.clean_suite,
+                                        run.validation / "clean.json", run.root, cfg.validation)),
+        "validate-tokens": lambda: (validate, ("tokenized", run.formatted, cfg.validation.tokenized_suite,
+                                               run.validation / "tokenized.json", run.root, cfg.validation)),
         "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat)),
         "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
         "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), run.train / "adapter", run.eval, cfg.evaluate,

@@ -14,8 +14,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger
+from prefect.artifacts import create_table_artifact
 
-from tasks.common import stage_task
+from tasks.common import in_prefect_run, stage_task
 from tasks.config import ChatConfig
 from tasks.errors import ConfigError, DataValidationError
 
@@ -25,7 +26,8 @@ KNOWN_TRAINING_TEMPLATES = {"smollm2.jinja": "smollm2_training.jinja"}
 FORMATTED_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("assistant_masks", pa.list_(pa.int8())), ("n_tokens", pa.int32()), ("n_supervised", pa.int32()),
-    ("truncated", pa.bool_()), ("prompt", pa.string()), ("reference", pa.string()),
+    ("truncated", pa.bool_()), ("last_eot_supervised", pa.bool_()), ("prompt", pa.string()),
+    ("reference", pa.string()),
 ])
 ROWS_SQL = """
 SELECT row_id, source, system, messages,
@@ -80,9 +82,12 @@ def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_le
     """Return input_ids and assistant_masks (1 = supervised) for one conversation, truncated to max_length."""
     out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    return {"input_ids": ids[:max_length], "assistant_masks": mask[:max_length], "n_tokens": min(len(ids), max_length),
-            "n_supervised": sum(mask[:max_length]), "truncated": len(ids) > max_length}
+    ids, mask = list(out["input_ids"])[:max_length], list(out["assistant_masks"])[:max_length]
+    supervised = [t for t, m in zip(ids, mask) if m]
+    return {"input_ids": ids, "assistant_masks": mask, "n_tokens": len(ids), "n_supervised": len(supervised),
+            "truncated": len(out["input_ids"]) > max_length,
+            # the model learns to stop only if the final assistant turn's end-of-turn token carries a label
+            "last_eot_supervised": bool(supervised) and supervised[-1] == tokenizer.eos_token_id}
 
 
 def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template: str, cfg: ChatConfig) -> pa.Table:
@@ -135,5 +140,8 @@ def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig)
     if empty:
         raise DataValidationError(f"{clean_db}: the {' and '.join(empty)} split is empty; add rows or change "
                                   "clean.heldout_fraction")
+    if in_prefect_run():
+        rows = [{"split": split, **{k: v for k, v in st.items() if k != "rows_by_source"}} for split, st in stats.items()]
+        create_table_artifact(key="token-length-stats", table=rows, description="Token lengths of the formatted splits")
     get_run_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
     return out_dir

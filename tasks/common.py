@@ -58,6 +58,13 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+def in_prefect_run() -> bool:
+    """Return True inside a Prefect task or flow run (artifacts belong to runs; `task.fn()` calls have none)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
 def stage_task(name: str, retries: int = 2, retry_delay_seconds: int | list[int] = 5, cache: bool = True):
     """Return a Prefect task decorator with sftflow's defaults: retries, input-keyed cache, persisted results."""
     return task(

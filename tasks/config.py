@@ -78,8 +78,13 @@ class CleanConfig(StageConfig):
 
 
 class ValidateConfig(StageConfig):
-    suite: Path = Field(Path("expectations/clean_rows.json"), description="GX suite (JSON) run on the clean table.")
+    raw_suite: Path = Field(Path("expectations/raw_rows.json"), description="GX suite run on the ingested rows.")
+    clean_suite: Path = Field(Path("expectations/clean_rows.json"), description="GX suite run on the clean table.")
+    tokenized_suite: Path = Field(Path("expectations/tokenized_rows.json"),
+                                  description="GX suite run on the tokenized training rows.")
     min_rows: int = Field(50, ge=1, description="Fewer clean rows than this fails validation.")
+    max_truncation_rate: float = Field(0.05, ge=0, le=1, description="Largest share of training rows cut at "
+                                                                     "chat.max_length before validation fails.")
 
 
 class ChatConfig(StageConfig):
@@ -222,7 +227,8 @@ RUN_LAYOUT = {
     "clean_db": "clean.duckdb",
     "clean_report": "clean_report.json",
     "quarantine": "quarantine.parquet",
-    "validation": "validation.json",
+    "validation": "validation",
+    "data_docs": "gx/uncommitted/data_docs/local_site",
     "formatted": "formatted",
     "train": "train",
     "eval": "eval",

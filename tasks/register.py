@@ -27,8 +27,10 @@ def log_run_data(run: RunPaths, eval_dir: Path) -> None:
         metrics = {f"train_{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         mlflow.log_metrics(metrics, step=step)
     mlflow.log_metrics(json.loads((eval_dir / "report.json").read_text(encoding="utf-8")))
-    for path in (run.clean_report, run.validation, run.formatted / "stats.json", run.quarantine):
+    for path in (run.clean_report, run.formatted / "stats.json", run.quarantine, *sorted(run.validation.glob("*.json"))):
         mlflow.log_artifact(str(path), artifact_path="reports")
+    if run.data_docs.is_dir():
+        mlflow.log_artifacts(str(run.data_docs), artifact_path="data_docs")
     samples = pd.read_json(eval_dir / "samples.jsonl", lines=True)
     mlflow.log_table(samples, artifact_file="eval/samples.json")
 

@@ -1,4 +1,8 @@
-"""Validate: run the Great Expectations suite from `expectations/` on the clean table; a failed suite stops the flow."""
+"""Validate: run the Great Expectations suites from `expectations/` on raw, clean and tokenized rows.
+
+Each suite runs through a GX checkpoint in a file context inside the run directory, so every run gets its own
+Data Docs site. A failed suite stops the flow with a one-line summary naming each failed expectation.
+"""
 
 from __future__ import annotations
 
@@ -9,49 +13,95 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 from prefect import get_run_logger
+from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from tasks.common import stage_task
+from tasks.common import in_prefect_run, stage_task
 from tasks.config import ValidateConfig
 from tasks.errors import DataValidationError
 
-# One row per clean conversation, with the derived columns the suite checks.
-PROFILE_SQL = """
-SELECT content_hash, split, len(messages) AS n_turns, n_chars,
-       list_min(list_transform(messages, lambda t: length(t.content))) AS min_turn_chars,
-       messages[-1].role AS last_role,
-       array_to_string(list_transform(messages, lambda t: t.role), ',') AS roles
-FROM clean ORDER BY row_id
-"""
+# One row per record / conversation / tokenized row, with the derived columns each suite checks.
+PROFILES = {
+    "raw": """SELECT * EXCLUDE (messages, record), len(messages) AS n_turns FROM db.raw ORDER BY row_id""",
+    "clean": """SELECT content_hash, split, len(messages) AS n_turns, n_chars,
+                       list_min(list_transform(messages, lambda t: length(t.content))) AS min_turn_chars,
+                       messages[-1].role AS last_role,
+                       array_to_string(list_transform(messages, lambda t: t.role), ',') AS roles
+                FROM db.clean ORDER BY row_id""",
+    "tokenized": """SELECT row_id, n_tokens, n_supervised, truncated,
+                           n_supervised / greatest(n_tokens, 1) AS supervised_share,
+                           truncated OR last_eot_supervised AS eot_supervised_or_truncated
+                    FROM read_parquet($path)""",
+}
 
 
-def load_suite(path: Path, min_rows: int):
-    """Return the GX suite stored as JSON at `path`, plus the configured minimum row count."""
+def load_profile(stage: str, data: Path) -> pd.DataFrame:
+    """Return the rows a stage's suite checks: raw/clean from a DuckDB file, tokenized from formatted Parquet."""
+    with duckdb.connect() as con:
+        if stage == "tokenized":
+            return con.execute(PROFILES[stage], {"path": str(data / "train.parquet")}).df()
+        con.execute("ATTACH ? AS db (READ_ONLY)", [str(data)])
+        return con.execute(PROFILES[stage]).df()
+
+
+def load_suite(path: Path, extra: list[dict]):
+    """Return the GX suite stored as JSON at `path`, plus the config-driven expectations in `extra`."""
     import great_expectations as gx
 
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataValidationError(f"{path}: expectation suite not found (validate.suite)") from None
-    spec["expectations"] = [*spec.get("expectations", []),
-                             {"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": min_rows}}]
+        raise DataValidationError(f"{path}: expectation suite not found (see the validate section)") from None
+    spec["expectations"] = [*spec.get("expectations", []), *extra]
     return gx.ExpectationSuite(**spec)
 
 
-def run_suite(frame: pd.DataFrame, suite) -> list[dict]:
-    """Validate `frame` against `suite` in an ephemeral GX context; return one dict per expectation."""
+def config_expectations(stage: str, cfg: ValidateConfig) -> list[dict]:
+    """Return the expectations whose bounds live in the config rather than in the suite file."""
+    if stage == "clean":
+        return [{"type": "expect_table_row_count_to_be_between", "kwargs": {"min_value": cfg.min_rows}}]
+    if stage == "tokenized":
+        return [{"type": "expect_column_mean_to_be_between",
+                 "kwargs": {"column": "truncated", "max_value": cfg.max_truncation_rate}}]
+    return []
+
+
+def checkpoint_for(context, suite):
+    """Return a checkpoint that validates a dataframe against `suite` and updates the Data Docs (idempotent)."""
+    import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    suite = context.suites.add_or_update(suite)
+    source = context.data_sources.add_or_update_pandas("sftflow")
+    try:
+        asset = source.get_asset(suite.name)
+    except LookupError:
+        asset = source.add_dataframe_asset(suite.name)
+    try:
+        batch = asset.get_batch_definition("all")
+    except KeyError:
+        batch = asset.add_batch_definition_whole_dataframe("all")
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
+    return context.checkpoints.add_or_update(gx.Checkpoint(
+        name=suite.name, validation_definitions=[definition], actions=[UpdateDataDocsAction(name="data_docs")]))
+
+
+def run_suite(frame: pd.DataFrame, suite, docs_root: Path | None = None) -> tuple[list[dict], str | None]:
+    """Validate `frame`; return one dict per expectation and the Data Docs URL (file context in `docs_root`)."""
     import great_expectations as gx
 
-    context = gx.get_context(mode="ephemeral")
-    suite = context.suites.add(suite)
-    batch = context.data_sources.add_pandas("sftflow").add_dataframe_asset("rows").add_batch_definition_whole_dataframe(
-        "all")
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
-    result = definition.run(batch_parameters={"dataframe": frame})
-    return [{"expectation": r.expectation_config.type, "kwargs": {k: v for k, v in r.expectation_config.kwargs.items()
-                                                                 if k != "batch_id"},
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    context = gx.get_context(mode="file", project_root_dir=str(docs_root)) if docs_root else gx.get_context(
+        mode="ephemeral")
+    result = checkpoint_for(context, suite).run(batch_parameters={"dataframe": frame})
+    (validation,) = result.run_results.values()
+    rows = [{"expectation": r.expectation_config.type,
+             "kwargs": {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"},
              "success": bool(r.success), "unexpected_count": r.result.get("unexpected_count"),
              "observed_value": r.result.get("observed_value"),
-             "examples": r.result.get("partial_unexpected_list", [])[:3]} for r in result.results]
+             "examples": r.result.get("partial_unexpected_list", [])[:3]} for r in validation.results]
+    urls = context.get_docs_sites_urls() if docs_root else []
+    return rows, (urls[0].get("site_url") if urls else None)
 
 
 def summarise_failures(results: list[dict]) -> str:
@@ -67,20 +117,32 @@ def summarise_failures(results: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def validate_table(clean_db: Path, cfg: ValidateConfig) -> list[dict]:
-    """Profile the clean table and return the suite's results, one dict per expectation."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    with duckdb.connect(str(clean_db), read_only=True) as con:
-        frame = con.sql(PROFILE_SQL).df()
-    return run_suite(frame, load_suite(cfg.suite, cfg.min_rows))
+def validate_table(stage: str, data: Path, suite_file: Path, cfg: ValidateConfig,
+                   docs_root: Path | None = None) -> tuple[list[dict], str | None]:
+    """Run a stage's suite on its data; return the results and the Data Docs URL."""
+    return run_suite(load_profile(stage, data), load_suite(suite_file, config_expectations(stage, cfg)), docs_root)
+
+
+def publish_results(stage: str, results: list[dict], docs_url: str | None) -> None:
+    """Show the suite's results as a Prefect table artifact, linked to the run's Data Docs."""
+    create_table_artifact(key=f"gx-{stage}-rows", description=f"Great Expectations results on {stage} rows", table=[
+        {"expectation": r["expectation"], "column": r["kwargs"].get("column", ""), "success": r["success"],
+         "unexpected": r["unexpected_count"], "observed": str(r["observed_value"])} for r in results])
+    if docs_url:
+        create_link_artifact(key="gx-data-docs", link=docs_url, description="Great Expectations Data Docs of this run")
 
 
 @stage_task("validate")
-def validate(clean_db: Path, suite_file: Path, out_report: Path, cfg: ValidateConfig) -> Path:
-    """Validate the clean table (raises DataValidationError on failure) and write the results to `out_report`."""
-    results = validate_table(clean_db, cfg)
-    out_report.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+def validate(stage: str, data: Path, suite_file: Path, out_report: Path, out_docs: Path, cfg: ValidateConfig) -> Path:
+    """Run the `stage` suite (raw, clean or tokenized) on `data`; write the results; raise on a failed suite."""
+    results, docs_url = validate_table(stage, data, suite_file, cfg, out_docs)
+    out_report.parent.mkdir(parents=True, exist_ok=True)
+    out_report.write_text(json.dumps({"data_docs": docs_url, "results": results}, indent=1, default=str),
+                          encoding="utf-8")
+    if in_prefect_run():
+        publish_results(stage, results, docs_url)
     if failures := summarise_failures(results):
-        raise DataValidationError(f"{clean_db}: suite {cfg.suite} failed: {failures} (details: {out_report})")
-    get_run_logger().info("validate: %d expectations passed on %s", len(results), clean_db)
+        raise DataValidationError(f"{data}: suite {suite_file} failed: {failures} (details: {out_report})")
+    get_run_logger().info("validate %s: %d expectations passed on %s; Data Docs %s", stage, len(results), data,
+                          docs_url)
     return out_report

@@ -39,7 +39,7 @@ def test_unknown_key_is_named_in_a_one_line_error(tmp_path):
 def test_a_source_needs_exactly_one_origin(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {sources: [{path: a.jsonl, synthetic: {}}]}\n")
-    with pytest.raises(ConfigError, match="exactly one of `path` or `synthetic`"):
+    with pytest.raises(ConfigError, match="exactly one of `path`, `synthetic` or `hf_dataset`"):
         load_config(bad)
 
 

@@ -21,12 +21,16 @@ def clean_db_from(tmp_path, rows):
     return tmp_path / "c.duckdb"
 
 
+def check(db, cfg=ValidateConfig(min_rows=30)):
+    return validate_table("clean", db, cfg.clean_suite, cfg)[0]
+
+
 def failed(results):
     return sorted((r["expectation"], r["kwargs"].get("column", "")) for r in results if not r["success"])
 
 
 def test_the_suite_passes_clean_rows(tmp_path):
-    assert failed(validate_table(clean_db_from(tmp_path, GOOD), ValidateConfig(min_rows=30))) == []
+    assert failed(check(clean_db_from(tmp_path, GOOD))) == []
 
 
 # Each case corrupts the clean table the way a bug upstream could, and names the expectation that must catch it.
@@ -56,7 +60,7 @@ def test_each_expectation_fails_on_data_built_to_break_it(tmp_path, case):
     db = clean_db_from(tmp_path, GOOD)
     with duckdb.connect(str(db)) as con:
         con.execute(sql)
-    assert failed(validate_table(db, ValidateConfig(min_rows=30))) == sorted(expected)
+    assert failed(check(db)) == sorted(expected)
 
 
 def test_a_failed_suite_stops_with_a_readable_summary_and_keeps_the_details(tmp_path):
@@ -64,7 +68,7 @@ def test_a_failed_suite_stops_with_a_readable_summary_and_keeps_the_details(tmp_
     with duckdb.connect(str(db)) as con:
         con.execute(BREAKERS["bad split"][0])
     with disable_run_logger(), pytest.raises(DataValidationError) as err:
-        validate.fn(db, ValidateConfig().suite, tmp_path / "v.json", ValidateConfig(min_rows=30))
+        validate.fn("clean", db, ValidateConfig().clean_suite, tmp_path / "v.json", tmp_path, ValidateConfig(min_rows=30))
     assert "expect_column_values_to_be_in_set(split): 1 rows unexpected, e.g. ['test']" in str(err.value)
     assert (tmp_path / "v.json").is_file()
 
@@ -77,7 +81,7 @@ def test_gsm8k_goes_through_ingest_clean_and_validate_via_a_column_mapping(tmp_p
     accounting = clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig())
     assert accounting["rows_raw"] == accounting["rows_clean"] + accounting["rows_quarantined"] == 7473
     assert accounting["rows_clean"] > 7400 and 600 < accounting["split"]["heldout"] < 900
-    assert failed(validate_table(tmp_path / "c.duckdb", ValidateConfig(min_rows=1000))) == []
+    assert failed(check(tmp_path / "c.duckdb", ValidateConfig(min_rows=1000))) == []
     with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
         (answer,) = con.execute("SELECT messages[2].content FROM clean WHERE line_number = 1").fetchall()[0]
     assert answer.endswith("#### 72") and "\n" in answer  # the answer's line structure survives cleaning
@@ -86,6 +90,6 @@ def test_gsm8k_goes_through_ingest_clean_and_validate_via_a_column_mapping(tmp_p
 def test_plain_text_rows_are_one_assistant_turn_and_pass_the_suite(tmp_path):
     rows = [{"text": f"Document number {i}: some prose."} for i in range(30)]
     db = clean_db_from(tmp_path, rows)
-    assert failed(validate_table(db, ValidateConfig(min_rows=30))) == []
+    assert failed(check(db)) == []
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT DISTINCT len(messages), messages[1].role FROM clean").fetchall() == [(1, "assistant")]

@@ -1,0 +1,74 @@
+"""The raw-rows and tokenized-rows GX suites: pass on good data, each expectation seen failing, Data Docs built."""
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.chat_format import format_rows
+from tasks.clean import clean_database
+from tasks.config import ChatConfig, CleanConfig, DataConfig, ValidateConfig
+from tasks.ingest import ingest_rows
+from tasks.validate import validate_table
+from tests.conftest import write_jsonl
+
+CFG = ValidateConfig(min_rows=10)
+ROWS = [{"instruction": f"question number {i}", "output": f"answer number {i}"} for i in range(30)]
+
+
+def failed(stage, data, suite, cfg=CFG):
+    return sorted((r["expectation"], r["kwargs"].get("column", "")) for r in validate_table(stage, data, suite, cfg)[0]
+                  if not r["success"])
+
+
+@pytest.fixture
+def raw_db(tmp_path):
+    ingest_rows(DataConfig(sources=[{"path": str(write_jsonl(tmp_path / "r.jsonl", ROWS))}]), tmp_path,
+                tmp_path / "i.duckdb")
+    return tmp_path / "i.duckdb"
+
+
+@pytest.fixture
+def formatted(raw_db, tiny_model_dir, tmp_path):
+    clean_database(raw_db, tmp_path / "c.duckdb", CleanConfig(heldout_fraction=0.2))
+    format_rows(tmp_path / "c.duckdb", str(tiny_model_dir), tmp_path / "fmt", ChatConfig(max_length=64))
+    return tmp_path / "fmt"
+
+
+def test_raw_suite_passes_ingested_rows_and_fails_on_a_schema_change_or_anonymous_rows(raw_db):
+    assert failed("raw", raw_db, CFG.raw_suite) == []
+    with duckdb.connect(str(raw_db)) as con:
+        con.execute("UPDATE raw SET source_file = NULL WHERE row_id = 0")
+        con.execute("ALTER TABLE raw ADD COLUMN surprise INT")
+    assert failed("raw", raw_db, CFG.raw_suite) == [("expect_column_values_to_not_be_null", "source_file"),
+                                                    ("expect_table_columns_to_match_set", "")]
+
+
+def rewrite(fmt, **changes):
+    """Apply column changes to the first training row of formatted Parquet, in place."""
+    rows = pq.read_table(fmt / "train.parquet").to_pylist()
+    for key, value in changes.items():
+        for row in rows[: value[1]]:
+            row[key] = value[0]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(fmt / "train.parquet")), fmt / "train.parquet")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"n_supervised": (0, 1)}, [("expect_column_values_to_be_between", "n_supervised")]),
+    ({"last_eot_supervised": (False, 1)}, [("expect_column_values_to_be_in_set", "eot_supervised_or_truncated")]),
+    ({"truncated": (True, 10)}, [("expect_column_mean_to_be_between", "truncated")]),
+    ({"n_supervised": (1, 999), "n_tokens": (900, 999)},
+     [("expect_column_mean_to_be_between", "supervised_share")]),
+    ({"n_tokens": (2, 1)}, [("expect_column_values_to_be_between", "n_tokens")]),
+    ({"n_tokens": (5, 999), "n_supervised": (3, 999)}, [("expect_column_median_to_be_between", "n_tokens")]),
+], ids=["no-labels", "eot-unsupervised", "truncation-rate", "supervised-share", "too-short", "median-length"])
+def test_tokenized_suite_fails_on_rows_built_to_break_each_expectation(formatted, changes, expected):
+    assert failed("tokenized", formatted, CFG.tokenized_suite) == []
+    rewrite(formatted, **changes)
+    assert failed("tokenized", formatted, CFG.tokenized_suite) == expected
+
+
+def test_each_run_gets_data_docs_in_its_own_directory(raw_db, tmp_path):
+    _, url = validate_table("raw", raw_db, CFG.raw_suite, CFG, docs_root=tmp_path / "run")
+    index = tmp_path / "run" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    assert url == index.as_uri() and "raw_rows" in index.read_text()
