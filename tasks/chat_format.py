@@ -14,6 +14,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger
+from tqdm.auto import tqdm
 from prefect.artifacts import create_table_artifact
 
 from tasks.common import in_prefect_run, stage_task
@@ -93,7 +94,9 @@ def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_le
 def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template: str, cfg: ChatConfig) -> pa.Table:
     """Return the tokenized rows of one split, with the prompt and reference answer kept for evaluation."""
     rows = []
-    for row_id, source, system, messages, copies in con.execute(ROWS_SQL, {"split": split}).fetchall():
+    selected = con.execute(ROWS_SQL, {"split": split}).fetchall()
+    for row_id, source, system, messages, copies in tqdm(selected, desc=f"format {split}", unit=" rows", disable=None,
+                                                         leave=False):
         convo = conversation(system, messages, cfg.keep_reasoning)
         last_assistant = max(i for i, m in enumerate(convo) if m["role"] == "assistant")
         row = {"row_id": row_id, "source": source, **tokenize_conversation(tokenizer, template, convo, cfg.max_length),

@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from prefect import get_run_logger
+from tqdm.auto import tqdm
 
 from tasks.common import fingerprint_path, stage_task
 from tasks.config import DataConfig, SourceConfig
@@ -214,7 +215,7 @@ def read_records(origin: str, records: Iterable[tuple[int, Any]], source: Source
     """Yield canonical rows (without row_id) for every (line, record) of one file or dataset named `origin`."""
     fmt = None
     renames = {column: canonical for canonical, column in source.columns.items()}
-    for line, record in records:
+    for line, record in tqdm(records, desc=f"ingest {Path(origin).name}", unit=" rows", disable=None, leave=False):
         base = {"source": source.label, "source_file": origin, "line_number": line, "system": None,
                 "messages": None, "tools": None, "problem_rule": None, "problem": None,
                 "pinned_split": None if source.split == "auto" else source.split,

@@ -93,3 +93,19 @@ def test_plain_text_rows_are_one_assistant_turn_and_pass_the_suite(tmp_path):
     assert failed(check(db)) == []
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT DISTINCT len(messages), messages[1].role FROM clean").fetchall() == [(1, "assistant")]
+
+
+def test_the_alpaca_demo_set_is_auto_detected_and_passes_ingest_clean_and_validate(tmp_path):
+    counts = ingest_rows(DataConfig(sources=[{"path": str(SHARED_DATA / "alpaca_en_demo.json")}]), tmp_path,
+                         tmp_path / "i.duckdb")
+    assert counts == {"alpaca_en_demo": 999}
+    accounting = clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig())
+    assert accounting["rows_raw"] == accounting["rows_clean"] + accounting["rows_quarantined"] == 999
+    assert accounting["rows_clean"] > 950 and set(accounting["dropped_by_rule"]) <= {"duplicate", "near_duplicate"}
+    assert failed(check(tmp_path / "c.duckdb", ValidateConfig(min_rows=500))) == []
+    with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
+        (prompt, answer), = con.execute("SELECT messages[1].content, messages[2].content FROM clean "
+                                        "WHERE line_number = 6").fetchall()
+    # the input is appended to the instruction (prompt whitespace collapsed); the answer keeps its layout
+    assert prompt == "Given the parameters of a triangle, find out its perimeter. Side 1 = 4 Side 2 = 6 Side 3 = 8"
+    assert "Perimeter = Side 1 + Side 2 + Side 3\n          = 4 + 6 + 8" in answer
