@@ -19,7 +19,7 @@ from tasks.validate import validate
 
 def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
     """Return the task and the arguments it takes for `step`, all derived from the run's saved layout."""
-    base = lambda: prepare_base_model.fn(cfg.train.base_model)  # noqa: E731  (resolved only for model steps)
+    base = lambda: prepare_base_model.fn(cfg.train.base_model)
     calls = {
         "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
         "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)),

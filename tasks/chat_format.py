@@ -14,8 +14,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger
-from tqdm.auto import tqdm
 from prefect.artifacts import create_table_artifact
+from tqdm.auto import tqdm
 
 from tasks.common import in_prefect_run, stage_task
 from tasks.config import ChatConfig

@@ -48,8 +48,8 @@ def test_qlora_lowers_the_loss_changes_only_lora_weights_and_learns_the_answer(f
                                                                                tiny_tokenizer, tmp_path):
     from peft import PeftModel
 
-    from tasks.evaluate import generate_answers
     from tasks.config import EvaluateConfig
+    from tasks.evaluate import generate_answers
     from tasks.modeling import load_base_model
 
     base_before = {k: v.detach().clone() for k, v in load_base_model(str(tiny_model_dir), True).state_dict().items()}

@@ -1,4 +1,5 @@
 import json
+
 import duckdb
 import pytest
 from prefect.logging import disable_run_logger
