@@ -32,6 +32,7 @@ CTRL_MACRO_SQL = f"""
 CREATE TEMP MACRO scrub_ctrl(x, strip) AS CASE WHEN strip THEN regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g')
     ELSE nfc_normalize(x) END
 """
+COLLAPSE_MACRO_SQL = "CREATE TEMP MACRO collapse(x) AS trim(regexp_replace(x, '\\s+', ' ', 'g'))"
 # Assistant text: trailing spaces per line and surrounding blank lines go; indentation stays.
 ANSWER_MACRO_SQL = """
 CREATE TEMP MACRO tidy_answer(x) AS rtrim(regexp_replace(regexp_replace(x, '[ \\t]+(\\r?\\n)', '\\1', 'g'),
@@ -46,12 +47,13 @@ WITH turns AS (
         'content': CASE
             WHEN m.content IS NULL THEN NULL
             WHEN m.role = 'assistant' THEN tidy_answer(scrub(m.content, $strip, $redact))
-            ELSE trim(regexp_replace(scrub(m.content, $strip, $redact), '\\s+', ' ', 'g'))
+            ELSE collapse(scrub(m.content, $strip, $redact))
         END,
         'reasoning': tidy_answer(scrub(m.reasoning, $strip, $redact))}}) AS turns,
-        trim(regexp_replace(scrub(system, $strip, $redact), '\\s+', ' ', 'g')) AS norm_system,
+        collapse(scrub(system, $strip, $redact)) AS norm_system,
         list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{CONTROL_CHARS}'))) AS had_ctrl,
-        list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{EMAIL}|{PHONE}'))) AS had_pii
+        $redact AND list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{EMAIL}|{PHONE}')))
+            AS had_pii
     FROM src.raw
 )
 SELECT row_id, source, source_file, line_number, pinned_split, source_weight, source_cap, norm_system AS system,
@@ -124,12 +126,12 @@ CREATE TABLE clean AS
 SELECT row_id, source, source_file, line_number, source_weight, system, messages, tools, content_hash, n_chars,
        CASE WHEN pinned_split IS NOT NULL THEN pinned_split
             WHEN (md5_number(split_key) % 1000000) < $heldout * 1000000 THEN 'heldout' ELSE 'train' END AS split
-FROM judged WHERE rule IS NULL ORDER BY row_id
+FROM judged WHERE rule IS NULL
 """
 
 QUARANTINE_SQL = """
 CREATE TABLE quarantine AS
-SELECT row_id, source, source_file, line_number, rule, coalesce(detail, rule) AS detail, record
+SELECT row_id, source, source_file, line_number, rule, coalesce(detail, rule) AS detail, system, messages, record
 FROM judged WHERE rule IS NOT NULL ORDER BY row_id;
 CREATE TABLE report AS
 SELECT rule, count(*) AS rows, min(source_file || ':' || line_number) AS example, first(detail) AS example_detail
@@ -153,7 +155,7 @@ def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
     tmp.unlink(missing_ok=True)
     with duckdb.connect(str(tmp)) as con:
         con.execute("ATTACH ? AS src (READ_ONLY)", [str(raw_db)])
-        for macro in (CTRL_MACRO_SQL, MACROS_SQL, ANSWER_MACRO_SQL):
+        for macro in (CTRL_MACRO_SQL, MACROS_SQL, ANSWER_MACRO_SQL, COLLAPSE_MACRO_SQL):
             con.execute(macro)
         con.execute(NORMALISE_SQL, {"strip": cfg.strip_control_chars, "redact": cfg.redact_pii})
         con.execute(RULES_SQL, {"max_chars": cfg.max_chars, "dedupe": cfg.dedupe_exact})

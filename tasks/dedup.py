@@ -1,80 +1,132 @@
-"""Near-duplicate detection: MinHash over word 3-gram shingles with LSH banding.
+"""Near-duplicate detection: MinHash over word 3-gram shingles with LSH banding, verified by exact Jaccard.
 
-Shingles are hashed in DuckDB; the MinHash signatures are computed with vectorised numpy (one pass per hash
-function over all shingles), candidate pairs come from LSH bands, and each candidate is verified against the
-estimated Jaccard similarity before two rows are joined into one cluster.
+Words are hashed in DuckDB; shingle hashes, MinHash signatures and LSH buckets are vectorised numpy over all rows
+at once. LSH only proposes candidate pairs; a pair joins one cluster only if the exact Jaccard similarity of the
+two rows' shingle sets reaches the threshold, so MinHash noise never merges rows on its own.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import duckdb
 import numpy as np
 
-NUM_PERM, BANDS = 32, 8  # 8 bands of 4 rows: pairs from ~0.6 Jaccard up become candidates, then are verified
+NUM_PERM, BANDS = 16, 8  # bands of 2 rows (one uint64 key each): pairs from ~0.5 Jaccard up become candidates (then verified exactly)
+SMALL_BUCKET = 64  # buckets up to this size compare all their pairs; larger ones only signature neighbours
 
-# One row per (row, shingle hash); rows of fewer than three words hash as a single shingle.
-SHINGLES_SQL = """
-SELECT row_id, unnest(CASE WHEN len(w) < 3 THEN [hash(array_to_string(w, ' '))]
-       ELSE list_transform(range(1, len(w) - 1), lambda i: hash(array_to_string(w[i:i + 2], ' '))) END) AS h
-FROM (SELECT row_id, string_split(trim(regexp_replace(lower(text), '\\s+', ' ', 'g')), ' ') AS w FROM {table})
-ORDER BY row_id
+# Per row, the hash of each word of the lower-cased text (any whitespace separates words).
+WORD_HASHES_SQL = """
+SELECT row_id, list_transform(list_filter(string_split(replace(replace(lower(text), chr(10), ' '), chr(9), ' '), ' '),
+                                          lambda w: w <> ''), lambda w: hash(w)) AS words
+FROM {table} ORDER BY row_id
 """
 
 
-def minhash_signatures(row_ids: np.ndarray, hashes: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Return (unique row ids, NUM_PERM MinHash values per row) from row-sorted (row_id, shingle hash) pairs."""
-    ids, starts = np.unique(row_ids, return_index=True)
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 2**63, NUM_PERM, dtype=np.uint64) | np.uint64(1)
-    b = rng.integers(0, 2**63, NUM_PERM, dtype=np.uint64)
-    sig = np.empty((len(ids), NUM_PERM), dtype=np.uint64)
+def shingle_hashes(words) -> tuple[np.ndarray, np.ndarray]:
+    """Return (row index of each shingle, shingle hash) for word 3-grams, in row order.
+
+    Rows of fewer than three words have no shingle: they take part in exact deduplication only.
+    """
+    offsets = np.asarray(words.offsets, dtype=np.int64)
+    flat = np.asarray(words.values, dtype=np.uint64)
+    counts = np.maximum(np.diff(offsets) - 2, 0)  # 3-grams per row
+    if len(flat) < 3 or not counts.any():
+        return np.empty(0, np.int64), np.empty(0, np.uint64)
     with np.errstate(over="ignore"):
-        for k in range(NUM_PERM):  # universal hashing mod 2^64, a fresh permutation per column
-            sig[:, k] = np.minimum.reduceat(hashes * a[k] + b[k], starts)
-    return ids, sig
+        tri = flat[:-2] * np.uint64(0x9E3779B97F4A7C15) + flat[1:-1] * np.uint64(0xC2B2AE3D27D4EB4F) + flat[2:]
+    valid = np.ones(len(tri), dtype=bool)  # a 3-gram may not run past its row's last word
+    ends = offsets[1:][offsets[1:] >= 2]
+    valid[ends[ends - 1 < len(tri)] - 1] = False
+    valid[ends[ends - 2 < len(tri)] - 2] = False
+    return np.repeat(np.arange(len(counts)), counts), tri[valid]
+
+
+def minhash_signatures(rows: np.ndarray, hashes: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Return (row indices that have shingles, NUM_PERM MinHash values per such row) from row-sorted shingles."""
+    present, starts = np.unique(rows, return_index=True)
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b = rng.integers(0, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32)
+    h32 = (hashes >> np.uint64(32)).astype(np.uint32) ^ hashes.astype(np.uint32)
+    sig = np.empty((len(present), NUM_PERM), dtype=np.uint32)
+
+    def column(k: int) -> None:  # numpy releases the GIL on big arrays: two threads use both cores
+        sig[:, k] = np.minimum.reduceat(h32 * a[k] + b[k], starts)
+
+    with np.errstate(over="ignore"), ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(column, range(NUM_PERM)))
+    return present, sig
+
+
+def bucket_pairs(order: np.ndarray, first: np.ndarray) -> list[np.ndarray]:
+    """Return the pairs of one band's buckets: all pairs in buckets of up to SMALL_BUCKET rows, else a chain."""
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, len(order)))
+    previous = np.r_[order[:1], order[:-1]]
+    pairs = [np.stack([previous[~first], order[~first]], axis=1)]  # neighbours (chain) in every bucket
+    for start, size in zip(starts[(sizes > 2) & (sizes <= SMALL_BUCKET)], sizes[(sizes > 2) & (sizes <= SMALL_BUCKET)]):
+        members = order[start:start + size]
+        i, j = np.triu_indices(size, k=2)  # k=1 pairs are already in the chain
+        pairs.append(np.stack([members[i], members[j]], axis=1))
+    return pairs
 
 
 def candidate_pairs(sig: np.ndarray) -> np.ndarray:
-    """Return index pairs (i, j) of rows that share at least one LSH band (each paired with its bucket's first)."""
-    rows = NUM_PERM // BANDS
-    mix = np.random.default_rng(1).integers(1, 2**63, rows, dtype=np.uint64) | np.uint64(1)
-    pairs = []
-    with np.errstate(over="ignore"):
-        for band in range(BANDS):
-            keys = (sig[:, band * rows:(band + 1) * rows] * mix).sum(axis=1)
-            order = np.argsort(keys, kind="stable")
-            sorted_keys = keys[order]
-            first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
-            leader = order[np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))]
-            pairs.append(np.stack([leader[~first], order[~first]], axis=1))
-    return np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), dtype=np.int64)
+    """Return index pairs (i < j) of rows that share an LSH band.
+
+    Within a band's bucket rows are ordered by the next band's key, so in a large bucket of loosely similar rows
+    (shared boilerplate) rows that also share the next band are neighbours in the chain.
+    """
+    keys = [sig[:, 2 * b].astype(np.uint64) << np.uint64(32) | sig[:, 2 * b + 1] for b in range(BANDS)]  # 2 per band
+    pairs = [np.empty((0, 2), dtype=np.int64)]
+    for band in range(BANDS):
+        by_next = np.argsort(keys[(band + 1) % BANDS], kind="stable")
+        order = by_next[np.argsort(keys[band][by_next], kind="stable")]
+        pairs += bucket_pairs(order, np.r_[True, keys[band][order][1:] != keys[band][order][:-1]])
+    return np.unique(np.sort(np.concatenate(pairs), axis=1), axis=0)
 
 
-def cluster_representatives(ids: np.ndarray, sig: np.ndarray, priority: np.ndarray, threshold: float) -> np.ndarray:
-    """Return, per row, the id of its cluster's representative (lowest priority value, then lowest id)."""
-    parent = np.arange(len(ids))
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Return the exact Jaccard similarity of two sets of shingle hashes."""
+    a, b = np.unique(a), np.unique(b)
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def cluster_representatives(pairs: np.ndarray, shingles: list[np.ndarray], ids: np.ndarray, priority: np.ndarray,
+                            threshold: float) -> dict[int, int]:
+    """Union verified pairs; return {row_id: representative row_id} (lowest priority value, then lowest id)."""
+    parent: dict[int, int] = {}
 
     def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
+        while parent.get(i, i) != i:
+            parent[i] = parent.get(parent[i], parent[i])
             i = parent[i]
         return i
 
-    for i, j in candidate_pairs(sig):
-        if (sig[i] == sig[j]).mean() >= threshold:
-            ri, rj = find(i), find(j)
+    for i, j in pairs:
+        if jaccard(shingles[i], shingles[j]) >= threshold:
+            ri, rj = find(int(i)), find(int(j))
             if ri != rj:
                 keep, drop = sorted((ri, rj), key=lambda r: (priority[r], ids[r]))
                 parent[drop] = keep
-    return ids[[find(i) for i in range(len(ids))]]
+    return {int(ids[i]): int(ids[find(i)]) for i in list(parent) if find(i) != i}
 
 
 def near_duplicate_clusters(con: duckdb.DuckDBPyConnection, table: str, threshold: float) -> dict[int, int]:
     """Return {row_id: representative row_id} for rows of `table` (row_id, text, priority) with a near duplicate."""
-    pairs = con.execute(SHINGLES_SQL.format(table=table)).fetchnumpy()  # table is an internal name, not user input
-    if len(pairs["row_id"]) == 0:
+    words = con.sql(WORD_HASHES_SQL.format(table=table)).to_arrow_table()  # table: an internal name
+    if words.num_rows == 0:
         return {}
-    ids, sig = minhash_signatures(np.asarray(pairs["row_id"]), np.asarray(pairs["h"], dtype=np.uint64))
+    ids = words.column("row_id").to_numpy()
+    rows, hashes = shingle_hashes(words.column("words").combine_chunks())
+    if len(hashes) == 0:
+        return {}
+    present, sig = minhash_signatures(rows, hashes)
+    bounds = np.searchsorted(rows, np.append(present, len(ids)))
+    shingles = [hashes[bounds[k]:bounds[k + 1]] for k in range(len(present))]
     prio = dict(con.execute(f"SELECT row_id, priority FROM {table}").fetchall())
-    reps = cluster_representatives(ids, sig, np.array([prio[i] for i in ids]), threshold)
-    return {int(i): int(r) for i, r in zip(ids, reps) if i != r}
+    reps = cluster_representatives(candidate_pairs(sig), shingles, ids[present],
+                                   np.array([prio[i] for i in ids[present]]), threshold)
+    return reps

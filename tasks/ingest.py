@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 from prefect import get_run_logger
 from tqdm.auto import tqdm
@@ -26,6 +27,7 @@ from tasks import synth
 from tasks.common import fingerprint_path, stage_task
 from tasks.config import DataConfig, SourceConfig
 from tasks.errors import InputError
+from tasks.fast_ingest import fast_path_applies, json_lines, stage_alpaca
 from tasks.formats import RecordProblem, detect_format, missing_fields, to_conversation
 from tasks.synth import write_orders
 
@@ -60,22 +62,30 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, e
+            yield lineno, parse_line(line)
+
+
+def parse_line(line: str) -> Any:
+    """Return the parsed JSON line (orjson, fast), or the standard library's JSONDecodeError for a readable message."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(line)  # not reached for valid JSON that orjson rejects (e.g. NaN): parse it anyway
+        except json.JSONDecodeError as e:
+            return e
 
 
 def read_records(origin: str, records: Iterable[tuple[int, Any]], source: SourceConfig,
                  on_bad_rows: str) -> Iterator[dict]:
     """Yield canonical rows (without row_id) for every (line, record) of one file or dataset named `origin`."""
-    fmt = None
+    fmt, label = None, source.label
     renames = {column: canonical for canonical, column in source.columns.items()}
     for line, record in tqdm(records, desc=f"ingest {Path(origin).name}", unit=" rows", disable=None, leave=False):
-        base = {"source": source.label, "source_file": origin, "line_number": line, "system": None,
+        base = {"source": label, "source_file": origin, "line_number": line, "system": None,
                 "messages": None, "tools": None, "problem_rule": None, "problem": None,
                 "pinned_split": None if source.split == "auto" else source.split,
-                "source_weight": source.weight, "source_cap": source.max_rows}
+                "source_weight": source.weight, "source_cap": source.max_rows, "record": None}
         try:
             if isinstance(record, json.JSONDecodeError):
                 raise RecordProblem("malformed", "", f"invalid JSON: {record.msg} (column {record.colno})")
@@ -92,9 +102,11 @@ def read_records(origin: str, records: Iterable[tuple[int, Any]], source: Source
             if on_bad_rows == "fail":
                 raise InputError(f"{origin}:{line}: {p} (set data.on_bad_rows=quarantine to keep going)") from None
             base["problem_rule"], base["problem"] = p.rule, str(p)
-        # The original record, kept verbatim for the quarantine (for a JSON error, the line as it stands).
-        base["record"] = record.doc if isinstance(record, json.JSONDecodeError) else json.dumps(
-            record, ensure_ascii=False, default=str)
+        # A record that has no canonical form is kept as it stands (for a JSON error, the line) for the quarantine;
+        # every other row is recoverable from its canonical turns and its file:line.
+        if base["problem_rule"] == "malformed":
+            base["record"] = record.doc if isinstance(record, json.JSONDecodeError) else orjson.dumps(
+                record, default=str).decode()
         yield base
 
 
@@ -127,25 +139,46 @@ def source_streams(source: SourceConfig, sources_dir: Path) -> Iterator[tuple[st
         yield str(path), iter_records(path)
 
 
+STAGED_SCHEMA = pa.schema([("src_order", pa.int32()), *[f for f in RAW_SCHEMA if f.name != "row_id"]])
+RAW_SQL = """
+CREATE TABLE raw AS
+SELECT (row_number() OVER (ORDER BY src_order, line_number) - 1)::BIGINT AS row_id, * EXCLUDE (src_order)
+FROM staged ORDER BY src_order, line_number
+"""
+
+
+def stage_stream(con: duckdb.DuckDBPyConnection, source: SourceConfig, origin: str, records: Iterable[tuple[int, Any]],
+                 order: int, on_bad_rows: str) -> None:
+    """Insert one file's or dataset's canonical rows into `staged` (flat Alpaca lines via DuckDB, the rest here)."""
+    path = Path(origin)
+    lines = json_lines(path) if not origin.startswith("hf://") and fast_path_applies(source, path) else None
+    if lines is not None:
+        records = ((n, parse_line(line)) for n, line in stage_alpaca(con, lines, source, origin, order))
+    rows = [{"src_order": order, **row} for row in read_records(origin, records, source, on_bad_rows)]
+    con.register("slow", pa.Table.from_pylist(rows, schema=STAGED_SCHEMA))
+    con.execute("INSERT INTO staged SELECT * FROM slow")
+    con.unregister("slow")
+
+
 def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, int]:
     """Write every record of every source into table `raw` of a fresh DuckDB file; return rows per source."""
-    rows: list[dict] = []
-    counts: dict[str, int] = {}
-    for source in cfg.sources:
-        before = len(rows)
-        for origin, records in source_streams(source, sources_dir):
-            rows.extend(read_records(origin, records, source, cfg.on_bad_rows))
-        counts[source.label] = len(rows) - before
-    for i, row in enumerate(rows):
-        row["row_id"] = i
-    table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
     out_db.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_db.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
+    labels: dict[int, str] = {}
     with duckdb.connect(str(tmp)) as con:
-        con.register("incoming", table)
-        con.execute("CREATE TABLE raw AS SELECT * FROM incoming ORDER BY row_id")
+        con.register("empty", STAGED_SCHEMA.empty_table())
+        con.execute("CREATE TEMP TABLE staged AS SELECT * FROM empty")
+        for source in cfg.sources:
+            for origin, records in source_streams(source, sources_dir):
+                labels[len(labels)] = source.label
+                stage_stream(con, source, origin, records, len(labels) - 1, cfg.on_bad_rows)
+        con.execute(RAW_SQL)
+        per_stream = dict(con.execute("SELECT src_order, count(*) FROM staged GROUP BY 1").fetchall())
     tmp.replace(out_db)  # atomic: a retry never sees a half-written table
+    counts: dict[str, int] = {source.label: 0 for source in cfg.sources}
+    for order, label in labels.items():
+        counts[label] += per_stream.get(order, 0)
     return counts
 
 

@@ -96,5 +96,7 @@ def test_every_raw_row_is_either_clean_or_quarantined_exactly_once(tmp_path):
     assert [i for (i,) in ids] == list(range(len(rows)))
     assert counts["dropped_by_rule"] == {"duplicate": 1, "empty_turn": 1, "malformed": 1, "missing_field": 1,
                                          "near_duplicate": 1, "no_assistant_turn": 1, "too_long": 1}
-    assert query(tmp_path / "c.duckdb", "SELECT count(*) FROM quarantine WHERE record IS NULL OR source_file IS NULL "
-                                        "OR line_number IS NULL") == [(0,)]
+    # every quarantined row keeps its provenance and its content: the canonical turns, or the raw malformed record
+    assert query(tmp_path / "c.duckdb", "SELECT count(*) FROM quarantine WHERE source_file IS NULL OR line_number IS NULL"
+                                        " OR (messages IS NULL AND record IS NULL)") == [(0,)]
+    assert query(tmp_path / "c.duckdb", "SELECT record FROM quarantine WHERE rule = 'malformed'") == [("oops",)]
