@@ -39,6 +39,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(ARGS)
 
+# Data-layer benchmark: 1M synthetic rows through ingest + clean + split vs a pandas baseline (bench/README.md).
+# ARGS passes options, e.g. make bench ARGS="--rows 100000 --pandas-rows 20000".
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/pip install -q datasketch
+	$(BIN)/python bench/clean.py $(ARGS)
+
 # Prefect UI on http://127.0.0.1:4200, over the same database the runs wrote to.
 ui-prefect: $(STAMP)
 	@mkdir -p $(PREFECT_HOME)

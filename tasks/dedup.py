@@ -17,7 +17,7 @@ SMALL_BUCKET = 64  # buckets up to this size compare all their pairs; larger one
 
 # Per row, the hash of each word of the lower-cased text (any whitespace separates words).
 WORD_HASHES_SQL = """
-SELECT row_id, list_transform(list_filter(string_split(replace(replace(lower(text), chr(10), ' '), chr(9), ' '), ' '),
+SELECT row_id, priority, list_transform(list_filter(string_split(replace(replace(lower(text), chr(10), ' '), chr(9), ' '), ' '),
                                           lambda w: w <> ''), lambda w: hash(w)) AS words
 FROM {table} ORDER BY row_id
 """
@@ -94,10 +94,16 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def cluster_representatives(pairs: np.ndarray, shingles: list[np.ndarray], ids: np.ndarray, priority: np.ndarray,
-                            threshold: float) -> dict[int, int]:
-    """Union verified pairs; return {row_id: representative row_id} (lowest priority value, then lowest id)."""
+def cluster_representatives(pairs: np.ndarray, rows: np.ndarray, hashes: np.ndarray, ids: np.ndarray,
+                            priority: np.ndarray, threshold: float) -> dict[int, int]:
+    """Union verified pairs of row indices; return {row_id: representative row_id} (lowest priority, then id)."""
     parent: dict[int, int] = {}
+    members = np.unique(pairs)
+    span = dict(zip(members.tolist(), zip(np.searchsorted(rows, members).tolist(),
+                                          np.searchsorted(rows, members + 1).tolist())))
+
+    def shingles(i: int) -> np.ndarray:
+        return hashes[span[i][0]:span[i][1]]
 
     def find(i: int) -> int:
         while parent.get(i, i) != i:
@@ -105,9 +111,9 @@ def cluster_representatives(pairs: np.ndarray, shingles: list[np.ndarray], ids: 
             i = parent[i]
         return i
 
-    for i, j in pairs:
-        if jaccard(shingles[i], shingles[j]) >= threshold:
-            ri, rj = find(int(i)), find(int(j))
+    for i, j in pairs.tolist():
+        if jaccard(shingles(i), shingles(j)) >= threshold:
+            ri, rj = find(i), find(j)
             if ri != rj:
                 keep, drop = sorted((ri, rj), key=lambda r: (priority[r], ids[r]))
                 parent[drop] = keep
@@ -117,16 +123,10 @@ def cluster_representatives(pairs: np.ndarray, shingles: list[np.ndarray], ids: 
 def near_duplicate_clusters(con: duckdb.DuckDBPyConnection, table: str, threshold: float) -> dict[int, int]:
     """Return {row_id: representative row_id} for rows of `table` (row_id, text, priority) with a near duplicate."""
     words = con.sql(WORD_HASHES_SQL.format(table=table)).to_arrow_table()  # table: an internal name
-    if words.num_rows == 0:
-        return {}
-    ids = words.column("row_id").to_numpy()
     rows, hashes = shingle_hashes(words.column("words").combine_chunks())
     if len(hashes) == 0:
         return {}
     present, sig = minhash_signatures(rows, hashes)
-    bounds = np.searchsorted(rows, np.append(present, len(ids)))
-    shingles = [hashes[bounds[k]:bounds[k + 1]] for k in range(len(present))]
-    prio = dict(con.execute(f"SELECT row_id, priority FROM {table}").fetchall())
-    reps = cluster_representatives(candidate_pairs(sig), shingles, ids[present],
-                                   np.array([prio[i] for i in ids[present]]), threshold)
-    return reps
+    pairs = present[candidate_pairs(sig)]  # signature positions -> row indices
+    return cluster_representatives(pairs, rows, hashes, words.column("row_id").to_numpy(),
+                                   words.column("priority").to_numpy(), threshold)
