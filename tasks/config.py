@@ -29,6 +29,8 @@ class SourceConfig(StageConfig):
     hf_dataset: str | None = Field(None, description="Anything datasets.load_dataset opens: a Hub id or local path.")
     hf_config: str | None = Field(None, description="Configuration name for hf_dataset, if it has several.")
     hf_split: str = Field("train", description="Split of hf_dataset to read.")
+    roles: dict[str, str] = Field(
+        default_factory=dict, description="Rename your role names, e.g. {bot: assistant, customer: user}.")
     max_rows: int | None = Field(None, gt=0, description="Keep at most this many clean rows (chosen by hash).")
     weight: float = Field(1.0, gt=0, description="Share in training: 2 repeats each training row, 0.5 keeps half.")
     name: str | None = Field(None, description="Label kept in the `source` column; defaults to the file stem.")

@@ -73,7 +73,7 @@ def split_system(system: str | None, turns: list[dict]) -> tuple[str | None, lis
     return system, turns
 
 
-def sharegpt_turns(value: Any) -> list[dict]:
+def sharegpt_turns(value: Any, roles: dict[str, str]) -> list[dict]:
     """Return the turns of a ShareGPT `conversations` list of {from, value} objects with roles mapped."""
     if value is None:
         return []  # missing: marked missing_field by the caller
@@ -82,10 +82,11 @@ def sharegpt_turns(value: Any) -> list[dict]:
                             "field 'conversations': expected a list of {from, value} objects")
     turns = []
     for m in value:
-        role = SHAREGPT_ROLES.get(str(m.get("from")))
+        known = SHAREGPT_ROLES | roles
+        role = known.get(str(m.get("from")))
         if role is None:
             raise RecordProblem("malformed", "conversations", f"field 'conversations': unknown role {m.get('from')!r} "
-                                f"(expected {', '.join(SHAREGPT_ROLES)})")
+                                f"(expected {', '.join(known)}; map others with data.sources[].roles)")
         turns.append({"role": role, "content": text_of(m.get("value"), "conversations")})
     return turns
 
@@ -116,22 +117,25 @@ def alpaca_turns(record: dict) -> list[dict]:
             {"role": "assistant", "content": text_of(record.get("output"), "output")}]
 
 
-def to_conversation(record: dict, fmt: str) -> tuple[str | None, list[dict]]:
+def to_conversation(record: dict, fmt: str, roles: dict[str, str] | None = None) -> tuple[str | None, list[dict]]:
     """Return (system, messages) for one record; a missing required field leaves its content None.
 
     Plain `text` becomes a single assistant turn, so the whole text is supervised (language modelling on it).
+    `roles` renames the record's own role names (e.g. {bot: assistant}) before they are interpreted.
     """
+    roles = roles or {}
     system = text_of(record.get("system"), "system")
     if fmt == "alpaca":
         turns = alpaca_turns(record)
     elif fmt == "text":
         turns = [{"role": "assistant", "content": text_of(record.get("text"), "text")}]
     elif fmt == "sharegpt":
-        system, turns = split_system(system, sharegpt_turns(record.get("conversations")))
+        system, turns = split_system(system, sharegpt_turns(record.get("conversations"), roles))
     elif fmt == "prompt_completion":
         system, turns = split_system(system, prompt_completion_turns(record.get("prompt"), record.get("completion")))
     else:
-        system, turns = split_system(system, chat_turns(record.get("messages"), "messages"))
+        turns = [{**t, "role": roles.get(t["role"], t["role"])} for t in chat_turns(record.get("messages"), "messages")]
+        system, turns = split_system(system, turns)
     return system, split_reasoning(turns, text_of(record.get("reasoning"), "reasoning"))
 
 

@@ -93,7 +93,7 @@ def read_records(origin: str, records: Iterable[tuple[int, Any]], source: Source
                 raise RecordProblem("malformed", "", f"expected a JSON object, got {type(record).__name__}")
             record = {renames.get(k, k): v for k, v in record.items()}
             fmt = detect_format(set(record), source, origin, fmt)
-            base["system"], base["messages"] = to_conversation(record, fmt)
+            base["system"], base["messages"] = to_conversation(record, fmt, source.roles)
             if record.get("tools") is not None:
                 base["tools"] = json.dumps(record["tools"], ensure_ascii=False)
             if missing := missing_fields(record, fmt):

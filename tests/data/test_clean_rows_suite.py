@@ -47,9 +47,11 @@ BREAKERS = {
                    ("expect_column_values_to_be_between", "min_turn_chars")),
     "huge": ("UPDATE clean SET n_chars = 200000 WHERE row_id = 0", ("expect_column_values_to_be_between", "n_chars")),
     "ends on user": ("UPDATE clean SET messages = [messages[2], messages[1]] WHERE row_id = 0",
-                     ("expect_column_values_to_be_in_set", "last_role")),
+                     ("expect_column_values_to_be_in_set", "last_role"), ("expect_column_values_to_match_regex", "roles")),
     "odd role": ("UPDATE clean SET messages = [{'role': 'narrator', 'content': 'x'}, messages[2]] WHERE row_id = 0",
                  ("expect_column_values_to_match_regex", "roles")),
+    "role order": ("UPDATE clean SET messages = [messages[1], messages[1], messages[2]] WHERE row_id = 0",
+                   ("expect_column_values_to_match_regex", "roles")),
     "too few rows": ("DELETE FROM clean WHERE row_id > 5", ("expect_table_row_count_to_be_between", "")),
 }
 

@@ -143,7 +143,8 @@ def test_unknown_sharegpt_role_fails_in_one_line_naming_file_line_and_field(tmp_
     with pytest.raises(InputError) as err:
         ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
     assert str(err.value).startswith(f"{src}:2: field 'conversations': unknown role 'xyz' "
-                                     "(expected human, gpt, system, function_call, observation)")
+                                     "(expected human, gpt, system, function_call, observation; "
+                                     "map others with data.sources[].roles)")
     assert "\n" not in str(err.value)
 
 
@@ -221,3 +222,14 @@ def test_thinking_traces_and_tools_are_kept_as_their_own_fields(tmp_path):
     assert first["messages"][1] == {"role": "assistant", "content": "4", "reasoning": "add them"}
     assert json.loads(first["tools"]) == [{"name": "calc"}]
     assert second["messages"][1] == {"role": "assistant", "content": "6", "reasoning": "double three"}
+
+
+def test_role_names_can_be_mapped_for_chat_and_sharegpt_records(tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", [
+        {"messages": [{"role": "customer", "content": "hi"}, {"role": "bot", "content": "hello"}]},
+        {"conversations": [{"from": "customer", "value": "q"}, {"from": "bot", "value": "a"}]},
+    ])
+    cfg = DataConfig(sources=[{"path": str(src), "roles": {"customer": "user", "bot": "assistant"}}])
+    ingest_rows(cfg, tmp_path, tmp_path / "i.duckdb")
+    assert [[m["role"] for m in r["messages"]] for r in raw_rows(tmp_path / "i.duckdb")] == [
+        ["user", "assistant"], ["user", "assistant"]]
