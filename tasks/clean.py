@@ -16,7 +16,7 @@ import pyarrow as pa
 from prefect import get_run_logger
 
 from tasks.common import stage_task
-from tasks.config import CleanConfig
+from tasks.config import CleanConfig, content_hash
 from tasks.dedup import near_duplicate_clusters
 
 CONTROL_CHARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]"
@@ -59,8 +59,7 @@ WITH turns AS (
 SELECT row_id, source, source_file, line_number, pinned_split, source_weight, source_cap, norm_system AS system,
        turns AS messages, tools,
        problem_rule, problem, record, had_ctrl, had_pii,
-       md5(coalesce(norm_system, '') || chr(1) || array_to_string(
-           list_transform(turns, lambda t: t.role || chr(2) || coalesce(t.content, '')), chr(3))) AS content_hash,
+       {content_hash("norm_system", "turns")} AS content_hash,
        coalesce(list_sum(list_transform(turns, lambda t: length(coalesce(t.content, '')))), 0)
            + coalesce(length(norm_system), 0) AS n_chars,
        CASE pinned_split WHEN 'heldout' THEN 0 ELSE 1 END AS priority  -- a fixed held-out row wins over its copies

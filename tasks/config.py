@@ -147,6 +147,12 @@ class PipelineConfig(StageConfig):
         return self.runs_dir / "mlartifacts"
 
 
+def content_hash(system: str, turns: str) -> str:
+    """Return the SQL expression hashing a conversation (system prompt, then each turn's role and content)."""
+    return (f"md5(coalesce({system}, '') || chr(1) || array_to_string("
+            f"list_transform({turns}, lambda t: t.role || chr(2) || coalesce(t.content, '')), chr(3)))")
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set `section.field=value` in the raw config dict; the value is parsed as YAML so types are checked later."""
     key, sep, value = override.partition("=")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from tasks import synth
 from tasks.common import fingerprint_path, stage_task
-from tasks.config import DataConfig, SourceConfig
+from tasks.config import DataConfig, SourceConfig, content_hash
 from tasks.errors import InputError
 from tasks.fast_ingest import fast_path_applies, json_lines, stage_alpaca
 from tasks.formats import RecordProblem, detect_format, missing_fields, to_conversation
@@ -140,9 +140,11 @@ def source_streams(source: SourceConfig, sources_dir: Path) -> Iterator[tuple[st
 
 
 STAGED_SCHEMA = pa.schema([("src_order", pa.int32()), *[f for f in RAW_SCHEMA if f.name != "row_id"]])
-RAW_SQL = """
+# The hash is of the conversation as read; clean re-hashes the normalised conversation to find duplicates.
+RAW_SQL = f"""
 CREATE TABLE raw AS
-SELECT (row_number() OVER (ORDER BY src_order, line_number) - 1)::BIGINT AS row_id, * EXCLUDE (src_order)
+SELECT (row_number() OVER (ORDER BY src_order, line_number) - 1)::BIGINT AS row_id, * EXCLUDE (src_order),
+       {content_hash("system", "messages")} AS content_hash
 FROM staged ORDER BY src_order, line_number
 """
 

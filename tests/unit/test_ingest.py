@@ -233,3 +233,14 @@ def test_role_names_can_be_mapped_for_chat_and_sharegpt_records(tmp_path):
     ingest_rows(cfg, tmp_path, tmp_path / "i.duckdb")
     assert [[m["role"] for m in r["messages"]] for r in raw_rows(tmp_path / "i.duckdb")] == [
         ["user", "assistant"], ["user", "assistant"]]
+
+
+def test_the_raw_table_has_the_canonical_schema_with_a_content_hash(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b"},
+                                             {"instruction": "a", "output": "c"}])
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    rows = raw_rows(tmp_path / "i.duckdb")
+    assert set(rows[0]) == {"row_id", "source", "source_file", "line_number", "pinned_split", "source_weight",
+                            "source_cap", "system", "messages", "tools", "problem_rule", "problem", "record",
+                            "content_hash"}
+    assert rows[0]["content_hash"] == rows[1]["content_hash"] != rows[2]["content_hash"]
