@@ -144,7 +144,8 @@ def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig)
         raise DataValidationError(f"{clean_db}: the {' and '.join(empty)} split is empty; add rows or change "
                                   "clean.heldout_fraction")
     if in_prefect_run():
-        rows = [{"split": split, **{k: v for k, v in st.items() if k != "rows_by_source"}} for split, st in stats.items()]
+        rows = [{"split": split, **{k: v for k, v in st.items() if k != "rows_by_source"}}
+                for split, st in stats.items()]
         create_table_artifact(key="token-length-stats", table=rows, description="Token lengths of the formatted splits")
     get_run_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
     return out_dir

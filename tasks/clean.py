@@ -29,8 +29,8 @@ CREATE TEMP MACRO scrub(x, strip, redact) AS CASE WHEN redact
     ELSE scrub_ctrl(x, strip) END;
 """
 CTRL_MACRO_SQL = f"""
-CREATE TEMP MACRO scrub_ctrl(x, strip) AS CASE WHEN strip THEN regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g')
-    ELSE nfc_normalize(x) END
+CREATE TEMP MACRO scrub_ctrl(x, strip) AS CASE
+    WHEN strip THEN regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g') ELSE nfc_normalize(x) END
 """
 COLLAPSE_MACRO_SQL = "CREATE TEMP MACRO collapse(x) AS trim(regexp_replace(x, '\\s+', ' ', 'g'))"
 # Assistant text: trailing spaces per line and surrounding blank lines go; indentation stays.

@@ -12,13 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import duckdb
 import numpy as np
 
-NUM_PERM, BANDS = 16, 8  # bands of 2 rows (one uint64 key each): pairs from ~0.5 Jaccard up become candidates (then verified exactly)
+# Bands of 2 rows (one uint64 key each): pairs from ~0.5 Jaccard up become candidates, then are verified exactly.
+NUM_PERM, BANDS = 16, 8
 SMALL_BUCKET = 64  # buckets up to this size compare all their pairs; larger ones only signature neighbours
 
 # Per row, the hash of each word of the lower-cased text (any whitespace separates words).
 WORD_HASHES_SQL = """
-SELECT row_id, priority, list_transform(list_filter(string_split(replace(replace(lower(text), chr(10), ' '), chr(9), ' '), ' '),
-                                          lambda w: w <> ''), lambda w: hash(w)) AS words
+SELECT row_id, priority, list_transform(
+    list_filter(string_split(replace(replace(lower(text), chr(10), ' '), chr(9), ' '), ' '), lambda w: w <> ''),
+    lambda w: hash(w)) AS words
 FROM {table} ORDER BY row_id
 """
 

@@ -1,4 +1,4 @@
-"""User-facing errors: each carries a one-line message (file, row, field, fix) that the CLI prints without a traceback."""
+"""User-facing errors: a one-line message (file, row, field, fix) that the CLI prints without a traceback."""
 
 
 class SftflowError(ValueError):

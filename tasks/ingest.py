@@ -34,7 +34,8 @@ from tasks.synth import write_orders
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string())])
 RAW_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("source_file", pa.string()), ("line_number", pa.int64()),
-    ("pinned_split", pa.string()), ("source_weight", pa.float64()), ("source_cap", pa.int64()), ("system", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string()),
+    ("pinned_split", pa.string()), ("source_weight", pa.float64()), ("source_cap", pa.int64()),
+    ("system", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string()),
     ("problem_rule", pa.string()), ("problem", pa.string()), ("record", pa.string()),
 ])
 def iter_records(path: Path) -> Iterator[tuple[int, Any]]:

@@ -27,7 +27,8 @@ def log_run_data(run: RunPaths, eval_dir: Path) -> None:
         metrics = {f"train_{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         mlflow.log_metrics(metrics, step=step)
     mlflow.log_metrics(json.loads((eval_dir / "report.json").read_text(encoding="utf-8")))
-    for path in (run.clean_report, run.formatted / "stats.json", run.quarantine, *sorted(run.validation.glob("*.json"))):
+    reports = (run.clean_report, run.formatted / "stats.json", run.quarantine, *sorted(run.validation.glob("*.json")))
+    for path in reports:
         mlflow.log_artifact(str(path), artifact_path="reports")
     if run.data_docs.is_dir():
         mlflow.log_artifacts(str(run.data_docs), artifact_path="data_docs")
