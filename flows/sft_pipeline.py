@@ -18,7 +18,7 @@ from tasks.modeling import prepare_base_model
 from tasks.register import register_model
 from tasks.report import save_config, write_summary
 from tasks.train import train_adapter
-from tasks.validate import validate
+from tasks.validate import validate_stage
 
 
 def new_run_id() -> str:
@@ -34,14 +34,14 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     cfg = load_config(config_path, overrides or [])
     run = RunPaths(cfg.runs_dir, run_id or new_run_id())
     config_file = save_config(dump_config(cfg), run.config)
-    checks = cfg.validation  # each validate() raises DataValidationError: bad data never reaches training
+    # each validate_stage() raises DataValidationError: bad data never reaches training
     raw_db = ingest(cfg.data, fingerprint_sources(cfg.data), run.sources, run.ingest_db)
-    validate("raw", raw_db, checks.raw_suite, run.validation / "raw.json", run.root, checks)
+    validate_stage("raw", raw_db, run, cfg.validation)
     clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
-    validate("clean", clean_db, checks.clean_suite, run.validation / "clean.json", run.root, checks)
+    validate_stage("clean", clean_db, run, cfg.validation)
     base = prepare_base_model(cfg.train.base_model)
     chats = format_chats(clean_db, base, run.formatted, cfg.chat)
-    validate("tokenized", chats, checks.tokenized_suite, run.validation / "tokenized.json", run.root, checks)
+    validate_stage("tokenized", chats, run, cfg.validation)
     adapter = train_adapter(chats, base, run.train, cfg.train)
     evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit)
     registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,

@@ -14,7 +14,7 @@ from tasks.ingest import fingerprint_data, ingest
 from tasks.modeling import prepare_base_model
 from tasks.register import register_model
 from tasks.train import train_adapter
-from tasks.validate import validate
+from tasks.validate import validate, validation_args
 
 
 def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
@@ -23,12 +23,9 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
     calls = {
         "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
         "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)),
-        "validate-raw": lambda: (validate, ("raw", run.ingest_db, cfg.validation.raw_suite,
-                                            run.validation / "raw.json", run.root, cfg.validation)),
-        "validate": lambda: (validate, ("clean", run.clean_db, cfg.validation.clean_suite,
-                                        run.validation / "clean.json", run.root, cfg.validation)),
-        "validate-tokens": lambda: (validate, ("tokenized", run.formatted, cfg.validation.tokenized_suite,
-                                               run.validation / "tokenized.json", run.root, cfg.validation)),
+        "validate-raw": lambda: (validate, validation_args("raw", run.ingest_db, run, cfg.validation)),
+        "validate": lambda: (validate, validation_args("clean", run.clean_db, run, cfg.validation)),
+        "validate-tokens": lambda: (validate, validation_args("tokenized", run.formatted, run, cfg.validation)),
         "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat)),
         "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
         "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), run.train / "adapter", run.eval, cfg.evaluate,

@@ -88,6 +88,10 @@ class ValidateConfig(StageConfig):
     max_truncation_rate: float = Field(0.05, ge=0, le=1, description="Largest share of training rows cut at "
                                                                      "chat.max_length before validation fails.")
 
+    def suite_for(self, stage: str) -> Path:
+        """Return the suite file of a stage: raw, clean or tokenized."""
+        return {"raw": self.raw_suite, "clean": self.clean_suite, "tokenized": self.tokenized_suite}[stage]
+
 
 class ChatConfig(StageConfig):
     max_length: int = Field(512, gt=8, description="Token limit per conversation; longer ones are truncated.")

@@ -55,10 +55,10 @@ def fast_path_applies(source: SourceConfig, path: Path) -> bool:
 
 def json_lines(path: Path) -> pa.Table | None:
     """Return the non-blank lines of a JSON Lines file with their line numbers, or None for a JSON array file."""
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return None
-    lines = text.splitlines()
+    with path.open(encoding="utf-8") as f:
+        if f.read(4096).lstrip().startswith("["):
+            return None  # an array: the general reader parses it once, as a whole
+    lines = path.read_text(encoding="utf-8").splitlines()
     numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
     return pa.table({"line_number": pa.array(numbers, pa.int64()), "line": pa.array([lines[i - 1] for i in numbers])})
 

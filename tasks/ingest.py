@@ -44,9 +44,9 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     if suffix in (".csv", ".parquet"):
         reader = "read_csv" if suffix == ".csv" else "read_parquet"
         with duckdb.connect() as con:
-            rows = con.sql(f"SELECT * FROM {reader}($p)", params={"p": str(path)}).fetchall()  # reader is a constant
-            cols = con.sql(f"DESCRIBE SELECT * FROM {reader}($p)", params={"p": str(path)}).fetchall()
-        names = [c[0] for c in cols]
+            cursor = con.execute(f"SELECT * FROM {reader}($p)", {"p": str(path)})  # reader is a constant
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
         offset = 2 if suffix == ".csv" else 1  # CSV line 1 is the header
         for i, row in enumerate(rows):
             yield i + offset, dict(zip(names, row))

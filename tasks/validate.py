@@ -16,7 +16,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 from tasks.common import in_prefect_run, stage_task
-from tasks.config import ValidateConfig
+from tasks.config import RunPaths, ValidateConfig
 from tasks.errors import DataValidationError
 
 # One row per record / conversation / tokenized row, with the derived columns each suite checks.
@@ -146,3 +146,13 @@ def validate(stage: str, data: Path, suite_file: Path, out_report: Path, out_doc
     get_run_logger().info("validate %s: %d expectations passed on %s; Data Docs %s", stage, len(results), data,
                           docs_url)
     return out_report
+
+
+def validation_args(stage: str, data: Path, run: RunPaths, cfg: ValidateConfig) -> tuple:
+    """Return the `validate` task's arguments for one stage of a run: suite, report path and Data Docs root."""
+    return stage, data, cfg.suite_for(stage), run.validation / f"{stage}.json", run.root, cfg
+
+
+def validate_stage(stage: str, data: Path, run: RunPaths, cfg: ValidateConfig) -> Path:
+    """Run the `validate` task for one stage of a run."""
+    return validate(*validation_args(stage, data, run, cfg))
