@@ -8,9 +8,16 @@ general mapper, so the two paths never disagree on what a record means; a test c
 
 from __future__ import annotations
 
+import heapq
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import numpy as np
+import orjson
 import pyarrow as pa
 
 from tasks.config import SourceConfig
@@ -18,18 +25,36 @@ from tasks.formats import NO_INPUT
 
 FIELDS = ("instruction", "input", "output", "system")
 WHITESPACE = " \t\n\r\x0b\x0c"
+BOM = b"\xef\xbb\xbf"
+BLANK_START = np.frombuffer(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f", np.uint8)  # bytes str.strip() removes
+
+
+@dataclass(frozen=True)
+class JsonLines:
+    """The non-blank, decodable lines of a JSON Lines file, and its lines that are not UTF-8 (as parse errors)."""
+
+    table: pa.Table  # position (among the file's records), line_number, line (with its line end)
+    undecodable: list[tuple[int, json.JSONDecodeError]]
+    numbers: np.ndarray  # the line number of every record, in order: decodable or not
+
+    def records(self, leftover: Iterable[tuple[int, str]] | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield (line number, parsed record or JSONDecodeError) for `leftover` lines (default: all), in order."""
+        if leftover is None:
+            leftover = zip(self.table.column("line_number").to_pylist(), self.table.column("line").to_pylist())
+        parsed = ((n, parse_line(line.removesuffix("\n").removesuffix("\r"))) for n, line in leftover)
+        return heapq.merge(parsed, self.undecodable, key=lambda pair: pair[0])
 
 FAST_SQL = """
 INSERT INTO staged BY NAME
 WITH objects AS (
-    SELECT line_number, line, json_keys(line) AS keys FROM lines
+    SELECT position, line_number, line, json_keys(line) AS keys FROM lines
     WHERE json_valid(line) AND json_type(line) = 'OBJECT'
 ), flat AS (
-    SELECT line_number, json_extract_string(line, $paths) AS f FROM objects
+    SELECT position, line_number, json_extract_string(line, $paths) AS f FROM objects
     WHERE list_has_all($keys, keys) AND list_contains(keys, $keys[1])
       AND list_bool_and(list_transform(json_type(line, $paths), lambda t: t IS NULL OR t IN ('VARCHAR', 'NULL')))
 )
-SELECT $order AS src_order, line_number, $label AS source, $origin AS source_file, $pinned AS pinned_split,
+SELECT $first_row_id + position AS row_id, line_number, $label AS source, $origin AS source_file, $pinned AS pinned_split,
        $weight AS source_weight, $cap AS source_cap, f[4] AS system,
        [{'role': 'user', 'content': CASE
             WHEN f[1] IS NOT NULL AND f[2] IS NOT NULL AND NOT list_contains($no_input, lower(trim(f[2], $ws)))
@@ -44,8 +69,20 @@ FROM flat WHERE NOT regexp_matches(coalesce(f[3], ''), '^\\s*<think>')
 """
 LEFTOVER_SQL = """
 SELECT line_number, line FROM lines
-ANTI JOIN (SELECT line_number FROM staged WHERE src_order = $order) USING (line_number) ORDER BY line_number
+ANTI JOIN (SELECT row_id FROM staged WHERE row_id >= $first_row_id) ON row_id = $first_row_id + position
+ORDER BY line_number
 """
+
+
+def parse_line(line: str) -> Any:
+    """Return the parsed JSON line (orjson, fast), or the standard library's JSONDecodeError for a readable message."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(line)  # not reached for valid JSON that orjson rejects (e.g. NaN): parse it anyway
+        except json.JSONDecodeError as e:
+            return e
 
 
 def fast_path_applies(source: SourceConfig, path: Path) -> bool:
@@ -53,27 +90,59 @@ def fast_path_applies(source: SourceConfig, path: Path) -> bool:
     return source.format in ("auto", "alpaca") and path.suffix.lower() in (".jsonl", ".json")
 
 
-def json_lines(path: Path) -> pa.Table | None:
-    """Return the non-blank lines of a JSON Lines file with their line numbers, or None for a JSON array file."""
-    with path.open(encoding="utf-8") as f:
-        if f.read(4096).lstrip().startswith("["):
+def json_lines(path: Path) -> JsonLines | None:
+    """Return the records of a JSON Lines file as text, or None for a .json file that holds one JSON array.
+
+    A line ends at "\\n" (a "\\r" before it is dropped), as JSON Lines defines it, so a U+2028 inside a string
+    stays in its record. Blank lines are no records. The file is split with numpy and handed to DuckDB as one Arrow
+    column without copying its text: a line's string keeps its line end, which JSON ignores as whitespace.
+    """
+    with path.open("rb") as f:
+        if path.suffix.lower() == ".json" and f.read(4096).lstrip(BOM + WHITESPACE.encode()).startswith(b"["):
             return None  # an array: the general reader parses it once, as a whole
-    lines = path.read_text(encoding="utf-8").splitlines()
-    numbers = [i for i, line in enumerate(lines, start=1) if line.strip()]
-    return pa.table({"line_number": pa.array(numbers, pa.int64()), "line": pa.array([lines[i - 1] for i in numbers])})
+    data = path.read_bytes()
+    buf = np.frombuffer(data, np.uint8)
+    start = len(BOM) if data.startswith(BOM) else 0
+    offsets = np.concatenate(([start], np.flatnonzero(buf == 10) + 1, [len(buf)])).astype(np.int64)
+    if offsets[-1] == offsets[-2]:
+        offsets = offsets[:-1]  # the file ends with a line end: no empty last line
+    lines = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+    numbers = np.arange(1, len(lines) + 1, dtype=np.int64)
+    keep, undecodable = np.ones(len(lines), dtype=bool), []
+    # A blank line starts with whitespace (or a non-ASCII byte: Unicode spaces); only those are decoded to check.
+    first = buf[np.minimum(offsets[:-1], max(len(buf) - 1, 0))] if len(buf) else np.empty(0, np.uint8)
+    maybe_blank = (offsets[1:] == offsets[:-1]) | np.isin(first, BLANK_START) | (first >= 0x80)
+    try:
+        lines.validate(full=True)  # UTF-8
+        valid = True
+    except pa.ArrowInvalid:
+        valid = False
+    for i in np.flatnonzero(maybe_blank if valid else np.ones(len(lines), dtype=bool)).tolist():
+        raw = data[offsets[i]:offsets[i + 1]]
+        try:
+            keep[i] = bool(raw.decode("utf-8").strip())
+        except UnicodeDecodeError as e:  # kept as a malformed record, never dropped
+            keep[i] = False
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            undecodable.append((i + 1, json.JSONDecodeError("not valid UTF-8", text, e.start)))
+    records = keep.copy()
+    records[[n - 1 for n, _ in undecodable]] = True
+    position = np.cumsum(records) - 1
+    table = pa.table({"position": position, "line_number": numbers, "line": lines})
+    return JsonLines(table if keep.all() else table.filter(pa.array(keep)), undecodable, numbers[records])
 
 
 def stage_alpaca(con: duckdb.DuckDBPyConnection, lines: pa.Table, source: SourceConfig, origin: str,
-                 order: int) -> list[tuple[int, str]]:
+                 first_row_id: int) -> list[tuple[int, str]]:
     """Insert the flat Alpaca records of `lines` into table `staged`; return the (line, text) pairs left over."""
     paths = ["$." + '"' + source.columns.get(f, f).replace('"', '\\"') + '"' for f in FIELDS]
     con.register("lines", lines)
     try:
         con.execute(FAST_SQL, {
             "paths": paths, "keys": [source.columns.get(f, f) for f in FIELDS], "no_input": sorted(NO_INPUT),
-            "ws": WHITESPACE, "order": order, "label": source.label, "origin": origin,
+            "ws": WHITESPACE, "first_row_id": first_row_id, "label": source.label, "origin": origin,
             "pinned": None if source.split == "auto" else source.split, "weight": source.weight,
             "cap": source.max_rows})
-        return con.execute(LEFTOVER_SQL, {"order": order}).fetchall()
+        return con.execute(LEFTOVER_SQL, {"first_row_id": first_row_id}).fetchall()
     finally:
         con.unregister("lines")

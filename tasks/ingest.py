@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import orjson
 import pyarrow as pa
 from prefect import get_run_logger
 from tqdm.auto import tqdm
 
 from tasks import synth
-from tasks.common import fingerprint_path, stage_task
+from tasks.common import COMPRESSION_SQL, fingerprint_path, stage_task
 from tasks.config import DataConfig, SourceConfig, content_hash
 from tasks.errors import InputError
 from tasks.fast_ingest import fast_path_applies, json_lines, stage_alpaca
@@ -38,6 +39,8 @@ RAW_SCHEMA = pa.schema([
     ("system", pa.string()), ("messages", pa.list_(MESSAGE)), ("tools", pa.string()),
     ("problem_rule", pa.string()), ("problem", pa.string()), ("record", pa.string()),
 ])
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield (line or row number, parsed record or the JSONDecodeError) for each record of a supported file."""
     suffix = path.suffix.lower()
@@ -53,28 +56,17 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         return
     if suffix not in (".jsonl", ".json"):
         raise InputError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        yield from enumerate(records, start=1)  # numbered by position in the array
+    lines = json_lines(path)
+    if lines is not None:
+        yield from lines.records()
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield lineno, parse_line(line)
-
-
-def parse_line(line: str) -> Any:
-    """Return the parsed JSON line (orjson, fast), or the standard library's JSONDecodeError for a readable message."""
     try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(line)  # not reached for valid JSON that orjson rejects (e.g. NaN): parse it anyway
-        except json.JSONDecodeError as e:
-            return e
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    yield from enumerate(records, start=1)  # numbered by position in the array
 
 
 def read_records(origin: str, records: Iterable[tuple[int, Any]], source: SourceConfig,
@@ -140,27 +132,34 @@ def source_streams(source: SourceConfig, sources_dir: Path) -> Iterator[tuple[st
         yield str(path), iter_records(path)
 
 
-STAGED_SCHEMA = pa.schema([("src_order", pa.int32()), *[f for f in RAW_SCHEMA if f.name != "row_id"]])
-# The hash is of the conversation as read; clean re-hashes the normalised conversation to find duplicates.
+# Rows are staged with their final row_id (position in source order); the hash is of the conversation as read, and
+# clean re-hashes the normalised conversation to find duplicates.
 RAW_SQL = f"""
 CREATE TABLE raw AS
-SELECT (row_number() OVER (ORDER BY src_order, line_number) - 1)::BIGINT AS row_id, * EXCLUDE (src_order),
-       {content_hash("system", "messages")} AS content_hash
-FROM staged ORDER BY src_order, line_number
+SELECT *, {content_hash("system", "messages")} AS content_hash FROM staged ORDER BY row_id
 """
 
 
 def stage_stream(con: duckdb.DuckDBPyConnection, source: SourceConfig, origin: str, records: Iterable[tuple[int, Any]],
-                 order: int, on_bad_rows: str) -> None:
-    """Insert one file's or dataset's canonical rows into `staged` (flat Alpaca lines via DuckDB, the rest here)."""
-    path = Path(origin)
-    lines = json_lines(path) if not origin.startswith("hf://") and fast_path_applies(source, path) else None
-    if lines is not None:
-        records = ((n, parse_line(line)) for n, line in stage_alpaca(con, lines, source, origin, order))
-    rows = [{"src_order": order, **row} for row in read_records(origin, records, source, on_bad_rows)]
-    con.register("slow", pa.Table.from_pylist(rows, schema=STAGED_SCHEMA))
+                 first_row_id: int, on_bad_rows: str) -> int:
+    """Insert one file's or dataset's rows into `staged` (flat Alpaca lines via DuckDB, the rest here); count them.
+
+    Row ids are consecutive from `first_row_id`, in the order of the records in the file or dataset.
+    """
+    path, lines = Path(origin), None
+    if not origin.startswith("hf://") and fast_path_applies(source, path) and (lines := json_lines(path)) is not None:
+        records = lines.records(stage_alpaca(con, lines.table, source, origin, first_row_id))
+    rows = list(read_records(origin, records, source, on_bad_rows))
+    if lines is None:  # every record went through read_records, in order
+        positions, count = np.arange(len(rows)), len(rows)
+    else:  # the records the fast path left over: their position among all of the file's records
+        positions, count = np.searchsorted(lines.numbers, [row["line_number"] for row in rows]), len(lines.numbers)
+    for row, position in zip(rows, positions.tolist()):
+        row["row_id"] = first_row_id + position
+    con.register("slow", pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
     con.execute("INSERT INTO staged SELECT * FROM slow")
     con.unregister("slow")
+    return count
 
 
 def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, int]:
@@ -168,20 +167,17 @@ def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, i
     out_db.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_db.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
-    labels: dict[int, str] = {}
+    counts: dict[str, int] = {source.label: 0 for source in cfg.sources}
     with duckdb.connect(str(tmp)) as con:
-        con.register("empty", STAGED_SCHEMA.empty_table())
+        con.execute(COMPRESSION_SQL)
+        con.register("empty", RAW_SCHEMA.empty_table())
         con.execute("CREATE TEMP TABLE staged AS SELECT * FROM empty")
         for source in cfg.sources:
             for origin, records in source_streams(source, sources_dir):
-                labels[len(labels)] = source.label
-                stage_stream(con, source, origin, records, len(labels) - 1, cfg.on_bad_rows)
+                counts[source.label] += stage_stream(con, source, origin, records, sum(counts.values()),
+                                                     cfg.on_bad_rows)
         con.execute(RAW_SQL)
-        per_stream = dict(con.execute("SELECT src_order, count(*) FROM staged GROUP BY 1").fetchall())
     tmp.replace(out_db)  # atomic: a retry never sees a half-written table
-    counts: dict[str, int] = {source.label: 0 for source in cfg.sources}
-    for order, label in labels.items():
-        counts[label] += per_stream.get(order, 0)
     return counts
 
 

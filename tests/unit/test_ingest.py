@@ -244,3 +244,40 @@ def test_the_raw_table_has_the_canonical_schema_with_a_content_hash(tmp_path):
                             "source_cap", "system", "messages", "tools", "problem_rule", "problem", "record",
                             "content_hash"}
     assert rows[0]["content_hash"] == rows[1]["content_hash"] != rows[2]["content_hash"]
+
+
+def test_json_lines_end_at_newline_only_and_blank_lines_keep_the_numbering(tmp_path):
+    """A U+2028 inside a string is part of its record (Python's splitlines would cut it); CRLF and a BOM are fine."""
+    src = tmp_path / "a.jsonl"
+    lines = [json.dumps({"instruction": "a\u2028b\u0085c", "output": "x"}, ensure_ascii=False), "   ", "",
+             json.dumps({"instruction": "q", "output": "y"}), "\t"]
+    src.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    rows = raw_rows(tmp_path / "i.duckdb")
+    assert [(r["row_id"], r["line_number"], r["messages"][0]["content"]) for r in rows] == [
+        (0, 1, "a\u2028b\u0085c"), (1, 4, "q")]
+
+
+def test_a_line_that_is_not_utf8_fails_with_file_and_line_or_is_quarantined(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n'
+                    b'{"instruction": "c", "output": "d"}\n')
+    with pytest.raises(InputError) as err:
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    assert str(err.value).startswith(f"{src}:2: invalid JSON: not valid UTF-8") and "\n" not in str(err.value)
+    ingest_rows(DataConfig(sources=[{"path": str(src)}], on_bad_rows="quarantine"), tmp_path, tmp_path / "i.duckdb")
+    rows = raw_rows(tmp_path / "i.duckdb")
+    assert [(r["row_id"], r["line_number"], r["problem_rule"]) for r in rows] == [
+        (0, 1, None), (1, 2, "malformed"), (2, 3, None)]
+    assert rows[1]["record"] == '{"instruction": "caf\ufffd", "output": "b"}'
+
+
+def test_row_ids_run_on_across_files_and_sources_in_order(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a1", "output": "x"}, "",
+                                           {"messages": [{"role": "user", "content": "a2"},
+                                                         {"role": "assistant", "content": "y"}]}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "b1", "output": "z"}])
+    ingest_rows(DataConfig(sources=[{"path": str(a)}, {"path": str(b)}]), tmp_path, tmp_path / "i.duckdb")
+    rows = raw_rows(tmp_path / "i.duckdb")
+    assert [(r["row_id"], r["source"], r["line_number"], r["messages"][0]["content"]) for r in rows] == [
+        (0, "a", 1, "a1"), (1, "a", 3, "a2"), (2, "b", 1, "b1")]
