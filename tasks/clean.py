@@ -15,46 +15,75 @@ import duckdb
 import pyarrow as pa
 from prefect import get_run_logger
 
-from tasks.common import stage_task
+from tasks.common import COMPRESSION_SQL, stage_task
 from tasks.config import CleanConfig, content_hash
 from tasks.dedup import near_duplicate_clusters
 
 CONTROL_CHARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]"
+# Only these characters can be changed by NFC or the control-character rule: C0 controls other than tab and line
+# ends, DEL, and everything from U+0300 (combining marks) up. A character below U+0300 is NFC on its own and never
+# composes with a neighbour (a unit test checks this against Python's unicodedata), so text without any of them --
+# nearly all text -- skips both. Every rewrite below is guarded like this by a cheap test that it would change
+# something: the guards decide only whether to run a rewrite, never what it produces.
+MAYBE_CHANGED = "[^\\t\\n\\r\\x20-\\x7E\\x{80}-\\x{2FF}]"
 EMAIL = "[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)*\\.[A-Za-z]{2,}"
 PHONE = "\\+?[0-9][0-9 ().-]{7,}[0-9]"
 
-MACROS_SQL = f"""
-CREATE TEMP MACRO scrub(x, strip, redact) AS CASE WHEN redact
-    THEN regexp_replace(regexp_replace(scrub_ctrl(x, strip), '{EMAIL}', '[EMAIL]', 'g'), '{PHONE}', '[PHONE]', 'g')
-    ELSE scrub_ctrl(x, strip) END;
-"""
-CTRL_MACRO_SQL = f"""
-CREATE TEMP MACRO scrub_ctrl(x, strip) AS CASE
-    WHEN strip THEN regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g') ELSE nfc_normalize(x) END
-"""
-COLLAPSE_MACRO_SQL = "CREATE TEMP MACRO collapse(x) AS trim(regexp_replace(x, '\\s+', ' ', 'g'))"
-# Assistant text: trailing spaces per line and surrounding blank lines go; indentation stays.
-ANSWER_MACRO_SQL = """
-CREATE TEMP MACRO tidy_answer(x) AS rtrim(regexp_replace(regexp_replace(x, '[ \\t]+(\\r?\\n)', '\\1', 'g'),
-    '^([ \\t]*\\r?\\n)+', ''), chr(32) || chr(9) || chr(10) || chr(13))  -- rtrim(x) alone trims spaces only
-"""
+# Macros take a plain column, never another macro call: DuckDB inlines a macro's argument at every use.
+MACROS_SQL = [
+    f"""CREATE TEMP MACRO scrub(x, strip) AS CASE  -- NFC, control characters
+        WHEN x IS NULL OR NOT regexp_matches(x, '{MAYBE_CHANGED}') THEN x
+        WHEN strip THEN regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g') ELSE nfc_normalize(x) END""",
+    f"""CREATE TEMP MACRO had_ctrl(x) AS
+        coalesce(regexp_matches(x, '{MAYBE_CHANGED}') AND regexp_matches(x, '{CONTROL_CHARS}'), false)""",
+    f"""CREATE TEMP MACRO redact(x) AS
+        regexp_replace(regexp_replace(x, '{EMAIL}', '[EMAIL]', 'g'), '{PHONE}', '[PHONE]', 'g')""",
+    # Prompts: every run of whitespace (RE2's \s) becomes one space, ends trimmed.
+    """CREATE TEMP MACRO collapse(x) AS CASE
+        WHEN contains(x, '  ') OR contains(x, chr(9)) OR contains(x, chr(10)) OR contains(x, chr(12))
+            OR contains(x, chr(13)) THEN trim(regexp_replace(x, '\\s{2,}|[\\t\\n\\f\\r]', ' ', 'g'))
+        ELSE trim(x) END  -- trim(x) strips Unicode spaces such as U+00A0, too""",
+    # Answers keep their layout (code indentation) and lose only trailing spaces per line, then leading blank lines,
+    # then trailing whitespace: three macros, applied in three passes.
+    """CREATE TEMP MACRO line_ends(x) AS CASE
+        WHEN contains(x, ' ' || chr(10)) OR contains(x, chr(9) || chr(10)) OR contains(x, ' ' || chr(13))
+            OR contains(x, chr(9) || chr(13)) THEN regexp_replace(x, '[ \\t]+(\\r?\\n)', '\\1', 'g') ELSE x END""",
+    """CREATE TEMP MACRO leading_lines(x) AS CASE
+        WHEN regexp_matches(x, '^[ \\t]*\\r?\\n') THEN regexp_replace(x, '^([ \\t]*\\r?\\n)+', '') ELSE x END""",
+    """CREATE TEMP MACRO trailing_space(x) AS CASE  -- rtrim(x) alone trims spaces only
+        WHEN ends_with(x, ' ') OR ends_with(x, chr(9)) OR ends_with(x, chr(10)) OR ends_with(x, chr(13))
+            THEN rtrim(x, chr(32) || chr(9) || chr(10) || chr(13)) ELSE x END""",
+]
+
+
+def turn_pass(content: str, reasoning: str) -> str:
+    """Return a lambda that rewrites each turn: `content` and `reasoning` are expressions of m (a role-aware CASE)."""
+    return f"lambda m: {{'role': m.role, 'content': {content}, 'reasoning': {reasoning}}}"
+
+
+SCRUB = "CASE WHEN $redact THEN redact(scrub({0}, $strip)) ELSE scrub({0}, $strip) END"
+ANSWERS_ONLY = "CASE WHEN m.role = 'assistant' THEN {0}(m.content) ELSE m.content END"
+TURN_PASSES = [
+    turn_pass(SCRUB.format("m.content"), SCRUB.format("m.reasoning")),
+    turn_pass("CASE WHEN m.role = 'assistant' THEN line_ends(m.content) ELSE collapse(m.content) END",
+              "line_ends(m.reasoning)"),
+    turn_pass(ANSWERS_ONLY.format("leading_lines"), "leading_lines(m.reasoning)"),
+    turn_pass(ANSWERS_ONLY.format("trailing_space"), "trailing_space(m.reasoning)"),
+]
+NORMALISED_TURNS = "messages"
+for _lambda in TURN_PASSES:
+    NORMALISED_TURNS = f"list_transform({NORMALISED_TURNS}, {_lambda})"
 
 NORMALISE_SQL = f"""
 CREATE TEMP TABLE normalised AS
-WITH turns AS (
-    SELECT *, list_transform(messages, lambda m: {{
-        'role': m.role,
-        'content': CASE
-            WHEN m.content IS NULL THEN NULL
-            WHEN m.role = 'assistant' THEN tidy_answer(scrub(m.content, $strip, $redact))
-            ELSE collapse(scrub(m.content, $strip, $redact))
-        END,
-        'reasoning': tidy_answer(scrub(m.reasoning, $strip, $redact))}}) AS turns,
-        collapse(scrub(system, $strip, $redact)) AS norm_system,
-        list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{CONTROL_CHARS}'))) AS had_ctrl,
+WITH scrubbed AS (
+    SELECT *, {NORMALISED_TURNS} AS turns, {SCRUB.format("system")} AS scrubbed_system,
+        list_bool_or(list_transform(messages, lambda m: had_ctrl(m.content))) AS had_ctrl,
         $redact AND list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{EMAIL}|{PHONE}')))
             AS had_pii
     FROM src.raw
+), turns AS (
+    SELECT * EXCLUDE (scrubbed_system), collapse(scrubbed_system) AS norm_system FROM scrubbed
 )
 SELECT row_id, source, source_file, line_number, pinned_split, source_weight, source_cap, norm_system AS system,
        turns AS messages, tools,
@@ -94,8 +123,8 @@ END AS detail, content_hash AS split_key
 FROM ruled
 """
 
-DEDUP_INPUT_SQL = """
-CREATE TEMP TABLE dedup_input AS
+# What near-duplicate detection compares: the rows no earlier rule dropped, as one text each.
+DEDUP_ROWS_SQL = """
 SELECT row_id, priority, concat_ws(chr(10), system, array_to_string(list_transform(messages, lambda t: t.content),
        chr(10))) AS text
 FROM judged WHERE rule IS NULL
@@ -124,8 +153,9 @@ SPLIT_SQL = """
 CREATE TABLE clean AS
 SELECT row_id, source, source_file, line_number, source_weight, system, messages, tools, content_hash, n_chars,
        CASE WHEN pinned_split IS NOT NULL THEN pinned_split
-            WHEN (md5_number(split_key) % 1000000) < $heldout * 1000000 THEN 'heldout' ELSE 'train' END AS split
-FROM judged WHERE rule IS NULL
+            WHEN (md5_number(split_key) >> 64)::UBIGINT % 1000000 < $heldout * 1000000 THEN 'heldout'
+            ELSE 'train' END AS split
+FROM judged WHERE rule IS NULL ORDER BY row_id  -- ordered: also faster to write than the filtered scan
 """
 
 QUARANTINE_SQL = """
@@ -140,8 +170,7 @@ FROM quarantine GROUP BY rule ORDER BY rows DESC, rule;
 
 def mark_near_duplicates(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
     """Cluster the surviving rows by MinHash similarity and apply NEAR_DUP_SQL to every non-representative."""
-    con.execute(DEDUP_INPUT_SQL)
-    reps = near_duplicate_clusters(con, "dedup_input", cfg.near_dup_threshold)
+    reps = near_duplicate_clusters(con, DEDUP_ROWS_SQL, cfg.near_dup_threshold)
     con.register("near_pairs", pa.table({"row_id": list(reps), "rep": list(reps.values())},
                                         schema=pa.schema([("row_id", pa.int64()), ("rep", pa.int64())])))
     con.execute("CREATE TEMP TABLE near AS SELECT * FROM near_pairs")
@@ -154,7 +183,8 @@ def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
     tmp.unlink(missing_ok=True)
     with duckdb.connect(str(tmp)) as con:
         con.execute("ATTACH ? AS src (READ_ONLY)", [str(raw_db)])
-        for macro in (CTRL_MACRO_SQL, MACROS_SQL, ANSWER_MACRO_SQL, COLLAPSE_MACRO_SQL):
+        con.execute(COMPRESSION_SQL)
+        for macro in MACROS_SQL:
             con.execute(macro)
         con.execute(NORMALISE_SQL, {"strip": cfg.strip_control_chars, "redact": cfg.redact_pii})
         con.execute(RULES_SQL, {"max_chars": cfg.max_chars, "dedupe": cfg.dedupe_exact})

@@ -20,9 +20,11 @@ def formatted(tiny_model_dir, tmp_path_factory):
     """One memorisable conversation (repeated under distinct prompts) plus a multi-turn one, tokenized."""
     tmp = tmp_path_factory.mktemp("qlora")
     rows = [{"instruction": f"Extract the order #{i}.", "output": ANSWER} for i in range(24)]
-    rows.append({"messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "first"},
-                              {"role": "user", "content": "u2"}, {"role": "assistant", "content": "second"}]})
-    ingest_rows(DataConfig(sources=[{"path": str(write_jsonl(tmp / "d.jsonl", rows))}]), tmp, tmp / "i.duckdb")
+    multi_turn = {"messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "first"},
+                               {"role": "user", "content": "u2"}, {"role": "assistant", "content": "second"}]}
+    sources = [{"path": str(write_jsonl(tmp / "d.jsonl", rows))},
+               {"path": str(write_jsonl(tmp / "multi.jsonl", [multi_turn])), "split": "train"}]
+    ingest_rows(DataConfig(sources=sources), tmp, tmp / "i.duckdb")
     clean_database(tmp / "i.duckdb", tmp / "c.duckdb", CleanConfig(heldout_fraction=0.1))
     format_rows(tmp / "c.duckdb", str(tiny_model_dir), tmp / "fmt", ChatConfig(max_length=128))
     return tmp / "fmt"

@@ -1,7 +1,10 @@
+import random
+import unicodedata
+
 import duckdb
 from prefect.logging import disable_run_logger
 
-from tasks.clean import clean, clean_database, read_accounting
+from tasks.clean import CONTROL_CHARS, MACROS_SQL, clean, clean_database, read_accounting
 from tasks.config import CleanConfig, DataConfig
 from tasks.ingest import ingest_rows
 from tests.conftest import write_jsonl
@@ -75,3 +78,39 @@ def test_clean_task_writes_report_and_quarantine_files(tmp_path):
     with duckdb.connect() as con:
         assert con.execute("SELECT rule, line_number FROM read_parquet(?)", [str(tmp_path / "q.parquet")]).fetchall() \
             == [("duplicate", 2)]
+
+
+def test_text_below_u0300_is_already_nfc_so_the_normalisation_guard_is_safe():
+    """clean skips NFC for text without C0 controls or characters from U+0300 up; Unicode data must back that."""
+    for cp in range(0x300):
+        assert unicodedata.normalize("NFC", chr(cp)) == chr(cp) and unicodedata.combining(chr(cp)) == 0
+    pairs = [d.split() for cp in range(0x110000)
+             if (d := unicodedata.decomposition(chr(cp))) and not d.startswith("<") and len(d.split()) == 2]
+    assert min(int(second, 16) for _, second in pairs) >= 0x300  # nothing below U+0300 composes with what precedes
+
+
+# The normalisation rewrites as plain SQL, without the guards clean puts in front of them for speed.
+PLAIN = {
+    "scrub": f"regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g')",
+    "collapse": "trim(regexp_replace(s, '\\s+', ' ', 'g'))",
+    "answer": "rtrim(regexp_replace(regexp_replace(s, '[ \\t]+(\\r?\\n)', '\\1', 'g'), '^([ \\t]*\\r?\\n)+', ''), "
+              "chr(32) || chr(9) || chr(10) || chr(13))",
+}
+
+
+def test_guarded_rewrites_give_the_same_text_as_the_plain_ones():
+    rng = random.Random(0)
+    pieces = [" ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x07", "\x00", "\x7f", "\x85", "a", "b", "é",
+              "e\u0301", "\u0301", "A\u030a", "\u212b", "\u2028", "\u00a0", "\ufb01", "\u1100\u1161", "한", "x"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
+    with duckdb.connect() as con:
+        for macro in MACROS_SQL:
+            con.execute(macro)
+        con.execute(f"CREATE TABLE t AS SELECT x, {PLAIN['scrub']} AS s FROM (SELECT unnest($t) AS x)", {"t": texts})
+        differing = con.execute(f"""
+            SELECT x FROM t WHERE scrub(x, true) IS DISTINCT FROM s
+                OR scrub(x, false) IS DISTINCT FROM nfc_normalize(x)
+                OR had_ctrl(x) IS DISTINCT FROM regexp_matches(x, '{CONTROL_CHARS}')
+                OR collapse(s) IS DISTINCT FROM {PLAIN['collapse']}
+                OR trailing_space(leading_lines(line_ends(s))) IS DISTINCT FROM {PLAIN['answer']}""").fetchall()
+    assert differing == []
