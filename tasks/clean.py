@@ -31,11 +31,11 @@ PHONE = "\\+?[0-9][0-9 ().-]{7,}[0-9]"
 
 # Macros take a plain column, never another macro call: DuckDB inlines a macro's argument at every use.
 MACROS_SQL = [
-    f"""CREATE TEMP MACRO scrub(x, strip) AS CASE  -- NFC, control characters
-        WHEN x IS NULL OR NOT regexp_matches(x, '{MAYBE_CHANGED}') THEN x
+    f"""CREATE TEMP MACRO scrub_flagged(x, maybe_changed, strip) AS CASE  -- NFC, control characters
+        WHEN NOT maybe_changed THEN x
         WHEN strip THEN regexp_replace(nfc_normalize(x), '{CONTROL_CHARS}', '', 'g') ELSE nfc_normalize(x) END""",
-    f"""CREATE TEMP MACRO had_ctrl(x) AS
-        coalesce(regexp_matches(x, '{MAYBE_CHANGED}') AND regexp_matches(x, '{CONTROL_CHARS}'), false)""",
+    f"""CREATE TEMP MACRO scrub(x, strip) AS
+        scrub_flagged(x, coalesce(regexp_matches(x, '{MAYBE_CHANGED}'), false), strip)""",
     f"""CREATE TEMP MACRO redact(x) AS
         regexp_replace(regexp_replace(x, '{EMAIL}', '[EMAIL]', 'g'), '{PHONE}', '[PHONE]', 'g')""",
     # Prompts: every run of whitespace (RE2's \s) becomes one space, ends trimmed.
@@ -56,39 +56,53 @@ MACROS_SQL = [
 ]
 
 
-def turn_pass(content: str, reasoning: str) -> str:
+def turn_pass(content: str, reasoning: str, extra: str = "") -> str:
     """Return a lambda that rewrites each turn: `content` and `reasoning` are expressions of m (a role-aware CASE)."""
-    return f"lambda m: {{'role': m.role, 'content': {content}, 'reasoning': {reasoning}}}"
+    return f"lambda m: {{'role': m.role, 'content': {content}, 'reasoning': {reasoning}{extra}}}"
 
 
-SCRUB = "CASE WHEN $redact THEN redact(scrub({0}, $strip)) ELSE scrub({0}, $strip) END"
+def chain(turns: str, *passes: str) -> str:
+    """Return the SQL that applies the turn passes to list column `turns`, one after another."""
+    for lambda_ in passes:
+        turns = f"list_transform({turns}, {lambda_})"
+    return turns
+
+
+REDACT = "CASE WHEN $redact THEN redact({0}) ELSE {0} END"
+SCRUB = REDACT.format("scrub({0}, $strip)")
 ANSWERS_ONLY = "CASE WHEN m.role = 'assistant' THEN {0}(m.content) ELSE m.content END"
-TURN_PASSES = [
-    turn_pass(SCRUB.format("m.content"), SCRUB.format("m.reasoning")),
+# Pass 1 tests each turn once for characters NFC or the control-character rule could change; pass 2 scrubs and notes
+# whether a control character was stripped; the later passes drop that note.
+SCRUB_PASSES = [
+    turn_pass("m.content", "m.reasoning", f", 'maybe_changed': coalesce(regexp_matches(m.content, '{MAYBE_CHANGED}'), false)"),
+    turn_pass(REDACT.format("scrub_flagged(m.content, m.maybe_changed, $strip)"), SCRUB.format("m.reasoning"),
+              f", 'ctrl': m.maybe_changed AND regexp_matches(m.content, '{CONTROL_CHARS}')"),
+]
+LAYOUT_PASSES = [
     turn_pass("CASE WHEN m.role = 'assistant' THEN line_ends(m.content) ELSE collapse(m.content) END",
               "line_ends(m.reasoning)"),
     turn_pass(ANSWERS_ONLY.format("leading_lines"), "leading_lines(m.reasoning)"),
     turn_pass(ANSWERS_ONLY.format("trailing_space"), "trailing_space(m.reasoning)"),
 ]
-NORMALISED_TURNS = "messages"
-for _lambda in TURN_PASSES:
-    NORMALISED_TURNS = f"list_transform({NORMALISED_TURNS}, {_lambda})"
 
 NORMALISE_SQL = f"""
 CREATE TEMP TABLE normalised AS
 WITH scrubbed AS (
-    SELECT *, {NORMALISED_TURNS} AS turns, {SCRUB.format("system")} AS scrubbed_system,
-        list_bool_or(list_transform(messages, lambda m: had_ctrl(m.content))) AS had_ctrl,
+    SELECT *, {chain("messages", *SCRUB_PASSES)} AS scrubbed, {SCRUB.format("system")} AS scrubbed_system,
         $redact AND list_bool_or(list_transform(messages, lambda m: regexp_matches(m.content, '{EMAIL}|{PHONE}')))
             AS had_pii
     FROM src.raw
 ), turns AS (
-    SELECT * EXCLUDE (scrubbed_system), collapse(scrubbed_system) AS norm_system FROM scrubbed
+    SELECT * EXCLUDE (scrubbed, scrubbed_system), {chain("scrubbed", *LAYOUT_PASSES)} AS turns,
+           list_bool_or(list_transform(scrubbed, lambda m: m.ctrl)) AS had_ctrl,
+           collapse(scrubbed_system) AS norm_system
+    FROM scrubbed
 )
 SELECT row_id, source, source_file, line_number, pinned_split, source_weight, source_cap, norm_system AS system,
        turns AS messages, tools,
        problem_rule, problem, record, had_ctrl, had_pii,
-       {content_hash("norm_system", "turns")} AS content_hash,
+       CASE WHEN turns = messages AND norm_system IS NOT DISTINCT FROM system THEN content_hash  -- unchanged: as read
+            ELSE {content_hash("norm_system", "turns")} END AS content_hash,
        coalesce(list_sum(list_transform(turns, lambda t: length(coalesce(t.content, '')))), 0)
            + coalesce(length(norm_system), 0) AS n_chars,
        CASE pinned_split WHEN 'heldout' THEN 0 ELSE 1 END AS priority  -- a fixed held-out row wins over its copies
@@ -98,10 +112,12 @@ FROM turns
 # The first rule that matches a row drops it; the order is the report's order.
 RULES_SQL = """
 CREATE TEMP TABLE judged AS
-WITH ranked AS (
-    SELECT *, row_number() OVER w AS dup_rank, first(row_id) OVER w AS dup_of,
-           list_filter(messages, lambda t: t.content = '') AS empties
-    FROM normalised WINDOW w AS (PARTITION BY content_hash ORDER BY priority, row_id)
+WITH copied AS (  -- content seen more than once, and the row that stays: a fixed held-out one, else the first
+    SELECT content_hash, arg_min(row_id, (priority, row_id)) AS dup_of FROM normalised
+    GROUP BY content_hash HAVING count(*) > 1
+), ranked AS (
+    SELECT normalised.*, dup_of, list_filter(messages, lambda t: t.content = '') AS empties
+    FROM normalised LEFT JOIN copied USING (content_hash)
 ), ruled AS (
     SELECT *, CASE
         WHEN problem_rule IS NOT NULL THEN problem_rule
@@ -110,11 +126,11 @@ WITH ranked AS (
         WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role = 'assistant')) THEN 'no_assistant_turn'
         WHEN len(empties) > 0 THEN 'empty_turn'
         WHEN n_chars > $max_chars THEN 'too_long'
-        WHEN $dedupe AND dup_rank > 1 THEN 'duplicate'
+        WHEN $dedupe AND row_id <> dup_of THEN 'duplicate'
     END AS rule
     FROM ranked
 )
-SELECT * EXCLUDE (dup_rank, dup_of, empties), CASE
+SELECT * EXCLUDE (dup_of, empties), CASE
     WHEN rule = problem_rule THEN problem
     WHEN rule = 'empty_turn' THEN 'empty ' || empties[1].role || ' turn'
     WHEN rule = 'too_long' THEN n_chars || ' characters > clean.max_chars=' || $max_chars
@@ -130,22 +146,32 @@ SELECT row_id, priority, concat_ws(chr(10), system, array_to_string(list_transfo
 FROM judged WHERE rule IS NULL
 """
 
-# Near duplicates: dropped, or kept on their representative's side of the split so no cluster straddles it.
-NEAR_DUP_SQL = """
-UPDATE judged SET
-    rule = CASE WHEN $drop THEN 'near_duplicate' END,
-    detail = CASE WHEN $drop THEN 'near duplicate of row ' || near.rep END,
-    split_key = rep_row.content_hash
-FROM near JOIN judged AS rep_row ON rep_row.row_id = near.rep
-WHERE judged.row_id = near.row_id
+# Decisions taken after the SQL rules, for the few rows they concern: near duplicates are dropped, or kept on their
+# representative's side of the split so no cluster straddles it; a source's row cap keeps the rows with the lowest
+# content hash (a stable choice as data is appended).
+LATE_SQL = """
+CREATE TEMP TABLE late AS
+WITH near_rows AS (
+    SELECT near.row_id, CASE WHEN $drop THEN 'near_duplicate' END AS rule,
+           CASE WHEN $drop THEN 'near duplicate of row ' || near.rep END AS detail, rep_row.content_hash AS split_key
+    FROM near JOIN judged AS rep_row ON rep_row.row_id = near.rep
+), capped AS (
+    SELECT row_id, 'source_cap' AS rule, 'over data.sources[].max_rows=' || source_cap AS detail
+    FROM (SELECT row_id, source_cap, row_number() OVER (PARTITION BY source ORDER BY content_hash) AS n
+          FROM judged ANTI JOIN (SELECT row_id FROM near_rows WHERE rule IS NOT NULL) USING (row_id)
+          WHERE judged.rule IS NULL AND source_cap IS NOT NULL)
+    WHERE n > source_cap
+)
+SELECT row_id, coalesce(capped.rule, near_rows.rule) AS rule, coalesce(capped.detail, near_rows.detail) AS detail,
+       near_rows.split_key
+FROM near_rows FULL JOIN capped USING (row_id)
 """
-
-# A source's row cap keeps the clean rows with the lowest content hash: a stable choice as data is appended.
-SOURCE_CAP_SQL = """
-UPDATE judged SET rule = 'source_cap', detail = 'over data.sources[].max_rows=' || judged.source_cap
-FROM (SELECT row_id, row_number() OVER (PARTITION BY source ORDER BY content_hash) AS n
-      FROM judged WHERE rule IS NULL AND source_cap IS NOT NULL) ranked
-WHERE judged.row_id = ranked.row_id AND ranked.n > judged.source_cap
+# Every row with its final rule: the SQL rules' verdict, else the late one.
+VERDICT_SQL = """
+CREATE TEMP VIEW verdict AS
+SELECT judged.* REPLACE (coalesce(judged.rule, late.rule) AS rule, coalesce(judged.detail, late.detail) AS detail,
+                         coalesce(late.split_key, judged.split_key) AS split_key)
+FROM judged LEFT JOIN late USING (row_id);
 """
 
 # Hash-based split: a row's side depends on its content alone, so appending data never moves old rows.
@@ -155,26 +181,27 @@ SELECT row_id, source, source_file, line_number, source_weight, system, messages
        CASE WHEN pinned_split IS NOT NULL THEN pinned_split
             WHEN (md5_number(split_key) >> 64)::UBIGINT % 1000000 < $heldout * 1000000 THEN 'heldout'
             ELSE 'train' END AS split
-FROM judged WHERE rule IS NULL ORDER BY row_id  -- ordered: also faster to write than the filtered scan
+FROM verdict WHERE rule IS NULL ORDER BY row_id  -- ordered: also faster to write than the filtered scan
 """
 
 QUARANTINE_SQL = """
 CREATE TABLE quarantine AS
 SELECT row_id, source, source_file, line_number, rule, coalesce(detail, rule) AS detail, system, messages, record
-FROM judged WHERE rule IS NOT NULL ORDER BY row_id;
+FROM verdict WHERE rule IS NOT NULL ORDER BY row_id;
 CREATE TABLE report AS
 SELECT rule, count(*) AS rows, min(source_file || ':' || line_number) AS example, first(detail) AS example_detail
 FROM quarantine GROUP BY rule ORDER BY rows DESC, rule;
 """
 
 
-def mark_near_duplicates(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
-    """Cluster the surviving rows by MinHash similarity and apply NEAR_DUP_SQL to every non-representative."""
+def decide_late(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
+    """Cluster the rows the SQL rules kept by MinHash similarity, then create table `late` and view `verdict`."""
     reps = near_duplicate_clusters(con, DEDUP_ROWS_SQL, cfg.near_dup_threshold)
     con.register("near_pairs", pa.table({"row_id": list(reps), "rep": list(reps.values())},
                                         schema=pa.schema([("row_id", pa.int64()), ("rep", pa.int64())])))
     con.execute("CREATE TEMP TABLE near AS SELECT * FROM near_pairs")
-    con.execute(NEAR_DUP_SQL, {"drop": cfg.drop_near_duplicates})
+    con.execute(LATE_SQL, {"drop": cfg.drop_near_duplicates})
+    con.execute(VERDICT_SQL)
 
 
 def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
@@ -188,8 +215,7 @@ def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
             con.execute(macro)
         con.execute(NORMALISE_SQL, {"strip": cfg.strip_control_chars, "redact": cfg.redact_pii})
         con.execute(RULES_SQL, {"max_chars": cfg.max_chars, "dedupe": cfg.dedupe_exact})
-        mark_near_duplicates(con, cfg)
-        con.execute(SOURCE_CAP_SQL)
+        decide_late(con, cfg)
         con.execute(SPLIT_SQL, {"heldout": cfg.heldout_fraction})
         con.execute(QUARANTINE_SQL)
         counts = row_counts(con, cfg)
@@ -206,7 +232,7 @@ def row_counts(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> dict:
     quarantined = con.execute("SELECT count(*) FROM quarantine").fetchall()[0][0]
     if raw != clean + quarantined:  # an internal invariant: every raw row lands on exactly one side
         raise AssertionError(f"row accounting broken: raw {raw} != clean {clean} + quarantine {quarantined}")
-    ctrl, pii = con.execute("SELECT count(*) FILTER (had_ctrl), count(*) FILTER (had_pii) FROM judged "
+    ctrl, pii = con.execute("SELECT count(*) FILTER (had_ctrl), count(*) FILTER (had_pii) FROM verdict "
                             "WHERE rule IS NULL").fetchall()[0]
     return {
         "rows_raw": raw, "rows_clean": clean, "rows_quarantined": quarantined,

@@ -75,50 +75,91 @@ def blocks(words: pa.ChunkedArray):
             yield o - o[0], values[o[0]:o[-1]]
 
 
-def bucket_pairs(order: np.ndarray, first: np.ndarray) -> list[np.ndarray]:
-    """Return the pairs of one band's buckets: all pairs in buckets of up to SMALL_BUCKET rows, else a chain."""
+def bucket_pairs(order: np.ndarray, first: np.ndarray, next_key: np.ndarray) -> list[np.ndarray]:
+    """Return the pairs of one band's buckets (`order` grouped by bucket, `first` marking each bucket's start).
+
+    Buckets of up to SMALL_BUCKET rows give all their pairs. A larger bucket (loosely similar rows sharing
+    boilerplate) gives a chain of neighbours, ordered by the next band's key so that rows sharing that band too are
+    neighbours; ties by row, so the result never depends on how the sort ordered equal keys.
+    """
     starts = np.flatnonzero(first)
     sizes = np.diff(np.append(starts, len(order)))
-    previous = np.r_[order[:1], order[:-1]]
-    pairs = [np.stack([previous[~first], order[~first]], axis=1)]  # neighbours (chain) in every bucket
-    for start, size in zip(starts[(sizes > 2) & (sizes <= SMALL_BUCKET)], sizes[(sizes > 2) & (sizes <= SMALL_BUCKET)]):
+    pairs = [np.stack([order[starts[sizes == 2]], order[starts[sizes == 2] + 1]], axis=1)]
+    for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
         members = order[start:start + size]
-        i, j = np.triu_indices(size, k=2)  # k=1 pairs are already in the chain
+        if size <= SMALL_BUCKET:
+            i, j = np.triu_indices(size, k=1)
+        else:
+            members = members[np.lexsort((members, next_key[members]))]
+            i, j = np.arange(size - 1), np.arange(1, size)
         pairs.append(np.stack([members[i], members[j]], axis=1))
     return pairs
 
 
 def candidate_pairs(sig: np.ndarray) -> np.ndarray:
-    """Return index pairs (i < j) of rows that share an LSH band.
-
-    Within a band's bucket rows are ordered by the next band's key, so in a large bucket of loosely similar rows
-    (shared boilerplate) rows that also share the next band are neighbours in the chain.
-    """
+    """Return the distinct index pairs (i < j) of rows that share an LSH band (see bucket_pairs)."""
     keys = [sig[:, 2 * b].astype(np.uint64) << np.uint64(32) | sig[:, 2 * b + 1] for b in range(BANDS)]  # 2 per band
 
     def band_pairs(band: int) -> list[np.ndarray]:
-        order = np.lexsort((keys[(band + 1) % BANDS], keys[band]))
+        order = np.argsort(keys[band])  # buckets = runs of equal keys
         ordered = keys[band][order]
-        return bucket_pairs(order, np.r_[True, ordered[1:] != ordered[:-1]])
+        return bucket_pairs(order, np.r_[True, ordered[1:] != ordered[:-1]], keys[(band + 1) % BANDS])
 
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        pairs = [np.empty((0, 2), dtype=np.int64)] + [p for ps in pool.map(band_pairs, range(BANDS)) for p in ps]
-    return np.unique(np.sort(np.concatenate(pairs), axis=1), axis=0)
+        pairs = np.concatenate([np.empty((0, 2), dtype=np.int64)]
+                               + [p for ps in pool.map(band_pairs, range(BANDS)) for p in ps])
+    low, high = pairs.min(axis=1), pairs.max(axis=1)
+    distinct = np.unique(low * len(sig) + high)
+    return np.stack([distinct // len(sig), distinct % len(sig)], axis=1)
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Return the exact Jaccard similarity of two sets of shingle hashes."""
-    a, b = np.unique(a), np.unique(b)
-    inter = len(np.intersect1d(a, b, assume_unique=True))
-    return inter / (len(a) + len(b) - inter)
+def verified_pairs(pairs: np.ndarray, results: list, threshold: float) -> np.ndarray:
+    """Return the candidate pairs (row indices) whose shingle sets have a Jaccard similarity >= threshold.
 
-
-def cluster_representatives(pairs: np.ndarray, shingles, ids: np.ndarray, priority: np.ndarray,
-                            threshold: float) -> dict[int, int]:
-    """Union verified pairs of row indices; return {row_id: representative row_id} (lowest priority, then id).
-
-    `shingles(i)` returns row i's shingle hashes.
+    Vectorised: every member row's distinct shingles are sorted once under a (member, hash) key; each pair then
+    looks its second row's shingles up among its first row's with one searchsorted over all pairs.
     """
+    if len(pairs) == 0:
+        return pairs
+    members = np.unique(pairs)
+    values, offsets = gather_shingles(members, results)
+    member = np.repeat(np.arange(len(members), dtype=np.uint64), np.diff(offsets))
+    keys = np.sort(member << np.uint64(32) | values.astype(np.uint64))
+    distinct = np.r_[True, keys[1:] != keys[:-1]]
+    sizes = np.add.reduceat(distinct.astype(np.int64), offsets[:-1])  # every member has shingles
+    keys = keys[distinct]
+    starts = np.cumsum(sizes) - sizes
+    a, b = np.searchsorted(members, pairs[:, 0]), np.searchsorted(members, pairs[:, 1])
+    n = sizes[b]  # one query per distinct shingle of the second row: is it among the first row's?
+    query_starts = np.cumsum(n) - n
+    taken = np.repeat(starts[b] - query_starts, n) + np.arange(n.sum())
+    queries = np.repeat(a.astype(np.uint64), n) << np.uint64(32) | keys[taken] & np.uint64(0xFFFFFFFF)
+    found = keys[np.minimum(np.searchsorted(keys, queries), len(keys) - 1)] == queries
+    common = np.add.reduceat(found.astype(np.int64), query_starts)
+    return pairs[common / (sizes[a] + sizes[b] - common) >= threshold]
+
+
+def gather_shingles(rows: np.ndarray, results: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (shingle hashes of sorted `rows`, one after another; offsets) from the per-block results."""
+    values, lengths, first_row = [], [], 0
+    for counts, hashes, _ in results:
+        block_rows = rows[(rows >= first_row) & (rows < first_row + len(counts))] - first_row
+        n = counts[block_rows]
+        starts = np.cumsum(counts)[block_rows] - n
+        within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)  # 0, 1, ... within each row
+        values.append(hashes[np.repeat(starts, n) + within])
+        lengths.append(n)
+        first_row += len(counts)
+    return np.concatenate(values), np.concatenate(([0], np.cumsum(np.concatenate(lengths))))
+
+
+def cluster_representatives(pairs: np.ndarray, ids: np.ndarray, priority: np.ndarray) -> dict[int, int]:
+    """Union the pairs of row indices into clusters; return {row_id: representative row_id} for every row of a
+    cluster but its representative (lowest priority, then lowest id)."""
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[np.lexsort((ids, priority))] = np.arange(len(ids))
+    rank_of = rank.tolist()
     parent: dict[int, int] = {}
 
     def find(i: int) -> int:
@@ -128,11 +169,12 @@ def cluster_representatives(pairs: np.ndarray, shingles, ids: np.ndarray, priori
         return i
 
     for i, j in pairs.tolist():
-        if jaccard(shingles(i), shingles(j)) >= threshold:
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                keep, drop = sorted((ri, rj), key=lambda r: (priority[r], ids[r]))
-                parent[drop] = keep
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            if rank_of[ri] < rank_of[rj]:
+                parent[rj] = ri
+            else:
+                parent[ri] = rj
     return {int(ids[i]): int(ids[find(i)]) for i in list(parent) if find(i) != i}
 
 
@@ -143,18 +185,12 @@ def near_duplicate_clusters(con: duckdb.DuckDBPyConnection, rows: str, threshold
     ids, priority = table.column("row_id").to_numpy(), table.column("priority").to_numpy()
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         results = list(pool.map(lambda block: block_signatures(*block), blocks(table.column("words"))))
-    counts = np.concatenate([r[0] for r in results]) if results else np.empty(0, np.int64)
-    hashes = np.concatenate([r[1] for r in results]) if results else np.empty(0, np.uint32)
-    if len(hashes) == 0:
+    if not any(len(sig) for _, _, sig in results):
         return {}
-    sig = np.concatenate([r[2] for r in results])
-    present = np.flatnonzero(counts > 0)  # row index of each signature
-    by_id = np.argsort(ids[present], kind="stable")  # signatures in row_id order: the result is order-independent
-    present, sig = present[by_id], sig[by_id]
-    ends = np.cumsum(counts)
+    sig = np.concatenate([s for _, _, s in results])
+    present = np.flatnonzero(np.concatenate([c for c, _, _ in results]) > 0)  # row index of each signature
+    if np.any(np.diff(ids[present]) < 0):  # signatures in row_id order: the result is order-independent
+        by_id = np.argsort(ids[present], kind="stable")
+        present, sig = present[by_id], sig[by_id]
     pairs = present[candidate_pairs(sig)]  # signature positions -> row indices
-
-    def shingles(i: int) -> np.ndarray:
-        return hashes[ends[i] - counts[i]:ends[i]]
-
-    return cluster_representatives(pairs, shingles, ids, priority, threshold)
+    return cluster_representatives(verified_pairs(pairs, results, threshold), ids, priority)
