@@ -237,7 +237,8 @@ def print_breakdown(log: dict[str, float], clean_s: float) -> None:
         if name == NEAR:
             for sub, t in sorted(nested.items(), key=lambda kv: -kv[1]):
                 print(f"    {'':7}  {t:7.2f}  SQL: {sub}")
-            print(f"    {'':7}  {s - sum(nested.values()):7.2f}  Python/numpy: fetch, MinHash, LSH bands, union-find")
+            rest = s - sum(nested.values())
+            print(f"    {'':7}  {rest:7.2f}  word hashes (DuckDB), MinHash, LSH bands, verification, union-find")
     print(f"    {clean_s - sum(top.values()):7.2f}  other (connect, ATTACH, macros, Python)")
 
 

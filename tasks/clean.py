@@ -74,7 +74,8 @@ ANSWERS_ONLY = "CASE WHEN m.role = 'assistant' THEN {0}(m.content) ELSE m.conten
 # Pass 1 tests each turn once for characters NFC or the control-character rule could change; pass 2 scrubs and notes
 # whether a control character was stripped; the later passes drop that note.
 SCRUB_PASSES = [
-    turn_pass("m.content", "m.reasoning", f", 'maybe_changed': coalesce(regexp_matches(m.content, '{MAYBE_CHANGED}'), false)"),
+    turn_pass("m.content", "m.reasoning",
+              f", 'maybe_changed': coalesce(regexp_matches(m.content, '{MAYBE_CHANGED}'), false)"),
     turn_pass(REDACT.format("scrub_flagged(m.content, m.maybe_changed, $strip)"), SCRUB.format("m.reasoning"),
               f", 'ctrl': m.maybe_changed AND regexp_matches(m.content, '{CONTROL_CHARS}')"),
 ]

@@ -54,7 +54,8 @@ WITH objects AS (
     WHERE list_has_all($keys, keys) AND list_contains(keys, $keys[1])
       AND list_bool_and(list_transform(json_type(line, $paths), lambda t: t IS NULL OR t IN ('VARCHAR', 'NULL')))
 )
-SELECT $first_row_id + position AS row_id, line_number, $label AS source, $origin AS source_file, $pinned AS pinned_split,
+SELECT $first_row_id + position AS row_id, line_number, $label AS source, $origin AS source_file,
+       $pinned AS pinned_split,
        $weight AS source_weight, $cap AS source_cap, f[4] AS system,
        [{'role': 'user', 'content': CASE
             WHEN f[1] IS NOT NULL AND f[2] IS NOT NULL AND NOT list_contains($no_input, lower(trim(f[2], $ws)))

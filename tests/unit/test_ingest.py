@@ -281,3 +281,11 @@ def test_row_ids_run_on_across_files_and_sources_in_order(tmp_path):
     rows = raw_rows(tmp_path / "i.duckdb")
     assert [(r["row_id"], r["source"], r["line_number"], r["messages"][0]["content"]) for r in rows] == [
         (0, "a", 1, "a1"), (1, "a", 3, "a2"), (2, "b", 1, "b1")]
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b'{"instruction": "q", "output": "a"}'])
+def test_empty_blank_and_unterminated_json_lines_files(tmp_path, content):
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(content)
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    assert [r["line_number"] for r in raw_rows(tmp_path / "i.duckdb")] == ([1] if b"{" in content else [])
