@@ -43,16 +43,17 @@ MACROS_SQL = [
         WHEN contains(x, '  ') OR contains(x, chr(9)) OR contains(x, chr(10)) OR contains(x, chr(12))
             OR contains(x, chr(13)) THEN trim(regexp_replace(x, '\\s{2,}|[\\t\\n\\f\\r]', ' ', 'g'))
         ELSE trim(x) END  -- trim(x) strips Unicode spaces such as U+00A0, too""",
-    # Answers keep their layout (code indentation) and lose only trailing spaces per line, then leading blank lines,
-    # then trailing whitespace: three macros, applied in three passes.
+    # Answers keep their layout (code indentation) and lose only trailing spaces per line (one pass), then leading
+    # blank lines and trailing whitespace (the next pass).
     """CREATE TEMP MACRO line_ends(x) AS CASE
         WHEN contains(x, ' ' || chr(10)) OR contains(x, chr(9) || chr(10)) OR contains(x, ' ' || chr(13))
             OR contains(x, chr(9) || chr(13)) THEN regexp_replace(x, '[ \\t]+(\\r?\\n)', '\\1', 'g') ELSE x END""",
     """CREATE TEMP MACRO leading_lines(x) AS CASE
         WHEN regexp_matches(x, '^[ \\t]*\\r?\\n') THEN regexp_replace(x, '^([ \\t]*\\r?\\n)+', '') ELSE x END""",
-    """CREATE TEMP MACRO trailing_space(x) AS CASE  -- rtrim(x) alone trims spaces only
+    # leading_lines(x) only removes a prefix: if x does not end in whitespace, neither does the result.
+    """CREATE TEMP MACRO answer_edges(x) AS CASE  -- rtrim(x) alone trims spaces only
         WHEN ends_with(x, ' ') OR ends_with(x, chr(9)) OR ends_with(x, chr(10)) OR ends_with(x, chr(13))
-            THEN rtrim(x, chr(32) || chr(9) || chr(10) || chr(13)) ELSE x END""",
+            THEN rtrim(leading_lines(x), chr(32) || chr(9) || chr(10) || chr(13)) ELSE leading_lines(x) END""",
 ]
 
 
@@ -82,8 +83,7 @@ SCRUB_PASSES = [
 LAYOUT_PASSES = [
     turn_pass("CASE WHEN m.role = 'assistant' THEN line_ends(m.content) ELSE collapse(m.content) END",
               "line_ends(m.reasoning)"),
-    turn_pass(ANSWERS_ONLY.format("leading_lines"), "leading_lines(m.reasoning)"),
-    turn_pass(ANSWERS_ONLY.format("trailing_space"), "trailing_space(m.reasoning)"),
+    turn_pass(ANSWERS_ONLY.format("answer_edges"), "answer_edges(m.reasoning)"),
 ]
 
 NORMALISE_SQL = f"""
@@ -158,7 +158,7 @@ WITH near_rows AS (
     FROM near JOIN judged AS rep_row ON rep_row.row_id = near.rep
 ), capped AS (
     SELECT row_id, 'source_cap' AS rule, 'over data.sources[].max_rows=' || source_cap AS detail
-    FROM (SELECT row_id, source_cap, row_number() OVER (PARTITION BY source ORDER BY content_hash) AS n
+    FROM (SELECT row_id, source_cap, row_number() OVER (PARTITION BY source ORDER BY content_hash, row_id) AS n
           FROM judged ANTI JOIN (SELECT row_id FROM near_rows WHERE rule IS NOT NULL) USING (row_id)
           WHERE judged.rule IS NULL AND source_cap IS NOT NULL)
     WHERE n > source_cap
@@ -182,17 +182,19 @@ SELECT row_id, source, source_file, line_number, source_weight, system, messages
        CASE WHEN pinned_split IS NOT NULL THEN pinned_split
             WHEN (md5_number(split_key) >> 64)::UBIGINT % 1000000 < $heldout * 1000000 THEN 'heldout'
             ELSE 'train' END AS split
-FROM verdict WHERE rule IS NULL ORDER BY row_id  -- ordered: also faster to write than the filtered scan
+FROM verdict WHERE rule IS NULL
 """
 
 QUARANTINE_SQL = """
 CREATE TABLE quarantine AS
 SELECT row_id, source, source_file, line_number, rule, coalesce(detail, rule) AS detail, system, messages, record
-FROM verdict WHERE rule IS NOT NULL ORDER BY row_id;
-CREATE TABLE report AS
-SELECT rule, count(*) AS rows, min(source_file || ':' || line_number) AS example, first(detail) AS example_detail
-FROM quarantine GROUP BY rule ORDER BY rows DESC, rule;
+FROM verdict WHERE rule IS NOT NULL;
+CREATE TABLE report AS  -- from the in-memory view: reading the new table back costs more
+SELECT rule, count(*) AS rows, arg_min(source_file || ':' || line_number, row_id) AS example,
+       arg_min(coalesce(detail, rule), row_id) AS example_detail
+FROM verdict WHERE rule IS NOT NULL GROUP BY rule;
 """
+REPORT_ORDER = "ORDER BY rows DESC, rule"
 
 
 def decide_late(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
@@ -212,6 +214,8 @@ def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
     with duckdb.connect(str(tmp)) as con:
         con.execute("ATTACH ? AS src (READ_ONLY)", [str(raw_db)])
         con.execute(COMPRESSION_SQL)
+        # Tables are written in whatever order the threads finish (faster); every reader orders by row_id.
+        con.execute("SET preserve_insertion_order = false")
         for macro in MACROS_SQL:
             con.execute(macro)
         con.execute(NORMALISE_SQL, {"strip": cfg.strip_control_chars, "redact": cfg.redact_pii})
@@ -237,7 +241,7 @@ def row_counts(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> dict:
                             "WHERE rule IS NULL").fetchall()[0]
     return {
         "rows_raw": raw, "rows_clean": clean, "rows_quarantined": quarantined,
-        "dropped_by_rule": dict(con.execute("SELECT rule, rows FROM report").fetchall()),
+        "dropped_by_rule": dict(con.execute(f"SELECT rule, rows FROM report {REPORT_ORDER}").fetchall()),
         "edited_by_rule": {"control_chars_stripped": ctrl if cfg.strip_control_chars else 0,
                            "pii_redacted": pii if cfg.redact_pii else 0},
         "split": dict(con.execute("SELECT split, count(*) FROM clean GROUP BY split ORDER BY split").fetchall()),
@@ -253,10 +257,11 @@ def read_accounting(clean_db: Path) -> dict:
 def export_report(clean_db: Path, out_report: Path, out_quarantine: Path) -> None:
     """Write the cleaning report (accounting, rule -> rows with an example) as JSON and the quarantine as Parquet."""
     with duckdb.connect(str(clean_db), read_only=True) as con:
-        cur = con.execute("SELECT * FROM report")
+        cur = con.execute(f"SELECT * FROM report {REPORT_ORDER}")
         names = [d[0] for d in cur.description]
         rules = [dict(zip(names, r)) for r in cur.fetchall()]
-        con.execute("COPY quarantine TO $p (FORMAT parquet)", {"p": str(out_quarantine)})
+        con.execute("COPY (SELECT * FROM quarantine ORDER BY row_id) TO $p (FORMAT parquet)",
+                    {"p": str(out_quarantine)})
     out_report.write_text(json.dumps({**read_accounting(clean_db), "rules": rules}, indent=1), encoding="utf-8")
 
 

@@ -57,7 +57,7 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except SftflowError:
         return False
-    except Exception:
+    except Exception:  # noqa: BLE001 -- anything else (network, OOM, a bug) may pass on a retry
         return True
     return True
 

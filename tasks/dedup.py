@@ -1,13 +1,14 @@
 """Near-duplicate detection: MinHash over word 3-gram shingles with LSH banding, verified by exact Jaccard.
 
 Words are hashed in DuckDB. Shingle hashes and MinHash signatures are vectorised numpy over blocks of rows small
-enough to stay in the CPU cache, on two threads (numpy releases the GIL); LSH buckets are sorted per band. LSH only
+enough to stay in the CPU cache, on several threads (numpy releases the GIL); LSH buckets are sorted per band. LSH only
 proposes candidate pairs: a pair joins one cluster only if the exact Jaccard similarity of the two rows' shingle
 sets reaches the threshold, so MinHash noise never merges rows on its own.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
@@ -18,15 +19,15 @@ import pyarrow as pa
 NUM_PERM, BANDS = 16, 8
 SMALL_BUCKET = 64  # buckets up to this size compare all their pairs; larger ones only signature neighbours
 BLOCK_ROWS = 8192  # rows per numpy block: a block's shingles (~2 MB) stay in the CPU cache for all permutations
-THREADS = 2
+THREADS = min(8, os.cpu_count() or 2)  # numpy releases the GIL: blocks and bands run in parallel threads
 
 _rng = np.random.default_rng(0)
 PERM_A = _rng.integers(1, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
 PERM_B = _rng.integers(0, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32)
 MIX_1, MIX_2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
 
-# Per row, the hash of each word of the lower-cased text (any whitespace separates words). `rows` is a query with
-# columns row_id, priority, text.
+# Per row, the hash of each word of the lower-cased text (spaces, tabs and line feeds separate words).
+# `rows` is a query with columns row_id, priority, text.
 WORD_HASHES_SQL = """
 SELECT row_id, priority, list_transform(
     list_filter(string_split(replace(replace(lower(text), chr(10), ' '), chr(9), ' '), ' '), lambda w: w <> ''),

@@ -1,5 +1,7 @@
-"""Fast path of ingest for flat Alpaca JSON Lines: DuckDB parses and maps the records in parallel, in C++.
+"""Reading JSON Lines files fast, and the fast path of ingest for flat Alpaca records.
 
+`json_lines` splits a file into lines with one numpy pass and hands them to DuckDB as an Arrow column without
+copying the text. `stage_alpaca` lets DuckDB parse and map the flat Alpaca records in parallel, in C++.
 Only records that the general mapper (tasks/formats.py) would read as plain Alpaca take this path: a JSON object
 whose keys are among instruction/input/output/system (after the column mapping), with string or null values and
 no <think> trace. Every other line (malformed, other formats, history, reasoning, tools…) is returned to the
@@ -44,15 +46,17 @@ class JsonLines:
         parsed = ((n, parse_line(line.removesuffix("\n").removesuffix("\r"))) for n, line in leftover)
         return heapq.merge(parsed, self.undecodable, key=lambda pair: pair[0])
 
+
 FAST_SQL = """
 INSERT INTO staged BY NAME
-WITH objects AS (
-    SELECT position, line_number, line, json_keys(line) AS keys FROM lines
-    WHERE json_valid(line) AND json_type(line) = 'OBJECT'
-), flat AS (
-    SELECT position, line_number, json_extract_string(line, $paths) AS f FROM objects
+WITH objects AS (  -- keys: NULL for a line that is not JSON, [] for JSON that is not an object
+    SELECT position, line_number, line, keys, json_type(line, $paths) AS types
+    FROM (SELECT *, try(json_keys(line)) AS keys FROM lines)
     WHERE list_has_all($keys, keys) AND list_contains(keys, $keys[1])
-      AND list_bool_and(list_transform(json_type(line, $paths), lambda t: t IS NULL OR t IN ('VARCHAR', 'NULL')))
+), flat AS (  -- string or null values; a repeated key (more keys than fields found) takes the general mapper
+    SELECT position, line_number, json_extract_string(line, $paths) AS f FROM objects
+    WHERE list_bool_and(list_transform(types, lambda t: t IS NULL OR t IN ('VARCHAR', 'NULL')))
+      AND len(keys) = len(list_filter(types, lambda t: t IS NOT NULL))
 )
 SELECT $first_row_id + position AS row_id, line_number, $label AS source, $origin AS source_file,
        $pinned AS pinned_split,

@@ -109,7 +109,7 @@ def hf_records(source: SourceConfig) -> Iterable[tuple[int, dict]]:
 
     try:
         dataset = load_dataset(source.hf_dataset, source.hf_config, split=source.hf_split)
-    except Exception as e:  # the library raises many types (not found, offline, bad split): all mean a bad source
+    except Exception as e:  # noqa: BLE001 -- many types (not found, offline, bad split), all a bad source
         raise InputError(f"{source.hf_dataset}: datasets.load_dataset failed: {str(e).splitlines()[0]}") from None
     return enumerate(dataset, start=1)
 
@@ -136,15 +136,16 @@ def source_streams(source: SourceConfig, sources_dir: Path) -> Iterator[tuple[st
 # clean re-hashes the normalised conversation to find duplicates.
 RAW_SQL = f"""
 CREATE TABLE raw AS
-SELECT *, {content_hash("system", "messages")} AS content_hash FROM staged ORDER BY row_id
+SELECT *, {content_hash("system", "messages")} AS content_hash FROM staged
 """
 
 
 def stage_stream(con: duckdb.DuckDBPyConnection, source: SourceConfig, origin: str, records: Iterable[tuple[int, Any]],
-                 first_row_id: int, on_bad_rows: str) -> int:
-    """Insert one file's or dataset's rows into `staged` (flat Alpaca lines via DuckDB, the rest here); count them.
+                 first_row_id: int, on_bad_rows: str) -> tuple[int, bool]:
+    """Insert one file's or dataset's rows into `staged` (flat Alpaca lines via DuckDB, the rest here).
 
-    Row ids are consecutive from `first_row_id`, in the order of the records in the file or dataset.
+    Row ids are consecutive from `first_row_id`, in the order of the records in the file or dataset. Return the
+    number of rows and whether they went in out of row_id order (a file whose records took both paths).
     """
     path, lines = Path(origin), None
     if not origin.startswith("hf://") and fast_path_applies(source, path) and (lines := json_lines(path)) is not None:
@@ -159,7 +160,7 @@ def stage_stream(con: duckdb.DuckDBPyConnection, source: SourceConfig, origin: s
     con.register("slow", pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
     con.execute("INSERT INTO staged SELECT * FROM slow")
     con.unregister("slow")
-    return count
+    return count, lines is not None and 0 < len(rows) < count
 
 
 def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, int]:
@@ -168,15 +169,18 @@ def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, i
     tmp = out_db.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     counts: dict[str, int] = {source.label: 0 for source in cfg.sources}
+    reorder = False  # staged holds the rows in row_id order unless a file took both paths
     with duckdb.connect(str(tmp)) as con:
         con.execute(COMPRESSION_SQL)
         con.register("empty", RAW_SCHEMA.empty_table())
         con.execute("CREATE TEMP TABLE staged AS SELECT * FROM empty")
         for source in cfg.sources:
             for origin, records in source_streams(source, sources_dir):
-                counts[source.label] += stage_stream(con, source, origin, records, sum(counts.values()),
-                                                     cfg.on_bad_rows)
-        con.execute(RAW_SQL)
+                count, out_of_order = stage_stream(con, source, origin, records, sum(counts.values()),
+                                                   cfg.on_bad_rows)
+                counts[source.label] += count
+                reorder |= out_of_order
+        con.execute(RAW_SQL + (" ORDER BY row_id" if reorder else ""))
     tmp.replace(out_db)  # atomic: a retry never sees a half-written table
     return counts
 

@@ -65,8 +65,8 @@ def model_card(run: RunPaths, eval_dir: Path, model_dir: str) -> str:
     for source in sorted(set(stats["train"]["rows_by_source"]) | set(stats["heldout"]["rows_by_source"])):
         lines.append(f"| {source} | {stats['train']['rows_by_source'].get(source, 0)} | "
                      f"{stats['heldout']['rows_by_source'].get(source, 0)} |")
-    lines += ["", f"Held-out exact match: base {report['base_exact_match']:.3f} -> tuned "
-                  f"{report['tuned_exact_match']:.3f}; eval loss {report['eval_loss']:.4f}."]
+    lines += ["", (f"Held-out exact match: base {report['base_exact_match']:.3f} -> tuned "
+                   f"{report['tuned_exact_match']:.3f}; eval loss {report['eval_loss']:.4f}.")]
     return "\n".join(lines)
 
 

@@ -21,7 +21,10 @@ def clean_db_from(tmp_path, rows):
     return tmp_path / "c.duckdb"
 
 
-def check(db, cfg=ValidateConfig(min_rows=30)):
+CHECK_CONFIG = ValidateConfig(min_rows=30)
+
+
+def check(db, cfg=CHECK_CONFIG):
     return validate_table("clean", db, cfg.clean_suite, cfg)[0]
 
 

@@ -64,7 +64,7 @@ def test_a_fixed_heldout_file_is_pinned_and_its_copies_leave_the_training_side(t
     train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)])
     test = write_jsonl(tmp_path / "test.jsonl", [{"instruction": "q3", "output": "a3"},
                                                  {"instruction": "fresh", "output": "new"}])
-    counts, db = clean_sources(tmp_path, [{"path": str(train)}, {"path": str(test), "split": "heldout"}])
+    _, db = clean_sources(tmp_path, [{"path": str(train)}, {"path": str(test), "split": "heldout"}])
     assert query(db, "SELECT source, split, count(*) FROM clean WHERE source = 'test' GROUP BY ALL") == [
         ("test", "heldout", 2)]
     assert query(db, "SELECT source, line_number, rule FROM quarantine") == [("train", 4, "duplicate")]

@@ -19,6 +19,9 @@ EDGE_CASES = [
     {"messages": [{"role": "user", "content": "m"}, {"role": "assistant", "content": "n"}]},
     "not json at all",
     {"instruction": "Ünïcödé ✓", "input": "Café", "output": "ok\ttab"},
+    '{"instruction": "first", "instruction": "second", "output": "o"}',              # repeated key: the last wins
+    '[{"instruction": "in an array", "output": "o"}]',                              # not an object
+    '  {"instruction": "indented", "output": "o"}  ',
 ]
 
 
@@ -36,8 +39,10 @@ def test_fast_and_general_paths_give_identical_rows(tmp_path):
         cur = con.execute("SELECT * FROM raw ORDER BY row_id")
         names = [d[0] for d in cur.description]
         got = [dict(zip(names, r)) for r in cur.fetchall()]
+        stored_order = [r[0] for r in con.execute("SELECT row_id FROM raw").fetchall()]
     assert canonical(got) == canonical(expected)
     assert [r["row_id"] for r in got] == list(range(len(EDGE_CASES)))
+    assert stored_order == sorted(stored_order)  # the rows of both paths are stored in file order
 
 
 def test_column_mappings_apply_on_the_fast_path(tmp_path):
