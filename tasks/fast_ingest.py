@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from tasks.formats import NO_INPUT
 FIELDS = ("instruction", "input", "output", "system")
 WHITESPACE = " \t\n\r\x0b\x0c"
 BOM = b"\xef\xbb\xbf"
+LONE_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"  # high, no low after it
+                            r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")  # low alone
 BLANK_START = np.frombuffer(b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f", np.uint8)  # bytes str.strip() removes
 
 
@@ -85,9 +88,22 @@ def parse_line(line: str) -> Any:
         return orjson.loads(line)
     except orjson.JSONDecodeError:
         try:
-            return json.loads(line)  # not reached for valid JSON that orjson rejects (e.g. NaN): parse it anyway
+            record = json.loads(line)  # valid JSON that orjson rejects (e.g. NaN): parse it anyway
         except json.JSONDecodeError as e:
             return e
+        return lone_surrogate_error(record, line) or record
+
+
+def lone_surrogate_error(record: Any, doc: str) -> json.JSONDecodeError | None:
+    """Return an error if a parsed record holds a lone surrogate (a \\ud800-style escape): no valid text holds one,
+    and it could not be stored. Python's json accepts such escapes; orjson and DuckDB reject them."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        at = LONE_SURROGATE.search(doc)
+        return json.JSONDecodeError("a \\u escape encodes a lone surrogate, which is not text", doc,
+                                    at.start() if at else 0)
+    return None
 
 
 def fast_path_applies(source: SourceConfig, path: Path) -> bool:

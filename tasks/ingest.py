@@ -28,7 +28,7 @@ from tasks import synth
 from tasks.common import COMPRESSION_SQL, fingerprint_path, stage_task
 from tasks.config import DataConfig, SourceConfig, content_hash
 from tasks.errors import InputError
-from tasks.fast_ingest import fast_path_applies, json_lines, stage_alpaca
+from tasks.fast_ingest import fast_path_applies, json_lines, lone_surrogate_error, stage_alpaca
 from tasks.formats import RecordProblem, detect_format, missing_fields, to_conversation
 from tasks.synth import write_orders
 
@@ -66,7 +66,11 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         raise InputError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-    yield from enumerate(records, start=1)  # numbered by position in the array
+    if not isinstance(records, list) or lone_surrogate_error(records, "") is None:
+        yield from enumerate(records, start=1)  # numbered by position in the array
+        return
+    for n, record in enumerate(records, start=1):
+        yield n, lone_surrogate_error(record, json.dumps(record)) or record
 
 
 def read_records(origin: str, records: Iterable[tuple[int, Any]], source: SourceConfig,

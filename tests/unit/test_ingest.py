@@ -289,3 +289,25 @@ def test_empty_blank_and_unterminated_json_lines_files(tmp_path, content):
     src.write_bytes(content)
     ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
     assert [r["line_number"] for r in raw_rows(tmp_path / "i.duckdb")] == ([1] if b"{" in content else [])
+
+
+def test_a_lone_surrogate_escape_is_a_malformed_record_not_a_crash(tmp_path):
+    """Python's json accepts "\\ud800" but no text can hold it: one line naming the file and line, or quarantine."""
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"instruction": "ok \\ud83d\\ude00", "output": "x"}\n'
+                   '{"messages": [{"role": "user", "content": "q\\udc00"}, {"role": "assistant", "content": "a"}]}\n')
+    with pytest.raises(InputError) as err:
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    assert str(err.value).startswith(f"{src}:2: invalid JSON: a \\u escape encodes a lone surrogate")
+    assert "(column 45)" in str(err.value)  # where the escape starts
+    ingest_rows(DataConfig(sources=[{"path": str(src)}], on_bad_rows="quarantine"), tmp_path, tmp_path / "i.duckdb")
+    rows = raw_rows(tmp_path / "i.duckdb")
+    assert [(r["line_number"], r["problem_rule"]) for r in rows] == [(1, None), (2, "malformed")]
+    assert rows[0]["messages"][0]["content"] == "ok \U0001f600"  # a surrogate pair is one character
+
+
+def test_a_lone_surrogate_in_a_json_array_file_is_named_by_its_position(tmp_path):
+    src = tmp_path / "a.json"
+    src.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "\\ud800", "output": "b"}]')
+    with pytest.raises(InputError, match=r"a.json:2: invalid JSON: a \\u escape encodes a lone surrogate"):
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
