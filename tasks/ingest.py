@@ -47,9 +47,12 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
     if suffix in (".csv", ".parquet"):
         reader = "read_csv" if suffix == ".csv" else "read_parquet"
         with duckdb.connect() as con:
-            cursor = con.execute(f"SELECT * FROM {reader}($p)", {"p": str(path)})  # reader is a constant
-            names = [d[0] for d in cursor.description]
-            rows = cursor.fetchall()
+            try:
+                cursor = con.execute(f"SELECT * FROM {reader}($p)", {"p": str(path)})  # reader is a constant
+                names = [d[0] for d in cursor.description]
+                rows = cursor.fetchall()
+            except duckdb.Error as e:  # not a CSV / Parquet file DuckDB can read: nothing to quarantine row by row
+                raise InputError(f"{path}: cannot read as {suffix[1:]}: {str(e).splitlines()[0]}") from None
         offset = 2 if suffix == ".csv" else 1  # CSV line 1 is the header
         for i, row in enumerate(rows):
             yield i + offset, dict(zip(names, row))

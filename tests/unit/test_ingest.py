@@ -311,3 +311,11 @@ def test_a_lone_surrogate_in_a_json_array_file_is_named_by_its_position(tmp_path
     src.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "\\ud800", "output": "b"}]')
     with pytest.raises(InputError, match=r"a.json:2: invalid JSON: a \\u escape encodes a lone surrogate"):
         ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+
+
+def test_an_unreadable_parquet_file_is_one_line(tmp_path):
+    src = tmp_path / "broken.parquet"
+    src.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match=r"broken.parquet: cannot read as parquet: Invalid Input Error") as err:
+        ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    assert "\n" not in str(err.value)
