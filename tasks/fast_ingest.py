@@ -94,12 +94,13 @@ def parse_line(line: str) -> Any:
         return lone_surrogate_error(record, line) or record
 
 
-def lone_surrogate_error(record: Any, doc: str) -> json.JSONDecodeError | None:
+def lone_surrogate_error(record: Any, doc: str | None = None) -> json.JSONDecodeError | None:
     """Return an error if a parsed record holds a lone surrogate (a \\ud800-style escape): no valid text holds one,
     and it could not be stored. Python's json accepts such escapes; orjson and DuckDB reject them."""
     try:
         json.dumps(record, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
+        doc = json.dumps(record) if doc is None else doc  # the record's own text, escapes kept, for the quarantine
         at = LONE_SURROGATE.search(doc)
         return json.JSONDecodeError("a \\u escape encodes a lone surrogate, which is not text", doc,
                                     at.start() if at else 0)
@@ -129,25 +130,25 @@ def json_lines(path: Path) -> JsonLines | None:
         offsets = offsets[:-1]  # the file ends with a line end: no empty last line
     lines = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
     numbers = np.arange(1, len(lines) + 1, dtype=np.int64)
-    keep, undecodable = np.ones(len(lines), dtype=bool), []
-    # A blank line starts with whitespace (or a non-ASCII byte: Unicode spaces); only those are decoded to check.
+    # A blank line starts with whitespace (or a non-ASCII byte: Unicode spaces); only those are decoded to check,
+    # unless the file is not all UTF-8: then every line is.
     first = buf[np.minimum(offsets[:-1], max(len(buf) - 1, 0))] if len(buf) else np.empty(0, np.uint8)
-    maybe_blank = (offsets[1:] == offsets[:-1]) | np.isin(first, BLANK_START) | (first >= 0x80)
+    suspects = (offsets[1:] == offsets[:-1]) | np.isin(first, BLANK_START) | (first >= 0x80)
     try:
-        lines.validate(full=True)  # UTF-8
-        valid = True
+        lines.validate(full=True)
     except pa.ArrowInvalid:
-        valid = False
-    for i in np.flatnonzero(maybe_blank if valid else np.ones(len(lines), dtype=bool)).tolist():
+        suspects[:] = True
+    blank, undecodable = np.zeros(len(lines), dtype=bool), []
+    for i in np.flatnonzero(suspects).tolist():
         raw = data[offsets[i]:offsets[i + 1]]
         try:
-            keep[i] = bool(raw.decode("utf-8").strip())
+            blank[i] = not raw.decode("utf-8").strip()
         except UnicodeDecodeError as e:  # kept as a malformed record, never dropped
-            keep[i] = False
             text = raw.decode("utf-8", "replace").rstrip("\r\n")
             undecodable.append((i + 1, json.JSONDecodeError("not valid UTF-8", text, e.start)))
-    records = keep.copy()
-    records[[n - 1 for n, _ in undecodable]] = True
+    records = ~blank
+    keep = records.copy()  # the records DuckDB gets: the undecodable ones go to the general mapper as errors
+    keep[[n - 1 for n, _ in undecodable]] = False
     position = np.cumsum(records) - 1
     table = pa.table({"position": position, "line_number": numbers, "line": lines})
     return JsonLines(table if keep.all() else table.filter(pa.array(keep)), undecodable, numbers[records])

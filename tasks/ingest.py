@@ -69,11 +69,8 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         raise InputError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-    if not isinstance(records, list) or lone_surrogate_error(records, "") is None:
-        yield from enumerate(records, start=1)  # numbered by position in the array
-        return
-    for n, record in enumerate(records, start=1):
-        yield n, lone_surrogate_error(record, json.dumps(record)) or record
+    for n, record in enumerate(records, start=1):  # numbered by position in the array
+        yield n, lone_surrogate_error(record) or record
 
 
 def read_records(origin: str, records: Iterable[tuple[int, Any]], source: SourceConfig,
