@@ -72,3 +72,15 @@ def test_each_run_gets_data_docs_in_its_own_directory(raw_db, tmp_path):
     _, url = validate_table("raw", raw_db, CFG.raw_suite, CFG, docs_root=tmp_path / "run")
     index = tmp_path / "run" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     assert url == index.as_uri() and "raw_rows" in index.read_text()
+
+
+def test_every_suite_gets_its_data_docs_validation_page(raw_db, formatted, tmp_path, caplog):
+    """GX reads string notes that contain "format" as a dict and drops the page: notes are markdown dicts."""
+    clean_db = tmp_path / "c.duckdb"
+    for stage, data, suite in (("raw", raw_db, CFG.raw_suite), ("clean", clean_db, CFG.clean_suite),
+                               ("tokenized", formatted, CFG.tokenized_suite)):
+        validate_table(stage, data, suite, CFG, docs_root=tmp_path / "run")
+    assert not [r for r in caplog.records if "data docs rendering" in r.getMessage()]
+    pages = tmp_path / "run" / "gx" / "uncommitted" / "data_docs" / "local_site" / "validations"
+    assert sorted(page.name for page in pages.rglob("*.html")) == [
+        "sftflow-clean_rows.html", "sftflow-raw_rows.html", "sftflow-tokenized_rows.html"]
