@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from tasks.errors import SftflowError
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             print(run_step(args.step, args.runs_dir, args.run_id, args.overrides))
     except SftflowError as e:
         print(f"sftflow: error: {e}", file=sys.stderr)
+        traceback.clear_frames(e.__traceback__)  # free what the failed step held (open DuckDB handles) before exit
         return 2
     except KeyboardInterrupt:
         return 130
