@@ -13,11 +13,10 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from tqdm.auto import tqdm
 
-from tasks.common import in_prefect_run, stage_task
+from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import ChatConfig
 from tasks.errors import ConfigError, DataValidationError
 
@@ -147,5 +146,5 @@ def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig)
         rows = [{"split": split, **{k: v for k, v in st.items() if k != "rows_by_source"}}
                 for split, st in stats.items()]
         create_table_artifact(key="token-length-stats", table=rows, description="Token lengths of the formatted splits")
-    get_run_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
+    stage_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
     return out_dir

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-from prefect import get_run_logger
 
-from tasks.common import COMPRESSION_SQL, stage_task
+from tasks.common import COMPRESSION_SQL, stage_logger, stage_task
 from tasks.config import CleanConfig, content_hash
 from tasks.dedup import near_duplicate_clusters
 
@@ -270,7 +269,7 @@ def clean(raw_db: Path, out_db: Path, out_report: Path, out_quarantine: Path, cf
     """Clean the `raw` table of `raw_db` into `out_db` (plus report and quarantine files) and return its path."""
     counts = clean_database(raw_db, out_db, cfg)
     export_report(out_db, out_report, out_quarantine)
-    get_run_logger().info(
+    stage_logger().info(
         "clean kept %d of %d rows, quarantined %d %s, edited %s; split %s -> %s", counts["rows_clean"],
         counts["rows_raw"], counts["rows_quarantined"], counts["dropped_by_rule"], counts["edited_by_rule"],
         counts["split"], out_db)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,18 @@ def in_prefect_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def stage_logger(name: str = "sftflow") -> logging.Logger | logging.LoggerAdapter:
+    """Return the Prefect run logger inside a task or flow run, else the standard `logging` logger `name`.
+
+    So a stage's plain function (`task.fn(...)`, a helper called from a notebook) logs without a Prefect run.
+    """
+    if in_prefect_run():
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    return logging.getLogger(name)
 
 
 def stage_task(name: str, retries: int = 2, retry_delay_seconds: int | list[int] = 5, cache: bool = True):

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from prefect import get_run_logger
 
 from tasks.chat_format import load_tokenizer
-from tasks.common import stage_task
+from tasks.common import stage_logger, stage_task
 from tasks.config import EvaluateConfig
 from tasks.modeling import load_base_model
 
@@ -87,5 +86,5 @@ def evaluate_adapter(formatted_dir: Path, model_dir: str, adapter_dir: Path, out
                      load_in_4bit: bool) -> Path:
     """Evaluate base vs tuned on the held-out split; return the directory holding report.json and samples.jsonl."""
     report = evaluate_model(formatted_dir, model_dir, adapter_dir, out_dir, cfg, load_in_4bit)
-    get_run_logger().info("evaluate: %s -> %s", json.dumps(report), out_dir)
+    stage_logger().info("evaluate: %s -> %s", json.dumps(report), out_dir)
     return out_dir

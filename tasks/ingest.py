@@ -21,11 +21,10 @@ import duckdb
 import numpy as np
 import orjson
 import pyarrow as pa
-from prefect import get_run_logger
 from tqdm.auto import tqdm
 
 from tasks import synth
-from tasks.common import COMPRESSION_SQL, fingerprint_path, stage_task
+from tasks.common import COMPRESSION_SQL, fingerprint_path, stage_logger, stage_task
 from tasks.config import DataConfig, SourceConfig, content_hash
 from tasks.errors import InputError
 from tasks.fast_ingest import fast_path_applies, json_lines, lone_surrogate_error, stage_alpaca
@@ -214,5 +213,5 @@ def fingerprint_sources(cfg: DataConfig) -> str:
 def ingest(cfg: DataConfig, sources_fingerprint: str, out_sources: Path, out_db: Path) -> Path:
     """Ingest all sources into `out_db` (table `raw`) and return its path."""
     counts = ingest_rows(cfg, out_sources, out_db)
-    get_run_logger().info("ingest read %d rows (%s) -> %s", sum(counts.values()), counts, out_db)
+    stage_logger().info("ingest read %d rows (%s) -> %s", sum(counts.values()), counts, out_db)
     return out_db

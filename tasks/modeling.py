@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import get_run_logger
 
 from tasks.base_model import resolve_base_model
-from tasks.common import stage_task
+from tasks.common import stage_logger, stage_task
 
 
 def has_cuda() -> bool:
@@ -43,5 +42,5 @@ def load_base_model(model_dir: str, load_in_4bit: bool) -> Any:
 def prepare_base_model(spec: str) -> str:
     """Return a loadable base model (a GGUF is converted once into the cache); Hub ids are passed through."""
     resolved = resolve_base_model(spec)
-    get_run_logger().info("base model %s -> %s", spec, resolved)
+    stage_logger().info("base model %s -> %s", spec, resolved)
     return resolved

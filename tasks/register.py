@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import yaml
-from prefect import get_run_logger
 
-from tasks.common import stage_task
+from tasks.common import stage_logger, stage_task
 from tasks.config import RegisterConfig, RunPaths, flatten
 
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers"]
@@ -120,5 +119,5 @@ def register_model(tracking_uri: str, artifact_root: Path, run: RunPaths, model_
                    eval_dir: Path, tags: dict, cfg: RegisterConfig) -> dict:
     """Log the run and register the adapter in the MLflow registry; return name, version, alias and run id."""
     result = register_run(tracking_uri, artifact_root, run, model_dir, adapter_dir, eval_dir, tags, cfg)
-    get_run_logger().info("register: %s", result)
+    stage_logger().info("register: %s", result)
     return result

@@ -6,10 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.common import stage_task
+from tasks.common import in_prefect_run, stage_logger, stage_task
 
 SUMMARY_FIELDS = ("base_exact_match", "tuned_exact_match", "eval_loss", "rows_raw", "rows_clean", "rows_quarantined",
                   "registered_model", "model_version", "alias", "mlflow_run_id", "prefect_flow_run_id", "wall_seconds")
@@ -59,6 +58,7 @@ def write_summary(run_id: str, clean_report: Path, eval_dir: Path, registered: d
     """Write summary.json, publish the run's artifacts, and return the summary."""
     summary = build_summary(run_id, clean_report, eval_dir, registered, flow_run_id, started_at)
     out_file.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    publish_artifacts(summary, clean_report, eval_dir)
-    get_run_logger().info(human_summary(summary))
+    if in_prefect_run():
+        publish_artifacts(summary, clean_report, eval_dir)
+    stage_logger().info(human_summary(summary))
     return summary

@@ -10,10 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-from prefect import get_run_logger
 
 from tasks.chat_format import load_tokenizer
-from tasks.common import fingerprint_path, stage_task
+from tasks.common import fingerprint_path, stage_logger, stage_task
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError
 from tasks.modeling import has_cuda, load_base_model
@@ -70,7 +69,7 @@ def progress_callback():
 
     class LogToPrefect(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            get_run_logger().info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(logs or {}))
+            stage_logger().info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(logs or {}))
 
     return LogToPrefect()
 
@@ -112,5 +111,5 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
 def train_adapter(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig) -> Path:
     """Train a LoRA adapter on the formatted rows and return its directory."""
     adapter = train_model(formatted_dir, model_dir, out_dir, cfg, callbacks=[progress_callback()])
-    get_run_logger().info("train: adapter saved to %s", adapter)
+    stage_logger().info("train: adapter saved to %s", adapter)
     return adapter

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
-from prefect import get_run_logger
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from tasks.common import in_prefect_run, stage_task
+from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import RunPaths, ValidateConfig
 from tasks.errors import DataValidationError
 
@@ -143,7 +142,7 @@ def validate(stage: str, data: Path, suite_file: Path, out_report: Path, out_doc
         publish_results(stage, results, docs_url)
     if failures := summarise_failures(results):
         raise DataValidationError(f"{data}: suite {suite_file} failed: {failures} (details: {out_report})")
-    get_run_logger().info("validate %s: %d expectations passed on %s; Data Docs %s", stage, len(results), data,
+    stage_logger().info("validate %s: %d expectations passed on %s; Data Docs %s", stage, len(results), data,
                           docs_url)
     return out_report
 
