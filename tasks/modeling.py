@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from tasks.base_model import resolve_base_model
 from tasks.common import stage_logger, stage_task
+from tasks.precision import Precision, choose_precision
 
 
 def has_cuda() -> bool:
@@ -16,29 +16,39 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def quantization_config():
-    """Return the QLoRA 4-bit NF4 config (double quantization; bf16 compute)."""
-    import torch
+def model_precision(compute_dtype: str = "auto") -> Precision:
+    """Return the precision the model computes in: `train.compute_dtype`, or what this device does natively."""
+    return choose_precision(compute_dtype, has_cuda())
+
+
+def quantization_config(precision: Precision):
+    """Return the QLoRA 4-bit NF4 config (double quantization) computing in `precision`."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=precision.torch_dtype)
 
 
-def load_base_model(model_dir: str, load_in_4bit: bool) -> Any:
-    """Return the causal LM at `model_dir`: 4-bit NF4 via bitsandbytes if asked (CPU or CUDA), else fp32/bf16."""
+def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "auto") -> Any:
+    """Return the causal LM at `model_dir`: 4-bit NF4 via bitsandbytes if asked (CPU or CUDA), else full precision.
+
+    The weights that stay unquantized load in the compute dtype on CUDA and in fp32 on a CPU (autocast, where bf16
+    is native, does the rest).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    cuda = has_cuda()
+    cuda, precision = has_cuda(), model_precision(compute_dtype)
     kwargs: dict[str, Any] = {"device_map": {"": 0} if cuda else "cpu",
-                              "dtype": torch.bfloat16 if cuda else torch.float32}
+                              "dtype": precision.torch_dtype if cuda else torch.float32}
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config()
+        kwargs["quantization_config"] = quantization_config(precision)
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 
-@stage_task("prepare-base-model", retries=3, retry_delay_seconds=[10, 60, 300])
+# Short backoff, transient Hub errors only (a bad train.base_model is a ConfigError, never retried). Not cached: the
+# check is cheap once the files are on disk, and a cached path could point at a since-deleted directory.
+@stage_task("prepare-base-model", retries=2, retry_delay_seconds=[5, 20], cache=False)
 def prepare_base_model(spec: str) -> str:
     """Return a loadable base model (a GGUF is converted once into the cache); Hub ids are passed through."""
     resolved = resolve_base_model(spec)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 
@@ -15,7 +16,8 @@ from tasks.chat_format import load_tokenizer
 from tasks.common import fingerprint_path, stage_logger, stage_task
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError
-from tasks.modeling import has_cuda, load_base_model
+from tasks.modeling import has_cuda, load_base_model, model_precision
+from tasks.precision import Precision
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -26,10 +28,13 @@ def check_train_config(cfg: TrainConfig) -> None:
         except ImportError:
             raise ConfigError("train.load_in_4bit=true needs bitsandbytes: `pip install bitsandbytes` "
                               "or set train.load_in_4bit=false") from None
+    if cfg.compute_dtype == "fp16" and not has_cuda():
+        raise ConfigError("train.compute_dtype=fp16 needs a CUDA device (fp16 mixed precision); on a CPU use auto, "
+                          "fp32 or bf16")
 
 
-def sft_config(cfg: TrainConfig, out_dir: Path):
-    """Return TRL's SFTConfig for this run."""
+def sft_config(cfg: TrainConfig, out_dir: Path, precision: Precision):
+    """Return TRL's SFTConfig for this run; autocast follows `precision` (TRL's own default is bf16 everywhere)."""
     from trl import SFTConfig
 
     cuda = has_cuda()
@@ -38,7 +43,8 @@ def sft_config(cfg: TrainConfig, out_dir: Path):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type="linear", warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        seed=cfg.seed, report_to=[], use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, max_length=None,
+        seed=cfg.seed, report_to=[], use_cpu=not cuda, bf16=precision.name == "bf16", fp16=precision.name == "fp16",
+        dataloader_num_workers=0, max_length=None,
         gradient_checkpointing=cuda, disable_tqdm=True,
     )
 
@@ -51,27 +57,75 @@ def lora_config(cfg: TrainConfig):
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
 
 
+def match_adapter_dtype(model, precision: Precision) -> None:
+    """Keep trainable weights in fp32 unless bf16 is the compute dtype.
+
+    TRL casts a quantized model's LoRA weights to bf16 (as the QLoRA paper does); on a CPU without native bf16 every
+    LoRA matmul would then be emulated. fp16 runs keep fp32 master weights, as fp16 mixed precision needs.
+    """
+    import torch
+
+    dtype = torch.bfloat16 if precision.name == "bf16" else torch.float32
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()):
     """Return an SFTTrainer over the tokenized training rows, with the LoRA-wrapped (4-bit) base model."""
     from datasets import Dataset
     from trl import SFTTrainer
 
     check_train_config(cfg)
+    precision = model_precision(cfg.compute_dtype)
     rows = Dataset.from_parquet(str(formatted_dir / "train.parquet")).select_columns(["input_ids", "assistant_masks"])
-    return SFTTrainer(model=load_base_model(model_dir, cfg.load_in_4bit), args=sft_config(cfg, out_dir / "checkpoints"),
-                      train_dataset=rows, processing_class=load_tokenizer(model_dir), peft_config=lora_config(cfg),
-                      callbacks=list(callbacks))
+    trainer = SFTTrainer(model=load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype),
+                         args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
+                         processing_class=load_tokenizer(model_dir), peft_config=lora_config(cfg),
+                         callbacks=list(callbacks))
+    match_adapter_dtype(trainer.model, precision)
+    return trainer
+
+
+def clock(seconds: float) -> str:
+    """Return a duration as h:mm:ss or m:ss."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def progress_callback():
-    """Return a TrainerCallback that logs each loss record to the Prefect run log as training runs."""
+    """Return a TrainerCallback that logs one line per optimizer step: loss, step time, elapsed time and ETA."""
     from transformers import TrainerCallback
 
-    class LogToPrefect(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            stage_logger().info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(logs or {}))
+    class StepProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = self.last = time.perf_counter()
+            self.first_step, self.loss, self.pending = state.global_step, None, None
 
-    return LogToPrefect()
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            done = state.global_step - self.first_step
+            eta = (now - self.start) / max(done, 1) * (state.max_steps - state.global_step)
+            self.pending = (state.global_step, state.max_steps, now - self.last, now - self.start, eta)
+            self.last = now
+            if not control.should_log:  # else on_log follows with this step's loss
+                self.report()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+                self.report()
+
+        def report(self):
+            if self.pending is None:
+                return
+            step, total, step_s, elapsed, eta = self.pending
+            loss = "-" if self.loss is None else f"{self.loss:.4f}"
+            stage_logger().info("train step %d/%d  loss %s  %.1f s/step  elapsed %s  ETA %s", step, total, loss,
+                                step_s, clock(elapsed), clock(eta))
+            self.pending = None
+
+    return StepProgress()
 
 
 def training_key(formatted_dir: Path, model_dir: str, cfg: TrainConfig) -> str:
@@ -95,6 +149,10 @@ def resumable_checkpoint(out_dir: Path, key: str) -> str | None:
 
 def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()) -> Path:
     """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter."""
+    precision = model_precision(cfg.compute_dtype)
+    stage_logger().info("train: compute dtype %s (%s); %s base, LoRA r=%d, %d steps of %d x %d sequences",
+                        precision.name, precision.reason, "4-bit NF4" if cfg.load_in_4bit else "full-precision",
+                        cfg.lora_r, cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps)
     trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, callbacks)
     trainer.train(resume_from_checkpoint=resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg)))
     adapter, tmp = out_dir / "adapter", out_dir / "adapter.tmp"
