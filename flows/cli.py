@@ -9,8 +9,9 @@ import traceback
 from pathlib import Path
 
 from tasks.errors import SftflowError
+from tasks.settings import apply_defaults, shell_exports
 
-STEPS = ("ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train", "evaluate", "register")
+STEPS = ("prepare-base-model", "ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train", "evaluate", "register")
 
 
 class HideUserErrorTracebacks(logging.Filter):
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     task.add_argument("step", choices=STEPS)
     task.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
     task.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    sub.add_parser("env", help="print sftflow's environment as shell exports: eval \"$(sftflow env)\" before running "
+                               "prefect or mlflow commands by hand, so they use the same stores")
     for p in (run, task):
         p.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.FIELD=VALUE",
                        help="override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
@@ -57,20 +60,49 @@ def run_pipeline(args: argparse.Namespace) -> None:
     print(f"summary: {cfg.runs_dir / summary['run_id'] / 'summary.json'}")
 
 
+def prefect_api_problem(e: BaseException) -> str | None:
+    """Return a one-line explanation if `e` is Prefect failing to start or reach its API server, else None."""
+    import os
+
+    text = str(e)
+    if "ephemeral Prefect API server" in text:
+        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+        return (f"Prefect's temporary API server did not start within {timeout} s "
+                "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); the machine may be busy. Retry, raise that "
+                "setting, or start a server with `make ui-prefect` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    if text.startswith("Failed to reach API at"):
+        return (f"{text.rstrip('.')} (PREFECT_API_URL): start that server (e.g. `make ui-prefect`), or unset "
+                "PREFECT_API_URL to let sftflow start a temporary one")
+    return None
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    """Run the chosen command."""
+    if args.command == "env":
+        print(shell_exports())
+    elif args.command == "run":
+        run_pipeline(args)
+    else:
+        from flows.single_task import run_step
+
+        print(run_step(args.step, args.runs_dir, args.run_id, args.overrides))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sftflow` console script; returns the exit code."""
     args = parse_args(argv)
+    apply_defaults()  # before Prefect is imported: it reads its settings from the environment
     try:
         quiet_user_errors()
-        if args.command == "run":
-            run_pipeline(args)
-        else:
-            from flows.single_task import run_step
-
-            print(run_step(args.step, args.runs_dir, args.run_id, args.overrides))
+        dispatch(args)
     except SftflowError as e:
         print(f"sftflow: error: {e}", file=sys.stderr)
         traceback.clear_frames(e.__traceback__)  # free what the failed step held (open DuckDB handles) before exit
+        return 2
+    except RuntimeError as e:
+        if (problem := prefect_api_problem(e)) is None:
+            raise
+        print(f"sftflow: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

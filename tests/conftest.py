@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from tasks.settings import apply_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# sftflow's own environment (tasks/settings.py), with its state in a throwaway home rather than the project's
+# .sftflow, and the Hub forbidden: tests are hermetic. Set before anything imports Prefect.
+os.environ["SFTFLOW_HOME"] = tempfile.mkdtemp(prefix="sftflow-tests-")
+os.environ.pop("PREFECT_HOME", None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+apply_defaults()
 
 
 @pytest.fixture(scope="session")

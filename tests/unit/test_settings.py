@@ -1,0 +1,33 @@
+"""One place decides sftflow's environment; the user's own values always win."""
+
+import subprocess
+import sys
+
+from tasks.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, shell_exports
+from tests.conftest import ROOT
+
+
+def test_defaults_put_prefect_in_the_project_turn_telemetry_off_and_give_prefect_time_to_start(tmp_path):
+    env = apply_defaults({}, cwd=tmp_path)
+    assert env["PREFECT_HOME"] == str(tmp_path / ".sftflow" / "prefect") and (tmp_path / ".sftflow/prefect").is_dir()
+    assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == str(PREFECT_STARTUP_TIMEOUT_S) == "180"
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == env["GX_ANALYTICS_ENABLED"] == "false"
+    assert env["MLFLOW_ENABLE_TELEMETRY"] == "false" and env["HF_HUB_DISABLE_TELEMETRY"] == "1"
+    assert "HF_HUB_OFFLINE" not in env  # users with the Hub keep it; the default model needs none
+
+
+def test_a_value_the_user_set_wins(tmp_path):
+    environ = {"PREFECT_HOME": str(tmp_path / "mine"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
+    env = apply_defaults(environ, cwd=tmp_path)
+    assert env["PREFECT_HOME"] == str(tmp_path / "mine")
+    assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "600"
+    assert apply_defaults({"SFTFLOW_HOME": str(tmp_path / "h")}, cwd=ROOT)["PREFECT_HOME"] == str(tmp_path / "h/prefect")
+
+
+def test_sftflow_env_prints_exports_a_shell_can_eval(tmp_path):
+    exports = shell_exports({"SFTFLOW_HOME": str(tmp_path / "with space")})
+    out = subprocess.run(["sh", "-c", exports + '\necho "$PREFECT_HOME"'], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "with space" / "prefect")
+    cli = subprocess.run([sys.executable, "-m", "flows.cli", "env"], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, check=True)
+    assert f"export PREFECT_HOME={tmp_path}/.sftflow/prefect" in cli.stdout.splitlines()
