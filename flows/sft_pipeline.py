@@ -17,6 +17,7 @@ from tasks.ingest import fingerprint_sources, ingest
 from tasks.modeling import prepare_base_model
 from tasks.register import register_model
 from tasks.report import save_config, write_summary
+from tasks.settings import apply_defaults
 from tasks.train import train_adapter
 from tasks.validate import validate_stage
 
@@ -31,19 +32,21 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
                  run_id: str | None = None) -> dict:
     """Ingest, clean, format (each validated), train, evaluate and register; bad data stops before training."""
     started = time.time()
+    apply_defaults()  # a deployment's worker may not have sftflow's environment; the user's values still win
     cfg = load_config(config_path, overrides or [])
     run = RunPaths(cfg.runs_dir, run_id or new_run_id())
     config_file = save_config(dump_config(cfg), run.config)
+    base = prepare_base_model(cfg.train.base_model)  # first: a model that cannot be had costs seconds, not a data pass
     # each validate_stage() raises DataValidationError: bad data never reaches training
     raw_db = ingest(cfg.data, fingerprint_sources(cfg.data), run.sources, run.ingest_db)
     validate_stage("raw", raw_db, run, cfg.validation)
     clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
     validate_stage("clean", clean_db, run, cfg.validation)
-    base = prepare_base_model(cfg.train.base_model)
     chats = format_chats(clean_db, base, run.formatted, cfg.chat)
     validate_stage("tokenized", chats, run, cfg.validation)
     adapter = train_adapter(chats, base, run.train, cfg.train)
-    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit)
+    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit,
+                                  cfg.train.compute_dtype)
     registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
                                 {"prefect_flow_run_id": str(flow_run.id), "config": str(config_file)}, cfg.registry)
     return write_summary(run.run_id, run.clean_report, evaluation, registered, flow_run.id, started, run.summary)

@@ -21,6 +21,7 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
     """Return the task and the arguments it takes for `step`, all derived from the run's saved layout."""
     base = lambda: prepare_base_model.fn(cfg.train.base_model)
     calls = {
+        "prepare-base-model": lambda: (prepare_base_model, (cfg.train.base_model,)),
         "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
         "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)),
         "validate-raw": lambda: (validate, validation_args("raw", run.ingest_db, run, cfg.validation)),
@@ -29,7 +30,7 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
         "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat)),
         "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
         "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), run.train / "adapter", run.eval, cfg.evaluate,
-                                                cfg.train.load_in_4bit)),
+                                                cfg.train.load_in_4bit, cfg.train.compute_dtype)),
         "register": lambda: (register_model, (cfg.tracking_uri(), cfg.artifact_root(), run, base(),
                                               run.train / "adapter", run.eval, {}, cfg.registry)),
     }

@@ -91,15 +91,6 @@ def run_cli(*args, cwd=ROOT):
                           env=env, timeout=600, check=False)
 
 
-def test_one_task_reruns_alone_on_an_earlier_run(finished_run):
-    runs, _, summary = finished_run
-    (runs / "run-1" / "clean.duckdb").unlink()
-    result = run_cli("task", "clean", "--run", "run-1", "--runs-dir", str(runs))
-    assert result.returncode == 0, result.stderr
-    with duckdb.connect(str(runs / "run-1" / "clean.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM clean").fetchall()[0][0] == summary["rows_clean"]
-
-
 def test_a_malformed_input_file_stops_the_cli_with_one_line_naming_file_and_line(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, '{"instruction": oops}'])
     result = run_cli("run", str(TINY), "--set", f"runs_dir={tmp_path}",
