@@ -50,7 +50,7 @@ def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "au
 # check is cheap once the files are on disk, and a cached path could point at a since-deleted directory.
 @stage_task("prepare-base-model", retries=2, retry_delay_seconds=[5, 20], cache=False)
 def prepare_base_model(spec: str) -> str:
-    """Return a loadable base model (a GGUF is converted once into the cache); Hub ids are passed through."""
+    """Return the checked local directory later steps load the base model from (Hub id fetched, GGUF converted)."""
     resolved = resolve_base_model(spec)
     stage_logger().info("base model %s -> %s", spec, resolved)
     return resolved
