@@ -11,7 +11,8 @@ from pathlib import Path
 from tasks.errors import SftflowError
 from tasks.settings import apply_defaults, shell_exports
 
-STEPS = ("prepare-base-model", "ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train", "evaluate", "register")
+STEPS = ("prepare-base-model", "ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train",
+         "evaluate", "register")
 
 
 class HideUserErrorTracebacks(logging.Filter):
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sftflow: error: {problem}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # a network failure that outlived its task's retries (e.g. the Hub's 5xx)
+        print(f"sftflow: error: {e} (still failing after the step's retries; try again later)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
