@@ -58,7 +58,7 @@ MACROS_SQL = [
 
 def turn_pass(content: str, reasoning: str, extra: str = "") -> str:
     """Return a lambda that rewrites each turn: `content` and `reasoning` are expressions of m (a role-aware CASE)."""
-    return f"lambda m: {{'role': m.role, 'content': {content}, 'reasoning': {reasoning}{extra}}}"
+    return f"lambda m: {{'role': m.role, 'content': {content}, 'reasoning': {reasoning}, 'weight': m.weight{extra}}}"
 
 
 def chain(turns: str, *passes: str) -> str:

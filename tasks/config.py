@@ -45,6 +45,10 @@ class SourceConfig(StageConfig):
         default_factory=dict,
         description="Map canonical fields to your columns, e.g. {instruction: question, output: answer}.",
     )
+    explode: str | None = Field(
+        None, description="A column holding a list of examples per record (e.g. `instances` of self-instruct seed "
+        "tasks): one row per element, its fields merged over the record's; an empty or missing list is quarantined "
+        "as missing_field. Applied before `columns`.")
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:
@@ -63,7 +67,9 @@ class SourceConfig(StageConfig):
 class DataConfig(StageConfig):
     sources: list[SourceConfig] = Field(min_length=1, description="Where the rows come from.")
     on_bad_rows: Literal["quarantine", "fail"] = Field(
-        "fail", description="A record that is not valid JSON: stop with file:line (fail) or quarantine it."
+        "fail", description="A record that is not valid JSON, has a field of the wrong shape or a content part that "
+        "is not text: stop with file:line (fail) or quarantine it. Also whether a source that loses most of its rows "
+        "stops the clean step (fail) or only warns (quarantine)."
     )
 
 
@@ -77,6 +83,10 @@ class CleanConfig(StageConfig):
     drop_near_duplicates: bool = Field(
         True, description="Quarantine near duplicates; if false they are kept but always land on the same split side.")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation, by hash.")
+    max_source_loss: float = Field(
+        0.5, gt=0, le=1, description="A source that loses more than this share of its rows to one rule (source_cap "
+        "aside), or all of them, stops the clean step with one line naming the rule, the columns found and a "
+        "mapping that would fit (a warning in the cleaning report with data.on_bad_rows=quarantine).")
 
 
 class ValidateConfig(StageConfig):

@@ -57,7 +57,7 @@ WITH objects AS (  -- keys: NULL for a line that is not JSON, [] for JSON that i
     FROM (SELECT *, try(json_keys(line)) AS keys FROM lines)
     WHERE list_has_all($keys, keys) AND list_contains(keys, $keys[1])
 ), flat AS (  -- string or null values; a repeated key (more keys than fields found) takes the general mapper
-    SELECT position, line_number, json_extract_string(line, $paths) AS f FROM objects
+    SELECT position, line_number, line, json_extract_string(line, $paths) AS f FROM objects
     WHERE list_bool_and(list_transform(types, lambda t: t IS NULL OR t IN ('VARCHAR', 'NULL')))
       AND len(keys) = len(list_filter(types, lambda t: t IS NOT NULL))
 )
@@ -66,13 +66,13 @@ SELECT $first_row_id + position AS row_id, line_number, $label AS source, $origi
        $weight AS source_weight, $cap AS source_cap, f[4] AS system,
        [{'role': 'user', 'content': CASE
             WHEN f[1] IS NOT NULL AND f[2] IS NOT NULL AND NOT list_contains($no_input, lower(trim(f[2], $ws)))
-            THEN f[1] || chr(10) || chr(10) || f[2] ELSE f[1] END, 'reasoning': NULL::VARCHAR},
-        {'role': 'assistant', 'content': f[3], 'reasoning': NULL::VARCHAR}] AS messages,
+            THEN f[1] || chr(10) || chr(10) || f[2] ELSE f[1] END, 'reasoning': NULL::VARCHAR, 'weight': NULL::DOUBLE},
+        {'role': 'assistant', 'content': f[3], 'reasoning': NULL::VARCHAR, 'weight': NULL::DOUBLE}] AS messages,
        NULL::VARCHAR AS tools,
        CASE WHEN f[1] IS NULL OR f[3] IS NULL THEN 'missing_field' END AS problem_rule,
        CASE WHEN f[1] IS NULL THEN 'missing field ''instruction''' WHEN f[3] IS NULL THEN 'missing field ''output'''
        END AS problem,
-       NULL::VARCHAR AS record
+       CASE WHEN f[1] IS NULL OR f[3] IS NULL THEN rtrim(line, chr(13) || chr(10)) END AS record  -- as read
 FROM flat WHERE NOT regexp_matches(coalesce(f[3], ''), '^\\s*<think>')
 """
 LEFTOVER_SQL = """
@@ -108,8 +108,9 @@ def lone_surrogate_error(record: Any, doc: str | None = None) -> json.JSONDecode
 
 
 def fast_path_applies(source: SourceConfig, path: Path) -> bool:
-    """Return True for JSON Lines files of a source read as auto-detected or explicit Alpaca."""
-    return source.format in ("auto", "alpaca") and path.suffix.lower() in (".jsonl", ".json")
+    """Return True for JSON Lines files of a source read as auto-detected or explicit Alpaca, not exploded."""
+    return source.format in ("auto", "alpaca") and source.explode is None and path.suffix.lower() in (".jsonl",
+                                                                                                        ".json")
 
 
 def json_lines(path: Path) -> JsonLines | None:

@@ -1,5 +1,10 @@
 """Record formats: map one source record (chat messages, ShareGPT, prompt-completion, Alpaca, text) to a
-canonical conversation (system prompt, then role/content/reasoning turns)."""
+canonical conversation (system prompt, then role/content/reasoning/weight turns).
+
+Typed content parts are read for their text (`text` or `value`); a part of another type (an image) is an
+`unsupported_part` problem, never an empty turn. A turn's `loss_weight` (or OpenAI's `weight`) of 0 keeps an
+assistant turn in the prompt but out of the loss; only assistant turns are ever supervised, so it means nothing on
+other turns."""
 
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "func
                   "observation": "tool"}
 THINK = re.compile(r"\s*<think>(.*?)</think>\s*(.*)", re.DOTALL)
 NO_INPUT = frozenset({"", "n/a", "none", "not applicable", "<noinput>", "no input"})  # Alpaca `input` placeholders
+TEXT_PARTS = frozenset({"text", "input_text", "output_text"})  # typed content parts that hold text
+# A turn's loss weight: `loss_weight` (LLaMA-Factory, axolotl) or OpenAI fine-tuning's `weight`; 0 = not supervised.
+WEIGHT_KEYS = ("loss_weight", "weight")
 
 
 class RecordProblem(Exception):
@@ -52,8 +60,36 @@ def text_of(value: Any, field: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and p.get("type", "text") == "text")
+        return "".join(part_text(part, field) for part in value)
     raise RecordProblem("malformed", field, f"field '{field}': expected text, got {type(value).__name__}")
+
+
+def part_text(part: Any, field: str) -> str:
+    """Return the text of one typed content part (under `text` or `value`); raise for a part that is not text."""
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        raise RecordProblem("malformed", field, f"field '{field}': expected content parts as objects, "
+                            f"got {type(part).__name__}")
+    kind = part.get("type") or "text"
+    if kind not in TEXT_PARTS:
+        raise RecordProblem("unsupported_part", field, f"field '{field}': unsupported content part of type "
+                            f"{kind!r} (only text parts are read)")
+    text = part.get("text", part.get("value"))
+    if not isinstance(text, str):
+        raise RecordProblem("malformed", field, f"field '{field}': a text part needs a string 'text' or 'value'")
+    return text
+
+
+def turn_weight(turn: dict, field: str) -> float | None:
+    """Return a turn's loss weight, 0 or 1, from `loss_weight` or OpenAI's `weight`; None when it has none."""
+    key = next((k for k in WEIGHT_KEYS if turn.get(k) is not None), None)
+    if key is None:
+        return None
+    value = turn[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+        raise RecordProblem("malformed", field, f"field '{field}': a turn's {key} must be 0 or 1, got {value!r}")
+    return float(value)
 
 
 def chat_turns(value: Any, field: str) -> list[dict]:
@@ -63,7 +99,8 @@ def chat_turns(value: Any, field: str) -> list[dict]:
     if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
         raise RecordProblem("malformed", field, f"field '{field}': expected a list of {{role, content}} objects")
     return [{"role": str(m.get("role")), "content": text_of(m.get("content"), "content"),
-             "reasoning": text_of(m.get("reasoning_content", m.get("reasoning")), "reasoning")} for m in value]
+             "reasoning": text_of(m.get("reasoning_content", m.get("reasoning")), "reasoning"),
+             "weight": turn_weight(m, field)} for m in value]
 
 
 def split_system(system: str | None, turns: list[dict]) -> tuple[str | None, list[dict]]:
@@ -87,7 +124,8 @@ def sharegpt_turns(value: Any, roles: dict[str, str]) -> list[dict]:
         if role is None:
             raise RecordProblem("malformed", "conversations", f"field 'conversations': unknown role {m.get('from')!r} "
                                 f"(expected {', '.join(known)}; map others with data.sources[].roles)")
-        turns.append({"role": role, "content": text_of(m.get("value"), "conversations")})
+        turns.append({"role": role, "content": text_of(m.get("value"), "conversations"),
+                      "weight": turn_weight(m, "conversations")})
     return turns
 
 
@@ -143,6 +181,7 @@ def split_reasoning(turns: list[dict], record_reasoning: str | None) -> list[dic
     """Move thinking traces (a leading <think>…</think> or a `reasoning` field) of assistant turns to `reasoning`."""
     for turn in turns:
         turn.setdefault("reasoning", None)
+        turn.setdefault("weight", None)
         match = THINK.match(turn["content"] or "") if turn["role"] == "assistant" else None
         if match:
             turn["reasoning"], turn["content"] = match.group(1).strip(), match.group(2)
@@ -150,6 +189,22 @@ def split_reasoning(turns: list[dict], record_reasoning: str | None) -> list[dic
     if record_reasoning and last is not None and not last["reasoning"]:
         last["reasoning"] = record_reasoning  # a record-level trace belongs to the final answer
     return turns
+
+
+def explode_record(record: Any, key: str | None) -> list[Any]:
+    """Return the records one source record stands for: itself, or (data.sources[].explode) one per element of its
+    list `key`, each element's fields merged over the parent's less the list. A missing or empty list, or one that
+    is not a list of objects, becomes a RecordProblem in the list (missing_field, malformed), raised per row."""
+    if key is None or not isinstance(record, dict):
+        return [record]
+    items = record.get(key)
+    if items is None or items == []:
+        state = "missing" if items is None else "an empty list"
+        return [RecordProblem("missing_field", key, f"field '{key}' to explode is {state}")]
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        return [RecordProblem("malformed", key, f"field '{key}': expected a list of objects to explode")]
+    parent = {k: v for k, v in record.items() if k != key}
+    return [{**parent, **item} for item in items]
 
 
 def missing_fields(record: dict, fmt: str) -> list[str]:

@@ -28,10 +28,13 @@ from tasks.common import COMPRESSION_SQL, fingerprint_path, stage_logger, stage_
 from tasks.config import DataConfig, SourceConfig, content_hash
 from tasks.errors import InputError
 from tasks.fast_ingest import fast_path_applies, json_lines, lone_surrogate_error, stage_alpaca
-from tasks.formats import RecordProblem, detect_format, missing_fields, to_conversation
+from tasks.formats import RecordProblem, detect_format, explode_record, missing_fields, to_conversation
 from tasks.synth import write_orders
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string())])
+# weight: a turn's loss weight, 0 or 1 (null = 1); only an assistant turn's weight matters.
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
+                     ("weight", pa.float64())])
+KEPT_RECORD = frozenset({"malformed", "missing_field", "unsupported_part"})  # rules whose rows keep `record`
 RAW_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("source_file", pa.string()), ("line_number", pa.int64()),
     ("pinned_split", pa.string()), ("source_weight", pa.float64()), ("source_cap", pa.int64()),
@@ -72,38 +75,67 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
         yield n, lone_surrogate_error(record) or record
 
 
+def new_row(origin: str, line: int, source: SourceConfig) -> dict:
+    """Return a raw row (without row_id) with its provenance and source settings, and no conversation yet."""
+    return {"source": source.label, "source_file": origin, "line_number": line, "system": None,
+            "messages": None, "tools": None, "problem_rule": None, "problem": None,
+            "pinned_split": None if source.split == "auto" else source.split,
+            "source_weight": source.weight, "source_cap": source.max_rows, "record": None}
+
+
+def checked_record(record: Any, renames: dict[str, str]) -> dict:
+    """Return a record as a dict with its columns renamed; raise RecordProblem if it cannot be one."""
+    if isinstance(record, RecordProblem):
+        raise record
+    if isinstance(record, json.JSONDecodeError):
+        raise RecordProblem("malformed", "", f"invalid JSON: {record.msg} (column {record.colno})")
+    if not isinstance(record, dict):
+        raise RecordProblem("malformed", "", f"expected a JSON object, got {type(record).__name__}")
+    return {renames.get(k, k): v for k, v in record.items()}
+
+
+def fill_conversation(row: dict, record: dict, fmt: str, source: SourceConfig) -> None:
+    """Set a row's system, messages and tools from a (renamed) record, and mark a missing required field."""
+    row["system"], row["messages"] = to_conversation(record, fmt, source.roles)
+    if record.get("tools") is not None:
+        row["tools"] = json.dumps(record["tools"], ensure_ascii=False)
+    if missing := missing_fields(record, fmt):
+        row["problem_rule"], row["problem"] = "missing_field", f"missing field '{missing[0]}'"
+
+
+def record_text(record: Any) -> str:
+    """Return a record as stored in the quarantine: its JSON, or for a JSON error the line as read."""
+    if isinstance(record, json.JSONDecodeError):
+        return record.doc
+    try:
+        return orjson.dumps(record, default=str).decode()
+    except orjson.JSONEncodeError:  # e.g. an integer beyond 64 bits
+        return json.dumps(record, default=str, ensure_ascii=False)
+
+
 def read_records(origin: str, records: Iterable[tuple[int, Any]], source: SourceConfig,
                  on_bad_rows: str) -> Iterator[dict]:
-    """Yield canonical rows (without row_id) for every (line, record) of one file or dataset named `origin`."""
-    fmt, label = None, source.label
-    renames = {column: canonical for canonical, column in source.columns.items()}
+    """Yield canonical rows (without row_id) for every (line, record) of one file or dataset named `origin`.
+
+    With `explode`, a record yields one row per element of its list, all with the record's line number.
+    """
+    fmt, renames = None, {column: canonical for canonical, column in source.columns.items()}
     for line, record in tqdm(records, desc=f"ingest {Path(origin).name}", unit=" rows", disable=None, leave=False):
-        base = {"source": label, "source_file": origin, "line_number": line, "system": None,
-                "messages": None, "tools": None, "problem_rule": None, "problem": None,
-                "pinned_split": None if source.split == "auto" else source.split,
-                "source_weight": source.weight, "source_cap": source.max_rows, "record": None}
-        try:
-            if isinstance(record, json.JSONDecodeError):
-                raise RecordProblem("malformed", "", f"invalid JSON: {record.msg} (column {record.colno})")
-            if not isinstance(record, dict):
-                raise RecordProblem("malformed", "", f"expected a JSON object, got {type(record).__name__}")
-            record = {renames.get(k, k): v for k, v in record.items()}
-            fmt = detect_format(set(record), source, origin, fmt)
-            base["system"], base["messages"] = to_conversation(record, fmt, source.roles)
-            if record.get("tools") is not None:
-                base["tools"] = json.dumps(record["tools"], ensure_ascii=False)
-            if missing := missing_fields(record, fmt):
-                base["problem_rule"], base["problem"] = "missing_field", f"missing field '{missing[0]}'"
-        except RecordProblem as p:
-            if on_bad_rows == "fail":
-                raise InputError(f"{origin}:{line}: {p} (set data.on_bad_rows=quarantine to keep going)") from None
-            base["problem_rule"], base["problem"] = p.rule, str(p)
-        # A record that has no canonical form is kept as it stands (for a JSON error, the line) for the quarantine;
-        # every other row is recoverable from its canonical turns and its file:line.
-        if base["problem_rule"] == "malformed":
-            base["record"] = record.doc if isinstance(record, json.JSONDecodeError) else orjson.dumps(
-                record, default=str).decode()
-        yield base
+        for item in explode_record(record, source.explode):
+            row = new_row(origin, line, source)
+            try:
+                mapped = checked_record(item, renames)
+                fmt = detect_format(set(mapped), source, origin, fmt)
+                fill_conversation(row, mapped, fmt, source)
+            except RecordProblem as p:
+                if on_bad_rows == "fail" and p.rule != "missing_field":  # a missing field is always quarantined
+                    raise InputError(f"{origin}:{line}: {p} (set data.on_bad_rows=quarantine to keep going)") from None
+                row["problem_rule"], row["problem"] = p.rule, str(p)
+            # The record as read is kept for the rows that have no (complete) canonical form; every other row is
+            # recoverable from its canonical turns and its file:line.
+            if row["problem_rule"] in KEPT_RECORD:
+                row["record"] = record_text(record if isinstance(item, RecordProblem) else item)
+            yield row
 
 
 def hf_records(source: SourceConfig) -> Iterable[tuple[int, dict]]:

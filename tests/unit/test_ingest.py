@@ -11,13 +11,13 @@ from tests.conftest import write_jsonl
 
 
 def raw_rows(db):
-    """Rows of the raw table; turns without a thinking trace are shown without the (null) reasoning field."""
+    """Rows of the raw table; a turn's null reasoning and weight fields are left out."""
     with duckdb.connect(str(db), read_only=True) as con:
         cur = con.execute("SELECT * FROM raw ORDER BY row_id")
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r)) for r in cur.fetchall()]
     for row in rows:
-        row["messages"] = row["messages"] and [{k: v for k, v in m.items() if k != "reasoning" or v is not None}
+        row["messages"] = row["messages"] and [{k: v for k, v in m.items() if k in ("role", "content") or v is not None}
                                                for m in row["messages"]]
     return rows
 
