@@ -3,7 +3,8 @@
 All in DuckDB SQL, except the MinHash arithmetic of near-duplicate detection (tasks/dedup.py). Every turn is NFC
 normalised and stripped of control characters; prompt turns have their whitespace collapsed, while assistant turns
 keep their inner layout (code indentation survives) and lose only trailing spaces and surrounding blank lines.
-Row accounting is checked on every run: raw = clean + quarantine.
+Row accounting is checked on every run: raw = clean + quarantine. A source that loses most of its rows to one rule
+is named in one line (tasks/source_check.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pyarrow as pa
 from tasks.common import COMPRESSION_SQL, stage_logger, stage_task
 from tasks.config import CleanConfig, content_hash
 from tasks.dedup import near_duplicate_clusters
+from tasks.source_check import enforce_source_checks, source_warnings
 
 CONTROL_CHARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]"
 # Only these characters can be changed by NFC or the control-character rule: C0 controls other than tab and line
@@ -124,6 +126,8 @@ WITH copied AS (  -- content seen more than once, and the row that stays: a fixe
         WHEN len(messages) = 0 OR list_bool_or(list_transform(messages, lambda t: t.content IS NULL))
             THEN 'missing_field'
         WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role = 'assistant')) THEN 'no_assistant_turn'
+        WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role = 'assistant' AND coalesce(t.weight, 1) <> 0))
+            THEN 'no_supervised_turn'  -- every answer has loss weight 0: nothing to learn
         WHEN len(empties) > 0 THEN 'empty_turn'
         WHEN n_chars > $max_chars THEN 'too_long'
         WHEN $dedupe AND row_id <> dup_of THEN 'duplicate'
@@ -133,6 +137,7 @@ WITH copied AS (  -- content seen more than once, and the row that stays: a fixe
 SELECT * EXCLUDE (dup_of, empties), CASE
     WHEN rule = problem_rule THEN problem
     WHEN rule = 'empty_turn' THEN 'empty ' || empties[1].role || ' turn'
+    WHEN rule = 'no_supervised_turn' THEN 'every assistant turn has loss weight 0'
     WHEN rule = 'too_long' THEN n_chars || ' characters > clean.max_chars=' || $max_chars
     WHEN rule = 'duplicate' THEN 'same normalised content as row ' || dup_of
 END AS detail, content_hash AS split_key
@@ -206,7 +211,7 @@ def decide_late(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
     con.execute(VERDICT_SQL)
 
 
-def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
+def write_clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
     """Write tables clean, quarantine and report to a fresh DuckDB file; return the row accounting."""
     tmp = out_db.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
@@ -229,6 +234,14 @@ def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
     return counts
 
 
+def clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig, on_bad_rows: str = "fail") -> dict:
+    """Write the clean DuckDB file and return the row accounting; a source that lost most of its rows to one rule
+    raises a one-line InputError (on_bad_rows=fail) or is logged as a warning (quarantine)."""
+    counts = write_clean_database(raw_db, out_db, cfg)
+    enforce_source_checks(counts["source_warnings"], on_bad_rows, cfg.max_source_loss)
+    return counts
+
+
 def row_counts(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> dict:
     """Return raw/clean/quarantine counts, per-rule drops and edits, split sizes; raise if any row went missing."""
     raw = con.execute("SELECT count(*) FROM src.raw").fetchall()[0][0]
@@ -244,6 +257,7 @@ def row_counts(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> dict:
         "edited_by_rule": {"control_chars_stripped": ctrl if cfg.strip_control_chars else 0,
                            "pii_redacted": pii if cfg.redact_pii else 0},
         "split": dict(con.execute("SELECT split, count(*) FROM clean GROUP BY split ORDER BY split").fetchall()),
+        "source_warnings": source_warnings(con, cfg.max_source_loss),
     }
 
 
@@ -265,10 +279,15 @@ def export_report(clean_db: Path, out_report: Path, out_quarantine: Path) -> Non
 
 
 @stage_task("clean")
-def clean(raw_db: Path, out_db: Path, out_report: Path, out_quarantine: Path, cfg: CleanConfig) -> Path:
-    """Clean the `raw` table of `raw_db` into `out_db` (plus report and quarantine files) and return its path."""
-    counts = clean_database(raw_db, out_db, cfg)
+def clean(raw_db: Path, out_db: Path, out_report: Path, out_quarantine: Path, cfg: CleanConfig,
+          on_bad_rows: str = "fail") -> Path:
+    """Clean the `raw` table of `raw_db` into `out_db` (plus report and quarantine files) and return its path.
+
+    The files are written before a source that lost most of its rows stops the step (on_bad_rows=fail).
+    """
+    counts = write_clean_database(raw_db, out_db, cfg)
     export_report(out_db, out_report, out_quarantine)
+    enforce_source_checks(counts["source_warnings"], on_bad_rows, cfg.max_source_loss)
     stage_logger().info(
         "clean kept %d of %d rows, quarantined %d %s, edited %s; split %s -> %s", counts["rows_clean"],
         counts["rows_raw"], counts["rows_quarantined"], counts["dropped_by_rule"], counts["edited_by_rule"],

@@ -26,7 +26,7 @@ def test_duplicates_after_whitespace_and_unicode_normalisation_are_quarantined_w
         {"instruction": "  Ship   to\nMalmö ", "output": "ok"},             # whitespace variant
         {"instruction": "Ship to Malmo\u0308", "output": "ok"},              # decomposed unicode (NFD) variant
         {"instruction": "Ship to Malmö", "output": "ok"},                    # exact duplicate
-    ])
+    ], max_source_loss=1.0)  # three of four rows are duplicates on purpose
     assert [line for line, _ in kept] == [1]
     assert dropped == [(2, "duplicate", "same normalised content as row 0"),
                        (3, "duplicate", "same normalised content as row 0"),
