@@ -1,7 +1,8 @@
 """Format: render each clean conversation with the model's chat template and tokenize it with loss masks.
 
 Masks come from the template's `{% generation %}` markers via transformers' `return_assistant_tokens_mask`, the
-same mechanism TRL's `assistant_only_loss` uses: only assistant tokens and their end-of-turn token are supervised.
+same mechanism TRL's `assistant_only_loss` uses: only assistant tokens and their end-of-turn token are supervised,
+and of those only turns whose loss weight is not 0 (each assistant turn is one marked span, in order).
 A template without markers is swapped for a training variant (TRL's registry, or sftflow's own in templates/).
 """
 
@@ -78,29 +79,71 @@ def conversation(system: str | None, messages: list[dict], keep_reasoning: bool 
     return head + [{"role": m["role"], "content": content(m)} for m in messages]
 
 
-def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_length: int) -> dict:
-    """Return input_ids and assistant_masks (1 = supervised) for one conversation, truncated to max_length."""
+def assistant_weights(messages: list[dict]) -> list[float]:
+    """Return the loss weight of each assistant turn, in order (a turn without one weighs 1)."""
+    return [1.0 if m.get("weight") is None else m["weight"] for m in messages if m["role"] == "assistant"]
+
+
+def supervised_spans(mask: list[int]) -> list[tuple[int, int]]:
+    """Return the (start, end) of each run of supervised positions in a mask."""
+    spans, start = [], None
+    for i, supervised in enumerate([*mask, 0]):
+        if supervised and start is None:
+            start = i
+        elif not supervised and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+def weigh_spans(mask: list[int], weights: list[float]) -> list[int]:
+    """Return the mask with the span of every weight-0 assistant turn unsupervised (one span per turn, in order)."""
+    spans = supervised_spans(mask)
+    if len(spans) != len(weights):
+        raise ConfigError(f"the chat template's generation markers give {len(spans)} supervised spans for "
+                          f"{len(weights)} assistant turns, so per-turn loss weights cannot be applied; use a "
+                          "template that marks every assistant turn (chat.chat_template)")
+    mask = list(mask)
+    for (start, end), weight in zip(spans, weights):
+        if not weight:
+            mask[start:end] = [0] * (end - start)
+    return mask
+
+
+def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_length: int,
+                          weights: list[float] | None = None) -> dict:
+    """Return input_ids and assistant_masks (1 = supervised) for one conversation, truncated to max_length.
+
+    `weights` holds each assistant turn's loss weight: a weight-0 turn is rendered but not supervised.
+    """
     out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=True)
-    ids, mask = list(out["input_ids"])[:max_length], list(out["assistant_masks"])[:max_length]
+    mask = list(out["assistant_masks"])
+    if weights is not None and not all(weights):  # weighed before truncation, which can only cut trailing spans
+        mask = weigh_spans(mask, weights)
+    ids, mask = list(out["input_ids"])[:max_length], mask[:max_length]
     supervised = [t for t, m in zip(ids, mask) if m]
     return {"input_ids": ids, "assistant_masks": mask, "n_tokens": len(ids), "n_supervised": len(supervised),
             "truncated": len(out["input_ids"]) > max_length,
-            # the model learns to stop only if the final assistant turn's end-of-turn token carries a label
+            # the model learns to stop only if the final supervised turn's end-of-turn token carries a label
             "last_eot_supervised": bool(supervised) and supervised[-1] == tokenizer.eos_token_id}
 
 
 def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template: str, cfg: ChatConfig) -> pa.Table:
-    """Return the tokenized rows of one split, with the prompt and reference answer kept for evaluation."""
+    """Return the tokenized rows of one split, with the prompt and reference answer kept for evaluation.
+
+    The reference is the last supervised assistant turn; the prompt is everything before it.
+    """
     rows = []
     selected = con.execute(ROWS_SQL, {"split": split}).fetchall()
     for row_id, source, system, messages, copies in tqdm(selected, desc=f"format {split}", unit=" rows", disable=None,
                                                          leave=False):
         convo = conversation(system, messages, cfg.keep_reasoning)
-        last_assistant = max(i for i, m in enumerate(convo) if m["role"] == "assistant")
-        row = {"row_id": row_id, "source": source, **tokenize_conversation(tokenizer, template, convo, cfg.max_length),
-               "prompt": json.dumps(convo[:last_assistant], ensure_ascii=False),
-               "reference": convo[last_assistant]["content"]}
+        head = len(convo) - len(messages)  # the system turn, if any
+        last = head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0)
+        encoded = tokenize_conversation(tokenizer, template, convo, cfg.max_length, assistant_weights(messages))
+        row = {"row_id": row_id, "source": source, **encoded,
+               "prompt": json.dumps(convo[:last], ensure_ascii=False), "reference": convo[last]["content"]}
         rows.extend([row] * copies)
     return pa.Table.from_pylist(rows, schema=FORMATTED_SCHEMA)
 
