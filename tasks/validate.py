@@ -17,6 +17,7 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import RunPaths, ValidateConfig
 from tasks.errors import DataValidationError
+from tasks.gx_messages import explain_failure
 
 # One row per record / conversation / tokenized row, with the derived columns each suite checks.
 PROFILES = {
@@ -97,23 +98,16 @@ def run_suite(frame: pd.DataFrame, suite, docs_root: Path | None = None) -> tupl
     rows = [{"expectation": r.expectation_config.type,
              "kwargs": {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"},
              "success": bool(r.success), "unexpected_count": r.result.get("unexpected_count"),
+             "element_count": r.result.get("element_count"),
              "observed_value": r.result.get("observed_value"),
              "examples": r.result.get("partial_unexpected_list", [])[:3]} for r in validation.results]
     urls = context.get_docs_sites_urls() if docs_root else []
     return rows, (urls[0].get("site_url") if urls else None)
 
 
-def summarise_failures(results: list[dict]) -> str:
-    """Return one readable clause per failed expectation."""
-    parts = []
-    for r in results:
-        if r["success"]:
-            continue
-        column = r["kwargs"].get("column", "table")
-        what = (f"{r['unexpected_count']} rows unexpected, e.g. {r['examples']}" if r["unexpected_count"] is not None
-                else f"observed {r['observed_value']}")
-        parts.append(f"{r['expectation']}({column}): {what}")
-    return "; ".join(parts)
+def summarise_failures(results: list[dict], stage: str = "", data: Path | None = None) -> str:
+    """Return one readable clause per failed expectation: expected, observed, likely cause (tasks/gx_messages.py)."""
+    return "; ".join(explain_failure(stage, r, data) for r in results if not r["success"])
 
 
 def validate_table(stage: str, data: Path, suite_file: Path, cfg: ValidateConfig,
@@ -140,7 +134,7 @@ def validate(stage: str, data: Path, suite_file: Path, out_report: Path, out_doc
                           encoding="utf-8")
     if in_prefect_run():
         publish_results(stage, results, docs_url)
-    if failures := summarise_failures(results):
+    if failures := summarise_failures(results, stage, data):
         raise DataValidationError(f"{data}: suite {suite_file} failed: {failures} (details: {out_report})")
     stage_logger().info("validate %s: %d expectations passed on %s; Data Docs %s", stage, len(results), data,
                           docs_url)

@@ -74,7 +74,9 @@ def test_a_failed_suite_stops_with_a_readable_summary_and_keeps_the_details(tmp_
         con.execute(BREAKERS["bad split"][0])
     with disable_run_logger(), pytest.raises(DataValidationError) as err:
         validate.fn("clean", db, ValidateConfig().clean_suite, tmp_path / "v.json", tmp_path, ValidateConfig(min_rows=30))
-    assert "expect_column_values_to_be_in_set(split): 1 rows unexpected, e.g. ['test']" in str(err.value)
+    assert ("expect_column_values_to_be_in_set(split): expected split in ['train', 'heldout'], observed 1 of 30 rows "
+            "outside that set, e.g. ['test'] (likely cause: a clean bug (rows are split into train and heldout))") \
+        in str(err.value)
     assert (tmp_path / "v.json").is_file()
 
 
