@@ -4,7 +4,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.chat_format import format_rows, tokenize_conversation, training_template, weigh_spans
+from tasks.chat_format import assistant_weights, format_rows, tokenize_conversation, training_template, weigh_spans
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
 from tasks.errors import ConfigError, InputError
@@ -134,3 +134,15 @@ def test_a_template_that_does_not_mark_each_answer_cannot_take_loss_weights():
     assert weigh_spans([0, 1, 1, 0, 1, 0], [0.0, 1.0]) == [0, 0, 0, 0, 1, 0]
     with pytest.raises(ConfigError, match="2 supervised spans for 3 assistant turns"):
         weigh_spans([0, 1, 1, 0, 1, 0], [0.0, 1.0, 1.0])
+
+
+def test_a_weight_on_a_user_turn_has_no_effect_and_sharegpt_turns_take_weights_too(tmp_path):
+    records = [{"messages": [{"role": "user", "content": "q", "loss_weight": 0},
+                             {"role": "assistant", "content": "a"}]},
+               {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g1", "weight": 0},
+                                  {"from": "human", "value": "h2"}, {"from": "gpt", "value": "g2", "weight": 1}]}]
+    _, rows = ingest(tmp_path, records)
+    assert [[m["weight"] for m in messages] for messages, *_ in rows] == [[0.0, None], [None, 0.0, None, 1.0]]
+    assert [assistant_weights(messages) for messages, *_ in rows] == [[1.0], [0.0, 1.0]]
+    counts = clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig(), on_bad_rows="quarantine")
+    assert counts["rows_clean"] == 2 and counts["dropped_by_rule"] == {}
