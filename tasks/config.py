@@ -114,6 +114,9 @@ class ChatConfig(StageConfig):
 class TrainConfig(StageConfig):
     base_model: str = Field(DEFAULT_BASE_MODEL, description="pkg://…/x.gguf, a .gguf path, a local dir or a Hub id.")
     load_in_4bit: bool = Field(True, description="QLoRA: NF4 4-bit base via bitsandbytes (runs on CPU too).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Dtype of the 4-bit matmuls, the LoRA weights and autocast. auto: bf16 where the device "
+        "does it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), fp16 on older CUDA devices, else fp32.")
     lora_r: int = Field(16, gt=0, description="LoRA rank; adapter size grows linearly.")
     lora_alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
@@ -124,9 +127,6 @@ class TrainConfig(StageConfig):
     gradient_accumulation_steps: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup, then linear decay.")
     logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Dtype of the 4-bit matmuls, the LoRA weights and autocast. auto: bf16 where the device "
-        "does it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), fp16 on older CUDA devices, else fp32.")
     save_steps: int = Field(20, gt=0, description="Checkpoint the adapter every N steps (a retry resumes there).")
     seed: int = Field(0, description="Training seed.")
 
