@@ -40,7 +40,7 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     # each validate_stage() raises DataValidationError: bad data never reaches training
     raw_db = ingest(cfg.data, fingerprint_sources(cfg.data), run.sources, run.ingest_db)
     validate_stage("raw", raw_db, run, cfg.validation)
-    clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
+    clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean, cfg.data.on_bad_rows)
     validate_stage("clean", clean_db, run, cfg.validation)
     chats = format_chats(clean_db, base, run.formatted, cfg.chat)
     validate_stage("tokenized", chats, run, cfg.validation)

@@ -23,7 +23,8 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
     calls = {
         "prepare-base-model": lambda: (prepare_base_model, (cfg.train.base_model,)),
         "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
-        "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)),
+        "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean,
+                                  cfg.data.on_bad_rows)),
         "validate-raw": lambda: (validate, validation_args("raw", run.ingest_db, run, cfg.validation)),
         "validate": lambda: (validate, validation_args("clean", run.clean_db, run, cfg.validation)),
         "validate-tokens": lambda: (validate, validation_args("tokenized", run.formatted, run, cfg.validation)),

@@ -15,9 +15,10 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from tasks.common import COMPRESSION_SQL, stage_logger, stage_task
+from tasks.common import COMPRESSION_SQL, in_prefect_run, stage_logger, stage_task
 from tasks.config import CleanConfig, content_hash
 from tasks.dedup import near_duplicate_clusters
+from tasks.report import publish_cleaning_report
 from tasks.source_check import enforce_source_checks, source_warnings
 
 CONTROL_CHARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]"
@@ -287,6 +288,8 @@ def clean(raw_db: Path, out_db: Path, out_report: Path, out_quarantine: Path, cf
     """
     counts = write_clean_database(raw_db, out_db, cfg)
     export_report(out_db, out_report, out_quarantine)
+    if in_prefect_run():
+        publish_cleaning_report(out_report)
     enforce_source_checks(counts["source_warnings"], on_bad_rows, cfg.max_source_loss)
     stage_logger().info(
         "clean kept %d of %d rows, quarantined %d %s, edited %s; split %s -> %s", counts["rows_clean"],

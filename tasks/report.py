@@ -33,11 +33,19 @@ def human_summary(s: dict) -> str:
             f"v{s['model_version']} @{s['alias']}; {s['wall_seconds']:.0f}s")
 
 
+def publish_cleaning_report(clean_report: Path) -> None:
+    """Show the cleaning report as a Prefect artifact: each source warning first, then the rows dropped per rule."""
+    report = json.loads(clean_report.read_text(encoding="utf-8"))
+    lines = [f"**Warning:** {w['message']}\n" for w in report.get("source_warnings", [])]
+    lines += ["| rule | rows | example | detail |", "|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['rows']} | {r['example']} | {str(r['example_detail']).replace('|', '/')} |"
+              for r in report["rules"]] or ["| - | 0 | | |"]
+    create_markdown_artifact(key="cleaning-report", markdown="\n".join(lines),
+                             description="Rows dropped by each cleaning rule (kept in the quarantine table)")
+
+
 def publish_artifacts(summary: dict, clean_report: Path, eval_dir: Path) -> None:
-    """Create Prefect artifacts: the cleaning report, sample generations and the run summary."""
-    rules = json.loads(clean_report.read_text(encoding="utf-8"))["rules"]
-    create_table_artifact(key="cleaning-report", table=rules or [{"rule": "-", "rows": 0}],
-                          description="Rows dropped by each cleaning rule (kept in the quarantine table)")
+    """Create Prefect artifacts: sample generations and the run summary."""
     samples = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     create_table_artifact(key="eval-samples", table=samples[:20], description="Held-out generations, base vs tuned")
     create_markdown_artifact(key="run-summary", markdown="\n".join(

@@ -1,6 +1,6 @@
 """The `sftflow` command as a user types it: a bare environment, a fresh Prefect home, every single step."""
 
-import os
+import json
 import sqlite3
 import subprocess
 import sys
@@ -69,10 +69,10 @@ def test_a_prefect_server_that_cannot_start_is_one_line_with_the_fix(project, tm
     assert result.returncode == 2
     assert "Traceback" not in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("sftflow: error:")]
-    assert errors == ["sftflow: error: Prefect's temporary API server did not start within 1 s "
+    assert errors == [("sftflow: error: Prefect's temporary API server did not start within 1 s "
                       "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); the machine may be busy. Retry, raise that "
                       "setting, or start a server with `make ui-prefect` and set "
-                      "PREFECT_API_URL=http://127.0.0.1:4200/api"]
+                      "PREFECT_API_URL=http://127.0.0.1:4200/api")]
 
 
 def test_an_unreachable_prefect_api_url_is_one_line_with_the_fix(project, tmp_path):
@@ -117,3 +117,64 @@ def test_every_step_reruns_alone_on_a_finished_run(cli_run, step, tiny_model_dir
     if step == "clean":
         with duckdb.connect(str(run / "clean.duckdb"), read_only=True) as con:
             assert con.execute("SELECT count(*) FROM clean").fetchall()[0][0] > 50
+
+
+SEED_TASK = {"id": "seed_task_{}", "instruction": "Name the relation {}.",
+             "instances": [{"input": "Night : Day", "output": "Opposites."}], "is_classification": True}
+
+
+def seed_tasks(path: Path, n: int = 60) -> Path:
+    rows = [{k: v.format(i, i) if isinstance(v, str) else v for k, v in SEED_TASK.items()} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_seed_tasks_without_explode_stop_at_clean_with_one_line_naming_the_fix(project, tmp_path, tiny_model_dir):
+    data = seed_tasks(tmp_path / "seed_tasks.jsonl")
+    result = sftflow("run", "configs/tiny.yaml", "--set", f"runs_dir={tmp_path}/runs", "--set",
+                     f"train.base_model={tiny_model_dir}", "--set", f"data.sources=[{{path: {data}}}]", cwd=project,
+                     env=bare_env(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value(), HF_HUB_OFFLINE="1"))
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("sftflow: error:")]
+    assert line.startswith(f"sftflow: error: source 'seed_tasks' lost all 60 rows to missing_field, e.g. {data}:1")
+    assert "instances=" in line and "this would fit: data.sources[].explode: instances" in line
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "clean_report.json").is_file() and not (run / "formatted").exists()  # stopped before format
+
+
+def test_with_quarantine_the_run_goes_on_and_the_cleaning_report_artifact_shows_the_warning(finished_tiny_source,
+                                                                                            tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from tasks.clean import clean
+    from tasks.config import CleanConfig, DataConfig
+    from tasks.ingest import ingest_rows
+
+    data = seed_tasks(tmp_path / "seed_tasks.jsonl", 10)
+    cfg = DataConfig(sources=[{"path": str(finished_tiny_source)}, {"path": str(data)}], on_bad_rows="quarantine")
+    ingest_rows(cfg, tmp_path, tmp_path / "ingest.duckdb")
+
+    @flow
+    def clean_only() -> None:
+        clean(tmp_path / "ingest.duckdb", tmp_path / "clean.duckdb", tmp_path / "report.json",
+              tmp_path / "q.parquet", CleanConfig(), "quarantine")
+
+    clean_only()
+    report = json.loads((tmp_path / "report.json").read_text())
+    (warning,) = report["source_warnings"]
+    assert warning["source"] == "seed_tasks" and warning["rule"] == "missing_field" and warning["rows"] == 10
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts(limit=50)
+    (cleaning,) = [a for a in artifact if a.key == "cleaning-report"]
+    assert f"**Warning:** {warning['message']}" in cleaning.data
+    assert "| missing_field | 10 |" in cleaning.data
+
+
+@pytest.fixture
+def finished_tiny_source(tmp_path) -> Path:
+    """A clean Alpaca file big enough that one bad source is the only loss."""
+    path = tmp_path / "good.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} is said, {i * 7}."}) + "\n"
+                            for i in range(80)), encoding="utf-8")
+    return path
