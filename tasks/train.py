@@ -11,7 +11,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 from tasks.chat_format import load_tokenizer
 from tasks.common import fingerprint_path, stage_logger, stage_task
 from tasks.config import TrainConfig
@@ -89,7 +88,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
 
 def clock(seconds: float) -> str:
     """Return a duration as h:mm:ss or m:ss."""
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
