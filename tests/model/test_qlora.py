@@ -108,3 +108,16 @@ def test_a_changed_config_never_resumes_another_jobs_checkpoint(formatted, tiny_
     logged = [r for r in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]  # trained from step 1 again, not resumed at step 4
     assert all(r["learning_rate"] <= 1e-3 for r in logged)
+
+
+@pytest.mark.parametrize("flags, dtype", [({"avx2"}, torch.float32), ({"avx2", "amx_bf16"}, torch.bfloat16)])
+def test_the_trainer_keeps_lora_weights_and_4bit_compute_in_the_cpus_native_dtype(formatted, tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, flags, dtype):
+    from tasks import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    trainer = build_trainer(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=1))
+    trainable = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert trainable == {dtype}  # TRL alone casts a quantized model's adapters to bf16, emulated on AVX2
+    assert trainer.model.config.quantization_config.bnb_4bit_compute_dtype == dtype
+    assert trainer.args.bf16 == (dtype == torch.bfloat16)
