@@ -14,52 +14,77 @@ from tasks.common import stage_logger, stage_task
 from tasks.config import EvaluateConfig
 from tasks.modeling import load_base_model
 
+LOSS_BATCH = 16  # rows per forward pass: logits are rows x tokens x vocabulary floats (49k for SmolLM2)
 
-def supervised_loss(model, rows: list[dict]) -> float:
-    """Return the mean cross-entropy over supervised (assistant) tokens of the given tokenized rows."""
+
+def supervised_loss(model, rows: list[dict], batch_size: int = LOSS_BATCH) -> float:
+    """Return the mean cross-entropy over supervised (assistant) tokens of the given tokenized rows.
+
+    Rows go in right-padded batches: under causal attention a real token never sees the padding after it, and
+    padding carries no label, so the per-token sum is the one-row-at-a-time sum (a test checks it).
+    """
     import torch
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for row in rows:  # one at a time: no padding, an exact per-token sum
-        ids = torch.tensor([row["input_ids"]], device=device)
-        labels = torch.tensor([[t if m else -100 for t, m in zip(row["input_ids"], row["assistant_masks"])]],
-                              device=device)
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, row in enumerate(chunk):
+            n = len(row["input_ids"])
+            ids[j, :n] = torch.tensor(row["input_ids"])
+            labels[j, :n] = torch.where(torch.tensor(row["assistant_masks"]).bool(), ids[j, :n], -100)
+            attention[j, :n] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids).logits.float()
-        total += torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
-                                                   reduction="sum").item()
-        count += int((labels[0, 1:] != -100).sum())
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
+        shifted = labels[:, 1:].to(device)
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                   ignore_index=-100, reduction="sum").item()
+        count += int((shifted != -100).sum())
     return total / max(count, 1)
 
 
 def generate_answers(model, tokenizer, prompts: list[list[dict]], cfg: EvaluateConfig, label: str = "") -> list[str]:
-    """Return greedy completions for chat prompts, batched with left padding; log progress per batch if labelled."""
+    """Return greedy completions for chat prompts, batched with left padding; log progress if labelled."""
     import torch
 
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     answers, start = [], time.perf_counter()
     for i in range(0, len(prompts), cfg.batch_size):
-        if label and i:
-            log_progress(f"evaluate: generating ({label})", i, len(prompts), start)
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                  for p in prompts[i:i + cfg.batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        what = f"evaluate: generating ({label}), prompts {i + 1}-{i + len(texts)} of {len(prompts)}"
+        progress = [token_progress(what, cfg.max_new_tokens, start)] if label else None
+        if label:
+            stage_logger().info("%s: reading the prompts", what)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=progress)
         answers += [tokenizer.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
-    if label:
-        log_progress(f"evaluate: generating ({label})", len(prompts), len(prompts), start)
     return answers
 
 
-def log_progress(what: str, done: int, total: int, start: float) -> None:
-    """Log `what done/total prompts, elapsed, ETA`."""
-    elapsed = time.perf_counter() - start
-    eta = elapsed / max(done, 1) * (total - done)
-    stage_logger().info("%s %d/%d prompts  elapsed %.0f s  ETA %.0f s", what, done, total, elapsed, eta)
+def token_progress(what: str, max_new_tokens: int, start: float, every: int = 8):
+    """Return a stopping criterion that never stops: it logs `what, token n/max, elapsed` every `every` tokens."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class LogTokens(StoppingCriteria):
+        tokens = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.tokens += 1
+            if self.tokens % every == 0:
+                stage_logger().info("%s: token %d/%d  elapsed %.0f s", what, self.tokens, max_new_tokens,
+                                    time.perf_counter() - start)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return LogTokens()
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -81,6 +106,7 @@ def evaluate_model(formatted_dir: Path, model_dir: str, adapter_dir: Path, out_d
     tuned = generate_answers(model, tokenizer, prompts, cfg, label="tuned")
     with model.disable_adapter():  # the same weights without LoRA: the base model, on the same prompts
         base = generate_answers(model, tokenizer, prompts, cfg, label="base")
+        stage_logger().info("evaluate: eval loss of base and tuned on %d rows", len(rows))
         base_loss = supervised_loss(model, rows)
     report = {"heldout_rows": len(rows), "eval_loss": supervised_loss(model, rows),
               "base_eval_loss": base_loss, "base_exact_match": exact_match(base, references),

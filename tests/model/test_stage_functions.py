@@ -43,5 +43,6 @@ def test_each_stage_function_runs_without_prefect_and_logs_to_the_standard_logge
     messages = [r.getMessage() for r in caplog.records if r.name == "sftflow"]
     for prefix in ("base model ", "ingest read ", "clean kept ", "validate raw: ", "validate clean: ",
                    "validate tokenized: ", "format: ", "train: compute dtype ", "train step 2/2  loss ",
-                   "evaluate: 4 held-out prompts", "register: ", "run plain: rows raw "):
+                   "evaluate: 4 held-out prompts",
+                   "evaluate: generating (base), prompts 1-4 of 4: token 8/12  elapsed ", "register: ", "run plain: rows raw "):
         assert any(m.startswith(prefix) for m in messages), (prefix, messages)
