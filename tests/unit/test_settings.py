@@ -13,6 +13,7 @@ def test_defaults_put_prefect_in_the_project_turn_telemetry_off_and_give_prefect
     assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == str(PREFECT_STARTUP_TIMEOUT_S) == "180"
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == env["GX_ANALYTICS_ENABLED"] == "false"
     assert env["MLFLOW_ENABLE_TELEMETRY"] == "false" and env["HF_HUB_DISABLE_TELEMETRY"] == "1"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # a busy machine: waiting threads sleep instead of spinning
     assert "HF_HUB_OFFLINE" not in env  # users with the Hub keep it; the default model needs none
 
 
