@@ -103,17 +103,35 @@ class ValidateConfig(StageConfig):
         return {"raw": self.raw_suite, "clean": self.clean_suite, "tokenized": self.tokenized_suite}[stage]
 
 
+TEMPLATE_NAMES = ("model", "chatml", "llama2", "llama3", "gemma", "mistral", "alpaca")
+
+
 class ChatConfig(StageConfig):
-    max_length: int = Field(512, gt=8, description="Token limit per conversation; longer ones are truncated.")
+    max_length: int = Field(512, gt=8, description="Token limit per conversation (see too_long).")
+    too_long: Literal["drop", "truncate"] = Field(
+        "drop", description="A conversation over max_length: quarantine it as too_many_tokens (drop), or cut it "
+        "(truncate; the cut turn then has no end-of-turn token to learn stopping from).")
     keep_reasoning: bool = Field(False, description="Train on thinking traces (<think>…</think> before answers).")
+    template: Literal["model", "chatml", "llama2", "llama3", "gemma", "mistral", "alpaca"] = Field(
+        "model", description="Chat template: the model's own (model), or a named one for models without one or to "
+        "override theirs.")
     chat_template: Path | None = Field(
-        None, description="Jinja file with {% generation %} markers, for templates sftflow cannot patch itself."
-    )
+        None, description="A custom Jinja chat template file; wins over `template`. No {% generation %} markers "
+        "needed: masks come from rendering prefixes.")
+    mask: Literal["assistant", "last_turn", "completion", "all"] = Field(
+        "assistant", description="Supervised tokens: every assistant turn (assistant), the final assistant turn only "
+        "(last_turn), everything after the prompt of prompt-completion data (completion), or every token (all). "
+        "The end-of-turn token after a supervised turn is always supervised.")
+    num_proc: int = Field(0, ge=0, description="Formatting processes; 0 picks by row count and CPU cores.")
 
 
 class TrainConfig(StageConfig):
     base_model: str = Field(DEFAULT_BASE_MODEL, description="pkg://…/x.gguf, a .gguf path, a local dir or a Hub id.")
-    load_in_4bit: bool = Field(True, description="QLoRA: NF4 4-bit base via bitsandbytes (runs on CPU too).")
+    method: Literal["qlora", "lora", "lora_8bit", "full", "hft"] = Field(
+        "qlora", description="qlora: LoRA on a 4-bit NF4 base (double quantization); lora: LoRA on a full-precision "
+        "base; lora_8bit: LoRA on an 8-bit base; full: every weight trained; hft: Half Fine-Tuning, half of the "
+        "transformer blocks frozen in each round, a different half each round.")
+    hft_round_steps: int = Field(10, gt=0, description="hft: optimizer steps per round before the halves swap.")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Dtype of the 4-bit matmuls, the LoRA weights and autocast. auto: bf16 where the device "
         "does it natively (CUDA with bf16, a CPU with AMX or AVX512-BF16), fp16 on older CUDA devices, else fp32.")
@@ -122,13 +140,52 @@ class TrainConfig(StageConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: str | list[str] = Field("all-linear", description="Modules that get LoRA adapters.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate.")
-    max_steps: int = Field(40, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(4, gt=0, description="Sequences per device per micro-batch.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Decay after warmup: linear or cosine to 0, or constant.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping: the largest global gradient norm.")
+    max_steps: int | None = Field(40, gt=0, description="Optimizer steps; null trains num_epochs epochs instead.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training rows, used when max_steps is null.")
+    batch_size: int = Field(4, gt=0, description="Rows per device per micro-batch (packed rows when packing).")
     gradient_accumulation_steps: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup, then linear decay.")
-    logging_steps: int = Field(5, gt=0, description="Log loss every N steps.")
-    save_steps: int = Field(20, gt=0, description="Checkpoint the adapter every N steps (a retry resumes there).")
+    packing: bool = Field(True, description="BFD-pack conversations into rows of pack_length tokens, padding-free "
+                                            "(position ids restart per conversation, attention never crosses one).")
+    pack_length: int = Field(1024, gt=8, description="Tokens per packed row.")
+    lean_loss: bool = Field(True, description="Compute logits only where a label is (saves the vocabulary-wide "
+                                              "logits of prompt and padding tokens).")
+    logging_steps: int = Field(5, gt=0, description="Log loss, learning rate, gradient norm, tokens/s every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Held-out eval loss every N steps (null: only at the end).")
+    eval_rows: int = Field(32, gt=0, description="Held-out rows in that eval-loss slice.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop when the eval loss has not improved for this many evaluations (needs "
+        "eval_steps).")
+    save_steps: int = Field(20, gt=0, description="Checkpoint every N steps (a retry or rerun resumes there).")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept: the newest K.")
+    num_processes: int = Field(1, gt=0, description="Training processes; above 1 runs `accelerate launch`.")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="With num_processes > 1: DDP or FSDP.")
     seed: int = Field(0, description="Training seed.")
+
+    @property
+    def load_in_4bit(self) -> bool:
+        """Return True when the base loads 4-bit NF4 (QLoRA)."""
+        return self.method == "qlora"
+
+    @property
+    def load_in_8bit(self) -> bool:
+        """Return True when the base loads 8-bit (LoRA on an 8-bit base)."""
+        return self.method == "lora_8bit"
+
+    @property
+    def uses_lora(self) -> bool:
+        """Return True when training produces a LoRA adapter rather than full weights."""
+        return self.method in ("qlora", "lora", "lora_8bit")
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evals(self) -> TrainConfig:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs eval_steps")
+        return self
 
 
 class EvaluateConfig(StageConfig):

