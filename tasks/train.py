@@ -148,6 +148,9 @@ def resumable_checkpoint(out_dir: Path, key: str) -> str | None:
 
 def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()) -> Path:
     """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter."""
+    if cfg.num_processes > 1:  # one process per rank via accelerate launch, each building the same trainer
+        from tasks.distributed import train_distributed
+        return train_distributed(formatted_dir, model_dir, out_dir, cfg)
     precision = model_precision(cfg.compute_dtype)
     stage_logger().info("train: compute dtype %s (%s); %s base, LoRA r=%d, %d steps of %d x %d sequences",
                         precision.name, precision.reason, "4-bit NF4" if cfg.load_in_4bit else "full-precision",
