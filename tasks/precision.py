@@ -7,6 +7,7 @@ themselves; one without it (e.g. a T4 or V100) gets fp16 mixed precision. `train
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,13 @@ def native_cpu_bf16(flags: set[str]) -> str | None:
     if not found and platform.machine() in ("aarch64", "arm64") and "bf16" in flags:
         found = ["bf16"]
     return found[0] if found else None
+
+
+def cpu_summary() -> str:
+    """Return the CPU model and the flags that decide its speed here, for benchmark records ("…; native bf16: no; avx2")."""
+    flags = cpu_flags()
+    vector = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{cpu_name()}; native bf16: {native_cpu_bf16(flags) or 'no'}; {vector}; {os.cpu_count()} cores"
 
 
 def auto_precision(cuda: bool) -> Precision:
