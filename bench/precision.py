@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from tasks.base_model import resolve_base_model
 from tasks.config import DEFAULT_BASE_MODEL
 from tasks.modeling import load_base_model, model_precision
-from tasks.precision import cpu_flags, cpu_name, native_cpu_bf16
+from tasks.precision import cpu_summary
 
 
 def seconds_per_step(model_dir: str, dtype: str, batch: int, tokens: int, steps: int) -> float:
@@ -55,9 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     model_dir = resolve_base_model(DEFAULT_BASE_MODEL)
-    flags = cpu_flags()
-    result = {"cpu": f"{cpu_name()}; native bf16: {native_cpu_bf16(flags) or 'no'}; "
-                     f"{'avx512f' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'no avx2'}",
+    result = {"cpu": cpu_summary(),
               "batch": args.batch, "tokens": args.tokens, "auto_picks": model_precision("auto").name}
     for dtype in ("fp32", "bf16"):
         result[f"{dtype}_s_per_step"] = round(seconds_per_step(model_dir, dtype, args.batch, args.tokens, args.steps), 2)
