@@ -41,12 +41,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     task.add_argument("step", choices=STEPS)
     task.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
     task.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    task.add_argument("--inspect", type=int, default=0, metavar="N",
+                      help="format only: then print N formatted rows with the supervised tokens in [[…]] (count)")
     sub.add_parser("env", help="print sftflow's environment as shell exports: eval \"$(sftflow env)\" before running "
                                "prefect or mlflow commands by hand, so they use the same stores")
     for p in (run, task):
         p.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.FIELD=VALUE",
                        help="override a config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "inspect", 0) and args.step != "format":
+        parser.error("--inspect works with the format step only")
+    return args
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
@@ -87,6 +92,10 @@ def dispatch(args: argparse.Namespace) -> None:
         from flows.single_task import run_step
 
         print(run_step(args.step, args.runs_dir, args.run_id, args.overrides))
+        if args.inspect:
+            from flows.single_task import inspect_format
+
+            print(inspect_format(args.runs_dir, args.run_id, args.inspect, args.overrides, sys.stdout.isatty()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     validate_stage("raw", raw_db, run, cfg.validation)
     clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean, cfg.data.on_bad_rows)
     validate_stage("clean", clean_db, run, cfg.validation)
-    chats = format_chats(clean_db, base, run.formatted, cfg.chat)
+    chats = format_chats(clean_db, base, run.formatted, cfg.chat, run.quarantine)
     validate_stage("tokenized", chats, run, cfg.validation)
     adapter = train_adapter(chats, base, run.train, cfg.train)
     evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit,

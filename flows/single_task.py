@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.chat_format import format_chats
+from tasks.chat_format import format_chats, inspect_rows
 from tasks.clean import clean
 from tasks.config import RunPaths, load_config
 from tasks.errors import ConfigError
@@ -28,7 +28,7 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
         "validate-raw": lambda: (validate, validation_args("raw", run.ingest_db, run, cfg.validation)),
         "validate": lambda: (validate, validation_args("clean", run.clean_db, run, cfg.validation)),
         "validate-tokens": lambda: (validate, validation_args("tokenized", run.formatted, run, cfg.validation)),
-        "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat)),
+        "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat, run.quarantine)),
         "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
         "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), run.train / "adapter", run.eval, cfg.evaluate,
                                                 cfg.train.load_in_4bit, cfg.train.compute_dtype)),
@@ -46,3 +46,9 @@ def run_step(step: str, runs_dir: Path, run_id: str, overrides: list[str]) -> An
     cfg = load_config(run.config, overrides)
     task, args = step_call(step, cfg, run)
     return task.with_options(refresh_cache=True)(*args)
+
+
+def inspect_format(runs_dir: Path, run_id: str, n: int, overrides: list[str], colour: bool = False) -> str:
+    """Return `n` of the run's formatted training rows with the supervised tokens marked (`--inspect N`)."""
+    cfg = load_config(RunPaths(runs_dir, run_id).config, overrides)
+    return inspect_rows(RunPaths(runs_dir, run_id).formatted, prepare_base_model.fn(cfg.train.base_model), n, colour)

@@ -1,9 +1,13 @@
-"""Format: render each clean conversation with the model's chat template and tokenize it with loss masks.
+"""Format: render each clean conversation with its chat template and tokenize it with loss masks.
 
-Masks come from the template's `{% generation %}` markers via transformers' `return_assistant_tokens_mask`, the
-same mechanism TRL's `assistant_only_loss` uses: only assistant tokens and their end-of-turn token are supervised,
-and of those only turns whose loss weight is not 0 (each assistant turn is one marked span, in order).
-A template without markers is swapped for a training variant (TRL's registry, or sftflow's own in templates/).
+The template is the model's own unless chat.template names one of sftflow's (tasks/templates.py) or
+chat.chat_template gives a file. Masks come from rendering prefixes (tasks/masks.py), so any template works, with
+or without `{% generation %}` markers: chat.mask picks every assistant turn, the last one, the completion of
+prompt–completion data, or the whole sequence; the end-of-turn token after a supervised turn is always supervised,
+and a turn whose loss weight is 0 is rendered but not supervised. Every held-out prompt, rendered with the
+generation prompt, must tokenize as a prefix of its training tokens. Conversations over chat.max_length tokens are
+dropped to the run's quarantine as too_many_tokens, or truncated (chat.too_long). The inference form of the
+template is saved as chat_template.jinja, for the adapter's tokenizer and for evaluation.
 """
 
 from __future__ import annotations
@@ -12,17 +16,19 @@ import json
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect.artifacts import create_table_artifact
-from tqdm.auto import tqdm
 
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import ChatConfig
 from tasks.errors import ConfigError, DataValidationError
+from tasks.masks import ChatEncoder, encode_all, marked_text
+from tasks.templates import TEMPLATE_FILE, TEMPLATES, ChatRenderer, inference_template, resolve_template, special_tokens
 
-TEMPLATES = Path(__file__).parent / "templates"
-# Inference template -> training variant with generation markers, for templates TRL does not patch.
+__all__ = ["TEMPLATES", "TEMPLATE_FILE", "format_chats", "format_rows", "load_tokenizer", "tokenize_conversation"]
+# Inference template -> training variant with generation markers (the reference the prefix masks are tested against).
 KNOWN_TRAINING_TEMPLATES = {"smollm2.jinja": "smollm2_training.jinja"}
 FORMATTED_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
@@ -38,17 +44,33 @@ SELECT row_id, source, system, messages,
        END AS copies
 FROM clean WHERE split = $split ORDER BY row_id
 """
+# The clean step's quarantine plus the rows format dropped for length: raw = formatted + quarantine still holds.
+QUARANTINE_SQL = """
+COPY (SELECT * FROM quarantine
+      UNION ALL BY NAME
+      SELECT c.row_id, c.source, c.source_file, c.line_number, 'too_many_tokens' AS rule, d.detail, c.system,
+             c.messages, NULL::VARCHAR AS record
+      FROM clean c JOIN dropped d USING (row_id)
+      ORDER BY row_id) TO $p (FORMAT parquet)
+"""
 
 
-def load_tokenizer(model_dir: str):
-    """Return the tokenizer of a local model directory or Hub id."""
+def load_tokenizer(model_dir: str, formatted_dir: Path | None = None):
+    """Return the tokenizer of a local model directory or Hub id; given the format step's output directory, with
+    the (inference form of the) chat template the rows were formatted with, so training and prompting agree."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if formatted_dir is not None and (Path(formatted_dir) / TEMPLATE_FILE).is_file():
+        tokenizer.chat_template = (Path(formatted_dir) / TEMPLATE_FILE).read_text(encoding="utf-8")
+    return tokenizer
 
 
 def training_template(tokenizer, override: Path | None = None) -> str:
-    """Return a chat template with `{% generation %}` markers that renders exactly like the tokenizer's own."""
+    """Return a chat template with `{% generation %}` markers that renders exactly like the tokenizer's own.
+
+    TRL's way to masks; format no longer needs it (any template works), but the tests check the masks against it.
+    """
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if override is not None:
@@ -84,110 +106,158 @@ def assistant_weights(messages: list[dict]) -> list[float]:
     return [1.0 if m.get("weight") is None else m["weight"] for m in messages if m["role"] == "assistant"]
 
 
-def supervised_spans(mask: list[int]) -> list[tuple[int, int]]:
-    """Return the (start, end) of each run of supervised positions in a mask."""
-    spans, start = [], None
-    for i, supervised in enumerate([*mask, 0]):
-        if supervised and start is None:
-            start = i
-        elif not supervised and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
+def chat_encoder(tokenizer, template: str, mode: str = "assistant") -> ChatEncoder:
+    """Return the encoder that renders with `template` and tokenizes with `tokenizer`'s fast (Rust) tokenizer."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{type(tokenizer).__name__} is a slow tokenizer; format needs a fast one (tokenizer.json)")
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation or backend.padding:  # left set by an earlier call: the rows must be whole and unpadded
+        from tokenizers import Tokenizer
 
-
-def weigh_spans(mask: list[int], weights: list[float]) -> list[int]:
-    """Return the mask with the span of every weight-0 assistant turn unsupervised (one span per turn, in order)."""
-    spans = supervised_spans(mask)
-    if len(spans) != len(weights):
-        raise ConfigError(f"the chat template's generation markers give {len(spans)} supervised spans for "
-                          f"{len(weights)} assistant turns, so per-turn loss weights cannot be applied; use a "
-                          "template that marks every assistant turn (chat.chat_template)")
-    mask = list(mask)
-    for (start, end), weight in zip(spans, weights):
-        if not weight:
-            mask[start:end] = [0] * (end - start)
-    return mask
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    return ChatEncoder(ChatRenderer(template, special_tokens(tokenizer)), backend, mode)
 
 
 def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_length: int,
-                          weights: list[float] | None = None) -> dict:
+                          weights: list[float] | None = None, mode: str = "assistant") -> dict:
     """Return input_ids and assistant_masks (1 = supervised) for one conversation, truncated to max_length.
 
     `weights` holds each assistant turn's loss weight: a weight-0 turn is rendered but not supervised.
     """
-    out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    mask = list(out["assistant_masks"])
-    if weights is not None and not all(weights):  # weighed before truncation, which can only cut trailing spans
-        mask = weigh_spans(mask, weights)
-    ids, mask = list(out["input_ids"])[:max_length], mask[:max_length]
-    supervised = [t for t, m in zip(ids, mask) if m]
-    return {"input_ids": ids, "assistant_masks": mask, "n_tokens": len(ids), "n_supervised": len(supervised),
-            "truncated": len(out["input_ids"]) > max_length,
-            # the model learns to stop only if the final supervised turn's end-of-turn token carries a label
-            "last_eot_supervised": bool(supervised) and supervised[-1] == tokenizer.eos_token_id}
+    weights = weights or [1.0] * sum(m["role"] == "assistant" for m in messages)
+    enc = chat_encoder(tokenizer, template, mode).encode([messages], [weights])
+    return encoded_row(enc.ids[0], enc.masks[0], enc.last_token[0], max_length)
 
 
-def format_split(con: duckdb.DuckDBPyConnection, split: str, tokenizer, template: str, cfg: ChatConfig) -> pa.Table:
-    """Return the tokenized rows of one split, with the prompt and reference answer kept for evaluation.
+def encoded_row(ids: np.ndarray, mask: np.ndarray, last_token: int, max_length: int) -> dict:
+    """Return one row's columns, cut to max_length tokens."""
+    kept_mask = mask[:max_length]
+    return {"input_ids": ids[:max_length].tolist(), "assistant_masks": kept_mask.tolist(),
+            "n_tokens": min(len(ids), max_length), "n_supervised": int(kept_mask.sum()),
+            "truncated": len(ids) > max_length,
+            # the model learns to stop only if the final supervised turn keeps its end-of-turn token
+            "last_eot_supervised": 0 <= last_token < max_length}
+
+
+def format_split(con: duckdb.DuckDBPyConnection, split: str, encoder: ChatEncoder, cfg: ChatConfig
+                 ) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """Return the tokenized rows of one split (prompt and reference answer kept for evaluation) and the
+    (row_id, detail) of the rows dropped for length. Held-out prompts are checked to round-trip.
 
     The reference is the last supervised assistant turn; the prompt is everything before it.
     """
-    rows = []
     selected = con.execute(ROWS_SQL, {"split": split}).fetchall()
-    for row_id, source, system, messages, copies in tqdm(selected, desc=f"format {split}", unit=" rows", disable=None,
-                                                         leave=False):
-        convo = conversation(system, messages, cfg.keep_reasoning)
+    convos = [conversation(system, messages, cfg.keep_reasoning) for _, _, system, messages, _ in selected]
+    weights = [assistant_weights(messages) for _, _, _, messages, _ in selected]
+    enc = encode_all(encoder, convos, weights, check_prompts=split == "heldout", num_proc=cfg.num_proc)
+    if enc.prompt_failures:
+        i, why = enc.prompt_failures[0]
+        raise DataValidationError(
+            f"held-out row {selected[i][0]} (and {len(enc.prompt_failures) - 1} more): its prompt rendered with the "
+            f"generation prompt does not tokenize as a prefix of its training tokens ({why}), so the model would be "
+            "asked in another format than it was trained on; use another template (chat.template or "
+            "chat.chat_template)")
+    rows, dropped = [], []
+    for (row_id, source, _, messages, copies), convo, ids, mask, last in zip(
+            selected, convos, enc.ids, enc.masks, enc.last_token):
+        if len(ids) > cfg.max_length and cfg.too_long == "drop":
+            dropped.append((row_id, f"{len(ids)} tokens > chat.max_length={cfg.max_length}"))
+            continue
         head = len(convo) - len(messages)  # the system turn, if any
-        last = head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0)
-        encoded = tokenize_conversation(tokenizer, template, convo, cfg.max_length, assistant_weights(messages))
-        row = {"row_id": row_id, "source": source, **encoded,
-               "prompt": json.dumps(convo[:last], ensure_ascii=False), "reference": convo[last]["content"]}
+        ref = head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0)
+        row = {"row_id": row_id, "source": source, **encoded_row(ids, mask, last, cfg.max_length),
+               "prompt": json.dumps(convo[:ref], ensure_ascii=False), "reference": convo[ref]["content"]}
         rows.extend([row] * copies)
-    return pa.Table.from_pylist(rows, schema=FORMATTED_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=FORMATTED_SCHEMA), dropped
 
 
-def length_stats(table: pa.Table) -> dict:
-    """Return token length statistics of a formatted split."""
-    import numpy as np
-
+def length_stats(table: pa.Table, dropped: int) -> dict:
+    """Return token length statistics of a formatted split, with its drop (too_many_tokens) and truncation rates."""
     n = np.array(table.column("n_tokens").to_pylist() or [0])
     sup = np.array(table.column("n_supervised").to_pylist() or [0])
     sources = table.column("source").to_pylist()
+    unique = len(set(table.column("row_id").to_pylist()))
     return {"rows": table.num_rows, "rows_by_source": {k: sources.count(k) for k in sorted(set(sources))},
             "tokens_mean": float(n.mean()), "tokens_p50": float(np.percentile(n, 50)),
             "tokens_p95": float(np.percentile(n, 95)), "tokens_max": int(n.max()),
             "supervised_share": float(sup.sum() / max(n.sum(), 1)), "min_supervised": int(sup.min()),
-            "truncation_rate": float(np.mean(table.column("truncated").to_pylist() or [0]))}
+            "truncation_rate": float(np.mean(table.column("truncated").to_pylist() or [0])),
+            "rows_dropped_too_long": dropped, "drop_rate": dropped / max(unique + dropped, 1)}
 
 
-def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig) -> dict:
-    """Write train.parquet, heldout.parquet and stats.json to `out_dir`; return the stats."""
+def write_quarantine(con: duckdb.DuckDBPyConnection, dropped: list[tuple[int, str]], out: Path) -> None:
+    """Write the clean step's quarantine plus the `dropped` rows (rule too_many_tokens) to `out`, atomically."""
+    con.register("dropped", pa.table({"row_id": [r for r, _ in dropped], "detail": [d for _, d in dropped]},
+                                     schema=pa.schema([("row_id", pa.int64()), ("detail", pa.string())])))
+    tmp = out.with_suffix(".tmp")
+    con.execute(QUARANTINE_SQL, {"p": str(tmp)})
+    tmp.replace(out)
+
+
+def accounting(con: duckdb.DuckDBPyConnection, formatted: int, dropped: int) -> dict:
+    """Return raw/formatted/quarantined counts; raise if a clean row went missing."""
+    clean, quarantined = (con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("clean", "quarantine"))
+    if clean != formatted + dropped:  # an internal invariant: every clean row is formatted or dropped
+        raise AssertionError(f"row accounting broken: clean {clean} != formatted {formatted} + dropped {dropped}")
+    return {"rows_raw": clean + quarantined, "rows_formatted": formatted, "rows_quarantined": quarantined + dropped,
+            "dropped_by_rule": {"too_many_tokens": dropped} if dropped else {}}
+
+
+def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
+                out_quarantine: Path | None = None) -> dict:
+    """Write train.parquet, heldout.parquet, chat_template.jinja and stats.json to `out_dir`; return the stats.
+
+    Rows dropped for length are added to `out_quarantine` (the run's quarantine.parquet) when given.
+    """
     tokenizer = load_tokenizer(model_dir)
-    template = training_template(tokenizer, cfg.chat_template)
+    template = resolve_template(tokenizer, cfg)
+    encoder = chat_encoder(tokenizer, template, cfg.mask)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = {}
+    stats, dropped, formatted = {}, [], 0
     with duckdb.connect(str(clean_db), read_only=True) as con:
         for split in ("train", "heldout"):
-            table = format_split(con, split, tokenizer, template, cfg)
+            table, split_dropped = format_split(con, split, encoder, cfg)
             pq.write_table(table, out_dir / f"{split}.parquet")
-            stats[split] = length_stats(table)
+            stats[split] = length_stats(table, len(split_dropped))
+            dropped += split_dropped
+            formatted += len(set(table.column("row_id").to_pylist()))
+        stats["accounting"] = accounting(con, formatted, len(dropped))
+        if out_quarantine is not None:
+            write_quarantine(con, dropped, out_quarantine)
+    (out_dir / TEMPLATE_FILE).write_text(inference_template(template), encoding="utf-8")
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
     return stats
 
 
 @stage_task("format")
-def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig) -> Path:
+def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
+                 out_quarantine: Path | None = None) -> Path:
     """Tokenize the clean conversations with loss masks into `out_dir` and return it."""
-    stats = format_rows(clean_db, model_dir, out_dir, cfg)
-    empty = [split for split, s in stats.items() if s["rows"] == 0]
+    stats = format_rows(clean_db, model_dir, out_dir, cfg, out_quarantine)
+    splits = {split: stats[split] for split in ("train", "heldout")}
+    empty = [split for split, s in splits.items() if s["rows"] == 0]
     if empty:
+        longer = " or raise chat.max_length" if stats["accounting"]["dropped_by_rule"] else ""
         raise DataValidationError(f"{clean_db}: the {' and '.join(empty)} split is empty; add rows or change "
-                                  "clean.heldout_fraction")
+                                  f"clean.heldout_fraction{longer}")
     if in_prefect_run():
         rows = [{"split": split, **{k: v for k, v in st.items() if k != "rows_by_source"}}
-                for split, st in stats.items()]
-        create_table_artifact(key="token-length-stats", table=rows, description="Token lengths of the formatted splits")
+                for split, st in splits.items()]
+        create_table_artifact(key="token-length-stats", table=rows, description="Token lengths of the formatted "
+                              "splits, with the shares dropped (too_many_tokens) and truncated")
     stage_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
     return out_dir
+
+
+def inspect_rows(formatted_dir: Path, model_dir: str, n: int, colour: bool = False) -> str:
+    """Return the first `n` formatted training rows as text with the supervised tokens marked, with counts."""
+    tokenizer = load_tokenizer(model_dir)
+    rows = pq.read_table(formatted_dir / "train.parquet").slice(0, n).to_pylist()
+    out = []
+    for r in rows:
+        out.append(f"--- row {r['row_id']} ({r['source']}): {r['n_tokens']} tokens, {r['n_supervised']} supervised"
+                   f"{', truncated' if r['truncated'] else ''}")
+        out.append(marked_text(tokenizer, r["input_ids"], r["assistant_masks"], colour))
+    return "\n".join(out)

@@ -98,7 +98,7 @@ def evaluate_model(formatted_dir: Path, model_dir: str, adapter_dir: Path, out_d
     from peft import PeftModel
 
     rows = pq.read_table(formatted_dir / "heldout.parquet").to_pylist()[: cfg.max_samples]
-    tokenizer = load_tokenizer(str(adapter_dir))
+    tokenizer = load_tokenizer(str(adapter_dir), formatted_dir)  # the template the rows were formatted with
     model = PeftModel.from_pretrained(load_base_model(model_dir, load_in_4bit, compute_dtype), str(adapter_dir)).eval()
     prompts, references = [json.loads(r["prompt"]) for r in rows], [r["reference"] for r in rows]
     stage_logger().info("evaluate: %d held-out prompts, base and tuned, %d new tokens at most", len(rows),

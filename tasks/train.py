@@ -160,7 +160,7 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
     adapter, tmp = out_dir / "adapter", out_dir / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.model.save_pretrained(tmp)
-    load_tokenizer(model_dir).save_pretrained(tmp)  # the inference chat template, not the training variant
+    load_tokenizer(model_dir, formatted_dir).save_pretrained(tmp)  # the chat template the rows were formatted with
     shutil.rmtree(adapter, ignore_errors=True)
     tmp.replace(adapter)
     (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")

@@ -4,10 +4,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.chat_format import assistant_weights, format_rows, tokenize_conversation, training_template, weigh_spans
+from tasks.chat_format import assistant_weights, format_rows, tokenize_conversation, training_template
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
-from tasks.errors import ConfigError, InputError
+from tasks.errors import InputError
 from tasks.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
@@ -130,10 +130,10 @@ def test_loss_weights_from_the_file_reach_the_formatted_masks(tiny_model_dir, ti
     assert row["reference"] == "I am Ada."
 
 
-def test_a_template_that_does_not_mark_each_answer_cannot_take_loss_weights():
-    assert weigh_spans([0, 1, 1, 0, 1, 0], [0.0, 1.0]) == [0, 0, 0, 0, 1, 0]
-    with pytest.raises(ConfigError, match="2 supervised spans for 3 assistant turns"):
-        weigh_spans([0, 1, 1, 0, 1, 0], [0.0, 1.0, 1.0])
+def test_a_template_without_generation_markers_takes_loss_weights_too(tiny_tokenizer):
+    out = tokenize_conversation(tiny_tokenizer, tiny_tokenizer.chat_template, TURNS, max_length=512,
+                                weights=[0.0, 1.0, 0.0])
+    assert supervised_text(tiny_tokenizer, out) == "I am a bad answer.<|im_end|>"
 
 
 def test_a_weight_on_a_user_turn_has_no_effect_and_sharegpt_turns_take_weights_too(tmp_path):

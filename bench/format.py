@@ -1,0 +1,67 @@
+"""Format benchmark: render, mask and tokenize n GSM8K-sized conversations, as the format task does.
+
+Usage: .venv/bin/python bench/format.py [--rows 100000] [--num-proc 0]
+
+The conversations are GSM8K train rows (/work/shared/data/gsm8k_train.jsonl, or $GSM8K_JSONL) with a system turn,
+repeated to n rows and varied (each copy's question gets its own number), so no text repeats and a cache cannot
+help. Timed: the format task's encode step (tasks.masks.encode_all: prefix renders, batched Rust tokenization with
+offsets, masks) with the default base model's tokenizer and template, in chat.num_proc processes (0 = auto),
+process start included. Not timed: reading the clean DuckDB file and writing Parquet. It prints rows/s with the CPU
+and the load average before the run (the machine may be shared); the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+GSM8K = Path(os.environ.get("GSM8K_JSONL", "/work/shared/data/gsm8k_train.jsonl"))
+
+
+def gsm8k_conversations(n: int) -> list[list[dict]]:
+    """Return n distinct chat conversations (system, user question, assistant answer) made from GSM8K rows."""
+    rows = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [[{"role": "system", "content": "Solve the math problem step by step."},
+             {"role": "user", "content": f"Problem {i}: {rows[i % len(rows)]['question']}"},
+             {"role": "assistant", "content": rows[i % len(rows)]["answer"]}] for i in range(n)]
+
+
+def format_rows_per_s(n: int = 100_000, num_proc: int = 0) -> dict:
+    """Return the rows/s of the format task's encode step on n GSM8K conversations, with the CPU and the load."""
+    from tasks.base_model import resolve_base_model
+    from tasks.chat_format import chat_encoder, load_tokenizer
+    from tasks.config import DEFAULT_BASE_MODEL
+    from tasks.masks import encode_all, process_count
+    from tasks.precision import cpu_summary
+
+    tokenizer = load_tokenizer(resolve_base_model(DEFAULT_BASE_MODEL))
+    encoder = chat_encoder(tokenizer, tokenizer.chat_template)
+    convos = gsm8k_conversations(n)
+    load = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out = encode_all(encoder, convos, [[1.0]] * n, check_prompts=False, num_proc=num_proc)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(ids) for ids in out.ids)
+    return {"rows": n, "seconds": round(seconds, 2), "rows_per_s": round(n / seconds),
+            "tokens_per_row": round(tokens / n, 1), "num_proc": process_count(n, num_proc),
+            "cpu": cpu_summary(), "cores_available": len(os.sched_getaffinity(0)),
+            "load_average_before": round(load, 2), "parent_cpu_s": round(time.process_time() - cpu_start, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--num-proc", type=int, default=0)
+    args = parser.parse_args()
+    result = format_rows_per_s(args.rows, args.num_proc)
+    print(f"format: {result['rows_per_s']} rows/s ({result['rows']} rows, {result['tokens_per_row']} tokens each, "
+          f"{result['num_proc']} processes, {result['seconds']} s) on {result['cpu']}; load before "
+          f"{result['load_average_before']}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Loss masks for any chat template, found by rendering prefixes: no `{% generation %}` markers needed.
+
+For assistant turn i of a conversation, the text before its answer is the rendering of turns[:i] with the generation
+prompt, and its answer ends where the rendering of turns[:i+1] ends (trailing whitespace dropped, so the end-of-turn
+marker stays in and the newline after it does not). Both must be prefixes of the whole rendering: a template that
+renders earlier turns differently once later ones follow would train on one format and be asked in another, so that
+fails with an example. The whole texts are then tokenized in batches (the fast tokenizer's Rust `encode_batch`, with
+offsets) and a token is supervised when its characters overlap a supervised span, the rule transformers'
+`return_assistant_tokens_mask` applies to `{% generation %}` spans (tests/unit/test_templates_masks.py checks they
+agree). The ids are exactly what the tokenizer gives for the rendered text.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+import numpy as np
+
+from tasks.errors import ConfigError
+from tasks.templates import ChatRenderer
+
+MASK_MODES = ("assistant", "last_turn", "completion", "all")
+ROWS_PER_PROCESS = 4000  # below this many rows per process, starting processes costs more than it saves
+
+
+@dataclass
+class Rendered:
+    """One conversation's text, its supervised character spans, and where the prompt of its last answer ends."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    prompt_end: int
+
+
+def prefix_checked(renderer: ChatRenderer, convo: list[dict], upto: int, gen: bool, full: str) -> str:
+    """Return the rendering of convo[:upto]; raise if the whole conversation's rendering does not start with it."""
+    text = renderer.render(convo[:upto], add_generation_prompt=gen)
+    if not full.startswith(text):
+        at = next((k for k, (a, b) in enumerate(zip(text, full)) if a != b), min(len(text), len(full)))
+        raise ConfigError(
+            f"the chat template renders the first {upto} turns{' with the generation prompt' if gen else ''} as "
+            f"{text[max(at - 30, 0):at + 30]!r} but the whole conversation as {full[max(at - 30, 0):at + 30]!r}, "
+            "so the model would be prompted in a format it was not trained on; use a template that renders turns "
+            "in order (chat.template or chat.chat_template)")
+    return text
+
+
+def render_spans(renderer: ChatRenderer, convo: list[dict], weights: list[float], mode: str) -> Rendered:
+    """Return the rendered conversation with the character spans `mode` supervises.
+
+    `weights` holds each assistant turn's loss weight, in order; a weight-0 turn is rendered but not supervised.
+    """
+    full = renderer.render(convo)
+    answers = [i for i, m in enumerate(convo) if m["role"] == "assistant"]
+    kept = [i for i, w in zip(answers, weights) if w]
+    if not kept:
+        raise ConfigError("a conversation has no assistant turn with a loss weight other than 0")
+    if mode == "all":
+        prompt_end = len(prefix_checked(renderer, convo, kept[-1], True, full))
+        return Rendered(full, [(0, len(full))], prompt_end)
+    if mode == "completion":
+        prompt_end = len(prefix_checked(renderer, convo, kept[-1], True, full))
+        return Rendered(full, [(prompt_end, len(full.rstrip()))], prompt_end)
+    spans = []
+    for i in kept if mode == "assistant" else kept[-1:]:
+        start = len(prefix_checked(renderer, convo, i, True, full))
+        turn = full if i == len(convo) - 1 else prefix_checked(renderer, convo, i + 1, False, full)
+        spans.append((start, start + len(turn[start:].rstrip())))
+    return Rendered(full, spans, spans[-1][0])
+
+
+def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Return 1 for each token whose characters overlap a span, else 0 (offsets: one (start, end) row per token)."""
+    mask = np.zeros(len(offsets), dtype=np.int8)
+    if len(offsets):
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        for a, b in spans:
+            mask[(starts < b) & (ends > a)] = 1
+    return mask
+
+
+def last_token(offsets: np.ndarray, span: tuple[int, int]) -> int:
+    """Return the index of the last token that overlaps `span` (its end-of-turn token), or -1 if none does."""
+    a, b = span
+    i = int(np.searchsorted(offsets[:, 0], b)) - 1  # the last token starting before the span's end
+    return i if i >= 0 and offsets[i, 1] > a else -1
+
+
+@dataclass
+class Encoded:
+    """Token ids and masks of a batch of conversations (numpy arrays, one per row), and prompt check results."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    # index of the last token of each row's final supervised span (its end-of-turn token), -1 if none
+    last_token: list[int] = field(default_factory=list)
+    prompt_failures: list[tuple[int, str]] = field(default_factory=list)  # (row index in the batch, why)
+
+    def extend(self, other: Encoded, offset: int) -> None:
+        """Append another batch's rows (its row indices shifted by `offset`)."""
+        self.ids += other.ids
+        self.masks += other.masks
+        self.last_token += other.last_token
+        self.prompt_failures += [(offset + i, why) for i, why in other.prompt_failures]
+
+
+class ChatEncoder:
+    """Render and tokenize conversations with loss masks; picklable, so worker processes can each hold one."""
+
+    def __init__(self, renderer: ChatRenderer, backend, mode: str):
+        """`backend` is the fast tokenizer's Rust tokenizer (`tokenizer.backend_tokenizer`)."""
+        if mode not in MASK_MODES:
+            raise ConfigError(f"chat.mask={mode!r}: use one of {', '.join(MASK_MODES)}")
+        self.renderer, self.backend, self.mode = renderer, backend, mode
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "backend": self.backend.to_str()}
+
+    def __setstate__(self, state: dict) -> None:
+        from tokenizers import Tokenizer
+
+        self.__dict__.update(state, backend=Tokenizer.from_str(state["backend"]))
+
+    def encode(self, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool = False) -> Encoded:
+        """Return the ids and masks of `convos`; with `check_prompts`, also check each generation prompt's tokens
+        are a prefix of its conversation's tokens (the round trip evaluation relies on)."""
+        rendered = [render_spans(self.renderer, c, w, self.mode) for c, w in zip(convos, weights)]
+        encodings = self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
+        out = Encoded()
+        for r, e in zip(rendered, encodings):
+            offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+            out.ids.append(np.asarray(e.ids, dtype=np.int32))
+            out.masks.append(token_mask(offsets, r.spans))
+            out.last_token.append(last_token(offsets, r.spans[-1]))
+        if check_prompts:
+            prompts = self.backend.encode_batch([r.text[:r.prompt_end] for r in rendered], add_special_tokens=False)
+            out.prompt_failures = [(i, why) for i, (p, ids) in enumerate(zip(prompts, out.ids))
+                                   if (why := prefix_problem(self.backend, p, ids))]
+        return out
+
+
+def prefix_problem(backend, prompt, ids: np.ndarray) -> str | None:
+    """Return why the prompt's tokens are not a prefix of the conversation's `ids`, or None if they are."""
+    if list(ids[:len(prompt.ids)]) == prompt.ids:
+        return None
+    at = next((k for k, (a, b) in enumerate(zip(prompt.ids, ids)) if a != b), len(ids))
+    training = backend.id_to_token(int(ids[at])) if at < len(ids) else None
+    return f"prompt token {at} is {prompt.tokens[at]!r} but {training!r} in the training text"
+
+
+def process_count(rows: int, num_proc: int) -> int:
+    """Return how many processes to format `rows` rows with (chat.num_proc; 0 picks by rows and CPU cores)."""
+    if num_proc:
+        return num_proc
+    return max(1, min(len(os.sched_getaffinity(0)), rows // ROWS_PER_PROCESS))
+
+
+def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
+               num_proc: int = 0, chunk: int = 2000) -> Encoded:
+    """Return the ids and masks of every conversation, in order, encoded in `num_proc` processes."""
+    procs = process_count(len(convos), num_proc)
+    starts = list(range(0, len(convos), chunk))
+    if procs == 1:
+        out = Encoded()
+        for s in starts:
+            out.extend(encoder.encode(convos[s:s + chunk], weights[s:s + chunk], check_prompts), s)
+        return out
+    # spawn, not fork: the parent may run other threads (Prefect's). Each worker gets the encoder once.
+    with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=start_worker,
+                             initargs=(encoder,)) as pool:
+        parts = pool.map(encode_in_worker, [convos[s:s + chunk] for s in starts],
+                         [weights[s:s + chunk] for s in starts], [check_prompts] * len(starts))
+        out = Encoded()
+        for s, part in zip(starts, parts):
+            out.extend(part, s)
+    return out
+
+
+_WORKER: dict = {}
+
+
+def start_worker(encoder: ChatEncoder) -> None:
+    """Keep the encoder for this worker process; its Rust tokenizer runs single-threaded, as the processes
+    already share the cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["encoder"] = encoder
+
+
+def encode_in_worker(convos: list[list[dict]], weights: list[list[float]], check_prompts: bool) -> Encoded:
+    """Encode one chunk with this worker's encoder."""
+    return _WORKER["encoder"].encode(convos, weights, check_prompts)
+
+
+def marked_text(tokenizer, ids: list[int], mask: list[int], colour: bool = False) -> str:
+    """Return the decoded tokens with each supervised run in [[…]] (green if `colour`) followed by its token count."""
+    parts, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or mask[end] != mask[start]:
+            text = tokenizer.decode(ids[start:end], skip_special_tokens=False)
+            if mask[start]:
+                text = f"\x1b[32m[[{text}]]\x1b[0m" if colour else f"[[{text}]]"
+                text += f"({end - start})"
+            parts.append(text)
+            start = end
+    return "".join(parts)
