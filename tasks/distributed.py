@@ -29,8 +29,12 @@ from tasks.errors import ConfigError
 WORKER_LINE = "[rank "  # prefix of the lines the workers' sftflow logger writes; everything else is library noise
 
 
-def check_distributed_config(cfg: TrainConfig) -> None:
+def check_distributed_config(cfg: TrainConfig, cuda: bool) -> None:
     """Fail before launching on combinations that cannot run in several processes."""
+    if cfg.distributed == "fsdp" and not cuda:
+        # accelerate 1.15 turns FSDP on only for GPU-like devices; a CPU job would silently run DDP instead
+        raise ConfigError("train.distributed=fsdp needs CUDA devices (accelerate has no FSDP for CPU processes); "
+                          "use train.distributed=ddp on a CPU")
     if cfg.distributed == "fsdp" and cfg.method in ("qlora", "lora_8bit"):
         raise ConfigError(f"train.distributed=fsdp cannot shard the bitsandbytes-quantized base of method "
                           f"{cfg.method}; use train.distributed=ddp or train.method=lora/full")
@@ -103,13 +107,17 @@ def stream_launch(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     logger, tail = stage_logger(), deque(maxlen=40)
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace") as proc:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line.startswith(WORKER_LINE):
-                logger.info("%s", line)
-            elif line:
-                tail.append(line)
-                logger.debug("%s", line)
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line.startswith(WORKER_LINE):
+                    logger.info("%s", line)
+                elif line:
+                    tail.append(line)
+                    logger.debug("%s", line)
+        except BaseException:
+            proc.terminate()  # a cancelled or killed task must not leave its workers training; torchrun stops them
+            raise
     return proc.returncode, list(tail)
 
 
@@ -131,8 +139,8 @@ def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: T
     """Train in cfg.num_processes processes via `accelerate launch`; return what rank 0 saved (adapter or model)."""
     from tasks.modeling import has_cuda
 
-    check_distributed_config(cfg)
     cuda = has_cuda()
+    check_distributed_config(cfg, cuda)
     resume = resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg))  # here, before any rank runs
     for stale in (out_dir / "ranks").glob("rank*.json"):
         stale.unlink()

@@ -10,7 +10,7 @@ import yaml
 from tasks.chat_format import format_chats
 from tasks.clean import clean
 from tasks.config import RunPaths, load_config
-from tasks.distributed import launch_env, prepare_launch, threads_per_process
+from tasks.distributed import check_distributed_config, launch_env, prepare_launch, threads_per_process
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_sources, ingest
@@ -75,24 +75,26 @@ def test_a_failing_worker_fails_the_task_with_one_line_naming_the_rank_and_cause
     assert "rank " in message and "train.parquet" in message, message
 
 
-def test_fsdp_launch_config_shards_transformer_blocks_and_qlora_with_fsdp_is_refused(tmp_path, tiny_model_dir):
+def test_fsdp_launch_config_shards_transformer_blocks_and_cpu_or_qlora_fsdp_is_refused(tmp_path, tiny_model_dir):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.method=lora", "train.num_processes=2",
                                                        "train.distributed=fsdp"]).train
-    cmd, env = prepare_launch(tmp_path / "fmt", str(tiny_model_dir), tmp_path / "train", cfg, None, cuda=False)
-    written = yaml.safe_load((tmp_path / "train" / "accelerate_config.yaml").read_text())
-    assert written["distributed_type"] == "FSDP" and written["num_processes"] == 2 and written["use_cpu"] is True
+    cmd, env = prepare_launch(tmp_path / "fmt", str(tiny_model_dir), tmp_path / "train", cfg, None, cuda=True)
+    config_file, spec_file = tmp_path / "train" / "accelerate_config.yaml", tmp_path / "train" / "distributed_job.json"
+    written = yaml.safe_load(config_file.read_text())
+    assert written["distributed_type"] == "FSDP" and written["num_processes"] == 2 and written["use_cpu"] is False
     assert written["fsdp_config"]["fsdp_version"] == 2
     assert written["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert cmd[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "train" /
-                                                                                 "accelerate_config.yaml")]
-    assert cmd[-2:] == ["tasks.distributed", str(tmp_path / "train" / "distributed_job.json")]
-    assert env["ACCELERATE_USE_CPU"] == "true"
-    spec = json.loads((tmp_path / "train" / "distributed_job.json").read_text())
+    assert written["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # rank 0 saves a whole adapter
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(config_file), "-m",
+                       "tasks.distributed", str(spec_file)]
+    assert "ACCELERATE_USE_CPU" not in env or env["ACCELERATE_USE_CPU"] != "true"
+    spec = json.loads(spec_file.read_text())
     assert spec["cfg"]["distributed"] == "fsdp" and spec["resume"] is None
 
-    qlora = cfg.model_copy(update={"method": "qlora"})
-    with pytest.raises(ConfigError, match="train.distributed=fsdp cannot shard"):
-        train_model(tmp_path / "fmt", str(tiny_model_dir), tmp_path / "train", qlora)
+    with pytest.raises(ConfigError, match="train.distributed=fsdp needs CUDA devices"):
+        check_distributed_config(cfg, cuda=False)  # accelerate would silently run DDP on CPU processes
+    with pytest.raises(ConfigError, match="cannot shard the bitsandbytes-quantized base of method qlora"):
+        check_distributed_config(cfg.model_copy(update={"method": "qlora"}), cuda=True)
 
 
 def test_two_jobs_get_different_free_ports_and_share_the_cores(tmp_path, tiny_model_dir):
