@@ -45,8 +45,7 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     chats = format_chats(clean_db, base, run.formatted, cfg.chat, run.quarantine)
     validate_stage("tokenized", chats, run, cfg.validation)
     adapter = train_adapter(chats, base, run.train, cfg.train)
-    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit,
-                                  cfg.train.compute_dtype)
+    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train)
     registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
                                 {"prefect_flow_run_id": str(flow_run.id), "config": str(config_file)}, cfg.registry)
     return write_summary(run.run_id, run.clean_report, evaluation, registered, flow_run.id, started, run.summary)

@@ -11,7 +11,7 @@ from tasks.config import RunPaths, load_config
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_data, ingest
-from tasks.modeling import prepare_base_model
+from tasks.modeling import prepare_base_model, trained_model_dir
 from tasks.register import register_model
 from tasks.train import train_adapter
 from tasks.validate import validate, validation_args
@@ -30,10 +30,10 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
         "validate-tokens": lambda: (validate, validation_args("tokenized", run.formatted, run, cfg.validation)),
         "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat, run.quarantine)),
         "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
-        "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), run.train / "adapter", run.eval, cfg.evaluate,
-                                                cfg.train.load_in_4bit, cfg.train.compute_dtype)),
+        "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), trained_model_dir(run.train), run.eval,
+                                                cfg.evaluate, cfg.train)),
         "register": lambda: (register_model, (cfg.tracking_uri(), cfg.artifact_root(), run, base(),
-                                              run.train / "adapter", run.eval, {}, cfg.registry)),
+                                              trained_model_dir(run.train), run.eval, {}, cfg.registry)),
     }
     return calls[step]()
 

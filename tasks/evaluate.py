@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 
 from tasks.chat_format import load_tokenizer
 from tasks.common import stage_logger, stage_task
-from tasks.config import EvaluateConfig
-from tasks.modeling import load_base_model
+from tasks.config import EvaluateConfig, TrainConfig
+from tasks.modeling import is_adapter_dir, load_base_model, load_trained_model
 
 LOSS_BATCH = 16  # rows per forward pass: logits are rows x tokens x vocabulary floats (49k for SmolLM2)
 
@@ -92,23 +92,31 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(references), 1)
 
 
-def evaluate_model(formatted_dir: Path, model_dir: str, adapter_dir: Path, out_dir: Path, cfg: EvaluateConfig,
-                   load_in_4bit: bool, compute_dtype: str = "auto") -> dict:
-    """Score base and tuned model on the held-out rows; write report.json and samples.jsonl; return the report."""
-    from peft import PeftModel
+def evaluate_model(formatted_dir: Path, model_dir: str, trained_dir: Path, out_dir: Path, cfg: EvaluateConfig,
+                   train_cfg: TrainConfig) -> dict:
+    """Score base and tuned model on the held-out rows; write report.json and samples.jsonl; return the report.
 
+    `trained_dir` holds a LoRA adapter (loaded over the base as in training) or full weights (full, hft).
+    """
     rows = pq.read_table(formatted_dir / "heldout.parquet").to_pylist()[: cfg.max_samples]
-    tokenizer = load_tokenizer(str(adapter_dir), formatted_dir)  # the template the rows were formatted with
-    model = PeftModel.from_pretrained(load_base_model(model_dir, load_in_4bit, compute_dtype), str(adapter_dir)).eval()
+    tokenizer = load_tokenizer(str(trained_dir), formatted_dir)  # the template the rows were formatted with
     prompts, references = [json.loads(r["prompt"]) for r in rows], [r["reference"] for r in rows]
     stage_logger().info("evaluate: %d held-out prompts, base and tuned, %d new tokens at most", len(rows),
                         cfg.max_new_tokens)
+    model = load_trained_model(model_dir, trained_dir, train_cfg).eval()
     tuned = generate_answers(model, tokenizer, prompts, cfg, label="tuned")
-    with model.disable_adapter():  # the same weights without LoRA: the base model, on the same prompts
+    stage_logger().info("evaluate: eval loss of tuned and base on %d rows", len(rows))
+    tuned_loss = supervised_loss(model, rows)
+    if is_adapter_dir(trained_dir):
+        with model.disable_adapter():  # the same weights without LoRA: the base model, on the same prompts
+            base = generate_answers(model, tokenizer, prompts, cfg, label="base")
+            base_loss = supervised_loss(model, rows)
+    else:
+        del model  # full weights: the base is a second model; one at a time in memory
+        model = load_base_model(model_dir, False, train_cfg.compute_dtype).eval()
         base = generate_answers(model, tokenizer, prompts, cfg, label="base")
-        stage_logger().info("evaluate: eval loss of base and tuned on %d rows", len(rows))
         base_loss = supervised_loss(model, rows)
-    report = {"heldout_rows": len(rows), "eval_loss": supervised_loss(model, rows),
+    report = {"heldout_rows": len(rows), "eval_loss": tuned_loss,
               "base_eval_loss": base_loss, "base_exact_match": exact_match(base, references),
               "tuned_exact_match": exact_match(tuned, references)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,9 +130,10 @@ def evaluate_model(formatted_dir: Path, model_dir: str, adapter_dir: Path, out_d
 
 
 @stage_task("evaluate")
-def evaluate_adapter(formatted_dir: Path, model_dir: str, adapter_dir: Path, out_dir: Path, cfg: EvaluateConfig,
-                     load_in_4bit: bool, compute_dtype: str = "auto") -> Path:
-    """Evaluate base vs tuned on the held-out split; return the directory holding report.json and samples.jsonl."""
-    report = evaluate_model(formatted_dir, model_dir, adapter_dir, out_dir, cfg, load_in_4bit, compute_dtype)
+def evaluate_adapter(formatted_dir: Path, model_dir: str, trained_dir: Path, out_dir: Path, cfg: EvaluateConfig,
+                     train_cfg: TrainConfig) -> Path:
+    """Evaluate base vs tuned (an adapter or full weights) on the held-out split; return the directory holding
+    report.json and samples.jsonl."""
+    report = evaluate_model(formatted_dir, model_dir, trained_dir, out_dir, cfg, train_cfg)
     stage_logger().info("evaluate: %s -> %s", json.dumps(report), out_dir)
     return out_dir

@@ -1,7 +1,10 @@
-"""Model loading shared by train, evaluate and register: the base in 4-bit NF4 (QLoRA) or full precision."""
+"""Model loading shared by train, evaluate and register: the base in 4-bit NF4 (QLoRA), 8-bit or full precision,
+and where a training run leaves what it trained (a LoRA adapter or full weights)."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from tasks.base_model import resolve_base_model
@@ -29,21 +32,48 @@ def quantization_config(precision: Precision):
                               bnb_4bit_compute_dtype=precision.torch_dtype)
 
 
-def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "auto") -> Any:
-    """Return the causal LM at `model_dir`: 4-bit NF4 via bitsandbytes if asked (CPU or CUDA), else full precision.
+def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "auto", load_in_8bit: bool = False) -> Any:
+    """Return the causal LM at `model_dir`: 4-bit NF4 or 8-bit via bitsandbytes if asked (CPU or CUDA), else full
+    precision.
 
     The weights that stay unquantized load in the compute dtype on CUDA and in fp32 on a CPU (autocast, where bf16
     is native, does the rest).
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda, precision = has_cuda(), model_precision(compute_dtype)
     kwargs: dict[str, Any] = {"device_map": {"": 0} if cuda else "cpu",
                               "dtype": precision.torch_dtype if cuda else torch.float32}
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(precision)
+    elif load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # bitsandbytes' int8 matmul casts fp32 inputs to fp16 and says so on every call: thousands of lines a run
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Return True when `path` holds a PEFT adapter (to load over the base) rather than a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def trained_model_dir(train_dir: Path) -> Path:
+    """Return what a training run in `train_dir` produced: `model/` (full, hft) or `adapter/` (LoRA methods)."""
+    full = Path(train_dir) / "model"
+    return full if (full / "config.json").is_file() else Path(train_dir) / "adapter"
+
+
+def load_trained_model(model_dir: str, trained_dir: Path, cfg) -> Any:
+    """Return the trained model: the adapter in `trained_dir` over the base loaded as in training (`cfg`, a
+    TrainConfig), or the full weights in `trained_dir`."""
+    if not is_adapter_dir(trained_dir):
+        return load_base_model(str(trained_dir), False, cfg.compute_dtype)
+    from peft import PeftModel
+
+    base = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit)
+    return PeftModel.from_pretrained(base, str(trained_dir))
 
 
 # Short backoff, transient Hub errors only (a bad train.base_model is a ConfigError, never retried). Not cached: the

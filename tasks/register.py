@@ -36,17 +36,30 @@ def log_run_data(run: RunPaths, eval_dir: Path) -> None:
 
 
 def log_adapter_model(model_dir: str, adapter_dir: Path, model_name: str):
-    """Log adapter + tokenizer + chat template (base referenced, not copied) and register it; return the version."""
+    """Log the trained model + tokenizer + chat template and register it; return the version.
+
+    A LoRA adapter is logged with its base referenced, not copied; full weights (train.method full or hft, a
+    `model/` directory rather than an adapter) are logged as they are.
+    """
     import mlflow
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.modeling import is_adapter_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if not is_adapter_dir(adapter_dir):
+        model = AutoModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            pip_requirements=PIP_REQUIREMENTS, registered_model_name=model_name)
+        return info.registered_model_version
+    from peft import PeftModel
 
     # Attach the adapter to a full-precision base: a 4-bit model cannot be serialised (mlflow#10878), and the
     # adapter is what is logged anyway. A local base is referenced by path so reloading does not re-init weights.
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     local_base = Path(model_dir).is_dir()
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",

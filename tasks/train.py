@@ -15,43 +15,61 @@ from tasks.chat_format import load_tokenizer
 from tasks.common import fingerprint_path, stage_logger, stage_task
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError
+from tasks.methods import save_trained
 from tasks.modeling import has_cuda, load_base_model, model_precision
 from tasks.precision import Precision
 
 
 def check_train_config(cfg: TrainConfig) -> None:
     """Fail before any training time is spent on options that cannot work here."""
-    if cfg.load_in_4bit:
+    if cfg.load_in_4bit or cfg.load_in_8bit:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ConfigError("train.load_in_4bit=true needs bitsandbytes: `pip install bitsandbytes` "
-                              "or set train.load_in_4bit=false") from None
+            raise ConfigError(f"train.method={cfg.method} needs bitsandbytes: `pip install bitsandbytes` "
+                              "or set train.method=lora") from None
     if cfg.compute_dtype == "fp16" and not has_cuda():
         raise ConfigError("train.compute_dtype=fp16 needs a CUDA device (fp16 mixed precision); on a CPU use auto, "
                           "fp32 or bf16")
+    if cfg.early_stopping_patience and cfg.save_steps % cfg.eval_steps:
+        raise ConfigError(f"train.early_stopping_patience restores the best checkpoint at the end, so train.save_steps "
+                          f"({cfg.save_steps}) must be a multiple of train.eval_steps ({cfg.eval_steps})")
+
+
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # all warm up first
 
 
 def sft_config(cfg: TrainConfig, out_dir: Path, precision: Precision):
-    """Return TRL's SFTConfig for this run; autocast follows `precision` (TRL's own default is bf16 everywhere)."""
+    """Return TRL's SFTConfig for this run; autocast follows `precision` (TRL's own default is bf16 everywhere).
+
+    No gradient checkpointing on a CPU (TRL turns it on by default): it recomputes every block's forward, and the
+    activations it saves are small next to the memory a CPU has. Packing is BFD into pack_length rows, padding-free.
+    """
     from trl import SFTConfig
 
-    cuda = has_cuda()
+    cuda, evals = has_cuda(), cfg.eval_steps is not None
     return SFTConfig(
-        output_dir=str(out_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(out_dir), max_steps=cfg.max_steps or -1, num_train_epochs=cfg.num_epochs,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear", warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        lr_scheduler_type=SCHEDULERS[cfg.lr_scheduler], warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, eval_strategy="steps" if evals else "no", eval_steps=cfg.eval_steps,
+        metric_for_best_model="eval_loss" if evals else None, load_best_model_at_end=bool(cfg.early_stopping_patience),
         seed=cfg.seed, report_to=[], use_cpu=not cuda, bf16=precision.name == "bf16", fp16=precision.name == "fp16",
-        dataloader_num_workers=0, max_length=None,
+        dataloader_num_workers=0, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
+        max_length=cfg.pack_length if cfg.packing else None,
         gradient_checkpointing=cuda, disable_tqdm=True,
     )
 
 
 def lora_config(cfg: TrainConfig):
-    """Return the PEFT LoRA config (all linear layers by default)."""
+    """Return the PEFT LoRA config (all linear layers by default), or None when the method trains full weights."""
     from peft import LoraConfig
 
+    if not cfg.uses_lora:
+        return None
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
 
@@ -70,19 +88,44 @@ def match_adapter_dtype(model, precision: Precision) -> None:
             param.data = param.data.to(dtype)
 
 
-def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()):
-    """Return an SFTTrainer over the tokenized training rows, with the LoRA-wrapped (4-bit) base model."""
+def heldout_rows(formatted_dir: Path, cfg: TrainConfig):
+    """Return the first eval_rows held-out rows for the periodic eval loss, or None without eval_steps."""
     from datasets import Dataset
-    from trl import SFTTrainer
+
+    if cfg.eval_steps is None:
+        return None
+    rows = Dataset.from_parquet(str(formatted_dir / "heldout.parquet")).select_columns(["input_ids", "assistant_masks"])
+    return rows.select(range(min(cfg.eval_rows, len(rows))))
+
+
+def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()):
+    """Return the trainer for `train.method` over the tokenized training rows (packed if asked): LoRA on a 4-bit,
+    8-bit or full-precision base, or full weights (full, hft); early stopping on the held-out loss if asked."""
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback
+
+    from tasks.methods import method_callbacks
+    from tasks.packing import write_packing_report
+    from tasks.trainer import sftflow_trainer_class
 
     check_train_config(cfg)
     precision = model_precision(cfg.compute_dtype)
     rows = Dataset.from_parquet(str(formatted_dir / "train.parquet")).select_columns(["input_ids", "assistant_masks"])
-    trainer = SFTTrainer(model=load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype),
-                         args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
-                         processing_class=load_tokenizer(model_dir), peft_config=lora_config(cfg),
-                         callbacks=list(callbacks))
-    match_adapter_dtype(trainer.model, precision)
+    model = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit)
+    if not cfg.uses_lora:
+        model = model.float()  # full weights train in fp32 master weights; autocast gives the compute dtype
+    extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
+    trainer = sftflow_trainer_class()(
+        model=model, args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
+        eval_dataset=heldout_rows(formatted_dir, cfg), processing_class=load_tokenizer(model_dir),
+        peft_config=lora_config(cfg), callbacks=[*method_callbacks(model, cfg), *extra, *callbacks],
+        lean_loss=cfg.lean_loss)
+    if cfg.uses_lora:
+        match_adapter_dtype(trainer.model, precision)
+    if cfg.packing:
+        report = write_packing_report(rows, trainer.train_dataset, cfg.pack_length, out_dir)
+        stage_logger().info("train: packed %d conversations into %d rows of %d tokens, fill rate %.1f%%",
+                            report["conversations"], report["packed_rows"], cfg.pack_length, 100 * report["fill_rate"])
     return trainer
 
 
@@ -157,12 +200,8 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
                         cfg.lora_r, cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps)
     trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, callbacks)
     trainer.train(resume_from_checkpoint=resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg)))
-    adapter, tmp = out_dir / "adapter", out_dir / "adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    load_tokenizer(model_dir, formatted_dir).save_pretrained(tmp)  # the chat template the rows were formatted with
-    shutil.rmtree(adapter, ignore_errors=True)
-    tmp.replace(adapter)
+    # adapter/ (LoRA methods) or model/ (full, hft), with the chat template the rows were formatted with
+    adapter = save_trained(trainer, load_tokenizer(model_dir, formatted_dir), out_dir, cfg)
     (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
     return adapter
 

@@ -37,7 +37,7 @@ def tiny_train_config(**kw):
 
 def test_trl_labels_are_exactly_the_assistant_turns_plus_end_of_turn(formatted, tiny_model_dir, tiny_tokenizer,
                                                                      tmp_path):
-    trainer = build_trainer(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=1))
+    trainer = build_trainer(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=1, packing=False))
     decoded = {tiny_tokenizer.decode([t for t in row["labels"] if t != -100]) for row in trainer.train_dataset}
     assert decoded == {ANSWER + "<|im_end|>", "first<|im_end|>second<|im_end|>"}
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])

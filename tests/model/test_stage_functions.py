@@ -33,8 +33,7 @@ def test_each_stage_function_runs_without_prefect_and_logs_to_the_standard_logge
     chats = format_chats.fn(clean_db, base, run.formatted, cfg.chat)
     validate.fn(*validation_args("tokenized", chats, run, cfg.validation))
     adapter = train_adapter.fn(chats, base, run.train, cfg.train)
-    evaluation = evaluate_adapter.fn(chats, base, adapter, run.eval, cfg.evaluate, cfg.train.load_in_4bit,
-                                     cfg.train.compute_dtype)
+    evaluation = evaluate_adapter.fn(chats, base, adapter, run.eval, cfg.evaluate, cfg.train)
     registered = register_model.fn(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation, {},
                                    cfg.registry)
     summary = write_summary.fn(run.run_id, run.clean_report, evaluation, registered, None, 0.0, run.summary)
