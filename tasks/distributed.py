@@ -88,14 +88,14 @@ def launch_env(num_processes: int, cuda: bool) -> dict[str, str]:
     return env
 
 
-def prepare_launch(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, resume: str | None,
+def prepare_launch(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
                    cuda: bool) -> tuple[list[str], dict[str, str]]:
     """Write the job spec and the accelerate config into out_dir; return the launch command and its environment."""
     import yaml
 
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = {"formatted_dir": str(formatted_dir), "model_dir": str(model_dir), "out_dir": str(out_dir),
-            "cfg": cfg.model_dump(mode="json"), "resume": resume}
+            "cfg": cfg.model_dump(mode="json")}
     spec_file, config_file = out_dir / "distributed_job.json", out_dir / "accelerate_config.yaml"
     spec_file.write_text(json.dumps(spec, indent=1), encoding="utf-8")
     config_file.write_text(yaml.safe_dump(accelerate_config(cfg, free_port(), cuda)), encoding="utf-8")
@@ -141,10 +141,11 @@ def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: T
 
     cuda = has_cuda()
     check_distributed_config(cfg, cuda)
-    resume = resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg))  # here, before any rank runs
+    # once, here: a different job's checkpoints go and broken ones are removed before the ranks look at them
+    resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg))
     for stale in (out_dir / "ranks").glob("rank*.json"):
         stale.unlink()
-    cmd, env = prepare_launch(formatted_dir, model_dir, out_dir, cfg, resume, cuda)
+    cmd, env = prepare_launch(formatted_dir, model_dir, out_dir, cfg, cuda)
     stage_logger().info("train: accelerate launch, %d processes (%s, %s), %s threads each, config %s",
                         cfg.num_processes, cfg.distributed, "nccl" if cuda else "gloo", env["OMP_NUM_THREADS"],
                         out_dir / "accelerate_config.yaml")
@@ -192,38 +193,45 @@ def record_rank(trainer, out_dir: Path, rank: int) -> None:
     (out_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
 
 
-def save_outputs(trainer, model_dir: str, out_dir: Path, cfg: TrainConfig) -> None:
-    """Save the trained adapter (or model) with the inference tokenizer and the loss history, as rank 0.
+def save_outputs(trainer, tokenizer, out_dir: Path, cfg: TrainConfig) -> Path:
+    """Save the trained adapter (or full model) with the tokenizer and the loss history as rank 0, where the
+    single-process path does (tasks/methods.py save_trained); return the directory.
 
-    `trainer.save_model` is called on every rank (FSDP gathers the full state dict) and writes on rank 0 only.
+    `trainer.save_model` runs on every rank (FSDP gathers the full state dict for it) and writes on rank 0 only.
     """
     import shutil
 
-    from tasks.chat_format import load_tokenizer
-
-    saved, tmp = out_dir / saved_name(cfg), out_dir / f"{saved_name(cfg)}.tmp"
+    name, other = (saved_name(cfg), "model" if cfg.uses_lora else "adapter")
+    final, tmp = out_dir / name, out_dir / f"{name}.tmp"
     if trainer.is_world_process_zero():
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))
     if trainer.is_world_process_zero():
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        load_tokenizer(model_dir).save_pretrained(tmp)  # the inference chat template, not the training variant
-        shutil.rmtree(saved, ignore_errors=True)
-        tmp.replace(saved)
+        tokenizer.save_pretrained(tmp)  # the inference chat template the rows were formatted with
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(out_dir / other, ignore_errors=True)
+        tmp.replace(final)
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
+    return final
 
 
 def run_worker(spec: dict) -> None:
-    """Train this rank's share of the job described by `spec` (see prepare_launch) and save as rank 0."""
-    from tasks.train import build_trainer, progress_callback
+    """Train this rank's share of the job described by `spec` (see prepare_launch) and save as rank 0.
 
-    cfg, out_dir = TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"])
-    trainer = build_trainer(Path(spec["formatted_dir"]), spec["model_dir"], out_dir, cfg,
-                            callbacks=[progress_callback()])
-    trainer.train(resume_from_checkpoint=spec["resume"])
+    The same trainer, callbacks (each logs or stops on rank 0 only) and resume as tasks/train.py train_model; the
+    launcher already cleared other jobs' checkpoints, so resuming here only reads.
+    """
+    from tasks.chat_format import load_tokenizer
+    from tasks.checkpoints import resume_training
+    from tasks.train import build_trainer, training_callbacks
+
+    cfg, out_dir, formatted = TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]), Path(spec["formatted_dir"])
+    trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir))
+    resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg))
     record_rank(trainer, out_dir, trainer.args.process_index)
-    save_outputs(trainer, spec["model_dir"], out_dir, cfg)
+    save_outputs(trainer, load_tokenizer(spec["model_dir"], formatted), out_dir, cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,7 +78,7 @@ def test_a_failing_worker_fails_the_task_with_one_line_naming_the_rank_and_cause
 def test_fsdp_launch_config_shards_transformer_blocks_and_cpu_or_qlora_fsdp_is_refused(tmp_path, tiny_model_dir):
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.method=lora", "train.num_processes=2",
                                                        "train.distributed=fsdp"]).train
-    cmd, env = prepare_launch(tmp_path / "fmt", str(tiny_model_dir), tmp_path / "train", cfg, None, cuda=True)
+    cmd, env = prepare_launch(tmp_path / "fmt", str(tiny_model_dir), tmp_path / "train", cfg, cuda=True)
     config_file, spec_file = tmp_path / "train" / "accelerate_config.yaml", tmp_path / "train" / "distributed_job.json"
     written = yaml.safe_load(config_file.read_text())
     assert written["distributed_type"] == "FSDP" and written["num_processes"] == 2 and written["use_cpu"] is False
@@ -89,7 +89,7 @@ def test_fsdp_launch_config_shards_transformer_blocks_and_cpu_or_qlora_fsdp_is_r
                        "tasks.distributed", str(spec_file)]
     assert "ACCELERATE_USE_CPU" not in env or env["ACCELERATE_USE_CPU"] != "true"
     spec = json.loads(spec_file.read_text())
-    assert spec["cfg"]["distributed"] == "fsdp" and spec["resume"] is None
+    assert spec["cfg"]["distributed"] == "fsdp"
 
     with pytest.raises(ConfigError, match="train.distributed=fsdp needs CUDA devices"):
         check_distributed_config(cfg, cuda=False)  # accelerate would silently run DDP on CPU processes
@@ -103,7 +103,7 @@ def test_two_jobs_get_different_free_ports_and_share_the_cores(tmp_path, tiny_mo
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.num_processes=2"]).train
     ports = []
     for job in ("a", "b"):
-        prepare_launch(tmp_path / "fmt", str(tiny_model_dir), tmp_path / job, cfg, None, cuda=False)
+        prepare_launch(tmp_path / "fmt", str(tiny_model_dir), tmp_path / job, cfg, cuda=False)
         ports.append(yaml.safe_load((tmp_path / job / "accelerate_config.yaml").read_text())["main_process_port"])
     assert ports[0] != ports[1] and not any(is_port_in_use(p) for p in ports)
     assert threads_per_process(2, cores=2) == 1 and threads_per_process(4, cores=2) == 1
