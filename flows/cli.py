@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     task.add_argument("--runs-dir", type=Path, default=Path("runs"))
     task.add_argument("--inspect", type=int, default=0, metavar="N",
                       help="format only: then print N formatted rows with the supervised tokens in [[…]] (count)")
+    diagnose = sub.add_parser("diagnose", help="diagnose an earlier run's training curve from its saved history "
+                                               "(overfitting, underfitting, memorisation, spikes, nan/inf)")
+    diagnose.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
+    diagnose.add_argument("--runs-dir", type=Path, default=Path("runs"))
     sub.add_parser("env", help="print sftflow's environment as shell exports: eval \"$(sftflow env)\" before running "
                                "prefect or mlflow commands by hand, so they use the same stores")
     for p in (run, task):
@@ -88,6 +92,10 @@ def dispatch(args: argparse.Namespace) -> None:
         print(shell_exports())
     elif args.command == "run":
         run_pipeline(args)
+    elif args.command == "diagnose":
+        from tasks.diagnose import diagnose_run
+
+        print(diagnose_run(args.runs_dir, args.run_id))
     else:
         from flows.single_task import run_step
 

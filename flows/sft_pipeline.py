@@ -15,6 +15,7 @@ from tasks.config import RunPaths, dump_config, load_config
 from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_sources, ingest
 from tasks.modeling import prepare_base_model
+from tasks.monitoring import run_tracking
 from tasks.register import register_model
 from tasks.report import save_config, write_summary
 from tasks.settings import apply_defaults
@@ -44,7 +45,7 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     validate_stage("clean", clean_db, run, cfg.validation)
     chats = format_chats(clean_db, base, run.formatted, cfg.chat, run.quarantine)
     validate_stage("tokenized", chats, run, cfg.validation)
-    adapter = train_adapter(chats, base, run.train, cfg.train)
+    adapter = train_adapter(chats, base, run.train, cfg.train, run_tracking(cfg, run.run_id))
     evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train)
     registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
                                 {"prefect_flow_run_id": str(flow_run.id), "config": str(config_file)}, cfg.registry)

@@ -12,6 +12,7 @@ from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_data, ingest
 from tasks.modeling import prepare_base_model, trained_model_dir
+from tasks.monitoring import run_tracking
 from tasks.register import register_model
 from tasks.train import train_adapter
 from tasks.validate import validate, validation_args
@@ -29,7 +30,7 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
         "validate": lambda: (validate, validation_args("clean", run.clean_db, run, cfg.validation)),
         "validate-tokens": lambda: (validate, validation_args("tokenized", run.formatted, run, cfg.validation)),
         "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat, run.quarantine)),
-        "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train)),
+        "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train, run_tracking(cfg, run.run_id))),
         "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), trained_model_dir(run.train), run.eval,
                                                 cfg.evaluate, cfg.train)),
         "register": lambda: (register_model, (cfg.tracking_uri(), cfg.artifact_root(), run, base(),

@@ -19,3 +19,7 @@ class DataValidationError(SftflowError):
 
 class QualityGateError(SftflowError):
     """A run's outputs fail a check that guards what happens next."""
+
+
+class TrainingDiverged(SftflowError):
+    """The loss or the weights became nan/inf: training stopped at the step named (a retry would diverge again)."""

@@ -10,29 +10,42 @@ import yaml
 
 from tasks.common import stage_logger, stage_task
 from tasks.config import RegisterConfig, RunPaths, flatten
+from tasks.monitoring import Tracking, mlflow_metrics, new_params, open_mlflow_run, param_values
 
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers"]
 
 
+def log_history_curve(client, run_id: str, history_file: Path) -> None:
+    """Log the training curve from the saved history, unless training already logged it live to this run."""
+    if not history_file.is_file() or client.get_metric_history(run_id, "train/loss"):
+        return
+    from mlflow.entities import Metric
+
+    metrics = [Metric(k, v, 0, int(r.get("step", 0))) for r in json.loads(history_file.read_text(encoding="utf-8"))
+               for k, v in mlflow_metrics(r).items()]
+    for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
 def log_run_data(run: RunPaths, eval_dir: Path) -> None:
-    """Log the flattened config, the loss curve, eval metrics, report files and the sample table to the active run."""
+    """Log to the active run what it lacks of the flattened config and the loss curve, then eval metrics, report
+    files and the sample table (once per run: a rerun's register attaches to the same run)."""
     import mlflow
     import pandas as pd
+    from mlflow import MlflowClient
 
-    params = flatten(yaml.safe_load(run.config.read_text(encoding="utf-8")))
-    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
-    for record in json.loads((run.train / "log_history.json").read_text(encoding="utf-8")):
-        step = int(record.get("step", 0))
-        metrics = {f"train_{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        mlflow.log_metrics(metrics, step=step)
+    client, run_id = MlflowClient(), mlflow.active_run().info.run_id
+    params = param_values(flatten(yaml.safe_load(run.config.read_text(encoding="utf-8"))))
+    mlflow.log_params(new_params(client, run_id, params))
+    log_history_curve(client, run_id, run.train / "log_history.json")
     mlflow.log_metrics(json.loads((eval_dir / "report.json").read_text(encoding="utf-8")))
     reports = (run.clean_report, run.formatted / "stats.json", run.quarantine, *sorted(run.validation.glob("*.json")))
     for path in reports:
         mlflow.log_artifact(str(path), artifact_path="reports")
     if run.data_docs.is_dir():
         mlflow.log_artifacts(str(run.data_docs), artifact_path="data_docs")
-    samples = pd.read_json(eval_dir / "samples.jsonl", lines=True)
-    mlflow.log_table(samples, artifact_file="eval/samples.json")
+    if not any(f.path == "eval/samples.json" for f in client.list_artifacts(run_id, "eval")):  # log_table appends
+        mlflow.log_table(pd.read_json(eval_dir / "samples.jsonl", lines=True), artifact_file="eval/samples.json")
 
 
 def log_adapter_model(model_dir: str, adapter_dir: Path, model_name: str):
@@ -110,12 +123,15 @@ def use_experiment(tracking_uri: str, artifact_root: Path, name: str) -> None:
 
 def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_dir: str, adapter_dir: Path,
                  eval_dir: Path, tags: dict, cfg: RegisterConfig) -> dict:
-    """Log everything about one run to MLflow and register its model; return the registry coordinates."""
+    """Log everything about one run to its MLflow run (the one training opened, else found by tag or created) and
+    register its model; return the registry coordinates."""
     import mlflow
     from mlflow import MlflowClient
 
     use_experiment(tracking_uri, artifact_root, cfg.experiment)
-    with mlflow.start_run(run_name=run.run_id, tags={"sftflow_run_id": run.run_id, **tags}) as active:
+    run_id = open_mlflow_run(Tracking(tracking_uri, artifact_root, cfg.experiment, run.run_id), run.train)
+    with mlflow.start_run(run_id=run_id) as active:  # the run training created and logged its curve to
+        mlflow.set_tags({"sftflow_run_id": run.run_id, **tags})
         log_run_data(run, eval_dir)
         version = log_adapter_model(model_dir, adapter_dir, cfg.model_name)
         card = model_card(run, eval_dir, model_dir)

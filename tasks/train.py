@@ -14,9 +14,10 @@ from pathlib import Path
 from tasks.chat_format import load_tokenizer
 from tasks.common import fingerprint_path, stage_logger, stage_task
 from tasks.config import TrainConfig
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, TrainingDiverged
 from tasks.methods import save_trained
 from tasks.modeling import has_cuda, load_base_model, model_precision
+from tasks.monitoring import Tracking, log_outcome, monitoring_callbacks, open_training_run, report_training
 from tasks.precision import Precision
 
 
@@ -170,6 +171,13 @@ def progress_callback():
     return StepProgress()
 
 
+def training_callbacks(out_dir: Path) -> list:
+    """Return the callbacks every training process runs: tokens/s and peak memory in each log, live MLflow logging
+    when the train task opened a run (out_dir/mlflow_run.json), the per-step progress line, the nan/inf stop."""
+    *measure, stop = monitoring_callbacks(out_dir)
+    return [*measure, progress_callback(), stop]
+
+
 def training_key(formatted_dir: Path, model_dir: str, cfg: TrainConfig) -> str:
     """Return what identifies a training job: the tokenized data, the base model and the train config."""
     return json.dumps({"data": fingerprint_path(formatted_dir), "model": model_dir, "cfg": cfg.model_dump(mode="json")},
@@ -198,7 +206,7 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
     stage_logger().info("train: compute dtype %s (%s); %s base, LoRA r=%d, %d steps of %d x %d sequences",
                         precision.name, precision.reason, "4-bit NF4" if cfg.load_in_4bit else "full-precision",
                         cfg.lora_r, cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps)
-    trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, callbacks)
+    trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, [*training_callbacks(out_dir), *callbacks])
     trainer.train(resume_from_checkpoint=resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg)))
     # adapter/ (LoRA methods) or model/ (full, hft), with the chat template the rows were formatted with
     adapter = save_trained(trainer, load_tokenizer(model_dir, formatted_dir), out_dir, cfg)
@@ -207,8 +215,19 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
 
 
 @stage_task("train", retries=1)
-def train_adapter(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig) -> Path:
-    """Train a LoRA adapter on the formatted rows and return its directory."""
-    adapter = train_model(formatted_dir, model_dir, out_dir, cfg, callbacks=[progress_callback()])
+def train_adapter(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
+                  tracking: Tracking | None = None) -> Path:
+    """Train on the formatted rows (live metrics to the run's MLflow run when `tracking` is given), diagnose the
+    curve, and return the adapter (or model) directory. A nan/inf stops at once with TrainingDiverged, never retried."""
+    run_id = open_training_run(tracking, out_dir, cfg) if tracking is not None else None
+    try:
+        adapter = train_model(formatted_dir, model_dir, out_dir, cfg)
+    except BaseException as err:
+        if isinstance(err, TrainingDiverged):  # its history was saved with the step: show what happened
+            report_training(out_dir, tracking, run_id, failed=True)
+        elif run_id is not None:
+            log_outcome(run_id, tracking.tracking_uri, {}, [], failed=True)
+        raise
+    report_training(out_dir, tracking, run_id, failed=False)
     stage_logger().info("train: adapter saved to %s", adapter)
     return adapter

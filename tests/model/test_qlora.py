@@ -76,40 +76,6 @@ def test_qlora_lowers_the_loss_changes_only_lora_weights_and_learns_the_answer(f
     assert answer.startswith(ANSWER) and not base_answer.startswith(ANSWER)
 
 
-def test_a_retry_resumes_from_the_last_checkpoint(formatted, tiny_model_dir, tmp_path):
-    from transformers import TrainerCallback
-
-    class CrashAtStep3(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise RuntimeError("simulated preemption")
-
-    cfg = tiny_train_config(max_steps=4, save_steps=2, logging_steps=1)
-    with pytest.raises(RuntimeError, match="preemption"):
-        train_model(formatted, str(tiny_model_dir), tmp_path, cfg, callbacks=[CrashAtStep3()])
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
-
-    seen = []
-
-    class RecordSteps(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            seen.append(state.global_step)
-
-    train_model(formatted, str(tiny_model_dir), tmp_path, cfg, callbacks=[RecordSteps()])
-    assert seen == [3, 4]  # steps 1-2 came from checkpoint-2, not re-run
-    logged = [r["step"] for r in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in r]
-    assert logged == [1, 2, 3, 4]
-
-
-def test_a_changed_config_never_resumes_another_jobs_checkpoint(formatted, tiny_model_dir, tmp_path):
-    train_model(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=4, save_steps=2))
-    train_model(formatted, str(tiny_model_dir), tmp_path,
-                tiny_train_config(max_steps=4, save_steps=2, logging_steps=1, learning_rate=1e-3))
-    logged = [r for r in json.loads((tmp_path / "log_history.json").read_text()) if "loss" in r]
-    assert [r["step"] for r in logged] == [1, 2, 3, 4]  # trained from step 1 again, not resumed at step 4
-    assert all(r["learning_rate"] <= 1e-3 for r in logged)
-
-
 @pytest.mark.parametrize("flags, dtype", [({"avx2"}, torch.float32), ({"avx2", "amx_bf16"}, torch.bfloat16)])
 def test_the_trainer_keeps_lora_weights_and_4bit_compute_in_the_cpus_native_dtype(formatted, tiny_model_dir, tmp_path,
                                                                                   monkeypatch, flags, dtype):
