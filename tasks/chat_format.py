@@ -159,18 +159,37 @@ def format_split(con: duckdb.DuckDBPyConnection, split: str, encoder: ChatEncode
             f"generation prompt does not tokenize as a prefix of its training tokens ({why}), so the model would be "
             "asked in another format than it was trained on; use another template (chat.template or "
             "chat.chat_template)")
-    rows, dropped = [], []
-    for (row_id, source, _, messages, copies), convo, ids, mask, last in zip(
-            selected, convos, enc.ids, enc.masks, enc.last_token):
-        if len(ids) > cfg.max_length and cfg.too_long == "drop":
-            dropped.append((row_id, f"{len(ids)} tokens > chat.max_length={cfg.max_length}"))
-            continue
-        head = len(convo) - len(messages)  # the system turn, if any
-        ref = head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0)
-        row = {"row_id": row_id, "source": source, **encoded_row(ids, mask, last, cfg.max_length),
-               "prompt": json.dumps(convo[:ref], ensure_ascii=False), "reference": convo[ref]["content"]}
-        rows.extend([row] * copies)
-    return pa.Table.from_pylist(rows, schema=FORMATTED_SCHEMA), dropped
+    too_long = [len(ids) > cfg.max_length for ids in enc.ids]
+    dropped = [(row[0], f"{len(ids)} tokens > chat.max_length={cfg.max_length}")
+               for row, ids, long in zip(selected, enc.ids, too_long) if long and cfg.too_long == "drop"]
+    kept = [k for k, long in enumerate(too_long) if not (long and cfg.too_long == "drop")]
+    rows = [k for k in kept for _ in range(selected[k][4])]  # a source's weight repeats rows
+    prompts = {k: prompt_and_reference(convos[k], selected[k][3]) for k in kept}
+    ids, masks = [enc.ids[k][:cfg.max_length] for k in rows], [enc.masks[k][:cfg.max_length] for k in rows]
+    return pa.table({
+        "row_id": [selected[k][0] for k in rows], "source": [selected[k][1] for k in rows],
+        "input_ids": list_array(ids, pa.int32()), "assistant_masks": list_array(masks, pa.int8()),
+        "n_tokens": [len(x) for x in ids], "n_supervised": [int(m.sum()) for m in masks],
+        "truncated": [too_long[k] for k in rows],
+        # the model learns to stop only if the final supervised turn keeps its end-of-turn token
+        "last_eot_supervised": [0 <= enc.last_token[k] < cfg.max_length for k in rows],
+        "prompt": [prompts[k][0] for k in rows], "reference": [prompts[k][1] for k in rows],
+    }, schema=FORMATTED_SCHEMA), dropped
+
+
+def prompt_and_reference(convo: list[dict], messages: list[dict]) -> tuple[str, str]:
+    """Return the prompt (the turns before the last supervised answer, as JSON) and that answer."""
+    head = len(convo) - len(messages)  # the system turn, if any
+    ref = head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0)
+    return json.dumps(convo[:ref], ensure_ascii=False), convo[ref]["content"]
+
+
+def list_array(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
+    """Return the numpy arrays as one Arrow list column, without a detour through Python lists."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
 
 
 def length_stats(table: pa.Table, dropped: int) -> dict:
