@@ -1,9 +1,10 @@
 """Monitoring of a training run: its MLflow run (one per sftflow run id), live metrics and the NaN/inf stop.
 
-Why a callback of our own rather than transformers' MLflowCallback: that one starts (or picks up) the *active* fluent
-run of the process that trains, so a worker started by `accelerate launch` cannot be pointed at the run the task
-opened, it logs every TrainingArguments field as a param (~150 of them, several changing with the machine), and it
-never sees tokens/s or peak memory. Here the Prefect task opens the run, writes its id to train/mlflow_run.json, and
+Why a callback of our own rather than transformers' MLflowCallback: that one is pointed at a run only through
+process-wide environment variables (MLFLOW_RUN_ID, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), which would leak into
+every later task of the same process; it logs every TrainingArguments field as a param (~150, several that depend on
+the machine, and a rerun with a changed value fails because MLflow params cannot change), and it knows nothing of
+tokens/s or peak memory. Here the Prefect task opens the run and writes its id to train/mlflow_run.json;
 `LiveMetrics` logs to that id through an MlflowClient, from the world-zero process only; register attaches the
 model to the same run.
 """
