@@ -155,7 +155,7 @@ def plot_curve(history: list[dict], diagnoses: list[dict], path: Path) -> Path:
     for d in diagnoses:
         if d["step"] is not None:
             ax.axvline(d["step"], color="tab:red", linestyle=":", linewidth=1)
-            ax.annotate(d["name"], (d["step"], 1), xycoords=("data", "axes fraction"), rotation=90, va="top",
+            ax.annotate(d["name"], (d["step"], 0.03), xycoords=("data", "axes fraction"), rotation=90, va="bottom",
                         ha="right", fontsize=8, color="tab:red")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
