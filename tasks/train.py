@@ -7,12 +7,12 @@ gradient accumulation, periodic adapter checkpoints; a retry resumes from the la
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from tasks.chat_format import load_tokenizer
-from tasks.common import fingerprint_path, stage_logger, stage_task
+from tasks.checkpoints import resume_training, training_key
+from tasks.common import stage_logger, stage_task
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError, TrainingDiverged
 from tasks.methods import save_trained
@@ -178,25 +178,6 @@ def training_callbacks(out_dir: Path) -> list:
     return [*measure, progress_callback(), stop]
 
 
-def training_key(formatted_dir: Path, model_dir: str, cfg: TrainConfig) -> str:
-    """Return what identifies a training job: the tokenized data, the base model and the train config."""
-    return json.dumps({"data": fingerprint_path(formatted_dir), "model": model_dir, "cfg": cfg.model_dump(mode="json")},
-                      sort_keys=True)
-
-
-def resumable_checkpoint(out_dir: Path, key: str) -> str | None:
-    """Return the last checkpoint of the same training job, if any; clear checkpoints of a different job."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoints, marker = out_dir / "checkpoints", out_dir / "job.json"
-    if checkpoints.is_dir() and marker.is_file() and marker.read_text(encoding="utf-8") == key:
-        return get_last_checkpoint(str(checkpoints))
-    shutil.rmtree(checkpoints, ignore_errors=True)  # never resume another config's or data's optimizer state
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key, encoding="utf-8")
-    return None
-
-
 def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()) -> Path:
     """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter."""
     if cfg.num_processes > 1:  # one process per rank via accelerate launch, each building the same trainer
@@ -207,7 +188,7 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
                         precision.name, precision.reason, "4-bit NF4" if cfg.load_in_4bit else "full-precision",
                         cfg.lora_r, cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps)
     trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, [*training_callbacks(out_dir), *callbacks])
-    trainer.train(resume_from_checkpoint=resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg)))
+    resume_training(trainer, out_dir, training_key(formatted_dir, model_dir, cfg))  # from a checkpoint if any
     # adapter/ (LoRA methods) or model/ (full, hft), with the chat template the rows were formatted with
     adapter = save_trained(trainer, load_tokenizer(model_dir, formatted_dir), out_dir, cfg)
     (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
