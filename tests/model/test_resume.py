@@ -26,8 +26,8 @@ from tasks.report import save_config
 from tasks.train import train_model
 from tests.conftest import ROOT
 
-# Few, cheap steps: no packing (4 rows of ~100 tokens a micro-batch), 2 micro-batches a step, a checkpoint every 2.
-SETTINGS = ["train.packing=false", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
+# Few, cheap steps (tiny.yaml: packed rows of 256 tokens, 2 a micro-batch, 2 micro-batches a step), a checkpoint every 2.
+SETTINGS = ["train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,9 @@ def test_a_checkpoint_where_training_was_told_to_stop_early_is_the_end_of_its_jo
 def test_the_training_key_ignores_only_settings_that_do_not_change_what_is_learned(run):
     key = lambda **changes: training_key(run.formatted, base(run), train_config(run, **changes))
     assert key() == key(logging_steps=3, save_steps=5, save_total_limit=7, eval_steps=2, eval_rows=4)
-    for changes in ({"learning_rate": 1e-4}, {"max_steps": 5}, {"seed": 1}, {"lora_r": 4}, {"batch_size": 2}):
+    cfg = train_config(run)
+    for changes in ({"learning_rate": cfg.learning_rate / 2}, {"max_steps": cfg.max_steps + 1}, {"seed": cfg.seed + 1},
+                    {"lora_r": cfg.lora_r * 2}, {"batch_size": cfg.batch_size + 1}):
         assert key(**changes) != key(), changes
     early = {"early_stopping_patience": 2, "eval_steps": 2}
     assert key(**early) != key(**{**early, "eval_steps": 4})  # the eval loss decides when training stops
