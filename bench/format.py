@@ -1,13 +1,16 @@
 """Format benchmark: render, mask and tokenize n GSM8K-sized conversations, as the format task does.
 
-Usage: .venv/bin/python bench/format.py [--rows 100000] [--num-proc 0]
+Usage: .venv/bin/python bench/format.py [--rows 100000] [--num-proc 0] [--paths fast,hf]
 
 The conversations are GSM8K train rows (/work/shared/data/gsm8k_train.jsonl, or $GSM8K_JSONL) with a system turn,
 repeated to n rows and varied (each copy's question gets its own number), so no text repeats and a cache cannot
-help. Timed: the format task's encode step (tasks.masks.encode_all: prefix renders, batched Rust tokenization with
-offsets, masks) with the default base model's tokenizer and template, in chat.num_proc processes (0 = auto),
-process start included. Not timed: reading the clean DuckDB file and writing Parquet. It prints rows/s with the CPU
-and the load average before the run (the machine may be shared); the last line is one JSON object.
+help. Timed: the format task's encode step (tasks.masks.encode_all: prefix renders, tokenization, masks, the
+fast path's check of sampled rows against HF) with the default base model's tokenizer and template, in
+chat.num_proc processes (0 = auto), process start included. Each path in --paths is timed in the same run: fast
+(the format task's own choice: tiktoken where proved equal, tasks/fast_tokenizer.py) and hf (the HF tokenizer's
+batched Rust encode with offsets), so their ratio holds even on a shared machine. Not timed: reading the clean
+DuckDB file and writing Parquet. It prints rows/s per path with the CPU and the load average before each run;
+the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ def gsm8k_conversations(n: int) -> list[list[dict]]:
              {"role": "assistant", "content": rows[i % len(rows)]["answer"]}] for i in range(n)]
 
 
-def format_rows_per_s(n: int = 100_000, num_proc: int = 0) -> dict:
-    """Return the rows/s of the format task's encode step on n GSM8K conversations, with the CPU and the load."""
+def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...] = ("fast", "hf")) -> dict:
+    """Return the rows/s of the format task's encode step on n GSM8K conversations per tokenizer path, with the
+    tokenizer each path used, the CPU and the load."""
     from tasks.base_model import resolve_base_model
     from tasks.chat_format import chat_encoder, load_tokenizer
     from tasks.config import DEFAULT_BASE_MODEL
@@ -40,26 +44,36 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0) -> dict:
     tokenizer = load_tokenizer(resolve_base_model(DEFAULT_BASE_MODEL))
     encoder = chat_encoder(tokenizer, tokenizer.chat_template)
     convos = gsm8k_conversations(n)
-    load = os.getloadavg()[0]
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out = encode_all(encoder, convos, [[1.0]] * n, check_prompts=False, num_proc=num_proc)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(ids) for ids in out.ids)
-    return {"rows": n, "seconds": round(seconds, 2), "rows_per_s": round(n / seconds),
-            "tokens_per_row": round(tokens / n, 1), "num_proc": process_count(n, num_proc),
-            "cpu": cpu_summary(), "cores_available": len(os.sched_getaffinity(0)),
-            "load_average_before": round(load, 2), "parent_cpu_s": round(time.process_time() - cpu_start, 2)}
+    result = {"rows": n, "num_proc": process_count(n, num_proc), "cpu": cpu_summary(),
+              "cores_available": len(os.sched_getaffinity(0))}
+    for path in paths:
+        load = os.getloadavg()[0]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = encode_all(encoder if path == "fast" else encoder.without_fast(), convos, [[1.0]] * n,
+                         check_prompts=False, num_proc=num_proc)
+        seconds = time.perf_counter() - start
+        result[path] = {"tokenizer": out.tokenizer, "seconds": round(seconds, 2), "rows_per_s": round(n / seconds),
+                        "tokens_per_row": round(sum(len(ids) for ids in out.ids) / n, 1),
+                        "load_average_before": round(load, 2),
+                        "parent_cpu_s": round(time.process_time() - cpu_start, 2)}
+    if "fast" in result and "hf" in result:
+        result["fast_over_hf"] = round(result["fast"]["rows_per_s"] / result["hf"]["rows_per_s"], 2)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--num-proc", type=int, default=0)
+    parser.add_argument("--paths", default="fast,hf", help="comma-separated: fast (the format task's choice), hf")
     args = parser.parse_args()
-    result = format_rows_per_s(args.rows, args.num_proc)
-    print(f"format: {result['rows_per_s']} rows/s ({result['rows']} rows, {result['tokens_per_row']} tokens each, "
-          f"{result['num_proc']} processes, {result['seconds']} s) on {result['cpu']}; load before "
-          f"{result['load_average_before']}")
+    result = format_rows_per_s(args.rows, args.num_proc, tuple(args.paths.split(",")))
+    for path in ("fast", "hf"):
+        if path in result:
+            r = result[path]
+            print(f"format [{path}: {r['tokenizer']}]: {r['rows_per_s']} rows/s ({result['rows']} rows, "
+                  f"{r['tokens_per_row']} tokens each, {result['num_proc']} processes, {r['seconds']} s) on "
+                  f"{result['cpu']}; load before {r['load_average_before']}")
     print(json.dumps(result))
 
 

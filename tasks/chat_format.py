@@ -24,6 +24,7 @@ from prefect.artifacts import create_table_artifact
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import ChatConfig
 from tasks.errors import ConfigError, DataValidationError
+from tasks.fast_tokenizer import fast_tokenizer
 from tasks.masks import ChatEncoder, encode_all, marked_text
 from tasks.templates import TEMPLATE_FILE, TEMPLATES, ChatRenderer, inference_template, resolve_template, special_tokens
 
@@ -106,8 +107,9 @@ def assistant_weights(messages: list[dict]) -> list[float]:
     return [1.0 if m.get("weight") is None else m["weight"] for m in messages if m["role"] == "assistant"]
 
 
-def chat_encoder(tokenizer, template: str, mode: str = "assistant") -> ChatEncoder:
-    """Return the encoder that renders with `template` and tokenizes with `tokenizer`'s fast (Rust) tokenizer."""
+def chat_encoder(tokenizer, template: str, mode: str = "assistant", fast: bool = True) -> ChatEncoder:
+    """Return the encoder that renders with `template` and tokenizes with `tokenizer`'s fast (Rust) tokenizer, or
+    with tiktoken where `fast` and tiktoken is proved to give the same ids (tasks/fast_tokenizer.py)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"{type(tokenizer).__name__} is a slow tokenizer; format needs a fast one (tokenizer.json)")
     backend = tokenizer.backend_tokenizer
@@ -117,7 +119,11 @@ def chat_encoder(tokenizer, template: str, mode: str = "assistant") -> ChatEncod
         backend = Tokenizer.from_str(backend.to_str())
         backend.no_truncation()
         backend.no_padding()
-    return ChatEncoder(ChatRenderer(template, special_tokens(tokenizer)), backend, mode)
+    fast_path, why = fast_tokenizer(backend) if fast else (None, "not asked for")
+    if fast:
+        stage_logger().info("format: tokenizing with %s", "tiktoken (proved to give the tokenizer's ids)"
+                            if fast_path else f"the HF tokenizer (tiktoken not used: {why})")
+    return ChatEncoder(ChatRenderer(template, special_tokens(tokenizer)), backend, mode, fast_path)
 
 
 def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_length: int,
@@ -127,7 +133,7 @@ def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_le
     `weights` holds each assistant turn's loss weight: a weight-0 turn is rendered but not supervised.
     """
     weights = weights or [1.0] * sum(m["role"] == "assistant" for m in messages)
-    enc = chat_encoder(tokenizer, template, mode).encode([messages], [weights])
+    enc = chat_encoder(tokenizer, template, mode, fast=False).encode([messages], [weights])
     return encoded_row(enc.ids[0], enc.masks[0], enc.last_token[0], max_length)
 
 

@@ -13,6 +13,7 @@ agree). The ids are exactly what the tokenizer gives for the rendered text.
 from __future__ import annotations
 
 import os
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -20,9 +21,11 @@ from multiprocessing import get_context
 import numpy as np
 
 from tasks.errors import ConfigError
+from tasks.fast_tokenizer import FastTokenizer
 from tasks.templates import ChatRenderer
 
 MASK_MODES = ("assistant", "last_turn", "completion", "all")
+FAST_CHECK_FIRST = 256  # rows at the start of each run whose fast-path result is checked against HF
 ROWS_PER_PROCESS = 10_000  # below this many rows per process, starting one (imports, ~3 s) costs more than it saves
 
 
@@ -98,6 +101,8 @@ class Encoded:
     # index of the last token of each row's final supervised span (its end-of-turn token), -1 if none
     last_token: list[int] = field(default_factory=list)
     prompt_failures: list[tuple[int, str]] = field(default_factory=list)  # (row index in the batch, why)
+    fast_mismatches: list[tuple[int, str]] = field(default_factory=list)  # (row of the run, what differs from HF)
+    tokenizer: str = "hf"  # which tokenizer gave the ids: tiktoken or hf
 
     def extend(self, other: Encoded, offset: int) -> None:
         """Append another batch's rows (its row indices shifted by `offset`)."""
@@ -105,16 +110,18 @@ class Encoded:
         self.masks += other.masks
         self.last_token += other.last_token
         self.prompt_failures += [(offset + i, why) for i, why in other.prompt_failures]
+        self.fast_mismatches += other.fast_mismatches
 
 
 class ChatEncoder:
     """Render and tokenize conversations with loss masks; picklable, so worker processes can each hold one."""
 
-    def __init__(self, renderer: ChatRenderer, backend, mode: str):
-        """`backend` is the fast tokenizer's Rust tokenizer (`tokenizer.backend_tokenizer`)."""
+    def __init__(self, renderer: ChatRenderer, backend, mode: str, fast: FastTokenizer | None = None):
+        """`backend` is the fast tokenizer's Rust tokenizer (`tokenizer.backend_tokenizer`); `fast`, where given,
+        is tiktoken proved to give its ids (tasks/fast_tokenizer.py), checked again on a sample of rows."""
         if mode not in MASK_MODES:
             raise ConfigError(f"chat.mask={mode!r}: use one of {', '.join(MASK_MODES)}")
-        self.renderer, self.backend, self.mode = renderer, backend, mode
+        self.renderer, self.backend, self.mode, self.fast = renderer, backend, mode, fast
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "backend": self.backend.to_str()}
@@ -124,22 +131,74 @@ class ChatEncoder:
 
         self.__dict__.update(state, backend=Tokenizer.from_str(state["backend"]))
 
-    def encode(self, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool = False) -> Encoded:
-        """Return the ids and masks of `convos`; with `check_prompts`, also check each generation prompt's tokens
-        are a prefix of its conversation's tokens (the round trip evaluation relies on)."""
+    @property
+    def tokenizer_path(self) -> str:
+        """Which tokenizer gives the ids: tiktoken (proved equal) or the HF tokenizer itself."""
+        return "hf" if self.fast is None else "tiktoken"
+
+    def without_fast(self) -> ChatEncoder:
+        """Return a copy that tokenizes with the HF tokenizer only."""
+        return ChatEncoder(self.renderer, self.backend, self.mode)
+
+    def encode(self, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool = False,
+               start: int = 0) -> Encoded:
+        """Return the ids and masks of `convos` (rows `start`… of the run); with `check_prompts`, also check each
+        generation prompt's tokens are a prefix of its conversation's tokens (the round trip evaluation relies on).
+        On the fast path, the sampled rows (`checked_row`) are also encoded by HF and any difference is recorded."""
         rendered = [render_spans(self.renderer, c, w, self.mode) for c, w in zip(convos, weights)]
-        encodings = self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
         out = Encoded()
-        for r, e in zip(rendered, encodings):
-            offsets = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
-            out.ids.append(np.asarray(e.ids, dtype=np.int32))
-            out.masks.append(token_mask(offsets, r.spans))
-            out.last_token.append(last_token(offsets, r.spans[-1]))
+        for ids, offsets, spans in self.tokenize(rendered):
+            out.ids.append(ids)
+            out.masks.append(token_mask(offsets, spans))
+            out.last_token.append(last_token(offsets, spans[-1]))
+        if self.fast is not None:
+            out.fast_mismatches = self.fast_mismatches(rendered, out, start)
         if check_prompts:
             prompts = self.backend.encode_batch([r.text[:r.prompt_end] for r in rendered], add_special_tokens=False)
             out.prompt_failures = [(i, why) for i, (p, ids) in enumerate(zip(prompts, out.ids))
                                    if (why := prefix_problem(self.backend, p, ids))]
         return out
+
+    def tokenize(self, rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
+        """Return each text's (ids, token offsets, supervised spans), offsets and spans in one unit: bytes on the
+        fast path, characters on HF's (a text the fast path leaves to HF gets HF's)."""
+        fast = self.fast.encode_batch([r.text for r in rendered]) if self.fast else [None] * len(rendered)
+        left = [i for i, f in enumerate(fast) if f is None]
+        slow = dict(zip(left, self.hf_tokenize([rendered[i] for i in left])))
+        return [slow[i] if f is None else (*f, byte_spans(r.text, r.spans))
+                for i, (r, f) in enumerate(zip(rendered, fast))]
+
+    def hf_tokenize(self, rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
+        """Return each text's (ids, character offsets, supervised spans) from the HF tokenizer."""
+        encodings = self.backend.encode_batch([r.text for r in rendered], add_special_tokens=False) if rendered else []
+        return [(np.asarray(e.ids, dtype=np.int32), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), r.spans)
+                for r, e in zip(rendered, encodings)]
+
+    def fast_mismatches(self, rendered: list[Rendered], out: Encoded, start: int) -> list[tuple[int, str]]:
+        """Return (run row, what differs) for each sampled row whose fast ids, mask or end token differ from HF's."""
+        rows = [i for i in range(len(rendered)) if checked_row(start + i)]
+        found = []
+        for i, (ids, offsets, spans) in zip(rows, self.hf_tokenize([rendered[i] for i in rows])):
+            if not np.array_equal(ids, out.ids[i]):
+                found.append((start + i, "token ids"))
+            elif not np.array_equal(token_mask(offsets, spans), out.masks[i]):
+                found.append((start + i, "loss mask"))
+            elif last_token(offsets, spans[-1]) != out.last_token[i]:
+                found.append((start + i, "end-of-turn token"))
+        return found
+
+
+def checked_row(row: int) -> bool:
+    """Return whether the fast path's result for this row of a run is checked against HF: the first
+    FAST_CHECK_FIRST rows and a hash-chosen 1% of the rest."""
+    return row < FAST_CHECK_FIRST or zlib.crc32(row.to_bytes(8, "little")) % 100 == 0
+
+
+def byte_spans(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Return character spans of `text` as UTF-8 byte spans."""
+    if text.isascii():
+        return spans
+    return [(len(text[:a].encode()), len(text[:b].encode())) for a, b in spans]
 
 
 def prefix_problem(backend, prompt, ids: np.ndarray) -> str | None:
@@ -160,19 +219,37 @@ def process_count(rows: int, num_proc: int) -> int:
 
 def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
                num_proc: int = 0, chunk: int = 2000) -> Encoded:
-    """Return the ids and masks of every conversation, in order, encoded in `num_proc` processes."""
-    procs = process_count(len(convos), num_proc)
+    """Return the ids and masks of every conversation, in order, encoded in `num_proc` processes.
+
+    On the fast path, if any checked row differs from what the HF tokenizer gives, the whole run is encoded again by
+    HF (with a warning naming the row), so one run's rows never mix the two."""
+    out = encode_chunks(encoder, convos, weights, check_prompts, process_count(len(convos), num_proc), chunk)
+    if out.fast_mismatches:
+        from tasks.common import stage_logger
+
+        row, what = out.fast_mismatches[0]
+        stage_logger().warning("format: the fast tokenizer's %s differ from the HF tokenizer's on row %d (%d of the "
+                               "checked rows differ); encoding every row with the HF tokenizer", what, row,
+                               len(out.fast_mismatches))
+        return encode_all(encoder.without_fast(), convos, weights, check_prompts, num_proc, chunk)
+    out.tokenizer = encoder.tokenizer_path
+    return out
+
+
+def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
+                  procs: int, chunk: int) -> Encoded:
+    """Return the encoded chunks of `chunk` rows, joined in order, from `procs` processes."""
     starts = list(range(0, len(convos), chunk))
     if procs == 1:
         out = Encoded()
         for s in starts:
-            out.extend(encoder.encode(convos[s:s + chunk], weights[s:s + chunk], check_prompts), s)
+            out.extend(encoder.encode(convos[s:s + chunk], weights[s:s + chunk], check_prompts, s), s)
         return out
     # spawn, not fork: the parent may run other threads (Prefect's). Each worker gets the encoder once.
     with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=start_worker,
                              initargs=(encoder,)) as pool:
         parts = pool.map(encode_in_worker, [convos[s:s + chunk] for s in starts],
-                         [weights[s:s + chunk] for s in starts], [check_prompts] * len(starts))
+                         [weights[s:s + chunk] for s in starts], [check_prompts] * len(starts), starts)
         out = Encoded()
         for s, part in zip(starts, parts):
             out.extend(part, s)
@@ -189,9 +266,10 @@ def start_worker(encoder: ChatEncoder) -> None:
     _WORKER["encoder"] = encoder
 
 
-def encode_in_worker(convos: list[list[dict]], weights: list[list[float]], check_prompts: bool) -> Encoded:
-    """Encode one chunk with this worker's encoder."""
-    return _WORKER["encoder"].encode(convos, weights, check_prompts)
+def encode_in_worker(convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
+                     start: int) -> Encoded:
+    """Encode one chunk (rows `start`… of the run) with this worker's encoder."""
+    return _WORKER["encoder"].encode(convos, weights, check_prompts, start)
 
 
 def marked_text(tokenizer, ids: list[int], mask: list[int], colour: bool = False) -> str:

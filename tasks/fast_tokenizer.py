@@ -1,0 +1,146 @@
+"""A tiktoken encoder that gives exactly a byte-level BPE fast tokenizer's ids, built only when that is proved.
+
+tiktoken's BPE runs several times faster than the Hugging Face tokenizer's Rust `encode_batch`. It differs in three
+ways, each closed here before the encoder is used:
+1. Its merge priority is the rank of the merged bytes, HF's the rank of the merge (pair). Ranks are taken from the
+   merges list (bytes first, then each merge's result in merge order), so a listed pair has the same priority in
+   both. An adjacent pair that is not listed but whose bytes form a token ("extra pair") would merge in tiktoken
+   only. Each token's own bytes, BPE-encoded alone by HF's model, must give that one token: then no HF run ever holds
+   an extra pair (the symbols spanning it would be a state of that lone run, whose last two symbols are the listed
+   pair), and tiktoken's shortcut for a piece that is a whole token agrees too.
+2. A byte the vocabulary lacks is dropped by HF (its neighbours may then merge) but kept by tiktoken: such a byte
+   maps to -1 here, and a text holding one is left to HF (`FastTokenizer.encode_batch` returns None for it).
+3. Added tokens are matched before pre-tokenizing in both; the match is the same when none contains another and
+   none strips whitespace or needs a whole word.
+The pre-tokenizer must be ByteLevel with the GPT-2 regex (given to tiktoken as is), no normalizer, no dropout, no
+byte fallback, no word prefix/suffix. tests/unit/test_fast_tokenizer.py checks the ids on real data, strings chosen
+to break it and every code point of planes 0-3; the format step also re-checks a sample of each run (tasks/masks.py).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+
+import numpy as np
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+@cache
+def byte_of_char() -> dict[str, int]:
+    """Return GPT-2's byte-level alphabet: the printable character that stands for each byte, mapped to the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = dict(zip(printable, printable))
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + len(chars) - len(printable)
+    return {chr(c): b for b, c in chars.items()}
+
+
+def unprovable(cfg: dict, backend) -> str | None:
+    """Return why tiktoken cannot be shown to tokenize like this tokenizer.json (`cfg`), or None if it can."""
+    model, pre = cfg.get("model") or {}, cfg.get("pre_tokenizer") or {}
+    checks = {
+        "it has a normalizer": cfg.get("normalizer") is not None,
+        "the pre-tokenizer is not ByteLevel with the GPT-2 regex and no prefix space":
+            (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex")) != ("ByteLevel", False, True),
+        "the model is not BPE": model.get("type") != "BPE",
+        "BPE dropout, byte fallback, ignore_merges or a word prefix/suffix is set":
+            bool(model.get("dropout") or model.get("byte_fallback") or model.get("ignore_merges")
+                 or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")),
+        "special tokens are encoded as text": bool(getattr(backend, "encode_special_tokens", False)),
+        "truncation or padding is set": bool(cfg.get("truncation") or cfg.get("padding")),
+        "an added token strips whitespace, needs a whole word or is empty":
+            any(t["lstrip"] or t["rstrip"] or t["single_word"] or not t["content"] for t in cfg["added_tokens"]),
+    }
+    if why := next((why for why, failed in checks.items() if failed), None):
+        return why
+    added = [t["content"] for t in cfg["added_tokens"]]
+    if any(a != b and a in b for a in added for b in added):
+        return "an added token contains another"
+    alphabet = byte_of_char()
+    if any(c not in alphabet for token in model["vocab"] for c in token if token not in added):
+        return "a vocabulary token is not byte-level"
+    return None
+
+
+def merge_ranks(cfg: dict, backend) -> dict[bytes, int] | str:
+    """Return tiktoken's ranks (the 256 bytes, then each merge's result in merge order), or why they don't agree
+    with HF's merges: a merge of unknown tokens, two merges with one result, or a token whose own bytes HF does not
+    encode as itself (see the module docstring)."""
+    alphabet, vocab = byte_of_char(), cfg["model"]["vocab"]
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in cfg["model"]["merges"]:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            return f"the merge {left!r} + {right!r} joins or makes a token outside the vocabulary"
+        result = bytes(alphabet[c] for c in left + right)
+        if result in ranks:
+            return f"two merges make {left + right!r}"
+        ranks[result] = len(ranks)
+    byte_chars = {b: c for c, b in alphabet.items()}
+    for token in ranks:
+        chars = "".join(byte_chars[b] for b in token)
+        if chars in vocab and [t.id for t in backend.model.tokenize(chars)] != [vocab[chars]]:
+            return f"the token {chars!r} is not its own bytes' BPE encoding"
+    return ranks
+
+
+class FastTokenizer:
+    """tiktoken with HF's ids: `encode_batch` returns each text's HF ids and token byte offsets (picklable)."""
+
+    def __init__(self, ranks: dict[bytes, int], added: dict[str, int], vocab: dict[str, int]):
+        """`added`: the added tokens' text and HF id; `vocab`: HF's byte-level token → id."""
+        byte_chars = {b: c for c, b in byte_of_char().items()}
+        self.ranks, self.added = ranks, added
+        self.special = {text: len(ranks) + k for k, text in enumerate(added)}
+        # tiktoken id -> HF id (-1: a byte the vocabulary lacks) and -> the token's length in bytes
+        self.hf_ids = np.array([vocab.get("".join(byte_chars[b] for b in t), -1) for t in ranks] + list(added.values()),
+                               dtype=np.int32)
+        self.byte_lengths = np.array([len(t) for t in ranks] + [len(t.encode()) for t in added], dtype=np.int64)
+        self._encoding = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_encoding": None}
+
+    @property
+    def encoding(self):
+        """The tiktoken Encoding (built on first use, so a worker process builds its own)."""
+        if self._encoding is None:
+            import tiktoken
+
+            self._encoding = tiktoken.Encoding("sftflow-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=self.ranks,
+                                               special_tokens=self.special)
+        return self._encoding
+
+    def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Return (HF ids, token byte offsets as (start, end) rows) per text; None for a text HF must encode."""
+        encode, allowed, out = self.encoding.encode, set(self.special), []
+        for text in texts:
+            tk = np.asarray(encode(text, allowed_special=allowed), dtype=np.int64)
+            ids, lengths = self.hf_ids[tk], self.byte_lengths[tk]
+            if ids.size and ids.min() < 0:
+                out.append(None)
+                continue
+            offsets = np.empty((len(tk), 2), dtype=np.int64)
+            np.cumsum(lengths, out=offsets[:, 1])
+            np.subtract(offsets[:, 1], lengths, out=offsets[:, 0])
+            out.append((ids, offsets))
+        return out
+
+
+def fast_tokenizer(backend) -> tuple[FastTokenizer | None, str | None]:
+    """Return a FastTokenizer giving exactly `backend`'s ids (a `tokenizers.Tokenizer`) and None, or None and why
+    that cannot be proved (a normalizer, a non-BPE model, another pre-tokenizer, inconsistent merges, no tiktoken)."""
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return None, "tiktoken is not installed"
+    cfg = json.loads(backend.to_str())
+    if why := unprovable(cfg, backend):
+        return None, why
+    ranks = merge_ranks(cfg, backend)
+    if isinstance(ranks, str):
+        return None, ranks
+    return FastTokenizer(ranks, {t["content"]: t["id"] for t in cfg["added_tokens"]}, cfg["model"]["vocab"]), None

@@ -1,0 +1,131 @@
+"""The tiktoken fast path gives exactly the HF tokenizer's ids and masks, is used only where that is proved, and a
+run whose checked rows differ falls back to HF whole."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from tasks.chat_format import chat_encoder
+from tasks.fast_tokenizer import fast_tokenizer
+from tasks.masks import encode_all
+
+DATA = Path("/work/shared/data")
+ADVERSARIAL = [
+    "", " ", "  ", "\n", "\n\n\n", "\t\t x", "a  b   c    d", "  leading", "trailing  ", " \n \n", "x\r\ny\rz",
+    "1234567890 12 3.14159 1,000,000 ١٢٣ ½ Ⅷ", "it's they're we've I'm you'll he'd 'S 'T ''s", "don't'll 'dd",
+    "Ünïcödé naïve café", "日本語のテキスト 中文 한국어", "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷", "e\u0301 a\u0308 \u200b\u200d x\u00a0y",
+    "<|im_start|>", "x<|im_end|>y", "<|im_end|><|im_start|>", "<|im_start|<|im_end|>>", "<|endoftext|> <|im_end|>\n",
+    "<repo_name><reponame>", "< |im_end| >", "\x00\x01\x7f", "tab\tnew\nline\x0bvt\x0cff", "\u2028\u2029\u0085",
+    "ﬁ ﬀ ＡＢＣ ｶﾞ", "ab" * 300, " " * 50 + "x", "\n" * 40, "$$\\frac{1}{2}$$ <<48/2=24>>24 #### 72",
+    "\U00040000\U00080000 \U000e0001", "a\x04b \x06 \x13\x14\x16\x1d",  # bytes the vocabulary lacks: HF drops them
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_tokenizer):
+    return chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
+
+
+def hf_ids(backend, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def fast_ids(encoder, texts: list[str]) -> list[list[int] | None]:
+    return [None if f is None else f[0].tolist() for f in encoder.fast.encode_batch(texts)]
+
+
+def chats(contents: list[str]) -> list[list[dict]]:
+    return [[{"role": "system", "content": c}, {"role": "user", "content": c + "?"},
+             {"role": "assistant", "content": c}, {"role": "user", "content": c},
+             {"role": "assistant", "content": "ok " + c}] for c in contents]
+
+
+def assert_same_as_hf(encoder, convos: list[list[dict]]) -> None:
+    fast = encode_all(encoder, convos, [[1.0, 1.0]] * len(convos), check_prompts=True, num_proc=1)
+    slow = encode_all(encoder.without_fast(), convos, [[1.0, 1.0]] * len(convos), check_prompts=True, num_proc=1)
+    assert (fast.tokenizer, slow.tokenizer) == ("tiktoken", "hf")
+    for k in range(len(convos)):
+        assert fast.ids[k].tolist() == slow.ids[k].tolist(), convos[k][0]["content"]
+        assert fast.masks[k].tolist() == slow.masks[k].tolist(), convos[k][0]["content"]
+        assert fast.last_token[k] == slow.last_token[k]
+
+
+def test_the_smollm2_tokenizer_is_proved_and_gives_hf_ids_on_every_gsm8k_and_alpaca_row(encoder):
+    if not (DATA / "gsm8k_train.jsonl").is_file():
+        pytest.skip(f"{DATA} is not on this machine")
+    rows = [json.loads(line) for line in (DATA / "gsm8k_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    alpaca = json.loads((DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    convos = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+              for r in rows]
+    convos += [[{"role": "user", "content": f"{a['instruction']}\n{a['input']}".strip()},
+                {"role": "assistant", "content": a["output"]}] for a in alpaca]
+    texts = [encoder.renderer.render(c) for c in convos]
+    assert encoder.tokenizer_path == "tiktoken"
+    assert fast_ids(encoder, texts) == hf_ids(encoder.backend, texts)
+    assert_same_as_hf(encoder, [[*c, *c] for c in convos[::40]])  # masks too, two supervised turns each
+
+
+def test_adversarial_strings_give_hf_ids_and_masks(encoder):
+    texts = ADVERSARIAL + [a + b for a in ADVERSARIAL[:20] for b in ADVERSARIAL[18:26]]
+    fast = fast_ids(encoder, texts)
+    assert [f for f, t in zip(fast, texts) if f is None] == [None] * 2  # the two with bytes HF drops go to HF
+    assert [f for f in fast if f is not None] == [h for f, h in zip(fast, hf_ids(encoder.backend, texts))
+                                                  if f is not None]
+    assert_same_as_hf(encoder, chats(ADVERSARIAL))
+
+
+def test_every_code_point_of_planes_0_to_3_and_14_tokenizes_as_hf_does(encoder):
+    points = [c for c in [*range(0x40000), *range(0xE0000, 0xE1000)] if not 0xD800 <= c < 0xE000]
+    # each code point after a letter, a digit, a space, a newline and itself: its regex class decides the pieces
+    texts = ["".join(f"a{ch}1{ch} {ch}\n{ch}{ch}'s" for ch in map(chr, points[k:k + 64]))
+             for k in range(0, len(points), 64)]
+    fast, slow = fast_ids(encoder, texts), hf_ids(encoder.backend, texts)
+    differ = [k for k, (f, h) in enumerate(zip(fast, slow)) if f is not None and f != h]
+    assert differ == []
+    assert sum(f is None for f in fast) < len(texts) / 100  # only the few with a byte the vocabulary lacks
+
+
+def smollm2_backend(tiny_tokenizer) -> Tokenizer:
+    return Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+
+
+def test_a_tokenizer_with_a_normalizer_takes_the_hf_path(tiny_tokenizer):
+    backend = smollm2_backend(tiny_tokenizer)
+    backend.normalizer = normalizers.NFKC()
+    assert fast_tokenizer(backend) == (None, "it has a normalizer")
+
+
+def test_a_unigram_tokenizer_takes_the_hf_path():
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("b", -2.0), ("ab", -1.5)], 0))
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    why = "the pre-tokenizer is not ByteLevel with the GPT-2 regex and no prefix space"
+    assert fast_tokenizer(unigram) == (None, why)
+
+
+def test_merges_that_tiktoken_would_apply_differently_take_the_hf_path():
+    # "bc" merges first, so HF never sees the pair ("ab", "c") that makes "abc"; tiktoken would join "a" + "bc".
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab.update({"bc": len(vocab), "ab": len(vocab) + 1, "abc": len(vocab) + 2})
+    bpe = Tokenizer(models.BPE(vocab, [("b", "c"), ("a", "b"), ("ab", "c")]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert bpe.encode("abc").tokens == ["a", "bc"]
+    assert fast_tokenizer(bpe) == (None, "the token 'abc' is not its own bytes' BPE encoding")
+
+
+def test_a_run_whose_checked_rows_differ_from_hf_is_encoded_by_hf_whole(tiny_tokenizer, caplog):
+    encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
+    broken = encoder.fast.hf_ids.copy()
+    broken[encoder.fast.ranks[b"?"]] = 42  # "?" now gets a wrong id
+    encoder.fast.hf_ids = broken
+    convos = chats(["no question here"] * 300 + ["a question?"])
+    with caplog.at_level(logging.WARNING):
+        out = encode_all(encoder, convos, [[1.0, 1.0]] * len(convos), check_prompts=False, num_proc=1)
+    assert "differ from the HF tokenizer's on row 0" in caplog.text  # every row has the user turn's "?"
+    assert out.tokenizer == "hf"
+    reference = encode_all(encoder.without_fast(), convos, [[1.0, 1.0]] * len(convos), False, num_proc=1)
+    assert all(np.array_equal(a, b) for a, b in zip(out.ids, reference.ids))
