@@ -9,8 +9,9 @@ fast path's check of sampled rows against HF) with the default base model's toke
 chat.num_proc processes (0 = auto), process start included. Each path in --paths is timed in the same run: fast
 (the format task's own choice: tiktoken where proved equal, tasks/fast_tokenizer.py) and hf (the HF tokenizer's
 batched Rust encode with offsets), so their ratio holds even on a shared machine. Not timed: reading the clean
-DuckDB file and writing Parquet. It prints rows/s per path with the CPU and the load average before each run;
-the last line is one JSON object.
+DuckDB file and writing Parquet. It prints rows/s per path, rows per CPU second (all threads and processes:
+what a busy machine does not halve), the CPU and the load average before each run; the last line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -30,6 +32,12 @@ def gsm8k_conversations(n: int) -> list[list[dict]]:
     return [[{"role": "system", "content": "Solve the math problem step by step."},
              {"role": "user", "content": f"Problem {i}: {rows[i % len(rows)]['question']}"},
              {"role": "assistant", "content": rows[i % len(rows)]["answer"]}] for i in range(n)]
+
+
+def children_cpu_s() -> float:
+    """Return the CPU seconds (user + system) of this process's finished child processes."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...] = ("fast", "hf")) -> dict:
@@ -48,7 +56,7 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
               "cores_available": len(os.sched_getaffinity(0))}
     for path in paths:
         load = os.getloadavg()[0]
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start, children_start = time.perf_counter(), time.process_time(), children_cpu_s()
         out = encode_all(encoder if path == "fast" else encoder.without_fast(), convos, [[1.0]] * n,
                          check_prompts=False, num_proc=num_proc)
         seconds = time.perf_counter() - start
@@ -56,6 +64,9 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
                         "tokens_per_row": round(sum(len(ids) for ids in out.ids) / n, 1),
                         "load_average_before": round(load, 2),
                         "parent_cpu_s": round(time.process_time() - cpu_start, 2)}
+        # CPU seconds of every thread and worker process: rows per CPU second is what the load does not halve
+        cpu = time.process_time() - cpu_start + children_cpu_s() - children_start
+        result[path].update(cpu_s=round(cpu, 2), rows_per_cpu_s=round(n / cpu))
     if "fast" in result and "hf" in result:
         result["fast_over_hf"] = round(result["fast"]["rows_per_s"] / result["hf"]["rows_per_s"], 2)
     return result
@@ -72,8 +83,9 @@ def main() -> None:
         if path in result:
             r = result[path]
             print(f"format [{path}: {r['tokenizer']}]: {r['rows_per_s']} rows/s ({result['rows']} rows, "
-                  f"{r['tokens_per_row']} tokens each, {result['num_proc']} processes, {r['seconds']} s) on "
-                  f"{result['cpu']}; load before {r['load_average_before']}")
+                  f"{r['tokens_per_row']} tokens each, {result['num_proc']} processes, {r['seconds']} s; "
+                  f"{r['rows_per_cpu_s']} rows per CPU second) on {result['cpu']}; load before "
+                  f"{r['load_average_before']}")
     print(json.dumps(result))
 
 

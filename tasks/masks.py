@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 
@@ -145,9 +145,17 @@ class ChatEncoder:
         """Return the ids and masks of `convos` (rows `start`… of the run); with `check_prompts`, also check each
         generation prompt's tokens are a prefix of its conversation's tokens (the round trip evaluation relies on).
         On the fast path, the sampled rows (`checked_row`) are also encoded by HF and any difference is recorded."""
-        rendered = [render_spans(self.renderer, c, w, self.mode) for c, w in zip(convos, weights)]
+        rendered = self.render(convos, weights)
+        return self.finish(rendered, self.tokenize(rendered), check_prompts, start)
+
+    def render(self, convos: list[list[dict]], weights: list[list[float]]) -> list[Rendered]:
+        """Return each conversation's text and supervised spans."""
+        return [render_spans(self.renderer, c, w, self.mode) for c, w in zip(convos, weights)]
+
+    def finish(self, rendered: list[Rendered], tokens: list, check_prompts: bool, start: int) -> Encoded:
+        """Return the ids and masks of rendered rows from their `tokenize` result (see `encode`)."""
         out = Encoded()
-        for ids, offsets, spans in self.tokenize(rendered):
+        for ids, offsets, spans in tokens:
             out.ids.append(ids)
             out.masks.append(token_mask(offsets, spans))
             out.last_token.append(last_token(offsets, spans[-1]))
@@ -241,10 +249,7 @@ def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[
     """Return the encoded chunks of `chunk` rows, joined in order, from `procs` processes."""
     starts = list(range(0, len(convos), chunk))
     if procs == 1:
-        out = Encoded()
-        for s in starts:
-            out.extend(encoder.encode(convos[s:s + chunk], weights[s:s + chunk], check_prompts, s), s)
-        return out
+        return encode_pipelined(encoder, convos, weights, check_prompts, starts, chunk)
     # spawn, not fork: the parent may run other threads (Prefect's). Each worker gets the encoder once.
     with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=start_worker,
                              initargs=(encoder,)) as pool:
@@ -253,6 +258,23 @@ def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[
         out = Encoded()
         for s, part in zip(starts, parts):
             out.extend(part, s)
+    return out
+
+
+def encode_pipelined(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
+                     starts: list[int], chunk: int) -> Encoded:
+    """Return the encoded chunks in order, each tokenized in a second thread while the next one is rendered: the
+    Rust tokenizers release the GIL, so rendering (Python) and tokenizing share the cores without processes."""
+    out, pending = Encoded(), []
+    with ThreadPoolExecutor(1) as pool:
+        for s in starts:
+            rendered = encoder.render(convos[s:s + chunk], weights[s:s + chunk])
+            pending.append((s, rendered, pool.submit(encoder.tokenize, rendered)))
+            if len(pending) == 2:
+                s0, rendered0, tokens0 = pending.pop(0)
+                out.extend(encoder.finish(rendered0, tokens0.result(), check_prompts, s0), s0)
+        for s0, rendered0, tokens0 in pending:
+            out.extend(encoder.finish(rendered0, tokens0.result(), check_prompts, s0), s0)
     return out
 
 
