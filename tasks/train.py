@@ -106,7 +106,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     from transformers import EarlyStoppingCallback
 
     from tasks.methods import method_callbacks
-    from tasks.packing import write_packing_report
+    from tasks.packing import use_packed_attention, write_packing_report
     from tasks.trainer import sftflow_trainer_class
 
     check_train_config(cfg)
@@ -115,6 +115,8 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     model = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit)
     if not cfg.uses_lora:
         model = model.float()  # full weights train in fp32 master weights; autocast gives the compute dtype
+    if cfg.packing:
+        use_packed_attention(model)  # attention within each conversation only, no flattened-batch-sized scores
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = sftflow_trainer_class()(
         model=model, args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,

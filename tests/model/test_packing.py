@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tasks.packing import PACKED_ATTENTION
 from tasks.train import build_trainer
 from tests.model.test_qlora import ANSWER, formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
 
@@ -54,19 +55,28 @@ def test_a_padding_free_batch_is_one_row_whose_positions_restart_and_labels_stay
         assert tiny_tokenizer.decode(labels[labels != -100]) in expected
 
 
-def test_each_packed_conversation_gets_the_logits_it_gets_alone(packed):
+@pytest.mark.parametrize("attention", [PACKED_ATTENTION, "sdpa"])
+def test_each_packed_conversation_gets_the_logits_it_gets_alone(packed, attention):
+    """Both the per-conversation attention training uses and transformers' own sdpa with the block-diagonal mask it
+    derives from the restarting position ids (masking_utils.find_packed_sequence_indices) keep conversations apart."""
     trainer, _ = packed
     model = trainer.model.eval()
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == PACKED_ATTENTION  # what build_trainer set for packing
+    model.set_attn_implementation(attention)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if attention == "sdpa":
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}  # positions alone
     ids, spans = batch["input_ids"], segments(batch["position_ids"][0])
     assert len(spans) >= 4
-    with torch.no_grad():
-        together = model(**inputs).logits[0]
-        unmasked = model(input_ids=ids).logits[0]  # the same row with one running position: attention crosses
-        for start, end in spans:
-            alone = model(input_ids=ids[:, start:end]).logits[0]
-            torch.testing.assert_close(together[start:end], alone, atol=1e-4, rtol=1e-4)
+    try:
+        with torch.no_grad():
+            together = model(**inputs).logits[0]
+            unmasked = model(input_ids=ids).logits[0]  # the same row with one running position: attention crosses
+            for start, end in spans:
+                alone = model(input_ids=ids[:, start:end]).logits[0]
+                torch.testing.assert_close(together[start:end], alone, atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_attn_implementation(PACKED_ATTENTION)
     start, end = spans[1]
     assert (unmasked[start:end] - together[start:end]).abs().max() > 1e-2  # the check above can fail
