@@ -1,0 +1,126 @@
+"""Memory benchmark: peak RSS of training steps of the default base with and without `train.lean_loss`.
+
+Usage: .venv/bin/python bench/memory.py [--formatted runs/<id>/formatted] [--steps 1] [section.field=value ...]
+
+Each side runs in its own process: the train task's trainer (tasks.train.build_trainer) with the train section of
+configs/default.yaml (SmolLM2-135M, its method, packing and batch), `train.lean_loss` false or true, on the formatted
+rows of a finished run (default: the newest under runs/). A thread samples the process RSS every 5 ms during
+`trainer.train()`; the peak minus the RSS just before training is what the steps themselves need. It prints both,
+seconds per step, supervised tokens per second and the ratio; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PeakRss:
+    """Sample this process's RSS in a background thread; `peak_mb` is the largest seen."""
+
+    def __init__(self, every_s: float = 0.005):
+        import psutil
+
+        self.process, self.every_s, self.peak, self.stop = psutil.Process(), every_s, 0, threading.Event()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.every_s)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+def one_side(formatted: Path, lean: bool, steps: int, overrides: list[str]) -> dict:
+    """Train `steps` steps with lean_loss=`lean` in this process; return its memory and speed figures."""
+    import psutil
+
+    from tasks.base_model import resolve_base_model
+    from tasks.config import load_config
+    from tasks.train import build_trainer
+
+    cfg = load_config(ROOT / "configs" / "default.yaml",
+                      [*overrides, f"train.lean_loss={str(lean).lower()}", f"train.max_steps={steps}",
+                       "train.save_steps=1000", "train.logging_steps=1"]).train
+    model_dir = resolve_base_model(cfg.base_model)
+    seen = {"supervised": 0, "tokens": 0}
+
+    trainer = build_trainer(formatted, model_dir, Path(tempfile.mkdtemp(prefix="bench-memory-")), cfg)
+    compute_loss = trainer.compute_loss
+
+    def counting(model, inputs, *args, **kwargs):
+        seen["supervised"] += int((inputs["labels"][:, 1:] != -100).sum())
+        seen["tokens"] += int(inputs["input_ids"].numel())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting
+    before = psutil.Process().memory_info().rss / 2**20
+    start = time.perf_counter()
+    with PeakRss() as peak:
+        trainer.train()
+    wall = time.perf_counter() - start
+    return {"lean_loss": lean, "method": cfg.method, "pack_length": cfg.pack_length if cfg.packing else None,
+            "batch_size": cfg.batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "steps": steps, "micro_batch_tokens": seen["tokens"] // max(steps * cfg.gradient_accumulation_steps, 1),
+            "rss_before_train_mb": round(before), "peak_rss_mb": round(peak.peak_mb),
+            "train_peak_over_before_mb": round(peak.peak_mb - before), "s_per_step": round(wall / steps, 1),
+            "sup_tok_per_s": round(seen["supervised"] / wall, 1)}
+
+
+def newest_formatted() -> Path:
+    """Return the formatted rows of the newest run under runs/."""
+    found = sorted(ROOT.glob("runs/*/formatted/train.parquet"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit("no runs/*/formatted/train.parquet: run `make run` (or the format step) first, or pass --formatted")
+    return found[-1].parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formatted", type=Path)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--side", choices=["lean", "full"], help=argparse.SUPPRESS)  # one child process
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.batch_size=1")
+    args = parser.parse_args()
+    formatted = args.formatted or newest_formatted()
+    if args.side:
+        print(json.dumps(one_side(formatted, args.side == "lean", args.steps, args.overrides)), flush=True)
+        return
+    result = {"formatted": str(formatted)}
+    for side in ("full", "lean"):
+        out = subprocess.run([sys.executable, __file__, "--formatted", str(formatted), "--steps", str(args.steps),
+                              "--side", side, *args.overrides], check=False, capture_output=True, text=True,
+                             cwd=ROOT)
+        if out.returncode:
+            sys.exit(f"lean_loss={side == 'lean'} failed:\n{out.stderr[-3000:]}")
+        result[side] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"lean_loss={side == 'lean'}: peak RSS {result[side]['peak_rss_mb']} MB, training needed "
+              f"{result[side]['train_peak_over_before_mb']} MB over the loaded model, "
+              f"{result[side]['s_per_step']} s/step, {result[side]['sup_tok_per_s']} supervised tokens/s", flush=True)
+    result["peak_ratio_lean_over_full"] = round(result["lean"]["peak_rss_mb"] / result["full"]["peak_rss_mb"], 3)
+    result["train_memory_ratio_lean_over_full"] = round(
+        result["lean"]["train_peak_over_before_mb"] / max(result["full"]["train_peak_over_before_mb"], 1), 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
