@@ -7,6 +7,13 @@ configs/default.yaml (SmolLM2-135M, its method, packing and batch), `train.lean_
 rows of a finished run (default: the newest under runs/). A thread samples the process RSS every 5 ms during
 `trainer.train()`; the peak minus the RSS just before training is what the steps themselves need. It prints both,
 seconds per step, supervised tokens per second and the ratio; the last line is one JSON object.
+
+Measured 2026-12-01, AMD EPYC AVX2, 2 busy cores, QLoRA SmolLM2-135M on the default synthetic orders (31% supervised):
+- 4 x 1024 packed rows (~3.9k tokens per micro-batch), 2 micro-batches: peak RSS 15.7 GB without lean loss, 11.9 GB
+  with it (0.76); ~2.7 MB of activations per token without gradient checkpointing.
+- 1 x 512 packed rows (~440 tokens per micro-batch): 2.97 GB without, 2.52 GB with (0.85; training's own share 1.57
+  vs 1.23 GB, 0.78); 8.1 vs 6.6 s/step, 17.2 vs 21.2 supervised tokens/s. Small micro-batches are also faster per
+  token on this CPU.
 """
 
 from __future__ import annotations
