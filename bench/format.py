@@ -23,7 +23,7 @@ import resource
 import time
 from pathlib import Path
 
-GSM8K = Path(os.environ.get("GSM8K_JSONL", "/work/shared/data/gsm8k_train.jsonl"))
+GSM8K = Path(os.environ.get("GSM8K_JSONL", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train.jsonl"))
 
 
 def gsm8k_conversations(n: int) -> list[list[dict]]:

@@ -3,7 +3,6 @@ run whose checked rows differ falls back to HF whole."""
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from tasks.chat_format import chat_encoder
 from tasks.fast_tokenizer import fast_tokenizer
 from tasks.masks import encode_all
+from tests.conftest import SHARED_DATA
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 ADVERSARIAL = [
     "", " ", "  ", "\n", "\n\n\n", "\t\t x", "a  b   c    d", "  leading", "trailing  ", " \n \n", "x\r\ny\rz",
     "1234567890 12 3.14159 1,000,000 ١٢٣ ½ Ⅷ", "it's they're we've I'm you'll he'd 'S 'T ''s", "don't'll 'dd",
@@ -55,8 +55,6 @@ def assert_same_as_hf(encoder, convos: list[list[dict]]) -> None:
 
 
 def test_the_smollm2_tokenizer_is_proved_and_gives_hf_ids_on_every_gsm8k_and_alpaca_row(encoder):
-    if not (DATA / "gsm8k_train.jsonl").is_file():
-        pytest.skip(f"{DATA} is not on this machine")
     rows = [json.loads(line) for line in (DATA / "gsm8k_train.jsonl").read_text(encoding="utf-8").splitlines()]
     alpaca = json.loads((DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))
     convos = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
