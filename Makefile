@@ -44,6 +44,12 @@ bench: $(STAMP)
 	$(BIN)/pip install -q datasketch
 	$(BIN)/python bench/clean.py $(ARGS)
 
+# Training benchmark: the train task against ../shared/bench/trl_anchor.py (plain TRL QLoRA) in one run, plus the
+# format step's rows/s (README "Training benchmark"); about 20 minutes on 2 cores. ARGS e.g. "--anchor-steps 5".
+.PHONY: bench-train
+bench-train: $(STAMP)
+	$(SFTFLOW_ENV) $(BIN)/python bench/train.py $(ARGS)
+
 # Prefect UI on http://127.0.0.1:4200, over the same database the runs wrote to.
 ui-prefect: $(STAMP)
 	$(SFTFLOW_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port 4200

@@ -72,6 +72,14 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
     return result
 
 
+def summary_lines(result: dict) -> list[str]:
+    """Return one human-readable line per tokenizer path of a format_rows_per_s result."""
+    return [f"format [{path}: {r['tokenizer']}]: {r['rows_per_s']} rows/s ({result['rows']} rows, "
+            f"{r['tokens_per_row']} tokens each, {result['num_proc']} processes, {r['seconds']} s; "
+            f"{r['rows_per_cpu_s']} rows per CPU second) on {result['cpu']}; load before {r['load_average_before']}"
+            for path, r in ((p, result[p]) for p in ("fast", "hf") if p in result)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -79,13 +87,8 @@ def main() -> None:
     parser.add_argument("--paths", default="fast,hf", help="comma-separated: fast (the format task's choice), hf")
     args = parser.parse_args()
     result = format_rows_per_s(args.rows, args.num_proc, tuple(args.paths.split(",")))
-    for path in ("fast", "hf"):
-        if path in result:
-            r = result[path]
-            print(f"format [{path}: {r['tokenizer']}]: {r['rows_per_s']} rows/s ({result['rows']} rows, "
-                  f"{r['tokens_per_row']} tokens each, {result['num_proc']} processes, {r['seconds']} s; "
-                  f"{r['rows_per_cpu_s']} rows per CPU second) on {result['cpu']}; load before "
-                  f"{r['load_average_before']}")
+    for line in summary_lines(result):
+        print(line)
     print(json.dumps(result))
 
 

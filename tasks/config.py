@@ -147,11 +147,12 @@ class TrainConfig(StageConfig):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping: the largest global gradient norm.")
     max_steps: int | None = Field(40, gt=0, description="Optimizer steps; null trains num_epochs epochs instead.")
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training rows, used when max_steps is null.")
-    batch_size: int = Field(4, gt=0, description="Rows per device per micro-batch (packed rows when packing).")
+    batch_size: int = Field(1, gt=0, description="Rows per device per micro-batch (packed rows when packing).")
     gradient_accumulation_steps: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
     packing: bool = Field(True, description="BFD-pack conversations into rows of pack_length tokens, padding-free "
                                             "(position ids restart per conversation, attention never crosses one).")
-    pack_length: int = Field(1024, gt=8, description="Tokens per packed row.")
+    pack_length: int = Field(512, gt=8, description="Tokens per packed row; at least chat.max_length, or BFD cuts "
+                                                    "the longer conversations.")
     lean_loss: bool = Field(True, description="Compute logits only where a label is (saves the vocabulary-wide "
                                               "logits of prompt and padding tokens).")
     logging_steps: int = Field(5, gt=0, description="Log loss, learning rate, gradient norm, tokens/s every N steps.")

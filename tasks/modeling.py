@@ -4,6 +4,7 @@ and where a training run leaves what it trained (a LoRA adapter or full weights)
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "au
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda, precision = has_cuda(), model_precision(compute_dtype)
-    kwargs: dict[str, Any] = {"device_map": {"": 0} if cuda else "cpu",
+    # under accelerate launch each process loads onto its own GPU (LOCAL_RANK), never all onto GPU 0
+    device = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else "cpu"
+    kwargs: dict[str, Any] = {"device_map": device,
                               "dtype": precision.torch_dtype if cuda else torch.float32}
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(precision)

@@ -120,7 +120,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = sftflow_trainer_class()(
         model=model, args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
-        eval_dataset=heldout_rows(formatted_dir, cfg), processing_class=load_tokenizer(model_dir),
+        eval_dataset=heldout_rows(formatted_dir, cfg), processing_class=load_tokenizer(model_dir, formatted_dir),
         peft_config=lora_config(cfg), callbacks=[*method_callbacks(model, cfg), *extra, *callbacks],
         lean_loss=cfg.lean_loss)
     if cfg.uses_lora:
