@@ -25,6 +25,7 @@ from tasks.checkpoints import resumable_checkpoint, training_key
 from tasks.common import stage_logger
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError
+from tasks.methods import save_trained, saved_name
 
 WORKER_LINE = "[rank "  # prefix of the lines the workers' sftflow logger writes; everything else is library noise
 
@@ -159,11 +160,6 @@ def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: T
     return saved
 
 
-def saved_name(cfg: TrainConfig) -> str:
-    """Return the directory name training writes in the train dir: adapter (LoRA methods) or model (full weights)."""
-    return "adapter" if cfg.uses_lora else "model"
-
-
 # ---- worker side: runs in every process that accelerate launch starts ----
 
 
@@ -193,30 +189,6 @@ def record_rank(trainer, out_dir: Path, rank: int) -> None:
     (out_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
 
 
-def save_outputs(trainer, tokenizer, out_dir: Path, cfg: TrainConfig) -> Path:
-    """Save the trained adapter (or full model) with the tokenizer and the loss history as rank 0, where the
-    single-process path does (tasks/methods.py save_trained); return the directory.
-
-    `trainer.save_model` runs on every rank (FSDP gathers the full state dict for it) and writes on rank 0 only.
-    """
-    import shutil
-
-    name, other = (saved_name(cfg), "model" if cfg.uses_lora else "adapter")
-    final, tmp = out_dir / name, out_dir / f"{name}.tmp"
-    if trainer.is_world_process_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))
-    if trainer.is_world_process_zero():
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-        tokenizer.save_pretrained(tmp)  # the inference chat template the rows were formatted with
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.rmtree(out_dir / other, ignore_errors=True)
-        tmp.replace(final)
-        (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
-    return final
-
-
 def run_worker(spec: dict) -> None:
     """Train this rank's share of the job described by `spec` (see prepare_launch) and save as rank 0.
 
@@ -231,7 +203,7 @@ def run_worker(spec: dict) -> None:
     trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir))
     resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg))
     record_rank(trainer, out_dir, trainer.args.process_index)
-    save_outputs(trainer, load_tokenizer(spec["model_dir"], formatted), out_dir, cfg)
+    save_trained(trainer, load_tokenizer(spec["model_dir"], formatted), out_dir, cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

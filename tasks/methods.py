@@ -9,6 +9,7 @@ round, as in full fine-tuning.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -68,15 +69,31 @@ def method_callbacks(model, cfg: TrainConfig) -> list:
     return [hft_callback(model, cfg)] if cfg.method == "hft" else []
 
 
+def saved_name(cfg: TrainConfig) -> str:
+    """Return the directory name training writes in the train dir: adapter (LoRA methods) or model (full weights)."""
+    return "adapter" if cfg.uses_lora else "model"
+
+
 def save_trained(trainer, tokenizer, out_dir: Path, cfg: TrainConfig) -> Path:
-    """Save what training produced with the tokenizer, atomically: full weights to out_dir/model (full, hft) or the
-    LoRA adapter to out_dir/adapter; remove the other kind, so `trained_model_dir` finds this run's result."""
-    name, other = ("adapter", "model") if cfg.uses_lora else ("model", "adapter")
+    """Save what training produced, atomically: full weights to out_dir/model (full, hft) or the LoRA adapter to
+    out_dir/adapter, with the tokenizer, and the loss history to out_dir/log_history.json; remove the other kind, so
+    `trained_model_dir` finds this run's result. Return the directory.
+
+    Called on every rank under accelerate launch: `trainer.save_model` gathers the full state dict there (FSDP) and
+    writes on the main process only, which alone moves files.
+    """
+    name, other = saved_name(cfg), "model" if cfg.uses_lora else "adapter"
     final, tmp = out_dir / name, out_dir / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.rmtree(out_dir / other, ignore_errors=True)
-    tmp.replace(final)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    if main:
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(tmp)  # the inference chat template the rows were formatted with
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(out_dir / other, ignore_errors=True)
+        tmp.replace(final)
+        (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
     return final

@@ -6,7 +6,6 @@ gradient accumulation, periodic adapter checkpoints; a retry resumes from the la
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -186,15 +185,14 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
         from tasks.distributed import train_distributed
         return train_distributed(formatted_dir, model_dir, out_dir, cfg)
     precision = model_precision(cfg.compute_dtype)
-    stage_logger().info("train: compute dtype %s (%s); %s base, LoRA r=%d, %d steps of %d x %d sequences",
-                        precision.name, precision.reason, "4-bit NF4" if cfg.load_in_4bit else "full-precision",
-                        cfg.lora_r, cfg.max_steps, cfg.batch_size, cfg.gradient_accumulation_steps)
+    rows = f"packed rows of {cfg.pack_length} tokens" if cfg.packing else "sequences"
+    steps = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.num_epochs:g} epochs"
+    stage_logger().info("train: compute dtype %s (%s); method %s, %s of %d x %d %s", precision.name, precision.reason,
+                        cfg.method, steps, cfg.batch_size, cfg.gradient_accumulation_steps, rows)
     trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, [*training_callbacks(out_dir), *callbacks])
     resume_training(trainer, out_dir, training_key(formatted_dir, model_dir, cfg))  # from a checkpoint if any
     # adapter/ (LoRA methods) or model/ (full, hft), with the chat template the rows were formatted with
-    adapter = save_trained(trainer, load_tokenizer(model_dir, formatted_dir), out_dir, cfg)
-    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
-    return adapter
+    return save_trained(trainer, load_tokenizer(model_dir, formatted_dir), out_dir, cfg)
 
 
 @stage_task("train", retries=1)
