@@ -189,16 +189,56 @@ class TrainConfig(StageConfig):
         return self
 
 
+METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "accuracy", "field_match", "json_valid")
+EXTRACTORS = ("none", "gsm8k", "json", "regex", "label")
+
+
 class EvaluateConfig(StageConfig):
-    max_samples: int = Field(64, gt=0, description="Held-out conversations scored by exact match.")
-    max_new_tokens: int = Field(64, gt=0, description="Greedy generation budget per answer.")
-    batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
+    max_samples: int = Field(64, gt=0, description="Held-out conversations generated for and scored.")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget per answer.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation batch (left-padded, KV cache).")
+    loss_batch_size: int = Field(16, gt=0, description="Rows per padded forward pass for eval loss.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding (seeded: the same seed, the same "
+                                               "answers).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (do_sample only).")
+    seed: int = Field(0, description="Seed for sampled generation.")
+    metrics: list[Literal[METRICS]] = Field(  # type: ignore[valid-type]
+        ["exact_match", "token_f1"], min_length=1,
+        description="Scores computed on the extracted answers; the first is the headline (summary, gate default).")
+    extractor: Literal[EXTRACTORS] = Field(  # type: ignore[valid-type]
+        "none", description="What is scored: the whole answer (none), the number after '#### ' (gsm8k), the JSON "
+                            "object (json: validity and a field-by-field match), a regex's first group (regex) or "
+                            "the first of `labels` the answer names (label).")
+    pattern: str | None = Field(None, description="extractor=regex: the pattern; its first group (or the whole "
+                                                  "match) is the answer.")
+    labels: list[str] | None = Field(None, description="extractor=label: the label set.")
+    compare_champion: bool = Field(True, description="Also score the registry's @champion on the same held-out "
+                                                     "prompts, with the same settings.")
+
+    @model_validator(mode="after")
+    def _extractor_needs_its_setting(self) -> EvaluateConfig:
+        if self.extractor == "regex" and not self.pattern:
+            raise ValueError("extractor=regex needs evaluate.pattern")
+        if self.extractor == "label" and not self.labels:
+            raise ValueError("extractor=label needs evaluate.labels")
+        return self
 
 
 class RegisterConfig(StageConfig):
     model_name: str = Field("sftflow-orders", description="Registered model name in the MLflow registry.")
     experiment: str = Field("sftflow", description="MLflow experiment name.")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<runs_dir>/mlflow.db.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<runs_dir>/mlflow.db. "
+                                                      "MLFLOW_TRACKING_URI, when set, wins over the default.")
+    artifact_root: Path | None = Field(None, description="Where new experiments keep artifacts; default "
+                                                         "<runs_dir>/mlartifacts.")
+    gate_metric: str = Field("exact_match", description="Metric the promotion gate compares (a name in "
+                                                        "evaluate.metrics, or eval_loss: lower wins).")
+    gate_margin: float = Field(0.0, ge=0, description="A challenger takes @champion only when it beats the champion "
+                                                      "(or, for the first version, the base) by more than this.")
+    min_stop_rate: float = Field(0.95, ge=0, le=1, description="Registration is refused when fewer tuned answers end "
+                                                               "with end-of-turn/EOS before max_new_tokens.")
+    merged_export: bool = Field(False, description="Also log the adapter merged into the base as safetensors.")
 
 
 class PipelineConfig(StageConfig):
@@ -215,11 +255,14 @@ class PipelineConfig(StageConfig):
 
     def tracking_uri(self) -> str:
         """Return the MLflow tracking URI: the configured one or a sqlite store in runs_dir."""
-        return self.registry.tracking_uri or f"sqlite:///{self.runs_dir.resolve() / 'mlflow.db'}"
+        import os
+
+        return (self.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{self.runs_dir.resolve() / 'mlflow.db'}")
 
     def artifact_root(self) -> Path:
         """Return where MLflow stores the artifacts of experiments sftflow creates."""
-        return self.runs_dir / "mlartifacts"
+        return self.registry.artifact_root or self.runs_dir / "mlartifacts"
 
 
 def content_hash(system: str, turns: str) -> str:
