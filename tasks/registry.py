@@ -16,37 +16,60 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 @dataclass(frozen=True)
-class Champion:
-    """The registry's @champion: its version, its trained directory (downloaded), and how to load it."""
+class RegisteredVersion:
+    """A registered version with its trained directory downloaded, and how to load it."""
 
+    name: str
     version: str
     trained_dir: Path  # an adapter (adapter_config.json) or full weights (config.json)
     base_model: str  # the local base directory (or Hub id) the adapter goes over
     method: str  # train.method it was trained with: decides how its base loads (4-bit, 8-bit, full)
 
 
-def find_champion(tracking_uri: str, model_name: str, cache_dir: Path) -> Champion | None:
-    """Return the @champion of `model_name` with its trained directory downloaded under `cache_dir`, or None when
-    the model or the alias does not exist yet (or the version has no trained weights logged)."""
+Champion = RegisteredVersion  # what evaluate compares against: the version holding @champion
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """Split `NAME@alias` or `NAME/VERSION` (or `models:/…` of either) into (name, alias, version)."""
+    ref = ref.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        return name, alias, None
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        return name, None, version
+    return ref, CHAMPION, None
+
+
+def find_version(tracking_uri: str, ref: str, cache_dir: Path) -> RegisteredVersion | None:
+    """Return the version `ref` names (NAME@alias or NAME/VERSION) with its trained directory downloaded under
+    `cache_dir`, or None when the model, alias or version does not exist (or it has no trained weights logged)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    name, alias, number = parse_model_ref(ref)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
+        version = (client.get_model_version_by_alias(name, alias) if alias
+                   else client.get_model_version(name, number))
     except MlflowException:
         return None
     if not version.run_id:
         return None
-    target = Path(cache_dir) / f"{model_name}-v{version.version}"
+    target = Path(cache_dir) / f"{name}-v{version.version}"
     trained = target / TRAINED_ARTIFACT
     if not trained.is_dir():
         try:
             client.download_artifacts(version.run_id, TRAINED_ARTIFACT, str(target))
         except (MlflowException, OSError):
             return None
-    return Champion(str(version.version), trained, version.tags.get("base_model", ""),
-                    version.tags.get("train_method", "qlora"))
+    return RegisteredVersion(name, str(version.version), trained, version.tags.get("base_model", ""),
+                             version.tags.get("train_method", "qlora"))
+
+
+def find_champion(tracking_uri: str, model_name: str, cache_dir: Path) -> Champion | None:
+    """Return `model_name`'s @champion with its trained directory downloaded, or None when there is none yet."""
+    return find_version(tracking_uri, f"{model_name}@{CHAMPION}", cache_dir)
 
 
 def directory_digest(path: Path) -> str:
