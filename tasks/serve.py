@@ -6,14 +6,13 @@
                                          "temperature": 0.7, "seed": 1}'
     curl -s http://127.0.0.1:8080/health
 
-A request is a JSON object: `instruction` (+ optional `input`; one user turn "instruction\\n\\ninput", as the Alpaca
-format trains it) or `messages` ([{role, content}, ...], the last one the user's). Optional: `max_new_tokens`
-(1 to --max-new-tokens, its default), `temperature` (0, the default, is greedy; above 0 samples) and `seed` (for
-repeatable sampling). The prompt is rendered with the tokenizer's chat template from the version's trained
-directory, the template the model was trained with. The answer: {"text", "model": "NAME/VERSION", "tokens" (new
-tokens generated), "stopped" (it ended with EOS/end-of-turn rather than at max_new_tokens)}. Bad JSON, a missing,
-unknown or invalid field, or a prompt longer than --max-input-tokens gets a 4xx with {"error": reason}. GET /health
-gives the model served. There is no authentication: keep --host on loopback unless something in front guards it.
+A request is a JSON object: `instruction` (+ optional `input`: one user turn "instruction\\n\\ninput", as the Alpaca
+format trains it) or `messages` ([{role, content}, ...], the user's last); optional `max_new_tokens` (1 to
+--max-new-tokens, its default), `temperature` (0, the default: greedy; above 0 samples) and `seed`. The prompt is
+rendered with the chat template in the version's trained directory, the one it was trained with. The answer:
+{"text", "model": "NAME/VERSION", "tokens": new tokens, "stopped": it ended with EOS/end-of-turn, not at
+max_new_tokens}. Bad JSON, a missing, unknown or invalid field, or a prompt over --max-input-tokens gets a 4xx with
+{"error": reason}. GET /health names the model. No authentication: keep --host on loopback unless a proxy guards it.
 
 The server is the standard library's ThreadingHTTPServer: one model answers one request at a time (a lock), so an
 async framework gains nothing; this keeps serving free of a dependency whose version only Prefect pins (fastapi and
@@ -139,11 +138,10 @@ def load_serving_model(version: RegisteredVersion, as_trained: bool = False) -> 
     from tasks.modeling import has_cuda, is_adapter_dir, load_trained_model
 
     adapter = is_adapter_dir(version.trained_dir)
-    if adapter and not version.base_model:
-        raise ConfigError(f"{version.name}/{version.version} is a LoRA adapter but its version has no base_model tag")
-    if adapter and version.base_model.startswith((".", "/")) and not Path(version.base_model).is_dir():
-        raise ConfigError(f"{version.name}/{version.version}: its base model {version.base_model} (base_model tag) "
-                          "is not a directory on this machine")
+    if adapter and (not version.base_model or version.base_model.startswith((".", "/"))
+                    and not Path(version.base_model).is_dir()):
+        raise ConfigError(f"{version.name}/{version.version} is a LoRA adapter over base_model tag "
+                          f"{version.base_model!r}, which is no directory on this machine")
     try:
         cfg = TrainConfig(method=serving_method(version.method, has_cuda(), as_trained))
     except ValidationError:
@@ -154,6 +152,17 @@ def load_serving_model(version: RegisteredVersion, as_trained: bool = False) -> 
     return model.eval()
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Return the ids that end an answer, as evaluate counts them: the model's and the tokenizer's EOS and the special
+    tokens the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...)."""
+    turn = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+    after = tokenizer.apply_chat_template(turn, tokenize=False).split("pong", 1)[1]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    eos = model.generation_config.eos_token_id
+    ids = {t for t in tokenizer(after, add_special_tokens=False)["input_ids"] if t in special}
+    return sorted(ids | {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
+
+
 class Generator:
     """One model and its tokenizer, answering one request at a time."""
 
@@ -161,8 +170,8 @@ class Generator:
         self.version, self.model, self.tokenizer = version, model, tokenizer
         self.max_input_tokens, self.max_new_tokens = max_input_tokens, max_new_tokens
         self.model_id = f"{version.name}/{version.version}"
-        eos = model.generation_config.eos_token_id
-        self.stop_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
+        self.stop_ids = stop_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.lock = threading.Lock()
 
     def encode(self, request: GenerateRequest) -> list[int]:
@@ -179,14 +188,15 @@ class Generator:
         import torch
 
         device = next(self.model.parameters()).device
-        sampling = {"do_sample": True, "temperature": request.temperature} if request.temperature else {
-            "do_sample": False}
+        # do_sample=False always said: a generation_config.json may default to sampling (Qwen's does)
+        sampling = {"do_sample": bool(request.temperature)} | ({"temperature": request.temperature}
+                                                                if request.temperature else {})
         with self.lock, torch.no_grad():
             if request.seed is not None:
                 torch.manual_seed(request.seed)
             out = self.model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(
                 1, len(ids), dtype=torch.long, device=device), max_new_tokens=request.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **sampling)
         new = out[0, len(ids):].tolist()
         return {"text": self.tokenizer.decode(new, skip_special_tokens=True).strip(), "model": self.model_id,
                 "tokens": len(new), "stopped": bool(new) and new[-1] in self.stop_ids}
@@ -235,11 +245,9 @@ class GenerateHandler(BaseHTTPRequestHandler):
         self.reply(200, answer)
 
     def read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise RequestProblem("send the body with a Content-Length header", status=411)
-        if int(length) > MAX_BODY_BYTES:
-            raise RequestProblem(f"the body is {length} bytes; at most {MAX_BODY_BYTES}", status=413)
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            raise RequestProblem(f"send a body of at most {MAX_BODY_BYTES} bytes, with a Content-Length header", 413)
         return self.rfile.read(int(length))
 
 
@@ -267,6 +275,9 @@ def load_generator(args: argparse.Namespace) -> Generator:
         raise ConfigError(f"--max-input-tokens {args.max_input_tokens} + --max-new-tokens {args.max_new_tokens} is "
                           f"more than the {positions} positions {version.name}/{version.version} has; lower them")
     tokenizer = AutoTokenizer.from_pretrained(version.trained_dir)  # with the chat template it was trained with
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{version.name}/{version.version}: its trained/ tokenizer has no chat template to render "
+                          "prompts with")
     return Generator(version, model, tokenizer, args.max_input_tokens, args.max_new_tokens)
 
 
@@ -287,9 +298,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve_command(args: argparse.Namespace) -> None:
     """Serve `args.model` until Ctrl-C or SIGTERM; raise ConfigError if it cannot be found or loaded."""
-    for flag in ("max_input_tokens", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    if min(args.max_input_tokens, args.max_new_tokens) < 1:
+        raise ConfigError("--max-input-tokens and --max-new-tokens must be at least 1")
     generator = load_generator(args)
     try:
         server = ModelServer((args.host, args.port), generator, args.model)
@@ -303,9 +313,7 @@ def serve_command(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live only there
-    previous = signal.getsignal(signal.SIGTERM)
-    if main_thread:
-        signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -313,7 +321,7 @@ def serve_command(args: argparse.Namespace) -> None:
     finally:
         server.server_close()
         if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
