@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
+from itertools import pairwise
 
 import numpy as np
 
@@ -114,21 +115,27 @@ class FastTokenizer:
                                                special_tokens=self.special)
         return self._encoding
 
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Return the texts' HF ids and token byte starts and ends (within each text), all rows in one array each,
+        the row bounds (row r is [bounds[r], bounds[r + 1])) and a bool per row: True where HF must encode it."""
+        encode, allowed = self.encoding.encode_to_numpy, set(self.special)
+        arrays = [encode(text, allowed_special=allowed) for text in texts]  # tiktoken releases the GIL here
+        bounds = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in arrays], out=bounds[1:])
+        tk = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint32)
+        ids, lengths, total = self.hf_ids[tk], self.byte_lengths[tk], np.zeros(len(tk) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=total[1:])
+        ends = total[1:] - np.repeat(total[bounds[:-1]], np.diff(bounds))  # each row's bytes counted from its start
+        bad = np.zeros(len(arrays), dtype=bool)
+        if ids.size and ids.min() < 0:
+            bad[np.searchsorted(bounds, np.flatnonzero(ids < 0), side="right") - 1] = True
+        return ids, ends - lengths, ends, bounds, bad
+
     def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """Return (HF ids, token byte offsets as (start, end) rows) per text; None for a text HF must encode."""
-        encode, allowed, out = self.encoding.encode, set(self.special), []
-        for text in texts:
-            tk = np.asarray(encode(text, allowed_special=allowed), dtype=np.int64)
-            ids, lengths = self.hf_ids[tk], self.byte_lengths[tk]
-            if ids.size and ids.min() < 0:
-                out.append(None)
-                continue
-            offsets = np.empty((len(tk), 2), dtype=np.int64)
-            np.cumsum(lengths, out=offsets[:, 1])
-            np.subtract(offsets[:, 1], lengths, out=offsets[:, 0])
-            out.append((ids, offsets))
-        return out
-
+        ids, starts, ends, bounds, bad = self.encode_flat(texts)
+        return [None if bad[r] else (ids[a:b], np.stack([starts[a:b], ends[a:b]], axis=1))
+                for r, (a, b) in enumerate(pairwise(bounds))]
 
 def fast_tokenizer(backend) -> tuple[FastTokenizer | None, str | None]:
     """Return a FastTokenizer giving exactly `backend`'s ids (a `tokenizers.Tokenizer`) and None, or None and why

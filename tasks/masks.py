@@ -16,12 +16,14 @@ import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from multiprocessing import get_context
 
 import numpy as np
 
 from tasks.errors import ConfigError
 from tasks.fast_tokenizer import FastTokenizer
+from tasks.skeletons import Skeleton
 from tasks.templates import ChatRenderer
 
 MASK_MODES = ("assistant", "last_turn", "completion", "all")
@@ -57,22 +59,81 @@ def render_spans(renderer: ChatRenderer, convo: list[dict], weights: list[float]
     `weights` holds each assistant turn's loss weight, in order; a weight-0 turn is rendered but not supervised.
     """
     full = renderer.render(convo)
+    return spans_from(convo, weights, mode, full, lambda upto, gen: len(prefix_checked(renderer, convo, upto, gen,
+                                                                                     full)))
+
+
+def spans_from(convo: list[dict], weights: list[float], mode: str, full: str, prefix_length) -> Rendered:
+    """Return the Rendered of a conversation whose whole rendering is `full`, given `prefix_length(upto, gen)`: the
+    length of the rendering of convo[:upto] (with the generation prompt if gen), a prefix of `full`."""
     answers = [i for i, m in enumerate(convo) if m["role"] == "assistant"]
     kept = [i for i, w in zip(answers, weights) if w]
     if not kept:
         raise ConfigError("a conversation has no assistant turn with a loss weight other than 0")
     if mode == "all":
-        prompt_end = len(prefix_checked(renderer, convo, kept[-1], True, full))
-        return Rendered(full, [(0, len(full))], prompt_end)
+        return Rendered(full, [(0, len(full))], prefix_length(kept[-1], True))
     if mode == "completion":
-        prompt_end = len(prefix_checked(renderer, convo, kept[-1], True, full))
+        prompt_end = prefix_length(kept[-1], True)
         return Rendered(full, [(prompt_end, len(full.rstrip()))], prompt_end)
     spans = []
     for i in kept if mode == "assistant" else kept[-1:]:
-        start = len(prefix_checked(renderer, convo, i, True, full))
-        turn = full if i == len(convo) - 1 else prefix_checked(renderer, convo, i + 1, False, full)
-        spans.append((start, start + len(turn[start:].rstrip())))
+        start = prefix_length(i, True)
+        end = len(full) if i == len(convo) - 1 else prefix_length(i + 1, False)
+        spans.append((start, start + len(full[start:end].rstrip())))
     return Rendered(full, spans, spans[-1][0])
+
+
+class ShapePlan:
+    """How to render conversations of one shape (roles, which answers are supervised) from skeletons: the whole
+    rendering's skeleton and the skeleton of each prefix the masks need, each proved to start the whole one."""
+
+    def __init__(self, full: Skeleton, prefixes: dict[tuple[int, bool], Skeleton]):
+        self.full, self.prefixes = full, prefixes
+
+    def render(self, convo: list[dict], weights: list[float], mode: str) -> Rendered:
+        contents = [m["content"] for m in convo]
+        lengths = [len(c) for c in contents]
+        return spans_from(convo, weights, mode, self.full.fill(contents),
+                          lambda upto, gen: self.prefixes[upto, gen].length(lengths))
+
+
+def needed_prefixes(n: int, supervised: tuple[bool, ...], roles: tuple[str, ...], mode: str) -> set[tuple[int, bool]]:
+    """Return the (upto, gen) prefixes spans_from asks for, for a conversation of n turns with these roles."""
+    answers = [i for i, r in enumerate(roles) if r == "assistant"]
+    kept = [i for i, keep in zip(answers, supervised) if keep]
+    if not kept:
+        return set()
+    if mode in ("all", "completion"):
+        return {(kept[-1], True)}
+    turns = kept if mode == "assistant" else kept[-1:]
+    return {(i, True) for i in turns} | {(i + 1, False) for i in turns if i < n - 1}
+
+
+def shape_of(convo: list[dict], weights: list[float]) -> tuple | None:
+    """Return the shape key of a conversation that skeletons can render (plain role/content messages with
+    non-empty string contents), else None."""
+    roles = []
+    for m in convo:
+        content = m.get("content")
+        if len(m) != 2 or type(content) is not str or not content or type(m.get("role")) is not str:
+            return None
+        roles.append(m["role"])
+    return tuple(roles), tuple(bool(w) for w in weights)
+
+
+def shape_plan(renderer: ChatRenderer, shape: tuple, mode: str) -> ShapePlan | None:
+    """Return the plan of a shape, or None when a skeleton it needs is not proved (render such rows one by one)."""
+    roles, supervised = shape
+    full = renderer.skeleton(roles, False)
+    if full is None:
+        return None
+    prefixes = {}
+    for upto, gen in needed_prefixes(len(roles), supervised, roles, mode):
+        skeleton = renderer.skeleton(roles[:upto], gen)
+        if skeleton is None or not skeleton.starts(full):
+            return None  # rendered one by one: a template that breaks the prefix rule then fails with its example
+        prefixes[upto, gen] = skeleton
+    return ShapePlan(full, prefixes)
 
 
 def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -102,6 +163,8 @@ class Encoded:
     last_token: list[int] = field(default_factory=list)
     prompt_failures: list[tuple[int, str]] = field(default_factory=list)  # (row index in the batch, why)
     fast_mismatches: list[tuple[int, str]] = field(default_factory=list)  # (row of the run, what differs from HF)
+    # (row of the run, what differs) where a skeleton's rendering differs from Jinja's
+    render_mismatches: list[tuple[int, str]] = field(default_factory=list)
     tokenizer: str = "hf"  # which tokenizer gave the ids: tiktoken or hf
 
     def extend(self, other: Encoded, offset: int) -> None:
@@ -111,6 +174,66 @@ class Encoded:
         self.last_token += other.last_token
         self.prompt_failures += [(offset + i, why) for i, why in other.prompt_failures]
         self.fast_mismatches += other.fast_mismatches
+        self.render_mismatches += other.render_mismatches
+
+
+@dataclass
+class TokenBatch:
+    """The tokens of a batch of rows in flat arrays, with each row's supervised spans in the unit of its offsets."""
+
+    ids: np.ndarray  # int32, every row's ids one after another
+    starts: np.ndarray  # int64 offset of each token's first byte/character within its row's text
+    ends: np.ndarray  # int64 offset just past each token
+    bounds: np.ndarray  # row r holds tokens bounds[r]:bounds[r + 1]
+    spans: list[list[tuple[int, int]]]
+
+    @classmethod
+    def of_rows(cls, rows: list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]) -> TokenBatch:
+        """Return the batch of per-row (ids, (start, end) offsets, spans)."""
+        bounds = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(ids) for ids, _, _ in rows], out=bounds[1:])
+        offsets = np.concatenate([o for _, o, _ in rows]) if rows else np.zeros((0, 2), dtype=np.int64)
+        ids = np.concatenate([i for i, _, _ in rows]).astype(np.int32) if rows else np.zeros(0, dtype=np.int32)
+        return cls(ids, offsets[:, 0], offsets[:, 1], bounds, [s for _, _, s in rows])
+
+    def rows(self) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
+        """Return per-row (ids, (start, end) offsets, spans)."""
+        return [(self.ids[a:b], np.stack([self.starts[a:b], self.ends[a:b]], axis=1), spans)
+                for a, b, spans in zip(self.bounds[:-1], self.bounds[1:], self.spans)]
+
+    def masks_and_ends(self) -> tuple[np.ndarray, list[int]]:
+        """Return every token's mask (1 where its characters overlap a span of its row: `token_mask`'s rule) and each
+        row's `last_token`, for all rows at once: rows are laid end to end, each span covers the tokens from the
+        first ending after its start to the last starting before its end, and one sorted search finds them all."""
+        n, counts = len(self.spans), np.diff(self.bounds)
+        if n == 0 or not len(self.ids):
+            return np.zeros(len(self.ids), dtype=np.int8), [-1] * n
+        # row r's offsets are shifted by base[r], past everything of the rows before it
+        last_end = self.ends[np.maximum(self.bounds[1:] - 1, 0)] * (counts > 0)
+        span_ends = [s[-1][1] if s else 0 for s in self.spans]
+        base = np.zeros(n, dtype=np.int64)
+        np.cumsum(np.maximum(last_end, span_ends)[:-1] + 1, out=base[1:])
+        token_base = np.repeat(base, counts)
+        gs, ge = self.starts + token_base, self.ends + token_base
+        if (np.diff(gs) < 0).any() or (np.diff(ge) < 0).any():  # offsets out of order: the rule row by row
+            masks = [token_mask(np.stack([self.starts[a:b], self.ends[a:b]], axis=1), s)
+                     for a, b, s in zip(self.bounds[:-1], self.bounds[1:], self.spans)]
+            return np.concatenate(masks), [last_token(np.stack([self.starts[a:b], self.ends[a:b]], axis=1), s[-1])
+                                           for a, b, s in zip(self.bounds[:-1], self.bounds[1:], self.spans)]
+        pairs = np.array([(a, b, r) for r, s in enumerate(self.spans) for a, b in s], dtype=np.int64).reshape(-1, 3)
+        span_a, span_b = pairs[:, 0] + base[pairs[:, 2]], pairs[:, 1] + base[pairs[:, 2]]
+        first = np.searchsorted(ge, span_a, side="right")  # the first token ending after the span starts
+        stop = np.searchsorted(gs, span_b, side="left")  # past the last token starting before the span ends
+        cover = np.zeros(len(gs) + 1, dtype=np.int32)
+        keep = first < stop
+        np.add.at(cover, first[keep], 1)
+        np.add.at(cover, stop[keep], -1)
+        mask = (np.cumsum(cover[:-1]) > 0).astype(np.int8)
+        # each row's last span: its last token is the last one starting before the span ends, if it overlaps
+        last = np.array([len(s) and s[-1][0] for s in self.spans], dtype=np.int64) + base
+        i = np.searchsorted(gs, np.asarray(span_ends, dtype=np.int64) + base) - 1
+        ok = (i >= self.bounds[:-1]) & (ge[np.maximum(i, 0)] > last) & np.array([bool(s) for s in self.spans])
+        return mask, np.where(ok, i - self.bounds[:-1], -1).tolist()
 
 
 class ChatEncoder:
@@ -122,9 +245,10 @@ class ChatEncoder:
         if mode not in MASK_MODES:
             raise ConfigError(f"chat.mask={mode!r}: use one of {', '.join(MASK_MODES)}")
         self.renderer, self.backend, self.mode, self.fast = renderer, backend, mode, fast
+        self._plans: dict[tuple, ShapePlan | None] = {}
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "backend": self.backend.to_str()}
+        return {**self.__dict__, "backend": self.backend.to_str(), "_plans": {}}
 
     def __setstate__(self, state: dict) -> None:
         from tokenizers import Tokenizer
@@ -140,25 +264,51 @@ class ChatEncoder:
         """Return a copy that tokenizes with the HF tokenizer only."""
         return ChatEncoder(self.renderer, self.backend, self.mode)
 
+    def without_skeletons(self) -> ChatEncoder:
+        """Return a copy that renders every conversation with Jinja."""
+        return ChatEncoder(self.renderer.without_skeletons(), self.backend, self.mode, self.fast)
+
     def encode(self, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool = False,
                start: int = 0) -> Encoded:
         """Return the ids and masks of `convos` (rows `start`… of the run); with `check_prompts`, also check each
         generation prompt's tokens are a prefix of its conversation's tokens (the round trip evaluation relies on).
         On the fast path, the sampled rows (`checked_row`) are also encoded by HF and any difference is recorded."""
-        rendered = self.render(convos, weights)
-        return self.finish(rendered, self.tokenize(rendered), check_prompts, start)
+        rendered, render_mismatches = self.render(convos, weights, start)
+        out = self.finish(rendered, self.tokenize(rendered), check_prompts, start)
+        out.render_mismatches = render_mismatches
+        return out
 
-    def render(self, convos: list[list[dict]], weights: list[list[float]]) -> list[Rendered]:
-        """Return each conversation's text and supervised spans."""
-        return [render_spans(self.renderer, c, w, self.mode) for c, w in zip(convos, weights)]
+    def render(self, convos: list[list[dict]], weights: list[list[float]], start: int = 0
+               ) -> tuple[list[Rendered], list[tuple[int, str]]]:
+        """Return each conversation's text and supervised spans, from its shape's skeletons where they are proved
+        (tasks/skeletons.py), and (run row, what differs) for each sampled row (`checked_row`) whose skeleton
+        rendering differs from rendering it with Jinja."""
+        out, mismatches = [], []
+        for i, (convo, w) in enumerate(zip(convos, weights)):
+            plan = self.plan(convo, w)
+            if plan is None:
+                out.append(render_spans(self.renderer, convo, w, self.mode))
+                continue
+            rendered = plan.render(convo, w, self.mode)
+            if checked_row(start + i) and rendered != render_spans(self.renderer, convo, w, self.mode):
+                mismatches.append((start + i, "rendering"))
+            out.append(rendered)
+        return out, mismatches
 
-    def finish(self, rendered: list[Rendered], tokens: list, check_prompts: bool, start: int) -> Encoded:
+    def plan(self, convo: list[dict], weights: list[float]) -> ShapePlan | None:
+        """Return the skeleton plan for this conversation's shape, or None to render it with Jinja."""
+        if not self.renderer.skeletons or (shape := shape_of(convo, weights)) is None:
+            return None
+        if shape not in self._plans:
+            self._plans[shape] = shape_plan(self.renderer, shape, self.mode)
+        return self._plans[shape]
+
+    def finish(self, rendered: list[Rendered], batch: TokenBatch, check_prompts: bool, start: int) -> Encoded:
         """Return the ids and masks of rendered rows from their `tokenize` result (see `encode`)."""
         out = Encoded()
-        for ids, offsets, spans in tokens:
-            out.ids.append(ids)
-            out.masks.append(token_mask(offsets, spans))
-            out.last_token.append(last_token(offsets, spans[-1]))
+        masks, out.last_token = batch.masks_and_ends()
+        bounds = list(pairwise(batch.bounds.tolist()))
+        out.ids, out.masks = [batch.ids[a:b] for a, b in bounds], [masks[a:b] for a, b in bounds]
         if self.fast is not None:
             out.fast_mismatches = self.fast_mismatches(rendered, out, start)
         if check_prompts:
@@ -167,14 +317,20 @@ class ChatEncoder:
                                    if (why := prefix_problem(self.backend, p, ids))]
         return out
 
-    def tokenize(self, rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
-        """Return each text's (ids, token offsets, supervised spans), offsets and spans in one unit: bytes on the
-        fast path, characters on HF's (a text the fast path leaves to HF gets HF's)."""
-        fast = self.fast.encode_batch([r.text for r in rendered]) if self.fast else [None] * len(rendered)
-        left = [i for i, f in enumerate(fast) if f is None]
-        slow = dict(zip(left, self.hf_tokenize([rendered[i] for i in left])))
-        return [slow[i] if f is None else (*f, byte_spans(r.text, r.spans))
-                for i, (r, f) in enumerate(zip(rendered, fast))]
+    def tokenize(self, rendered: list[Rendered]) -> TokenBatch:
+        """Return the rows' tokens with their offsets and supervised spans in one unit per row: bytes on the fast
+        path, characters on HF's (a text the fast path leaves to HF gets HF's)."""
+        if self.fast is None:
+            return TokenBatch.of_rows(self.hf_tokenize(rendered))
+        ids, starts, ends, bounds, bad = self.fast.encode_flat([r.text for r in rendered])
+        batch = TokenBatch(ids, starts, ends, bounds, [byte_spans(r.text, r.spans) for r in rendered])
+        if not bad.any():
+            return batch
+        rows = batch.rows()
+        left = np.flatnonzero(bad)
+        for i, row in zip(left, self.hf_tokenize([rendered[i] for i in left])):
+            rows[i] = row
+        return TokenBatch.of_rows(rows)
 
     def hf_tokenize(self, rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]:
         """Return each text's (ids, character offsets, supervised spans) from the HF tokenizer."""
@@ -226,22 +382,47 @@ def process_count(rows: int, num_proc: int) -> int:
 
 
 def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
-               num_proc: int = 0, chunk: int = 2000) -> Encoded:
-    """Return the ids and masks of every conversation, in order, encoded in `num_proc` processes.
+               num_proc: int = 0, chunk: int = 1000) -> Encoded:
+    """Return the ids and masks of every conversation, in order.
 
-    On the fast path, if any checked row differs from what the HF tokenizer gives, the whole run is encoded again by
-    HF (with a warning naming the row), so one run's rows never mix the two."""
-    out = encode_chunks(encoder, convos, weights, check_prompts, process_count(len(convos), num_proc), chunk)
-    if out.fast_mismatches:
-        from tasks.common import stage_logger
+    Where skeletons render the rows (tasks/skeletons.py), what is left is mostly tokenizing, and tiktoken and the HF
+    tokenizer both release the GIL: the rows are encoded in this process, chunks tokenized in one thread per core
+    while the next chunk renders. Rows that need Jinja go to `num_proc` processes (0: by row count and cores).
+    A sampled row that a shortcut gets wrong sends the whole run through the slow way, with a warning naming the
+    row, so one run's rows never mix the two: a skeleton rendering that differs from Jinja's (rendered again with
+    Jinja), or fast-path ids that differ from the HF tokenizer's (encoded again by HF)."""
+    if skeleton_share(encoder, convos, weights) >= SKELETON_SHARE:
+        out = encode_threaded(encoder, convos, weights, check_prompts, num_proc or cpu_count(), chunk)
+    else:
+        out = encode_chunks(encoder, convos, weights, check_prompts, process_count(len(convos), num_proc), chunk)
+    for found, what, slower in ((out.render_mismatches, "skeleton {}'s text or spans differ from Jinja's",
+                                 encoder.without_skeletons),
+                                (out.fast_mismatches, "fast tokenizer's {} differ from the HF tokenizer's",
+                                 encoder.without_fast)):
+        if found:
+            from tasks.common import stage_logger
 
-        row, what = out.fast_mismatches[0]
-        stage_logger().warning("format: the fast tokenizer's %s differ from the HF tokenizer's on row %d (%d of the "
-                               "checked rows differ); encoding every row with the HF tokenizer", what, row,
-                               len(out.fast_mismatches))
-        return encode_all(encoder.without_fast(), convos, weights, check_prompts, num_proc, chunk)
+            row, detail = found[0]
+            stage_logger().warning("format: the %s on row %d (%d of the checked rows differ); encoding every row the "
+                                   "slow way", what.format(detail), row, len(found))
+            return encode_all(slower(), convos, weights, check_prompts, num_proc, chunk)
     out.tokenizer = encoder.tokenizer_path
     return out
+
+
+SKELETON_SHARE = 0.9  # rows rendered from skeletons, at least, for one process with tokenizer threads to pay
+SHARE_SAMPLE = 1000  # rows that decide it
+
+
+def skeleton_share(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]]) -> float:
+    """Return the share of the first rows whose shape has a proved skeleton plan."""
+    sample = range(min(len(convos), SHARE_SAMPLE))
+    return sum(encoder.plan(convos[i], weights[i]) is not None for i in sample) / max(len(sample), 1)
+
+
+def cpu_count() -> int:
+    """Return the cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
@@ -249,7 +430,7 @@ def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[
     """Return the encoded chunks of `chunk` rows, joined in order, from `procs` processes."""
     starts = list(range(0, len(convos), chunk))
     if procs == 1:
-        return encode_pipelined(encoder, convos, weights, check_prompts, starts, chunk)
+        return encode_threaded(encoder, convos, weights, check_prompts, 1, chunk)
     # spawn, not fork: the parent may run other threads (Prefect's). Each worker gets the encoder once.
     with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=start_worker,
                              initargs=(encoder,)) as pool:
@@ -261,20 +442,26 @@ def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[
     return out
 
 
-def encode_pipelined(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
-                     starts: list[int], chunk: int) -> Encoded:
-    """Return the encoded chunks in order, each tokenized in a second thread while the next one is rendered: the
-    Rust tokenizers release the GIL, so rendering (Python) and tokenizing share the cores without processes."""
+def encode_threaded(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
+                    threads: int, chunk: int) -> Encoded:
+    """Return the encoded chunks in order: this thread renders chunk after chunk and finishes them in order, while
+    `threads` threads tokenize (the Rust tokenizers release the GIL, so they share the cores with the rendering)."""
     out, pending = Encoded(), []
-    with ThreadPoolExecutor(1) as pool:
-        for s in starts:
-            rendered = encoder.render(convos[s:s + chunk], weights[s:s + chunk])
-            pending.append((s, rendered, pool.submit(encoder.tokenize, rendered)))
-            if len(pending) == 2:
-                s0, rendered0, tokens0 = pending.pop(0)
-                out.extend(encoder.finish(rendered0, tokens0.result(), check_prompts, s0), s0)
-        for s0, rendered0, tokens0 in pending:
-            out.extend(encoder.finish(rendered0, tokens0.result(), check_prompts, s0), s0)
+
+    def finish_oldest() -> None:
+        s0, rendered0, render_mismatches, tokens0 = pending.pop(0)
+        part = encoder.finish(rendered0, tokens0.result(), check_prompts, s0)
+        part.render_mismatches = render_mismatches
+        out.extend(part, s0)
+
+    with ThreadPoolExecutor(threads) as pool:
+        for s in range(0, len(convos), chunk):
+            rendered, render_mismatches = encoder.render(convos[s:s + chunk], weights[s:s + chunk], s)
+            pending.append((s, rendered, render_mismatches, pool.submit(encoder.tokenize, rendered)))
+            if len(pending) > threads:
+                finish_oldest()
+        while pending:
+            finish_oldest()
     return out
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tasks.config import ChatConfig
 from tasks.errors import ConfigError
+from tasks.skeletons import Skeleton, prove_skeleton
 
 TEMPLATES = Path(__file__).parent / "templates"
 NAMED_TEMPLATES = ("chatml", "llama2", "llama3", "gemma", "mistral", "alpaca")
@@ -52,14 +53,27 @@ def special_tokens(tokenizer) -> dict[str, str]:
 
 
 class ChatRenderer:
-    """Render conversations with one template, compiled once (picklable: it compiles again after unpickling)."""
+    """Render conversations with one template, compiled once (picklable: it compiles again after unpickling).
 
-    def __init__(self, template: str, variables: dict[str, str]):
-        self.template, self.variables = template, variables
-        self._compiled = None
+    With `skeletons`, `skeleton` gives the once-per-shape rendering of tasks/skeletons.py where it is proved."""
+
+    def __init__(self, template: str, variables: dict[str, str], skeletons: bool = True):
+        self.template, self.variables, self.skeletons = template, variables, skeletons
+        self._compiled, self._skeletons = None, {}
 
     def __getstate__(self) -> dict:
-        return {"template": self.template, "variables": self.variables, "_compiled": None}
+        return {**self.__dict__, "_compiled": None, "_skeletons": {}}
+
+    def without_skeletons(self) -> ChatRenderer:
+        """Return a renderer that renders every conversation with Jinja."""
+        return ChatRenderer(self.template, self.variables, skeletons=False)
+
+    def skeleton(self, roles: tuple[str, ...], add_generation_prompt: bool) -> Skeleton | None:
+        """Return the proved skeleton of conversations with these roles, or None (render them one by one)."""
+        key = (roles, add_generation_prompt)
+        if key not in self._skeletons:
+            self._skeletons[key] = prove_skeleton(self.render, roles, add_generation_prompt) if self.skeletons else None
+        return self._skeletons[key]
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """Return the text of `messages`, ending with the assistant header if `add_generation_prompt`."""
