@@ -100,18 +100,21 @@ def greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: int) -> 
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def start_server(args: list[str], stderr) -> tuple[subprocess.Popen, str]:
-    """Start `main(args)` in its own process; return it and its URL once it says it is serving."""
+def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """Start `main(args)` in its own process (stderr to `log`); return it and its URL once it says it serves."""
     code = "import sys; from tasks.serve import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stdout), lines.put(None)], daemon=True).start()
     try:
         first = lines.get(timeout=180)
     except queue.Empty:
+        first = None
+    if first is None:
         proc.kill()
-        raise AssertionError("the server printed nothing within 180 s") from None
+        raise AssertionError(f"the server did not start:\n{log.read_text()}")
     match = re.search(r"on (http://127\.0\.0\.1:\d+)", first)
     assert match, first
     proc.lines = lines  # what it prints after the first line
@@ -133,9 +136,8 @@ def test_served_champion_answers_both_request_shapes_as_the_model_does_refuses_b
     from tasks.config import TrainConfig
     from tasks.modeling import load_trained_model
 
-    log = (tmp_path / "server.log").open("w")
     proc, url = start_server([f"{NAME}@champion", "--tracking-uri", store, "--runs-dir", str(tmp_path),
-                              "--port", "0", *LIMITS], log)
+                              "--port", "0", *LIMITS], tmp_path / "server.log")
     try:
         assert get(f"{url}/health") == (200, {"status": "ok", "model": f"{NAME}/1", "ref": f"{NAME}@champion"})
         alpaca = post(url, {"instruction": "Extract the order.", "input": "2 lamps to Oslo", "max_new_tokens": 8})
@@ -150,7 +152,6 @@ def test_served_champion_answers_both_request_shapes_as_the_model_does_refuses_b
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
-        log.close()
 
     trained = tmp_path / "served" / f"{NAME}-v1" / "trained"  # what the server downloaded from the store
     tokenizer = AutoTokenizer.from_pretrained(trained)
