@@ -13,7 +13,6 @@ agree). The ids are exactly what the tokenizer gives for the rendered text.
 from __future__ import annotations
 
 import os
-import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -59,17 +58,23 @@ def render_spans(renderer: ChatRenderer, convo: list[dict], weights: list[float]
     `weights` holds each assistant turn's loss weight, in order; a weight-0 turn is rendered but not supervised.
     """
     full = renderer.render(convo)
-    return spans_from(convo, weights, mode, full, lambda upto, gen: len(prefix_checked(renderer, convo, upto, gen,
-                                                                                     full)))
+    kept = supervised_turns([m["role"] for m in convo], weights)
+    return spans_from(kept, len(convo), mode, full,
+                      lambda upto, gen: len(prefix_checked(renderer, convo, upto, gen, full)))
 
 
-def spans_from(convo: list[dict], weights: list[float], mode: str, full: str, prefix_length) -> Rendered:
-    """Return the Rendered of a conversation whose whole rendering is `full`, given `prefix_length(upto, gen)`: the
-    length of the rendering of convo[:upto] (with the generation prompt if gen), a prefix of `full`."""
-    answers = [i for i, m in enumerate(convo) if m["role"] == "assistant"]
-    kept = [i for i, w in zip(answers, weights) if w]
+def supervised_turns(roles: list[str] | tuple[str, ...], weights: list[float]) -> list[int]:
+    """Return the indices of the assistant turns with a loss weight other than 0; raise if there is none."""
+    kept = [i for i, w in zip([i for i, r in enumerate(roles) if r == "assistant"], weights) if w]
     if not kept:
         raise ConfigError("a conversation has no assistant turn with a loss weight other than 0")
+    return kept
+
+
+def spans_from(kept: list[int], n: int, mode: str, full: str, prefix_length) -> Rendered:
+    """Return the Rendered of an n-turn conversation whose whole rendering is `full` and whose supervised answers
+    are turns `kept`, given `prefix_length(upto, gen)`: the length of the rendering of the first `upto` turns (with
+    the generation prompt if gen), a prefix of `full`."""
     if mode == "all":
         return Rendered(full, [(0, len(full))], prefix_length(kept[-1], True))
     if mode == "completion":
@@ -78,7 +83,7 @@ def spans_from(convo: list[dict], weights: list[float], mode: str, full: str, pr
     spans = []
     for i in kept if mode == "assistant" else kept[-1:]:
         start = prefix_length(i, True)
-        end = len(full) if i == len(convo) - 1 else prefix_length(i + 1, False)
+        end = len(full) if i == n - 1 else prefix_length(i + 1, False)
         spans.append((start, start + len(full[start:end].rstrip())))
     return Rendered(full, spans, spans[-1][0])
 
@@ -87,22 +92,20 @@ class ShapePlan:
     """How to render conversations of one shape (roles, which answers are supervised) from skeletons: the whole
     rendering's skeleton and the skeleton of each prefix the masks need, each proved to start the whole one."""
 
-    def __init__(self, full: Skeleton, prefixes: dict[tuple[int, bool], Skeleton]):
-        self.full, self.prefixes = full, prefixes
+    def __init__(self, full: Skeleton, prefixes: dict[tuple[int, bool], Skeleton], kept: list[int], n: int,
+                 mode: str):
+        self.full, self.prefixes, self.kept, self.n, self.mode = full, prefixes, kept, n, mode
 
-    def render(self, convo: list[dict], weights: list[float], mode: str) -> Rendered:
+    def render(self, convo: list[dict]) -> Rendered:
         contents = [m["content"] for m in convo]
         lengths = [len(c) for c in contents]
-        return spans_from(convo, weights, mode, self.full.fill(contents),
-                          lambda upto, gen: self.prefixes[upto, gen].length(lengths))
+        prefixes = self.prefixes
+        return spans_from(self.kept, self.n, self.mode, self.full.fill(contents),
+                          lambda upto, gen: prefixes[upto, gen].length(lengths))
 
 
-def needed_prefixes(n: int, supervised: tuple[bool, ...], roles: tuple[str, ...], mode: str) -> set[tuple[int, bool]]:
-    """Return the (upto, gen) prefixes spans_from asks for, for a conversation of n turns with these roles."""
-    answers = [i for i, r in enumerate(roles) if r == "assistant"]
-    kept = [i for i, keep in zip(answers, supervised) if keep]
-    if not kept:
-        return set()
+def needed_prefixes(n: int, kept: list[int], mode: str) -> set[tuple[int, bool]]:
+    """Return the (upto, gen) prefixes spans_from asks for, for an n-turn conversation supervising turns `kept`."""
     if mode in ("all", "completion"):
         return {(kept[-1], True)}
     turns = kept if mode == "assistant" else kept[-1:]
@@ -115,25 +118,28 @@ def shape_of(convo: list[dict], weights: list[float]) -> tuple | None:
     roles = []
     for m in convo:
         content = m.get("content")
-        if len(m) != 2 or type(content) is not str or not content or type(m.get("role")) is not str:
+        if len(m) != 2 or content.__class__ is not str or not content:
             return None
         roles.append(m["role"])
-    return tuple(roles), tuple(bool(w) for w in weights)
+    return tuple(roles), tuple([bool(w) for w in weights])
 
 
 def shape_plan(renderer: ChatRenderer, shape: tuple, mode: str) -> ShapePlan | None:
     """Return the plan of a shape, or None when a skeleton it needs is not proved (render such rows one by one)."""
     roles, supervised = shape
+    if any(r.__class__ is not str for r in roles) or not any(supervised):
+        return None  # rendered one by one, which fails with the reason
+    kept = supervised_turns(roles, list(supervised))
     full = renderer.skeleton(roles, False)
     if full is None:
         return None
     prefixes = {}
-    for upto, gen in needed_prefixes(len(roles), supervised, roles, mode):
+    for upto, gen in needed_prefixes(len(roles), kept, mode):
         skeleton = renderer.skeleton(roles[:upto], gen)
         if skeleton is None or not skeleton.starts(full):
             return None  # rendered one by one: a template that breaks the prefix rule then fails with its example
         prefixes[upto, gen] = skeleton
-    return ShapePlan(full, prefixes)
+    return ShapePlan(full, prefixes, kept, len(roles), mode)
 
 
 def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -272,7 +278,7 @@ class ChatEncoder:
                start: int = 0) -> Encoded:
         """Return the ids and masks of `convos` (rows `start`… of the run); with `check_prompts`, also check each
         generation prompt's tokens are a prefix of its conversation's tokens (the round trip evaluation relies on).
-        On the fast path, the sampled rows (`checked_row`) are also encoded by HF and any difference is recorded."""
+        On the fast path, the sampled rows (`checked_rows`) are also encoded by HF and any difference is recorded."""
         rendered, render_mismatches = self.render(convos, weights, start)
         out = self.finish(rendered, self.tokenize(rendered), check_prompts, start)
         out.render_mismatches = render_mismatches
@@ -281,16 +287,16 @@ class ChatEncoder:
     def render(self, convos: list[list[dict]], weights: list[list[float]], start: int = 0
                ) -> tuple[list[Rendered], list[tuple[int, str]]]:
         """Return each conversation's text and supervised spans, from its shape's skeletons where they are proved
-        (tasks/skeletons.py), and (run row, what differs) for each sampled row (`checked_row`) whose skeleton
+        (tasks/skeletons.py), and (run row, what differs) for each sampled row (`checked_rows`) whose skeleton
         rendering differs from rendering it with Jinja."""
-        out, mismatches = [], []
+        out, mismatches, checked = [], [], checked_rows(start, len(convos))
         for i, (convo, w) in enumerate(zip(convos, weights)):
             plan = self.plan(convo, w)
             if plan is None:
                 out.append(render_spans(self.renderer, convo, w, self.mode))
                 continue
-            rendered = plan.render(convo, w, self.mode)
-            if checked_row(start + i) and rendered != render_spans(self.renderer, convo, w, self.mode):
+            rendered = plan.render(convo)
+            if i in checked and rendered != render_spans(self.renderer, convo, w, self.mode):
                 mismatches.append((start + i, "rendering"))
             out.append(rendered)
         return out, mismatches
@@ -340,7 +346,7 @@ class ChatEncoder:
 
     def fast_mismatches(self, rendered: list[Rendered], out: Encoded, start: int) -> list[tuple[int, str]]:
         """Return (run row, what differs) for each sampled row whose fast ids, mask or end token differ from HF's."""
-        rows = [i for i in range(len(rendered)) if checked_row(start + i)]
+        rows = sorted(checked_rows(start, len(rendered)))
         found = []
         for i, (ids, offsets, spans) in zip(rows, self.hf_tokenize([rendered[i] for i in rows])):
             if not np.array_equal(ids, out.ids[i]):
@@ -352,10 +358,13 @@ class ChatEncoder:
         return found
 
 
-def checked_row(row: int) -> bool:
-    """Return whether the fast path's result for this row of a run is checked against HF: the first
-    FAST_CHECK_FIRST rows and a hash-chosen 1% of the rest."""
-    return row < FAST_CHECK_FIRST or zlib.crc32(row.to_bytes(8, "little")) % 100 == 0
+def checked_rows(start: int, n: int) -> set[int]:
+    """Return which of rows start…start+n-1 of a run have their shortcut results (skeleton rendering, fast ids)
+    checked against the slow way: the first FAST_CHECK_FIRST rows and a hash-chosen 1% of the rest (index in the
+    chunk)."""
+    rows = np.arange(start, start + n, dtype=np.uint64)
+    hashed = (rows * np.uint64(2654435761)) % np.uint64(1 << 32) % np.uint64(100)  # Knuth's multiplicative hash
+    return set(np.flatnonzero((rows < FAST_CHECK_FIRST) | (hashed == 0)).tolist())
 
 
 def byte_spans(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -391,10 +400,11 @@ def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[lis
     A sampled row that a shortcut gets wrong sends the whole run through the slow way, with a warning naming the
     row, so one run's rows never mix the two: a skeleton rendering that differs from Jinja's (rendered again with
     Jinja), or fast-path ids that differ from the HF tokenizer's (encoded again by HF)."""
-    if skeleton_share(encoder, convos, weights) >= SKELETON_SHARE:
-        out = encode_threaded(encoder, convos, weights, check_prompts, num_proc or cpu_count(), chunk)
+    how, workers = parallelism(encoder, convos, weights, num_proc)
+    if how == "threads":
+        out = encode_threaded(encoder, convos, weights, check_prompts, workers, chunk)
     else:
-        out = encode_chunks(encoder, convos, weights, check_prompts, process_count(len(convos), num_proc), chunk)
+        out = encode_chunks(encoder, convos, weights, check_prompts, workers, chunk)
     for found, what, slower in ((out.render_mismatches, "skeleton {}'s text or spans differ from Jinja's",
                                  encoder.without_skeletons),
                                 (out.fast_mismatches, "fast tokenizer's {} differ from the HF tokenizer's",
@@ -412,6 +422,15 @@ def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[lis
 
 SKELETON_SHARE = 0.9  # rows rendered from skeletons, at least, for one process with tokenizer threads to pay
 SHARE_SAMPLE = 1000  # rows that decide it
+
+
+def parallelism(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], num_proc: int
+                ) -> tuple[str, int]:
+    """Return how encode_all spreads the rows: ("threads", tokenizer threads) in this process where skeletons render
+    them, else ("processes", how many)."""
+    if skeleton_share(encoder, convos, weights) >= SKELETON_SHARE:
+        return "threads", num_proc or cpu_count()
+    return "processes", process_count(len(convos), num_proc)
 
 
 def skeleton_share(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]]) -> float:

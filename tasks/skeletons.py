@@ -19,6 +19,7 @@ run's rows for real and compares (tasks/masks.py), falling back to per-row rende
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 # Uses of a content string that output or concatenate it verbatim: anything else on a marker is recorded.
 VERBATIM = frozenset({
@@ -93,7 +94,7 @@ class Skeleton:
     pieces: tuple[str, ...]  # len(slots) + 1 literal strings
     slots: tuple[int, ...]  # message index of each content, in output order
 
-    @property
+    @cached_property
     def literal_length(self) -> int:
         return sum(map(len, self.pieces))
 
@@ -107,7 +108,7 @@ class Skeleton:
 
     def length(self, lengths: list[int]) -> int:
         """Return the length of the filled rendering, from the contents' lengths."""
-        return self.literal_length + sum(lengths[s] for s in self.slots)
+        return self.literal_length + sum([lengths[s] for s in self.slots])
 
     def starts(self, other: Skeleton) -> bool:
         """Return whether every filling of self is a prefix of the same filling of `other` (structurally)."""
