@@ -152,17 +152,6 @@ def load_serving_model(version: RegisteredVersion, as_trained: bool = False) -> 
     return model.eval()
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    """Return the ids that end an answer, as evaluate counts them: the model's and the tokenizer's EOS and the special
-    tokens the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...)."""
-    turn = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    after = tokenizer.apply_chat_template(turn, tokenize=False).split("pong", 1)[1]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    eos = model.generation_config.eos_token_id
-    ids = {t for t in tokenizer(after, add_special_tokens=False)["input_ids"] if t in special}
-    return sorted(ids | {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
-
-
 class Generator:
     """One model and its tokenizer, answering one request at a time."""
 
@@ -170,7 +159,9 @@ class Generator:
         self.version, self.model, self.tokenizer = version, model, tokenizer
         self.max_input_tokens, self.max_new_tokens = max_input_tokens, max_new_tokens
         self.model_id = f"{version.name}/{version.version}"
-        self.stop_ids = stop_ids(model, tokenizer)
+        from tasks.evaluate import stop_ids
+
+        self.stop_ids = stop_ids(model, tokenizer)  # what evaluate's stop_rate counts: end-of-turn and EOS ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.lock = threading.Lock()
 
