@@ -1,4 +1,5 @@
-"""`sftflow` command line: run the whole pipeline, or one step of an earlier run, with one-line errors."""
+"""`sftflow` command line: run the whole pipeline or one step of an earlier run, diagnose a run, and manage the
+registry's @champion (promote, rollback, models), with one-line errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from tasks.errors import SftflowError
 from tasks.settings import apply_defaults, shell_exports
 
+DEFAULT_CONFIG = Path("configs/default.yaml")
 STEPS = ("prepare-base-model", "ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train",
          "evaluate", "register")
 
@@ -30,12 +32,60 @@ def quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(HideUserErrorTracebacks())
 
 
+def registry_commands(sub) -> None:
+    """Add `promote`, `rollback` and `models`: the MLflow registry's @champion by hand, and its versions."""
+    promote = sub.add_parser("promote", help="give a registered version @champion by hand (who and why recorded; "
+                                             "rollback returns to the champion before it)")
+    promote.add_argument("name", help="registered model name, e.g. sftflow-orders")
+    promote.add_argument("version", help="version number")
+    promote.add_argument("--reason", required=True, help="why (kept in the version's tags)")
+    rollback = sub.add_parser("rollback", help="move @champion back to the previous champion (recorded)")
+    rollback.add_argument("name", help="registered model name")
+    rollback.add_argument("--reason", default="", help="why (kept in both versions' tags)")
+    models = sub.add_parser("models", help="list a registered model's versions with aliases, scores and gate "
+                                           "decisions")
+    models.add_argument("name", help="registered model name")
+    for p in (promote, rollback, models):
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the sqlite "
+                                              "store in the config's runs_dir)")
+        p.add_argument("--runs-dir", type=Path, help="the runs_dir whose mlflow.db to use")
+        p.add_argument("--config", type=Path, help="config whose store to use (default configs/default.yaml)")
+
+
+def store_uri(args: argparse.Namespace) -> str:
+    """Return the MLflow store a registry command works on: --tracking-uri, --runs-dir, else the one `sftflow run`
+    uses with the config (configs/default.yaml: runs/mlflow.db, or MLFLOW_TRACKING_URI)."""
+    import os
+
+    from tasks.config import load_config
+
+    if args.tracking_uri:
+        return args.tracking_uri
+    if args.runs_dir:
+        return f"sqlite:///{(args.runs_dir / 'mlflow.db').resolve()}"
+    if args.config or DEFAULT_CONFIG.is_file():
+        return load_config(args.config or DEFAULT_CONFIG).tracking_uri()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+
+
+def registry_command(args: argparse.Namespace) -> str:
+    """Run promote, rollback or models on the store; return what to print."""
+    from tasks import registry
+
+    uri = store_uri(args)
+    if args.command == "promote":
+        return registry.promote_version(uri, args.name, args.version, args.reason)
+    if args.command == "rollback":
+        return registry.rollback_champion(uri, args.name, args.reason)
+    return registry.list_versions(uri, args.name)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Return the parsed command line."""
     parser = argparse.ArgumentParser(prog="sftflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline")
-    run.add_argument("config", nargs="?", type=Path, default=Path("configs/default.yaml"))
+    run.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
     run.add_argument("--run-id", help="name the run (re-using an id resumes it: finished steps are cache hits)")
     task = sub.add_parser("task", help="re-run one step on an earlier run's outputs")
     task.add_argument("step", choices=STEPS)
@@ -47,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                "(overfitting, underfitting, memorisation, spikes, nan/inf)")
     diagnose.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
     diagnose.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    registry_commands(sub)
     sub.add_parser("env", help="print sftflow's environment as shell exports: eval \"$(sftflow env)\" before running "
                                "prefect or mlflow commands by hand, so they use the same stores")
     for p in (run, task):
@@ -66,8 +117,8 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before any server or model starts
     summary = sft_pipeline(args.config, args.overrides, args.run_id)
-    print(human_summary(summary))
     print(f"summary: {cfg.runs_dir / summary['run_id'] / 'summary.json'}")
+    print(human_summary(summary))  # its last line: what the promotion gate decided and why
 
 
 def prefect_api_problem(e: BaseException) -> str | None:
@@ -92,6 +143,8 @@ def dispatch(args: argparse.Namespace) -> None:
         print(shell_exports())
     elif args.command == "run":
         run_pipeline(args)
+    elif args.command in ("promote", "rollback", "models"):
+        print(registry_command(args))
     elif args.command == "diagnose":
         from tasks.diagnose import diagnose_run
 

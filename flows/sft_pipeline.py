@@ -16,7 +16,8 @@ from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_sources, ingest
 from tasks.modeling import prepare_base_model
 from tasks.monitoring import run_tracking
-from tasks.register import register_model
+from tasks.register import pipeline_tags, register_model
+from tasks.registry import champion_to_compare
 from tasks.report import save_config, write_summary
 from tasks.settings import apply_defaults
 from tasks.train import train_adapter
@@ -39,14 +40,19 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     config_file = save_config(dump_config(cfg), run.config)
     base = prepare_base_model(cfg.train.base_model)  # first: a model that cannot be had costs seconds, not a data pass
     # each validate_stage() raises DataValidationError: bad data never reaches training
-    raw_db = ingest(cfg.data, fingerprint_sources(cfg.data), run.sources, run.ingest_db)
+    data_fingerprint = fingerprint_sources(cfg.data)
+    raw_db = ingest(cfg.data, data_fingerprint, run.sources, run.ingest_db)
     validate_stage("raw", raw_db, run, cfg.validation)
     clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean, cfg.data.on_bad_rows)
     validate_stage("clean", clean_db, run, cfg.validation)
     chats = format_chats(clean_db, base, run.formatted, cfg.chat, run.quarantine)
     validate_stage("tokenized", chats, run, cfg.validation)
     adapter = train_adapter(chats, base, run.train, cfg.train, run_tracking(cfg, run.run_id))
-    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train)
+    champion = (champion_to_compare(cfg.tracking_uri(), cfg.registry.model_name, cfg.runs_dir / "champions", adapter)
+                if cfg.evaluate.compare_champion else None)  # scored on the same held-out prompts as the new model
+    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train, champion)
+    # the promotion gate: @challenger always, @champion only on a win; a model that never stops is refused
     registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
-                                {"prefect_flow_run_id": str(flow_run.id), "config": str(config_file)}, cfg.registry)
+                                pipeline_tags(data_fingerprint, flow_run.id, config_file), cfg.registry,
+                                cfg.train.method)
     return write_summary(run.run_id, run.clean_report, evaluation, registered, flow_run.id, started, run.summary)

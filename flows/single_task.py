@@ -13,7 +13,8 @@ from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_data, ingest
 from tasks.modeling import prepare_base_model, trained_model_dir
 from tasks.monitoring import run_tracking
-from tasks.register import register_model
+from tasks.register import pipeline_tags, register_model
+from tasks.registry import champion_to_compare
 from tasks.train import train_adapter
 from tasks.validate import validate, validation_args
 
@@ -21,6 +22,8 @@ from tasks.validate import validate, validation_args
 def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
     """Return the task and the arguments it takes for `step`, all derived from the run's saved layout."""
     base = lambda: prepare_base_model.fn(cfg.train.base_model)
+    champion = lambda: (champion_to_compare(cfg.tracking_uri(), cfg.registry.model_name, cfg.runs_dir / "champions",
+                                            trained_model_dir(run.train)) if cfg.evaluate.compare_champion else None)
     calls = {
         "prepare-base-model": lambda: (prepare_base_model, (cfg.train.base_model,)),
         "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
@@ -32,9 +35,11 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
         "format": lambda: (format_chats, (run.clean_db, base(), run.formatted, cfg.chat, run.quarantine)),
         "train": lambda: (train_adapter, (run.formatted, base(), run.train, cfg.train, run_tracking(cfg, run.run_id))),
         "evaluate": lambda: (evaluate_adapter, (run.formatted, base(), trained_model_dir(run.train), run.eval,
-                                                cfg.evaluate, cfg.train)),
+                                                cfg.evaluate, cfg.train, champion())),
         "register": lambda: (register_model, (cfg.tracking_uri(), cfg.artifact_root(), run, base(),
-                                              trained_model_dir(run.train), run.eval, {}, cfg.registry)),
+                                              trained_model_dir(run.train), run.eval,
+                                              pipeline_tags(fingerprint_data(cfg.data), None, run.config),
+                                              cfg.registry, cfg.train.method)),
     }
     return calls[step]()
 

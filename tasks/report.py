@@ -1,4 +1,5 @@
-"""Summarise a finished run: summary.json in the run directory and Prefect artifacts for the UI."""
+"""Summarise a finished run: summary.json in the run directory, Prefect artifacts for the UI, and the model card
+register logs with each version."""
 
 from __future__ import annotations
 
@@ -6,31 +7,128 @@ import json
 import time
 from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import yaml
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.common import in_prefect_run, stage_logger, stage_task
+from tasks.config import RunPaths
 
-SUMMARY_FIELDS = ("base_exact_match", "tuned_exact_match", "eval_loss", "rows_raw", "rows_clean", "rows_quarantined",
-                  "registered_model", "model_version", "alias", "mlflow_run_id", "prefect_flow_run_id", "wall_seconds")
+
+def read_json(path: Path, default=None):
+    """Return a JSON file's content, or `default` when the file does not exist."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
+def numbers(report: dict) -> dict[str, float]:
+    """Return the top-level numbers of report.json (its flat copies: eval_loss, tuned_field_match, …)."""
+    return {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def build_summary(run_id: str, clean_report: Path, eval_dir: Path, registered: dict, flow_run_id: str | None,
                   started_at: float) -> dict:
-    """Return the run summary: data accounting, eval metrics, registry coordinates and wall time."""
+    """Return the run summary: data accounting, eval scores (headline metric first), the gate's decision,
+    registry coordinates and wall time."""
     accounting = json.loads(clean_report.read_text(encoding="utf-8"))
     evaluation = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
-    return {"run_id": run_id, **{k: evaluation[k] for k in ("base_exact_match", "tuned_exact_match", "eval_loss",
-                                                             "base_eval_loss", "heldout_rows")},
+    champion = evaluation.get("models", {}).get("champion")
+    return {"run_id": run_id, "headline_metric": evaluation["metrics"][0], "heldout_rows": evaluation["heldout_rows"],
+            **numbers(evaluation), **({"champion_version": str(champion["version"])} if champion else {}),
             **{k: accounting[k] for k in ("rows_raw", "rows_clean", "rows_quarantined", "dropped_by_rule")},
-            **registered, "prefect_flow_run_id": flow_run_id, "wall_seconds": round(time.time() - started_at, 1)}
+            **registered, "prefect_flow_run_id": str(flow_run_id) if flow_run_id else None,
+            "wall_seconds": round(time.time() - started_at, 1)}
 
 
 def human_summary(s: dict) -> str:
-    """Return a short human-readable summary of a run."""
+    """Return a short human-readable summary of a run; its last line says what the promotion gate decided and why."""
+    m = s["headline_metric"]
+    champion = (f", champion v{s['champion_version']} {s[f'champion_{m}']:.3f}"
+                if f"champion_{m}" in s and "champion_version" in s else "")
+    stops = f", stop rate {s['tuned_stop_rate']:.0%}" if "tuned_stop_rate" in s else ""
     return (f"run {s['run_id']}: rows raw {s['rows_raw']} -> clean {s['rows_clean']} "
-            f"(+{s['rows_quarantined']} quarantined); exact match base {s['base_exact_match']:.2f} -> tuned "
-            f"{s['tuned_exact_match']:.2f}, eval loss {s['eval_loss']:.3f}; registered {s['registered_model']} "
-            f"v{s['model_version']} @{s['alias']}; {s['wall_seconds']:.0f}s")
+            f"(+{s['rows_quarantined']} quarantined); {m} base {s[f'base_{m}']:.3f} -> tuned {s[f'tuned_{m}']:.3f}"
+            f"{champion}, eval loss {s['eval_loss']:.3f}{stops}; {s['registered_model']} v{s['model_version']} "
+            f"@{s['alias']}; {s['wall_seconds']:.0f}s\ngate: {s['decision']}")
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """Return a markdown table's lines."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+
+
+def card_data(run: RunPaths) -> list[str]:
+    """Return the model card's data part: rows by source and split, and the cleaning report (rules and counts)."""
+    stats, clean = read_json(run.formatted / "stats.json", {}), read_json(run.clean_report, {})
+    train, held = stats.get("train", {}).get("rows_by_source", {}), stats.get("heldout", {}).get("rows_by_source", {})
+    by_source = [[s, train.get(s, 0), held.get(s, 0)] for s in sorted(set(train) | set(held))]
+    rules = ([[r["rule"], r["rows"], r.get("example", "")] for r in clean.get("rules", [])]
+             or [[rule, n, ""] for rule, n in clean.get("dropped_by_rule", {}).items()])
+    accounting = (f"Rows raw {clean.get('rows_raw', '?')} -> clean {clean.get('rows_clean', '?')} "
+                  f"(+{clean.get('rows_quarantined', '?')} quarantined, each with its rule).")
+    edits = [f"{k}: {v} rows edited" for k, v in clean.get("edited_by_rule", {}).items() if v]
+    warnings = [f"**Warning:** {w['message']}" for w in clean.get("source_warnings", [])]
+    return ["## Data", "", *table(["source", "training rows", "held-out rows"], by_source), "", "## Cleaning", "",
+            accounting, "", *table(["rule", "rows dropped", "example"], rules), *edits, *warnings]
+
+
+def card_evaluation(report: dict) -> list[str]:
+    """Return the model card's evaluation part: every score of base, tuned and champion, and the settings."""
+    models = report.get("models", {})
+    names = [n for n in ("base", "tuned", "champion") if n in models]
+    keys = [k for k in ("eval_loss", "perplexity", *report.get("metrics", []), "stop_rate", "runaway_rate")
+            if any(k in models[n] for n in names)]
+    header = ["metric", *[f"champion v{models['champion'].get('version')}" if n == "champion" else n for n in names]]
+    generation = ", ".join(f"{k}={v}" for k, v in report.get("generation", {}).items())
+    intro = (f"{report.get('heldout_rows', '?')} held-out rows (fingerprint "
+             f"`{str(report.get('heldout_fingerprint', '?'))[:16]}`), every model on the same prompts with the same "
+             f"settings ({generation}). The first metric, {report.get('metrics', ['?'])[0]}, is the headline.")
+    return ["## Evaluation", "", intro, "", *table(header, [[k, *[models[n].get(k, "-") for n in names]] for k in keys])]
+
+
+def card_limitations(report: dict, diagnoses: list[dict], method: str) -> list[str]:
+    """Return the known limitations the run's own numbers show, plus the standing ones."""
+    tuned = report.get("models", {}).get("tuned", {})
+    scope = (f"- Scored on {report.get('heldout_rows', '?')} held-out rows drawn from the same sources as the "
+             "training rows: the scores say nothing about other kinds of input.")
+    lines = [scope]
+    if tuned.get("stop_rate", 1) < 1:
+        lines.append(f"- {1 - tuned['stop_rate']:.0%} of its held-out answers did not end within "
+                     f"{report.get('generation', {}).get('max_new_tokens', '?')} new tokens.")
+    if tuned.get("runaway_rate"):
+        lines.append(f"- {tuned['runaway_rate']:.0%} of its answers ran on into a new turn.")
+    lines += [f"- Training curve: {d['name']} ({d['message']})." for d in diagnoses]
+    if method in ("qlora", "lora_8bit"):
+        lines.append(f"- Trained over a {'4' if method == 'qlora' else '8'}-bit quantized base; the logged model "
+                     "puts the adapter on the full-precision base, so its outputs differ slightly from evaluate's.")
+    return [*lines, "- Greedy answers reflect the training data's style and mistakes; check the samples table."]
+
+
+def model_card(run: RunPaths, report: dict, decision: str, about: dict) -> str:
+    """Return the model card (README.md): model, data and cleaning, hyperparameters, evaluation against base and
+    champion, stop check, curve diagnoses, the gate's decision, limitations and intended use.
+
+    `about` holds name, base_model (as configured), base_dir, method, trained_sha256 and min_stop_rate.
+    """
+    config = yaml.safe_load(run.config.read_text(encoding="utf-8")) if run.config.is_file() else {}
+    hyper = read_json(run.train / "job.json", {}).get("cfg") or config.get("train", {})  # what training ran with
+    diagnoses = read_json(run.train / "diagnoses.json", [])
+    tuned = report.get("models", {}).get("tuned", {})
+    model = (f"{about['method']} fine-tune of `{about['base_model']}` (loaded from `{about['base_dir']}`); trained "
+             f"weights sha256 `{about['trained_sha256']}`.")
+    use = ("Answering prompts of the kind in its training data, in the chat template it was trained with (logged "
+           "with it). Built by an automated pipeline: read the evaluation and the samples before serving it.")
+    stops = (f"Tuned answers that end with end-of-turn/EOS within the token budget: {tuned.get('stop_rate', 0):.0%} "
+             f"(registration needs {about['min_stop_rate']:.0%}); answers running on into a new turn: "
+             f"{tuned.get('runaway_rate', 0):.0%}.")
+    hyper_rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in sorted(hyper.items())]
+    curve = [f"- {d['name']} (step {d['step']}): {d['message']}" for d in diagnoses] or ["None."]
+    sections = [[f"# {about['name']}: sftflow run {run.run_id}", "", model], ["## Intended use", "", use],
+                card_data(run), ["## Hyperparameters", "", *table(["train", "value"], hyper_rows)],
+                card_evaluation(report), ["## Stop check", "", stops], ["## Curve diagnoses", "", *curve],
+                ["## Promotion gate", "", decision],
+                ["## Known limitations", "", *card_limitations(report, diagnoses, about["method"])]]
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
 def publish_cleaning_report(clean_report: Path) -> None:
@@ -44,10 +142,8 @@ def publish_cleaning_report(clean_report: Path) -> None:
                              description="Rows dropped by each cleaning rule (kept in the quarantine table)")
 
 
-def publish_artifacts(summary: dict, clean_report: Path, eval_dir: Path) -> None:
-    """Create Prefect artifacts: sample generations and the run summary."""
-    samples = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    create_table_artifact(key="eval-samples", table=samples[:20], description="Held-out generations, base vs tuned")
+def publish_artifacts(summary: dict) -> None:
+    """Create the Prefect artifact of the run summary (evaluate publishes the sample generations)."""
     create_markdown_artifact(key="run-summary", markdown="\n".join(
         ["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.items()]))
 
@@ -67,6 +163,6 @@ def write_summary(run_id: str, clean_report: Path, eval_dir: Path, registered: d
     summary = build_summary(run_id, clean_report, eval_dir, registered, flow_run_id, started_at)
     out_file.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if in_prefect_run():
-        publish_artifacts(summary, clean_report, eval_dir)
+        publish_artifacts(summary)
     stage_logger().info(human_summary(summary))
     return summary

@@ -1,0 +1,240 @@
+"""Register behind the promotion gate, with real MLflow (sqlite) and tiny LoRA adapters really trained: the champion
+moves only on a win, byte-identical weights register nothing new, a model that does not stop is refused, the logged
+model reloads with the tuned model's logits, and the model card and merged export are logged."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tasks.chat_format import format_chats
+from tasks.clean import clean
+from tasks.config import RegisterConfig, RunPaths, TrainConfig, dump_config, load_config
+from tasks.diagnose import write_diagnoses
+from tasks.errors import ConfigError, QualityGateError
+from tasks.ingest import fingerprint_sources, ingest
+from tasks.modeling import load_trained_model
+from tasks.register import register_run
+from tasks.registry import GateDecision, decide_promotion, directory_digest, find_version
+from tasks.report import save_config
+from tasks.train import train_model
+from tests.conftest import ROOT
+
+NAME = "gate-test"
+
+
+def lora_config(seed: int) -> TrainConfig:
+    return TrainConfig(method="lora", learning_rate=2e-2, max_steps=4, batch_size=4, gradient_accumulation_steps=1,
+                       logging_steps=1, save_steps=4, lora_r=4, packing=False, seed=seed)
+
+
+def scores(metric: float, loss: float, stop_rate: float = 1.0) -> dict:
+    return {"eval_loss": loss, "perplexity": 2.718281828 ** loss, "exact_match": metric, "token_f1": metric,
+            "stop_rate": stop_rate, "runaway_rate": 0.0}
+
+
+def write_report(eval_dir, base: dict, tuned: dict, champion: dict | None = None, fingerprint: str = "set-1"):
+    """report.json and samples.jsonl as evaluate writes them (the contract between evaluate and register)."""
+    models = {"base": base, "tuned": tuned, **({"champion": champion} if champion else {})}
+    flat = {f"{m}_{k}": v for m, s in models.items() for k, v in s.items() if isinstance(v, (int, float))}
+    report = {"heldout_rows": 8, "heldout_fingerprint": fingerprint, "metrics": ["exact_match", "token_f1"],
+              "generation": {"max_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0,
+                             "batch_size": 8},
+              "models": models, "eval_loss": tuned["eval_loss"], "base_eval_loss": base["eval_loss"], **flat}
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (eval_dir / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    row = {"row_id": "r1", "prompt": "p", "reference": "r", "base": "b", "tuned": "t", "base_score": 0.0,
+           "tuned_score": 1.0, "base_stopped": True, "tuned_stopped": True}
+    (eval_dir / "samples.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    return eval_dir
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tiny_model_dir, tmp_path_factory):
+    """Three runs of configs/tiny.yaml sharing formatted rows, each with a LoRA adapter trained with its own seed."""
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}"])
+    first = RunPaths(runs, "run-a")
+    save_config.fn(dump_config(cfg), first.config)
+    raw_db = ingest.fn(cfg.data, fingerprint_sources.fn(cfg.data), first.sources, first.ingest_db)
+    clean_db = clean.fn(raw_db, first.clean_db, first.clean_report, first.quarantine, cfg.clean)
+    format_chats.fn(clean_db, str(tiny_model_dir), first.formatted, cfg.chat)
+    out = {}
+    for seed, name in enumerate(("run-a", "run-b", "run-c")):
+        run = RunPaths(runs, name)
+        if name != "run-a":
+            shutil.copytree(first.root, run.root, ignore=shutil.ignore_patterns("train", "eval"))
+        adapter = train_model(run.formatted, str(tiny_model_dir), run.train, lora_config(seed))
+        write_diagnoses(run.train)
+        out[name] = (run, adapter)
+    return runs, out
+
+
+def register(store, run, adapter, base_dir, cfg: RegisterConfig, eval_dir=None, tracking_uri=None):
+    """register_run as the flow calls it, into the sqlite store in `store` (or `tracking_uri`)."""
+    uri = tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
+    return register_run(uri, store / "mlartifacts", run, str(base_dir), adapter, eval_dir or run.eval,
+                        {"dataset_fingerprint": "d"}, cfg, "lora")
+
+
+@pytest.fixture(scope="module")
+def gate_history(trained_runs, tiny_model_dir):
+    """A: beats the base -> v1 champion. B: worse than A -> v2 challenger. A again, byte-identical -> nothing new.
+    C: beats A by more than the margin -> v3 champion."""
+    runs, trained = trained_runs
+    cfg = RegisterConfig(model_name=NAME, experiment="gate", gate_metric="exact_match", gate_margin=0.05)
+    (run_a, a), (run_b, b), (run_c, c) = trained["run-a"], trained["run-b"], trained["run-c"]
+    write_report(run_a.eval, scores(0.1, 3.0), scores(0.5, 2.0))
+    results = {"a": register(runs, run_a, a, tiny_model_dir, cfg)}
+    write_report(run_b.eval, scores(0.1, 3.0), scores(0.4, 2.1), {**scores(0.5, 2.0), "version": "1"})
+    results["b"] = register(runs, run_b, b, tiny_model_dir, cfg)
+    results["a_again"] = register(runs, run_a, a, tiny_model_dir, cfg)
+    write_report(run_c.eval, scores(0.1, 3.0), scores(0.6, 1.9), {**scores(0.5, 2.0), "version": "1"})
+    results["c"] = register(runs, run_c, c, tiny_model_dir, cfg)
+    return runs, results, MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+
+
+def test_the_first_version_beating_the_base_takes_champion_and_reloads_with_the_tuned_models_logits(
+        gate_history, trained_runs, tiny_model_dir, tmp_path):
+    import mlflow
+
+    runs, results, client = gate_history
+    assert (results["a"]["model_version"], results["a"]["alias"], results["a"]["new_version"]) == (1, "champion", True)
+    v1 = client.get_model_version(NAME, "1")
+    assert v1.tags["gate.against"] == "base" and v1.tags["gate.promoted"] == "true"
+    assert v1.tags["trained_sha256"] == directory_digest(trained_runs[1]["run-a"][1])
+    assert (v1.tags["base_model"], v1.tags["train_method"]) == (str(tiny_model_dir), "lora")
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    logged = mlflow.transformers.load_model(f"models:/{NAME}/1", return_type="components")
+    tuned = load_trained_model(str(tiny_model_dir), trained_runs[1]["run-a"][1], lora_config(0)).eval()
+    ids = torch.tensor([[1, 22, 333, 4444, 555, 66]])
+    with torch.no_grad():
+        expected, got = tuned(input_ids=ids).logits, logged["model"].eval()(input_ids=ids).logits
+        with tuned.disable_adapter():
+            base = tuned(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(expected, base, atol=1e-3)  # training moved them: the adapter is in what reloads
+    assert "{% " in logged["tokenizer"].chat_template  # the template it was trained with travels with it
+    found = find_version(f"sqlite:///{runs / 'mlflow.db'}", f"{NAME}/1", tmp_path)  # what evaluate and serve load
+    assert (found.version, found.base_model, found.method) == ("1", str(tiny_model_dir), "lora")
+    assert directory_digest(found.trained_dir) == v1.tags["trained_sha256"]
+
+
+def test_a_worse_challenger_leaves_champion_unchanged_and_records_the_comparison(gate_history):
+    _, results, client = gate_history
+    assert (results["b"]["model_version"], results["b"]["alias"]) == (2, "challenger")
+    v2 = client.get_model_version(NAME, "2")
+    decision = GateDecision.from_tags(v2.tags)
+    assert (decision.metric, decision.tuned, decision.against, decision.against_score, decision.margin,
+            decision.promoted) == ("exact_match", 0.4, "champion v1", 0.5, 0.05, False)
+    assert "does not beat champion v1's 0.5" in decision.reason and decision.reason in v2.description
+    assert results["b"]["decision"].startswith("v2 stays @challenger: exact_match 0.4 does not beat")
+
+
+def test_a_better_challenger_takes_champion_and_keeps_the_previous_one_for_rollback(gate_history):
+    _, results, client = gate_history
+    assert (results["c"]["model_version"], results["c"]["alias"]) == (3, "champion")
+    model = client.get_registered_model(NAME)
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "3", "challenger": "3"}
+    assert json.loads(model.tags["champion_history"]) == ["1", "3"]
+    v3 = client.get_model_version(NAME, "3")
+    assert v3.tags["gate.reason"] == "exact_match 0.6 beats champion v1's 0.5 by 0.1 > margin 0.05"
+    assert v3.tags["promotion"] == "gate"
+
+
+def test_byte_identical_weights_register_nothing_new_and_report_the_existing_version(gate_history):
+    _, results, client = gate_history
+    again = results["a_again"]
+    assert (again["model_version"], again["alias"], again["new_version"]) == (1, "champion", False)
+    assert again["decision"].startswith(f"nothing new registered: the trained weights are byte-identical to {NAME} v1")
+    assert sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'")) == [1, 2, 3]
+    assert again["mlflow_run_id"] == results["a"]["mlflow_run_id"]  # the same run of the same sftflow run
+
+
+def test_the_model_card_is_the_description_and_a_readme_logged_with_the_model(gate_history, tmp_path):
+    import mlflow
+
+    runs, results, client = gate_history
+    card = client.get_model_version(NAME, "2").description
+    for part in ("## Intended use", "| synthetic_orders |", "## Cleaning", "| duplicate |", "## Hyperparameters",
+                 "| learning_rate | 0.02 |", "## Evaluation", "| exact_match | 0.1 | 0.4 | 0.5 |", "## Stop check",
+                 "## Curve diagnoses", "underfitting", "## Promotion gate", "Not promoted: exact_match 0.4",
+                 "## Known limitations"):
+        assert part in card, part
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/2", dst_path=str(tmp_path))
+    assert (Path(local) / "README.md").read_text(encoding="utf-8") == card
+    run = client.get_run(results["b"]["mlflow_run_id"])
+    assert run.data.tags["git_sha"] not in ("", "unknown") and run.data.tags["dataset_fingerprint"] == "d"
+    assert run.data.metrics["tuned_exact_match"] == 0.4 and run.data.tags["model_version"] == "2"
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "trained")} >= {
+        "trained/adapter_config.json", "trained/adapter_model.safetensors"}
+
+
+def test_a_model_that_does_not_stop_is_refused_and_no_version_is_created(trained_runs, tiny_model_dir, tmp_path):
+    run, adapter = trained_runs[1]["run-b"]
+    report = write_report(tmp_path / "eval", scores(0.1, 3.0), scores(0.9, 1.0, stop_rate=0.5))
+    with pytest.raises(QualityGateError, match="registration refused: the model does not learn to stop: 50% of the "
+                                               "tuned model's held-out answers ended"):
+        register(tmp_path, run, adapter, tiny_model_dir, RegisterConfig(model_name="never-stops"), report)
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_registered_models() == []
+
+
+def test_a_gate_metric_evaluate_did_not_score_is_a_config_error_naming_the_scores(trained_runs, tiny_model_dir,
+                                                                                  tmp_path):
+    run, adapter = trained_runs[1]["run-b"]
+    report = write_report(tmp_path / "eval", scores(0.1, 3.0), scores(0.9, 1.0))
+    with pytest.raises(ConfigError, match="register.gate_metric='bleu' is not a score evaluate wrote .*exact_match"):
+        register(tmp_path, run, adapter, tiny_model_dir, RegisterConfig(gate_metric="bleu"), report)
+
+
+@pytest.fixture(scope="module")
+def merged_first(trained_runs, tiny_model_dir, tmp_path_factory):
+    """Run A into a fresh store with register.merged_export, scoring no better than the base."""
+    store = tmp_path_factory.mktemp("merged-store")
+    run, adapter = trained_runs[1]["run-a"]
+    report = write_report(store / "eval", scores(0.5, 2.0), scores(0.5, 1.5))
+    cfg = RegisterConfig(model_name="merged-test", gate_metric="token_f1", merged_export=True)
+    return store, register(store, run, adapter, tiny_model_dir, cfg, report), adapter
+
+
+def test_a_first_version_that_does_not_beat_the_base_is_only_a_challenger(merged_first):
+    store, result, _ = merged_first
+    assert (result["model_version"], result["alias"]) == (1, "challenger")
+    model = MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_registered_model("merged-test")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"challenger": "1"}
+    assert result["gate"]["reason"] == ("token_f1 0.5 does not beat base's 0.5 by more than margin 0 "
+                                        "(difference +0)")
+
+
+def test_the_merged_export_is_safetensors_with_the_tuned_models_logits(merged_first, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    store, result, adapter = merged_first
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    local = client.download_artifacts(result["mlflow_run_id"], "merged", str(tmp_path))
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and not (tmp_path / "merged" /
+                                                                          "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
+    tuned = load_trained_model(str(tiny_model_dir), adapter, lora_config(0)).eval()
+    ids = torch.tensor([[1, 22, 333, 4444, 555, 66]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4)
+
+
+def test_lower_is_better_for_eval_loss_and_a_stale_champion_score_never_promotes():
+    report = {"heldout_fingerprint": "set-2", "models": {
+        "base": scores(0.1, 3.0), "tuned": scores(0.2, 1.0), "champion": {**scores(0.3, 1.2), "version": "4"}}}
+    by_loss = decide_promotion(report, "eval_loss", 0.1, ("4", {}))
+    assert by_loss.promoted and by_loss.against_score == 1.2 and "(lower is better)" in by_loss.reason
+    assert not decide_promotion(report, "eval_loss", 0.3, ("4", {})).promoted  # 0.2 better, not by more than 0.3
+    # the champion changed after evaluate scored v4: its recorded score counts only on the same held-out set
+    stale = decide_promotion(report, "exact_match", 0.0, ("5", {"heldout_fingerprint": "set-1",
+                                                                "score.exact_match": "0.1"}))
+    assert not stale.promoted and stale.against_score is None and "champion v5 has no exact_match" in stale.reason
+    same_set = decide_promotion(report, "exact_match", 0.0, ("5", {"heldout_fingerprint": "set-2",
+                                                                   "score.exact_match": "0.1"}))
+    assert same_set.promoted and same_set.against_score == 0.1

@@ -1,0 +1,116 @@
+"""A remote MLflow store: a real `mlflow server` on a loopback port, found through MLFLOW_TRACKING_URI, receives the
+run, the model version and its aliases; the server is stopped with nothing left running."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tasks.chat_format import format_chats
+from tasks.clean import clean
+from tasks.config import RunPaths, dump_config, load_config
+from tasks.ingest import fingerprint_sources, ingest
+from tasks.register import register_run
+from tasks.report import save_config
+from tasks.train import train_model
+from tests.conftest import ROOT
+from tests.flows.test_registry import lora_config, scores, write_report
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {url} did not answer /health within {timeout} s")
+
+
+def live_processes(pgid: int) -> list[int]:
+    """Return the processes of a process group that are still running (zombies aside), from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` as `make ui-mlflow` starts it (sqlite store, job execution off), on a free loopback port."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "server-artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, proc)
+        yield url, proc
+    finally:
+        if live_processes(proc.pid):
+            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and every worker it started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_register_honours_a_remote_tracking_uri_and_the_server_keeps_version_and_aliases(
+        mlflow_server, tiny_model_dir, tmp_path, monkeypatch):
+    url, server = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={tmp_path / 'runs'}",
+                                                       f"train.base_model={tiny_model_dir}"])
+    assert cfg.tracking_uri() == url  # the environment wins over the sqlite default
+    run = RunPaths(cfg.runs_dir, "remote-1")
+    save_config.fn(dump_config(cfg), run.config)
+    raw_db = ingest.fn(cfg.data, fingerprint_sources.fn(cfg.data), run.sources, run.ingest_db)
+    clean_db = clean.fn(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
+    format_chats.fn(clean_db, str(tiny_model_dir), run.formatted, cfg.chat)
+    adapter = train_model(run.formatted, str(tiny_model_dir), run.train, lora_config(0))
+    write_report(run.eval, scores(0.1, 3.0), scores(0.5, 2.0))
+
+    result = register_run(cfg.tracking_uri(), cfg.artifact_root(), run, str(tiny_model_dir), adapter, run.eval, {},
+                          cfg.registry, "lora")
+
+    client = MlflowClient(url, registry_uri=url)  # read back from the server, as the UI would
+    model = client.get_registered_model("sftflow-tiny")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1", "challenger": "1"}
+    version = client.get_model_version("sftflow-tiny", "1")
+    assert version.tags["gate.promoted"] == "true" and version.run_id == result["mlflow_run_id"]
+    assert client.get_run(result["mlflow_run_id"]).data.tags["model_version"] == "1"
+    assert result["model_version_url"] == f"{url}/#/models/sftflow-tiny/versions/1"  # the server is the UI
+    assert not (cfg.runs_dir / "mlflow.db").exists()  # nothing went to the local default store
+    assert live_processes(server.pid)  # the server (and its worker) ran in its own process group
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while live_processes(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_processes(server.pid) == []  # no server or worker process left behind
