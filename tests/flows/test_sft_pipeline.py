@@ -12,6 +12,8 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.sft_pipeline import sft_pipeline
 from tasks.config import load_config
+from tasks.ingest import fingerprint_data
+from tasks.report import human_summary
 from tests.conftest import ROOT, write_jsonl
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -20,7 +22,9 @@ TINY = ROOT / "configs" / "tiny.yaml"
 @pytest.fixture(scope="module")
 def finished_run(tiny_model_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    overrides = [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}"]
+    # a random tiny model never learns to stop in 12 tokens, and scores 0 on exact match: gate on the held-out loss
+    overrides = [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}", "register.min_stop_rate=0",
+                 "register.gate_metric=eval_loss"]
     summary = sft_pipeline(TINY, overrides, "run-1")
     return runs, overrides, summary
 
@@ -29,13 +33,18 @@ def test_the_flow_writes_a_summary_with_every_promised_field(finished_run):
     runs, _, summary = finished_run
     on_disk = json.loads((runs / "run-1" / "summary.json").read_text())
     assert on_disk == summary
-    for field in ("base_exact_match", "tuned_exact_match", "eval_loss", "rows_raw", "rows_clean", "rows_quarantined",
-                  "registered_model", "model_version", "alias", "mlflow_run_id", "prefect_flow_run_id",
+    for field in ("headline_metric", "base_exact_match", "tuned_exact_match", "eval_loss", "tuned_stop_rate",
+                  "rows_raw", "rows_clean", "rows_quarantined", "registered_model", "model_version", "alias", "gate",
+                  "decision", "mlflow_run_id", "mlflow_run_url", "model_version_url", "prefect_flow_run_id",
                   "wall_seconds"):
         assert field in summary, field
+    assert summary["headline_metric"] == "exact_match"  # the first of evaluate.metrics
     assert summary["rows_raw"] == summary["rows_clean"] + summary["rows_quarantined"]
     assert summary["rows_quarantined"] > 0 and summary["eval_loss"] > 0
     assert (summary["registered_model"], summary["model_version"], summary["alias"]) == ("sftflow-tiny", 1, "champion")
+    assert summary["gate"]["against"] == "base" and summary["eval_loss"] < summary["base_eval_loss"]
+    assert summary["decision"].startswith("v1 takes @champion: eval_loss ")
+    assert human_summary(summary).splitlines()[-1] == f"gate: {summary['decision']}"
 
 
 def test_every_dropped_row_is_in_the_quarantine_with_its_rule(finished_run):
@@ -72,15 +81,42 @@ def test_the_registered_model_reloads_from_mlflow_and_generates(finished_run):
     assert run.data.metrics["tuned_exact_match"] == summary["tuned_exact_match"]
     version = mlflow.MlflowClient().get_model_version(summary["registered_model"], str(summary["model_version"]))
     assert "| synthetic_orders |" in version.description  # the source mix reaches the model card
+    assert version.tags["train_method"] == "qlora" and version.tags["gate.metric"] == "eval_loss"
+    assert run.data.tags["dataset_fingerprint"] == fingerprint_data(load_config(TINY, overrides).data)
+    assert run.data.tags["git_sha"] not in ("", "unknown")
+    assert run.data.tags["prefect_flow_run_url"].endswith(f"/runs/flow-run/{summary['prefect_flow_run_id']}")
 
 
-def test_rerunning_the_same_run_id_reuses_cached_steps(finished_run):
-    runs, overrides, _ = finished_run
+def test_the_prefect_run_links_to_the_mlflow_run_and_the_model_version(finished_run):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    _, _, summary = finished_run
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[summary["prefect_flow_run_id"]])))
+    links = {a.key: a.data for a in artifacts if a.type == "markdown" and a.key in ("mlflow-run", "model-version")}
+    assert summary["mlflow_run_url"] in links["mlflow-run"]
+    assert summary["mlflow_run_url"].startswith("http://127.0.0.1:5000/#/experiments/")  # `make ui-mlflow`
+    assert f"{summary['model_version_url']}" in links["model-version"]
+    assert summary["model_version_url"] == "http://127.0.0.1:5000/#/models/sftflow-tiny/versions/1"
+
+
+def test_a_cached_rerun_of_the_same_run_id_registers_nothing_new(finished_run):
+    import mlflow
+
+    runs, overrides, first = finished_run
     adapter = runs / "run-1" / "train" / "adapter" / "adapter_model.safetensors"
-    before = adapter.stat().st_mtime_ns
+    report = runs / "run-1" / "eval" / "report.json"
+    before, report_before = adapter.stat().st_mtime_ns, report.stat().st_mtime_ns
     summary = sft_pipeline(TINY, overrides, "run-1")
     assert adapter.stat().st_mtime_ns == before  # train was a cache hit, not a retrain
-    assert (summary["model_version"], summary["alias"]) == (2, "challenger")
+    assert report.stat().st_mtime_ns == report_before  # so was evaluate: the champion is this very adapter
+    assert (summary["model_version"], summary["alias"], summary["new_version"]) == (1, "champion", False)
+    assert summary["decision"].startswith("nothing new registered: the trained weights are byte-identical to "
+                                          "sftflow-tiny v1 (@champion")
+    client = mlflow.MlflowClient(load_config(TINY, overrides).tracking_uri())
+    assert [int(v.version) for v in client.search_model_versions("name = 'sftflow-tiny'")] == [1]
+    assert summary["mlflow_run_id"] == first["mlflow_run_id"]
 
 
 def run_cli(*args, cwd=ROOT):
