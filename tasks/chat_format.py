@@ -170,7 +170,8 @@ def format_split(con: duckdb.DuckDBPyConnection, split: str, encoder: ChatEncode
                for row, ids, long in zip(selected, enc.ids, too_long) if long and cfg.too_long == "drop"]
     kept = [k for k, long in enumerate(too_long) if not (long and cfg.too_long == "drop")]
     rows = [k for k in kept for _ in range(selected[k][4])]  # a source's weight repeats rows
-    prompts = {k: prompt_and_reference(convos[k], selected[k][3]) for k in kept}
+    # the prompt (JSON) is what evaluate generates from: held-out rows only; every row keeps its reference answer
+    prompts = {k: prompt_and_reference(convos[k], selected[k][3], split == "heldout") for k in kept}
     ids, masks = [enc.ids[k][:cfg.max_length] for k in rows], [enc.masks[k][:cfg.max_length] for k in rows]
     return pa.table({
         "row_id": [selected[k][0] for k in rows], "source": [selected[k][1] for k in rows],
@@ -183,11 +184,12 @@ def format_split(con: duckdb.DuckDBPyConnection, split: str, encoder: ChatEncode
     }, schema=FORMATTED_SCHEMA), dropped
 
 
-def prompt_and_reference(convo: list[dict], messages: list[dict]) -> tuple[str, str]:
-    """Return the prompt (the turns before the last supervised answer, as JSON) and that answer."""
+def prompt_and_reference(convo: list[dict], messages: list[dict], with_prompt: bool = True) -> tuple[str | None, str]:
+    """Return the prompt (the turns before the last supervised answer, as JSON; None unless `with_prompt`) and that
+    answer."""
     head = len(convo) - len(messages)  # the system turn, if any
     ref = head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0)
-    return json.dumps(convo[:ref], ensure_ascii=False), convo[ref]["content"]
+    return json.dumps(convo[:ref], ensure_ascii=False) if with_prompt else None, convo[ref]["content"]
 
 
 def list_array(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:

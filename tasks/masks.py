@@ -26,7 +26,8 @@ from tasks.skeletons import Skeleton
 from tasks.templates import ChatRenderer
 
 MASK_MODES = ("assistant", "last_turn", "completion", "all")
-FAST_CHECK_FIRST = 256  # rows at the start of each run whose fast-path result is checked against HF
+FAST_CHECK_FIRST = 128  # rows at the start of each run whose shortcut results are checked the slow way
+CHECK_EVERY = 200  # and one in this many of the rest (hash-chosen)
 ROWS_PER_PROCESS = 10_000  # below this many rows per process, starting one (imports, ~3 s) costs more than it saves
 
 
@@ -318,10 +319,21 @@ class ChatEncoder:
         if self.fast is not None:
             out.fast_mismatches = self.fast_mismatches(rendered, out, start)
         if check_prompts:
-            prompts = self.backend.encode_batch([r.text[:r.prompt_end] for r in rendered], add_special_tokens=False)
-            out.prompt_failures = [(i, why) for i, (p, ids) in enumerate(zip(prompts, out.ids))
-                                   if (why := prefix_problem(self.backend, p, ids))]
+            out.prompt_failures = self.prompt_failures(rendered, out.ids)
         return out
+
+    def prompt_failures(self, rendered: list[Rendered], ids: list[np.ndarray]) -> list[tuple[int, str]]:
+        """Return (row, why) for each row whose generation prompt does not tokenize as a prefix of its ids, with
+        the tokenizer that gave the ids (tiktoken gives HF's ids, as proved; a text it leaves to HF goes to HF)."""
+        prompts = [r.text[:r.prompt_end] for r in rendered]
+        fast = self.fast.encode_batch(prompts) if self.fast else [None] * len(prompts)
+        failures = []
+        for i, (f, row_ids) in enumerate(zip(fast, ids)):
+            prompt_ids = f[0] if f is not None else np.asarray(
+                self.backend.encode(prompts[i], add_special_tokens=False).ids, dtype=np.int32)
+            if not np.array_equal(row_ids[:len(prompt_ids)], prompt_ids):
+                failures.append((i, prefix_problem(self.backend, prompt_ids, row_ids)))
+        return failures
 
     def tokenize(self, rendered: list[Rendered]) -> TokenBatch:
         """Return the rows' tokens with their offsets and supervised spans in one unit per row: bytes on the fast
@@ -360,10 +372,10 @@ class ChatEncoder:
 
 def checked_rows(start: int, n: int) -> set[int]:
     """Return which of rows start…start+n-1 of a run have their shortcut results (skeleton rendering, fast ids)
-    checked against the slow way: the first FAST_CHECK_FIRST rows and a hash-chosen 1% of the rest (index in the
-    chunk)."""
+    checked against the slow way: the first FAST_CHECK_FIRST rows and a hash-chosen one in CHECK_EVERY of the rest
+    (index in the chunk)."""
     rows = np.arange(start, start + n, dtype=np.uint64)
-    hashed = (rows * np.uint64(2654435761)) % np.uint64(1 << 32) % np.uint64(100)  # Knuth's multiplicative hash
+    hashed = (rows * np.uint64(2654435761)) % np.uint64(1 << 32) % np.uint64(CHECK_EVERY)  # Knuth's multiplicative
     return set(np.flatnonzero((rows < FAST_CHECK_FIRST) | (hashed == 0)).tolist())
 
 
@@ -374,13 +386,11 @@ def byte_spans(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]
     return [(len(text[:a].encode()), len(text[:b].encode())) for a, b in spans]
 
 
-def prefix_problem(backend, prompt, ids: np.ndarray) -> str | None:
-    """Return why the prompt's tokens are not a prefix of the conversation's `ids`, or None if they are."""
-    if list(ids[:len(prompt.ids)]) == prompt.ids:
-        return None
-    at = next((k for k, (a, b) in enumerate(zip(prompt.ids, ids)) if a != b), len(ids))
+def prefix_problem(backend, prompt_ids: np.ndarray, ids: np.ndarray) -> str:
+    """Return where the prompt's tokens stop being a prefix of the conversation's `ids`."""
+    at = next((k for k, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(ids), len(prompt_ids)))
     training = backend.id_to_token(int(ids[at])) if at < len(ids) else None
-    return f"prompt token {at} is {prompt.tokens[at]!r} but {training!r} in the training text"
+    return f"prompt token {at} is {backend.id_to_token(int(prompt_ids[at]))!r} but {training!r} in the training text"
 
 
 def process_count(rows: int, num_proc: int) -> int:

@@ -3,7 +3,14 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.chat_format import TEMPLATES, conversation, format_rows, tokenize_conversation, training_template
+from tasks.chat_format import (
+    TEMPLATES,
+    conversation,
+    format_rows,
+    prompt_and_reference,
+    tokenize_conversation,
+    training_template,
+)
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
 from tasks.ingest import ingest_rows
@@ -66,10 +73,16 @@ def test_format_writes_both_splits_with_prompts_references_and_length_stats(tiny
     clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig(heldout_fraction=0.3))
     stats = format_rows(tmp_path / "c.duckdb", str(tiny_model_dir), tmp_path / "fmt", ChatConfig())
     assert stats["train"]["rows"] + stats["heldout"]["rows"] == 42 and stats["heldout"]["rows"] > 0
-    rows = pq.read_table(tmp_path / "fmt" / "train.parquet").to_pylist() + \
-        pq.read_table(tmp_path / "fmt" / "heldout.parquet").to_pylist()
+    train = pq.read_table(tmp_path / "fmt" / "train.parquet").to_pylist()
+    heldout = pq.read_table(tmp_path / "fmt" / "heldout.parquet").to_pylist()
+    rows = train + heldout
     multi = next(r for r in rows if r["reference"] == "def f():\n    return 2")
-    assert json.loads(multi["prompt"]) == conversation("Answer in JSON.", CONVERSATIONS[1][1:4])
+    prompt, reference = prompt_and_reference(conversation("Answer in JSON.", CONVERSATIONS[1][1:]),
+                                             CONVERSATIONS[1][1:])
+    assert json.loads(prompt) == conversation("Answer in JSON.", CONVERSATIONS[1][1:4]) and reference == multi["reference"]
+    # evaluate generates from the held-out prompts: each is the turns before its reference, ending with the user's
+    assert all(json.loads(r["prompt"])[-1]["role"] == "user" for r in heldout)
+    assert all(r["prompt"] is None for r in train)
     assert all(r["n_supervised"] > 0 for r in rows)
     assert json.loads((tmp_path / "fmt" / "stats.json").read_text())["train"]["truncation_rate"] == 0.0
 
