@@ -10,8 +10,10 @@ template, as the format task spreads it (chat.num_proc, 0 = auto: tokenizer thre
 rows). Each path in --paths is timed in the same run, so their ratios hold even on a shared machine: fast (the
 format task's own choice: skeleton rendering, tasks/skeletons.py, and tiktoken where proved equal,
 tasks/fast_tokenizer.py), hf (skeletons, the HF tokenizer's batched Rust encode with offsets) and jinja (two
-Jinja renders per row and the HF tokenizer, in processes: the plain way). Not timed: reading the clean DuckDB
-file and writing Parquet. It prints rows/s per path, rows per CPU second (all threads and processes:
+Jinja renders per row and the HF tokenizer, in processes: the plain way). Then, unless --no-task, the whole
+format task (tasks.chat_format.format_rows: reading the clean DuckDB file, encoding, the too-long rule, writing
+both splits' Parquet files and the stats) on the same n rows, ingested and cleaned first (not timed; near-duplicate
+dropping off, as the copies only differ in their number). It prints rows/s per path, rows per CPU second (all threads and processes:
 what a busy machine does not halve), the CPU and the load average before each run; the last line is one JSON
 object.
 """
@@ -77,12 +79,44 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
     return result
 
 
+def format_task_rows_per_s(n: int, num_proc: int = 0) -> dict:
+    """Return the rows/s of the whole format task (format_rows) on n GSM8K conversations, cleaned first."""
+    import tempfile
+
+    from tasks.base_model import resolve_base_model
+    from tasks.chat_format import format_rows
+    from tasks.clean import clean_database
+    from tasks.config import DEFAULT_BASE_MODEL, ChatConfig, CleanConfig, DataConfig
+    from tasks.ingest import ingest_rows
+
+    with tempfile.TemporaryDirectory(prefix="sftflow-bench-format-") as tmp:
+        d = Path(tmp)
+        with (d / "gsm8k.jsonl").open("w", encoding="utf-8") as f:
+            for convo in gsm8k_conversations(n):
+                f.write(json.dumps({"system": convo[0]["content"], "instruction": convo[1]["content"],
+                                    "output": convo[2]["content"]}) + "\n")
+        ingest_rows(DataConfig(sources=[{"path": str(d / "gsm8k.jsonl")}]), d, d / "ingest.duckdb")
+        clean_database(d / "ingest.duckdb", d / "clean.duckdb",
+                       CleanConfig(heldout_fraction=0.01, drop_near_duplicates=False))
+        model, load = resolve_base_model(DEFAULT_BASE_MODEL), os.getloadavg()[0]
+        start = time.perf_counter()
+        stats = format_rows(d / "clean.duckdb", model, d / "formatted", ChatConfig(max_length=1024,
+                                                                                   num_proc=num_proc))
+        seconds = time.perf_counter() - start
+    rows = stats["accounting"]["rows_formatted"]
+    return {"rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
+            "load_average_before": round(load, 2)}
+
+
 def summary_lines(result: dict) -> list[str]:
     """Return one human-readable line per tokenizer path of a format_rows_per_s result."""
     return [f"format [{path}: {r['tokenizer']}]: {r['rows_per_s']} rows/s ({result['rows']} rows, "
             f"{r['tokens_per_row']} tokens each, {r['parallelism']}, {r['seconds']} s; "
             f"{r['rows_per_cpu_s']} rows per CPU second) on {result['cpu']}; load before {r['load_average_before']}"
-            for path, r in ((p, result[p]) for p in ("fast", "hf", "jinja") if p in result)]
+            for path, r in ((p, result[p]) for p in ("fast", "hf", "jinja") if p in result)] + (
+        [(f"format task end to end (read clean DuckDB, encode, write Parquet): {t['rows_per_s']} rows/s "
+         f"({t['rows']} rows, {t['seconds']} s); load before {t['load_average_before']}")]
+        if (t := result.get("task")) else [])
 
 
 def main() -> None:
@@ -91,8 +125,11 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=0)
     parser.add_argument("--paths", default="fast,hf,jinja",
                         help="comma-separated: fast (the format task's choice), hf, jinja (the plain way)")
+    parser.add_argument("--no-task", action="store_true", help="skip timing the whole format task")
     args = parser.parse_args()
     result = format_rows_per_s(args.rows, args.num_proc, tuple(args.paths.split(",")))
+    if not args.no_task:
+        result["task"] = format_task_rows_per_s(args.rows, args.num_proc)
     for line in summary_lines(result):
         print(line)
     print(json.dumps(result))
