@@ -19,9 +19,11 @@ to break it and every code point of planes 0-3; the format step also re-checks a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import cache
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 
@@ -66,10 +68,10 @@ def unprovable(cfg: dict, backend) -> str | None:
     return None
 
 
-def merge_ranks(cfg: dict, backend) -> dict[bytes, int] | str:
+def merge_ranks(cfg: dict, backend, tokens_checked: bool = False) -> dict[bytes, int] | str:
     """Return tiktoken's ranks (the 256 bytes, then each merge's result in merge order), or why they don't agree
     with HF's merges: a merge of unknown tokens, two merges with one result, or a token whose own bytes HF does not
-    encode as itself (see the module docstring)."""
+    encode as itself (see the module docstring; skipped if `tokens_checked`: a cached proof of this tokenizer)."""
     alphabet, vocab = byte_of_char(), cfg["model"]["vocab"]
     ranks = {bytes([b]): b for b in range(256)}
     for merge in cfg["model"]["merges"]:
@@ -81,7 +83,7 @@ def merge_ranks(cfg: dict, backend) -> dict[bytes, int] | str:
             return f"two merges make {left + right!r}"
         ranks[result] = len(ranks)
     byte_chars = {b: c for c, b in alphabet.items()}
-    for token in ranks:
+    for token in () if tokens_checked else ranks:
         chars = "".join(byte_chars[b] for b in token)
         if chars in vocab and [t.id for t in backend.model.tokenize(chars)] != [vocab[chars]]:
             return f"the token {chars!r} is not its own bytes' BPE encoding"
@@ -144,10 +146,25 @@ def fast_tokenizer(backend) -> tuple[FastTokenizer | None, str | None]:
         import tiktoken  # noqa: F401
     except ImportError:
         return None, "tiktoken is not installed"
-    cfg = json.loads(backend.to_str())
+    text = backend.to_str()
+    cfg = json.loads(text)
     if why := unprovable(cfg, backend):
         return None, why
-    ranks = merge_ranks(cfg, backend)
+    # the proof's costly part (HF re-encoding every token, ~2 s) is done once per tokenizer: a file named by the
+    # hash of the tokenizer's whole JSON and of this module's source records that it held
+    proof = proof_file(text)
+    ranks = merge_ranks(cfg, backend, tokens_checked=proof.is_file())
     if isinstance(ranks, str):
         return None, ranks
+    if not proof.is_file():
+        proof.parent.mkdir(parents=True, exist_ok=True)
+        proof.write_text("proved: tiktoken with these ranks gives this tokenizer's ids\n", encoding="utf-8")
     return FastTokenizer(ranks, {t["content"]: t["id"] for t in cfg["added_tokens"]}, cfg["model"]["vocab"]), None
+
+
+def proof_file(tokenizer_json: str) -> Path:
+    """Return the file that records a proof for this tokenizer JSON by this version of the proof."""
+    from tasks.base_model import cache_root
+
+    digest = hashlib.sha256(tokenizer_json.encode() + Path(__file__).read_bytes()).hexdigest()
+    return cache_root() / "tokenizer-proofs" / f"{digest}.txt"

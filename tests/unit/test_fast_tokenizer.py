@@ -127,3 +127,19 @@ def test_a_run_whose_checked_rows_differ_from_hf_is_encoded_by_hf_whole(tiny_tok
     assert out.tokenizer == "hf"
     reference = encode_all(encoder.without_fast(), convos, [[1.0, 1.0]] * len(convos), False, num_proc=1)
     assert all(np.array_equal(a, b) for a, b in zip(out.ids, reference.ids))
+
+
+def test_the_costly_part_of_the_proof_is_recorded_per_tokenizer_and_only_once_it_held(tiny_tokenizer):
+    from tokenizers import Tokenizer
+
+    from tasks.fast_tokenizer import fast_tokenizer, proof_file
+
+    text = tiny_tokenizer.backend_tokenizer.to_str()
+    assert fast_tokenizer(tiny_tokenizer.backend_tokenizer)[0] is not None and proof_file(text).is_file()
+    # a tokenizer whose merges make a token that is not its own bytes' encoding: refused, and nothing recorded
+    cfg = json.loads(text)
+    cfg["model"]["merges"] = cfg["model"]["merges"][:300] + cfg["model"]["merges"][301:]
+    broken = json.dumps(cfg)
+    assert proof_file(broken) != proof_file(text)
+    fast, why = fast_tokenizer(Tokenizer.from_str(broken))
+    assert fast is None and why and not proof_file(broken).is_file()
