@@ -170,7 +170,11 @@ def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, r
     """Log the model and its card, register a new version with the gate's decision, alias it; return the result."""
     import mlflow
 
-    check_stops(report, cfg)
+    try:
+        check_stops(report, cfg)
+    except QualityGateError as refused:
+        mlflow.set_tag("registration_refused", str(refused))  # the run shows why it has no model version
+        raise
     decision = decide_promotion(report, cfg.gate_metric, cfg.gate_margin, current_champion(client, cfg.model_name))
     saved = yaml.safe_load(run.config.read_text(encoding="utf-8"))
     about = {"name": cfg.model_name, "base_model": saved["train"]["base_model"], "base_dir": model_dir,

@@ -1,6 +1,7 @@
 """The `sftflow` command as a user types it: a bare environment, a fresh Prefect home, every single step."""
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL
 
 from flows.cli import STEPS
@@ -40,8 +42,9 @@ def project(tmp_path_factory) -> Path:
 def cli_run(project, tiny_model_dir, tmp_path_factory):
     """`sftflow run configs/tiny.yaml` from a bare environment on a fresh PREFECT_HOME (an ephemeral server)."""
     home = tmp_path_factory.mktemp("home")
+    # a random tiny model never learns to stop within 12 tokens: registration would be refused
     result = sftflow("run", "configs/tiny.yaml", "--run-id", "cli-1", "--set", f"train.base_model={tiny_model_dir}",
-                     cwd=project, env=bare_env(home, HF_HUB_OFFLINE="1"))
+                     "--set", "register.min_stop_rate=0", cwd=project, env=bare_env(home, HF_HUB_OFFLINE="1"))
     return project, home, result
 
 
@@ -50,7 +53,10 @@ def test_a_bare_environment_run_succeeds_without_a_traceback_and_lands_where_the
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output and "database is locked" not in output
-    assert "run cli-1: rows raw" in result.stdout
+    assert "run cli-1: rows raw" in result.stdout and "exact_match base 0.000 -> tuned " in result.stdout
+    # the last line: what the gate decided and why (a tiny random model scores 0 like its base: no champion)
+    assert result.stdout.strip().splitlines()[-1] == ("gate: v1 stays @challenger: exact_match 0 does not beat "
+                                                      "base's 0 by more than margin 0 (difference +0)")
     # the database `make ui-prefect` serves: PREFECT_HOME from `sftflow env`, run from the same directory
     exports = sftflow("env", cwd=project, env=bare_env(home)).stdout
     prefect_home = next(line.split("=", 1)[1] for line in exports.splitlines() if "PREFECT_HOME=" in line)
@@ -98,7 +104,7 @@ def test_every_step_of_the_cli_has_its_expected_output():
 
 
 @pytest.mark.parametrize("step", STEPS)
-def test_every_step_reruns_alone_on_a_finished_run(cli_run, step, tiny_model_dir):
+def test_every_step_reruns_alone_on_a_finished_run(cli_run, step, tiny_model_dir, tmp_path):
     project, home, first = cli_run
     assert first.returncode == 0, first.stderr[-2000:]
     started = time.time_ns()
@@ -110,13 +116,28 @@ def test_every_step_reruns_alone_on_a_finished_run(cli_run, step, tiny_model_dir
     run = project / "runs" / "cli-1"
     if step == "prepare-base-model":
         assert result.stdout.strip().splitlines()[-1] == str(tiny_model_dir)
-    elif step == "register":
-        assert "'model_version': 2" in result.stdout  # the finished run registered version 1
+    elif step == "register":  # the version registered holds the run's trained weights as they are now
+        assert_registered_as_trained(project, run, result.stdout, tmp_path)
     else:
         assert (run / STEP_OUTPUTS[step]).stat().st_mtime_ns > started  # rewritten by this step
     if step == "clean":
         with duckdb.connect(str(run / "clean.duckdb"), read_only=True) as con:
             assert con.execute("SELECT count(*) FROM clean").fetchall()[0][0] > 50
+
+
+def assert_registered_as_trained(project: Path, run: Path, stdout: str, tmp_path: Path) -> None:
+    """The register step's version holds the run's current trained weights; after the train step retrained them in
+    place a new version does, and version 1 still holds the weights it was registered with (in its own run)."""
+    from tasks.modeling import trained_model_dir
+    from tasks.registry import directory_digest, find_version
+
+    uri = f"sqlite:///{project / 'runs' / 'mlflow.db'}"
+    number = int(re.search(r"'model_version': (\d+)", stdout).group(1))
+    found = find_version(uri, f"sftflow-tiny/{number}", tmp_path)
+    assert directory_digest(found.trained_dir) == directory_digest(trained_model_dir(run / "train"))
+    first = find_version(uri, "sftflow-tiny/1", tmp_path)
+    assert directory_digest(first.trained_dir) == MlflowClient(uri).get_model_version("sftflow-tiny", "1").tags[
+        "trained_sha256"]
 
 
 SEED_TASK = {"id": "seed_task_{}", "instruction": "Name the relation {}.",
@@ -178,3 +199,112 @@ def finished_tiny_source(tmp_path) -> Path:
     path.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} is said, {i * 7}."}) + "\n"
                             for i in range(80)), encoding="utf-8")
     return path
+
+
+# ---- the registry commands, through flows.cli.main on a real sqlite MLflow store ----
+
+MODEL = "cli-model"
+
+
+@pytest.fixture
+def store(tmp_path):
+    """runs/mlflow.db with versions 1-3 of MODEL as register leaves them: v1 champion over the base, v2 not better,
+    v3 champion over v1 (the gate's decisions applied by the registry's own code)."""
+    from mlflow import MlflowClient
+
+    from tasks.registry import GateDecision, apply_decision
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    (tmp_path / "runs").mkdir()
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment("cli", artifact_location=(tmp_path / "artifacts").as_uri())
+    client.create_registered_model(MODEL)
+    decisions = [GateDecision("field_match", 0.5, "base", 0.1, 0.0, True, "field_match 0.5 beats base's 0.1"),
+                 GateDecision("field_match", 0.4, "champion v1", 0.5, 0.0, False, "0.4 does not beat v1's 0.5"),
+                 GateDecision("field_match", 0.7, "champion v1", 0.5, 0.0, True, "0.7 beats v1's 0.5")]
+    for decision in decisions:
+        run = client.create_run(experiment)
+        version = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id,
+                                              tags=decision.tags())
+        apply_decision(client, MODEL, str(version.version), decision, "tester")
+    return tmp_path, uri, client
+
+
+def cli(capsys, *argv):
+    from flows.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.strip(), err.strip()
+
+
+def test_models_lists_every_version_with_aliases_scores_and_decisions(store, capsys):
+    tmp_path, _, _ = store
+    code, out, _ = cli(capsys, "models", MODEL, "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0
+    assert out.splitlines() == [
+        f"{MODEL}: 3 versions, @champion v3",
+        "v3 @challenger @champion; gate promoted: 0.7 beats v1's 0.5",
+        "v2 -; gate not promoted: 0.4 does not beat v1's 0.5",
+        "v1 -; gate promoted: field_match 0.5 beats base's 0.1"]
+
+
+def test_promote_by_hand_records_who_and_why_and_rollback_returns_to_the_champion_before(store, capsys,
+                                                                                          monkeypatch):
+    import getpass
+
+    tmp_path, uri, client = store
+    code, out, _ = cli(capsys, "promote", MODEL, "2", "--reason", "better on the new orders", "--tracking-uri", uri)
+    assert (code, out) == (0, f"{MODEL} v2 is now @champion (was v3): better on the new orders")
+    v2 = client.get_model_version(MODEL, "2")
+    assert (v2.tags["promotion"], v2.tags["promoted_by"], v2.tags["promoted_reason"]) == (
+        "manual", getpass.getuser(), "better on the new orders")
+    monkeypatch.chdir(tmp_path)  # the default store: configs/default.yaml's runs_dir, runs/mlflow.db
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert "manual by" in cli(capsys, "models", MODEL)[1].splitlines()[2]
+    assert cli(capsys, "rollback", MODEL, "--reason", "v2 broke the dates")[1] == (
+        f"{MODEL} @champion rolled back from v2 to v3")
+    assert str(client.get_registered_model(MODEL).aliases["champion"]) == "3"
+    assert client.get_model_version(MODEL, "2").tags["demoted_reason"] == "rolled back to v3: v2 broke the dates"
+    assert cli(capsys, "rollback", MODEL)[1] == f"{MODEL} @champion rolled back from v3 to v1"
+    first = f"sftflow: error: {MODEL} v1 is its first champion: there is no previous one to roll back to"
+    assert cli(capsys, "rollback", MODEL) == (2, "", first)
+    again = cli(capsys, "promote", MODEL, "1", "--reason", "again")
+    assert again == (0, f"{MODEL} v1 is already @champion; nothing changed", "")
+
+
+def test_an_mlflow_tracking_uri_in_the_environment_is_the_default_store(store, capsys, monkeypatch):
+    tmp_path, uri, _ = store
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code, out, _ = cli(capsys, "models", MODEL)
+    assert code == 0 and out.startswith(f"{MODEL}: 3 versions")
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["promote", MODEL, "9", "--reason", "x"], f"{MODEL} has no version '9' (versions: 1, 2, 3)"),
+    (["promote", "nope", "1", "--reason", "x"], f"no registered model 'nope' in this store (models: {MODEL})"),
+    (["rollback", "nope"], f"no registered model 'nope' in this store (models: {MODEL})"),
+    (["models", "nope"], f"no registered model 'nope' in this store (models: {MODEL})"),
+])
+def test_an_unknown_model_or_version_is_one_line_and_a_non_zero_exit(store, capsys, argv, error):
+    tmp_path, _, client = store
+    code, out, err = cli(capsys, *argv, "--runs-dir", str(tmp_path / "runs"))
+    assert (code, out, err) == (2, "", f"sftflow: error: {error}")
+    assert {k: str(v) for k, v in client.get_registered_model(MODEL).aliases.items()} == {
+        "champion": "3", "challenger": "3"}  # nothing moved
+
+
+def test_a_store_that_does_not_exist_is_one_line_and_is_not_created(tmp_path, capsys):
+    code, _, err = cli(capsys, "models", MODEL, "--runs-dir", str(tmp_path / "elsewhere"))
+    assert code == 2 and err == (f"sftflow: error: no MLflow store at {tmp_path / 'elsewhere' / 'mlflow.db'}: pass "
+                                 "--runs-dir or --tracking-uri (or set MLFLOW_TRACKING_URI) to the store `sftflow run` "
+                                 "wrote")
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_promote_needs_a_reason(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli(capsys, "promote", MODEL, "1")
+    assert stopped.value.code == 2 and "--reason" in capsys.readouterr().err

@@ -180,7 +180,10 @@ def test_a_model_that_does_not_stop_is_refused_and_no_version_is_created(trained
     with pytest.raises(QualityGateError, match="registration refused: the model does not learn to stop: 50% of the "
                                                "tuned model's held-out answers ended"):
         register(tmp_path, run, adapter, tiny_model_dir, RegisterConfig(model_name="never-stops"), report)
-    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_registered_models() == []
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_registered_models() == []
+    (logged,) = client.search_runs([client.get_experiment_by_name("sftflow").experiment_id])
+    assert logged.data.tags["registration_refused"].startswith("registration refused: the model does not learn")
 
 
 def test_a_gate_metric_evaluate_did_not_score_is_a_config_error_naming_the_scores(trained_runs, tiny_model_dir,
