@@ -98,6 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     diagnose.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
     diagnose.add_argument("--runs-dir", type=Path, default=Path("runs"))
     registry_commands(sub)
+    from tasks.serve import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="serve a registered version (NAME@champion or NAME/VERSION) "
+                                                     "over HTTP, on 127.0.0.1 unless --host says otherwise"))
     sub.add_parser("env", help="print sftflow's environment as shell exports: eval \"$(sftflow env)\" before running "
                                "prefect or mlflow commands by hand, so they use the same stores")
     for p in (run, task):
@@ -141,6 +145,10 @@ def dispatch(args: argparse.Namespace) -> None:
     """Run the chosen command."""
     if args.command == "env":
         print(shell_exports())
+    elif args.command == "serve":
+        from tasks.serve import serve_command
+
+        serve_command(args)  # blocks; Ctrl-C stops it cleanly
     elif args.command == "run":
         run_pipeline(args)
     elif args.command in ("promote", "rollback", "models"):

@@ -253,6 +253,14 @@ class PipelineConfig(StageConfig):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _gate_metric_is_scored(self) -> PipelineConfig:
+        scored = (*self.evaluate.metrics, "eval_loss", "perplexity")
+        if self.registry.gate_metric not in scored:
+            raise ValueError(f"register.gate_metric={self.registry.gate_metric!r} is not scored by evaluate; use one "
+                             f"of {', '.join(scored)}")
+        return self
+
     def tracking_uri(self) -> str:
         """Return the MLflow tracking URI: the configured one or a sqlite store in runs_dir."""
         import os
@@ -290,7 +298,9 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     problems = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        problems.append(f"unknown key `{key}`" if e["type"] == "extra_forbidden" else f"`{key}`: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        problems.append(f"unknown key `{key}`" if e["type"] == "extra_forbidden" else
+                        msg if key == "<root>" else f"`{key}`: {msg}")
     return f"{source}: invalid config: " + "; ".join(problems)
 
 

@@ -308,3 +308,11 @@ def test_promote_needs_a_reason(capsys):
     with pytest.raises(SystemExit) as stopped:
         cli(capsys, "promote", MODEL, "1")
     assert stopped.value.code == 2 and "--reason" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ref", ["no-such-model@champion", f"{MODEL}/99", f"{MODEL}@nope"])
+def test_serve_with_a_ref_that_names_no_version_is_one_line_and_exit_2(store, capsys, ref):
+    _, uri, _ = store
+    code, _, err = cli(capsys, "serve", ref, "--tracking-uri", uri, "--port", "0")
+    assert code == 2 and err.startswith("sftflow: error: ") and len(err.splitlines()) == 1 and ref.split("@")[0].split(
+        "/")[0] in err

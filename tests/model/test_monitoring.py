@@ -85,11 +85,15 @@ def test_metrics_reach_the_mlflow_run_while_training_and_register_attaches_to_th
 
     assert open_mlflow_run(tracking, run.train) == run_id  # a retry or rerun of run-a reuses its MLflow run
     (run.eval).mkdir(parents=True, exist_ok=True)
-    (run.eval / "report.json").write_text(json.dumps({"base_exact_match": 0.0, "tuned_exact_match": 0.5,
-                                                      "eval_loss": 1.5}))
+    (run.eval / "report.json").write_text(json.dumps({  # evaluate's report.json (tests/model/test_evaluate.py)
+        "heldout_rows": 1, "heldout_fingerprint": "f", "metrics": ["exact_match"], "generation": {"max_new_tokens": 12},
+        "models": {"base": {"exact_match": 0.0, "eval_loss": 2.0, "stop_rate": 1.0},
+                   "tuned": {"exact_match": 0.5, "eval_loss": 1.5, "stop_rate": 1.0}},
+        "eval_loss": 1.5, "base_exact_match": 0.0, "tuned_exact_match": 0.5}))
     (run.eval / "samples.jsonl").write_text(json.dumps({"prompt": "p", "reference": "r", "tuned": "t"}) + "\n")
     registered = register_run(tracking.tracking_uri, tracking.artifact_root, run, str(tiny_model_dir), adapter,
-                              run.eval, {}, RegisterConfig(model_name="monitoring-test", experiment="sftflow-test"))
+                              run.eval, {}, RegisterConfig(model_name="monitoring-test", experiment="sftflow-test"),
+                              "lora")
     assert registered["mlflow_run_id"] == run_id
     after = client.get_run(run_id)
     assert after.data.tags["model_version"] == "1" and after.data.metrics["tuned_exact_match"] == 0.5
