@@ -215,18 +215,24 @@ def score_base(model_dir: str, train_cfg: TrainConfig, *args) -> Scored:
     return run_model("base", model, *args)
 
 
-def score_champion(champion: Champion, tokenizer, rows, prompts, cfg: EvaluateConfig, train_cfg: TrainConfig,
-                   extractor: Extractor) -> Scored:
+def score_champion(champion: Champion, model_dir: str, tokenizer, rows, prompts, cfg: EvaluateConfig,
+                   train_cfg: TrainConfig, extractor: Extractor) -> Scored:
     """Load the champion over its own base with its own method and score it like the others.
 
     Its prompts render with this run's template when its vocabulary is this tokenizer's (the usual case: the same
-    base); otherwise with its own tokenizer and template, and without eval loss (token ids would not match).
+    base); otherwise with its own tokenizer and template, and without eval loss (token ids would not match). A
+    version registered without a `base_model` tag goes over this run's base (`model_dir`), with a warning.
     """
+    base = champion.base_model
+    if not base:
+        base = model_dir
+        stage_logger().warning("evaluate: champion v%s has no base_model tag; loading it over this run's base %s",
+                               champion.version, model_dir)
     own = load_tokenizer(str(champion.trained_dir)) if (champion.trained_dir / "tokenizer_config.json").is_file() \
-        else load_tokenizer(champion.base_model)
+        else load_tokenizer(base)
     same = own.get_vocab() == tokenizer.get_vocab()
     method_cfg = train_cfg.model_copy(update={"method": champion.method})
-    model = load_trained_model(champion.base_model, champion.trained_dir, method_cfg).eval()
+    model = load_trained_model(base, champion.trained_dir, method_cfg).eval()
     scored = run_model("champion", model, tokenizer if same else own, rows, prompts, cfg, extractor, with_loss=same)
     scored.summary["version"] = champion.version
     return scored
@@ -246,9 +252,10 @@ def stop_warnings(results: dict[str, Scored], cfg: EvaluateConfig) -> list[str]:
     for name, s in results.items():
         n = len(s.generations)
         if s.summary["stop_rate"] < STOP_WARNING:
+            why = "the base model does not stop by itself" if name == "base" else "the model does not learn to stop"
             lines.append(f"{name}: {sum(g.stopped for g in s.generations)}/{n} answers stopped within "
                          f"max_new_tokens={cfg.max_new_tokens} (stop_rate {s.summary['stop_rate']:.2f} < "
-                         f"{STOP_WARNING}): the model does not learn to stop")
+                         f"{STOP_WARNING}): {why}")
         if s.summary["runaway_rate"] > 0:
             lines.append(f"{name}: {sum(g.runaway for g in s.generations)}/{n} answers run on into a new turn")
     return lines
@@ -309,7 +316,8 @@ def evaluate_model(formatted_dir: Path, model_dir: str, trained_dir: Path, out_d
         results["base"] = score_base(model_dir, train_cfg, *scoring)
         free_memory()
     if champion is not None:
-        results["champion"] = score_champion(champion, tokenizer, rows, prompts, cfg, train_cfg, extractor)
+        results["champion"] = score_champion(champion, model_dir, tokenizer, rows, prompts, cfg, train_cfg,
+                                             extractor)
         free_memory()
     results = {name: results[name] for name in ("base", "tuned", "champion") if name in results}
     report = build_report(rows, cfg, results)
