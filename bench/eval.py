@@ -17,6 +17,10 @@ The last line printed is one JSON object:
  "stop_rate", "prompts", "batch_size", "max_new_tokens", "load", "cpu", "load_avg"}
 `speedup` = batched prompts/s over one-by-one prompts/s; `answers_equal` is the share of prompts whose greedy
 answer is the same both ways (left padding changes float rounding, which can flip a near-tie).
+
+Measured (default run, 2 min wall, AMD EPYC 2 cores AVX2, shared with other jobs, load average 1.6 -> 2.0):
+speedup 4.86x, 1.77 prompts/s batched against 0.36 one by one, answers_equal 1.0. An earlier run at 32 new tokens
+under more load (1.9 -> 3.1) gave 4.46x, 0.48 prompts/s; `--load 4bit` (8 prompts, 16 tokens, load 4.6) 4.63x.
 """
 
 from __future__ import annotations
