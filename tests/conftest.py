@@ -60,3 +60,21 @@ def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
                     encoding="utf-8")
     return path
+
+
+def formatted_run(runs: Path, base_model_dir: Path, run_id: str = "run-a"):
+    """Return (config, RunPaths) of a run of configs/tiny.yaml in `runs` taken up to its formatted rows, laid out as
+    the flow lays it out (train.base_model = `base_model_dir`)."""
+    from tasks.chat_format import format_chats
+    from tasks.clean import clean
+    from tasks.config import RunPaths, dump_config, load_config
+    from tasks.ingest import fingerprint_sources, ingest
+    from tasks.report import save_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={runs}", f"train.base_model={base_model_dir}"])
+    run = RunPaths(runs, run_id)
+    save_config.fn(dump_config(cfg), run.config)
+    raw_db = ingest.fn(cfg.data, fingerprint_sources.fn(cfg.data), run.sources, run.ingest_db)
+    clean_db = clean.fn(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
+    format_chats.fn(clean_db, str(base_model_dir), run.formatted, cfg.chat)
+    return cfg, run

@@ -10,18 +10,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tasks.chat_format import format_chats
-from tasks.clean import clean
-from tasks.config import RegisterConfig, RunPaths, TrainConfig, dump_config, load_config
+from tasks.config import RegisterConfig, RunPaths, TrainConfig
 from tasks.diagnose import write_diagnoses
 from tasks.errors import ConfigError, QualityGateError
-from tasks.ingest import fingerprint_sources, ingest
 from tasks.modeling import load_trained_model
 from tasks.register import register_run
 from tasks.registry import GateDecision, decide_promotion, directory_digest, find_version
-from tasks.report import save_config
 from tasks.train import train_model
-from tests.conftest import ROOT
+from tests.conftest import formatted_run
 
 NAME = "gate-test"
 
@@ -56,12 +52,7 @@ def write_report(eval_dir, base: dict, tuned: dict, champion: dict | None = None
 def trained_runs(tiny_model_dir, tmp_path_factory):
     """Three runs of configs/tiny.yaml sharing formatted rows, each with a LoRA adapter trained with its own seed."""
     runs = tmp_path_factory.mktemp("runs")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}"])
-    first = RunPaths(runs, "run-a")
-    save_config.fn(dump_config(cfg), first.config)
-    raw_db = ingest.fn(cfg.data, fingerprint_sources.fn(cfg.data), first.sources, first.ingest_db)
-    clean_db = clean.fn(raw_db, first.clean_db, first.clean_report, first.quarantine, cfg.clean)
-    format_chats.fn(clean_db, str(tiny_model_dir), first.formatted, cfg.chat)
+    _, first = formatted_run(runs, tiny_model_dir)
     out = {}
     for seed, name in enumerate(("run-a", "run-b", "run-c")):
         run = RunPaths(runs, name)

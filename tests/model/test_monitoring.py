@@ -8,30 +8,19 @@ from mlflow import MlflowClient
 from prefect.states import Failed
 from transformers import TrainerCallback
 
-from tasks.chat_format import format_chats
-from tasks.clean import clean
 from tasks.common import retry_unless_user_error
-from tasks.config import RegisterConfig, RunPaths, TrainConfig, dump_config, load_config
+from tasks.config import RegisterConfig, TrainConfig
 from tasks.errors import SftflowError, TrainingDiverged
-from tasks.ingest import fingerprint_sources, ingest
 from tasks.monitoring import Tracking, open_mlflow_run, open_training_run, report_training
 from tasks.register import register_run
-from tasks.report import save_config
 from tasks.train import train_adapter, train_model
-from tests.conftest import ROOT
+from tests.conftest import formatted_run
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tiny_model_dir, tmp_path_factory):
     """A run directory of configs/tiny.yaml up to the formatted rows, as the flow lays it out."""
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}"])
-    run = RunPaths(runs, "run-a")
-    save_config.fn(dump_config(cfg), run.config)
-    raw_db = ingest.fn(cfg.data, fingerprint_sources.fn(cfg.data), run.sources, run.ingest_db)
-    clean_db = clean.fn(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
-    format_chats.fn(clean_db, str(tiny_model_dir), run.formatted, cfg.chat)
-    return cfg, run
+    return formatted_run(tmp_path_factory.mktemp("runs"), tiny_model_dir)
 
 
 def tracking_for(tmp_path, name="run-a") -> Tracking:

@@ -87,23 +87,3 @@ def test_the_trainer_keeps_lora_weights_and_4bit_compute_in_the_cpus_native_dtyp
     assert trainable == {dtype}  # TRL alone casts a quantized model's adapters to bf16, emulated on AVX2
     assert trainer.model.config.quantization_config.bnb_4bit_compute_dtype == dtype
     assert trainer.args.bf16 == (dtype == torch.bfloat16)
-
-
-def test_the_batched_eval_loss_equals_the_loss_of_one_row_at_a_time(formatted, tiny_model_dir):
-    import pyarrow.parquet as pq
-
-    from tasks.evaluate import supervised_loss
-    from tasks.modeling import load_base_model
-
-    model = load_base_model(str(tiny_model_dir), False).eval()
-    rows = pq.read_table(formatted / "train.parquet").to_pylist()
-    assert len({len(r["input_ids"]) for r in rows}) > 1  # rows of different lengths: padding is exercised
-    total = count = 0.0
-    for row in rows:
-        ids = torch.tensor([row["input_ids"]])
-        labels = torch.where(torch.tensor(row["assistant_masks"]).bool(), ids[0], -100)
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum").item()
-        count += int((labels[1:] != -100).sum())
-    assert supervised_loss(model, rows, batch_size=5) == pytest.approx(total / count, rel=1e-5)
