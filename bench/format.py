@@ -4,7 +4,7 @@ Usage: .venv/bin/python bench/format.py [--rows 100000] [--num-proc 0] [--paths 
 
 The conversations are GSM8K train rows (../shared/data/gsm8k_train.jsonl, or $GSM8K_JSONL) with a system turn,
 repeated to n rows and varied (each copy's question gets its own number), so no text repeats and a cache cannot
-help. Timed: the format task's encode step (tasks.masks.encode_all: rendering with the spans the masks need,
+help. Timed: the format task's encode step (tasks.encoding.encode_all: rendering with the spans the masks need,
 tokenization, masks, the check of sampled rows against Jinja and HF) with the default base model's tokenizer and
 template, as the format task spreads it (chat.num_proc, 0 = auto: tokenizer threads where skeletons render the
 rows). Each path in --paths is timed in the same run, so their ratios hold even on a shared machine: fast (the
@@ -50,7 +50,7 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
     from tasks.base_model import resolve_base_model
     from tasks.chat_format import chat_encoder, load_tokenizer
     from tasks.config import DEFAULT_BASE_MODEL
-    from tasks.masks import encode_all, parallelism
+    from tasks.encoding import encode_all, parallelism
     from tasks.precision import cpu_summary
 
     tokenizer = load_tokenizer(resolve_base_model(DEFAULT_BASE_MODEL))

@@ -23,9 +23,10 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import ChatConfig
+from tasks.encoding import ChatEncoder, encode_all
 from tasks.errors import ConfigError, DataValidationError
 from tasks.fast_tokenizer import fast_tokenizer
-from tasks.masks import ChatEncoder, encode_all, marked_text
+from tasks.masks import marked_text
 from tasks.templates import TEMPLATE_FILE, TEMPLATES, ChatRenderer, inference_template, resolve_template, special_tokens
 
 __all__ = ["TEMPLATES", "TEMPLATE_FILE", "format_chats", "format_rows", "load_tokenizer", "tokenize_conversation"]

@@ -14,7 +14,7 @@ ways, each closed here before the encoder is used:
    none strips whitespace or needs a whole word.
 The pre-tokenizer must be ByteLevel with the GPT-2 regex (given to tiktoken as is), no normalizer, no dropout, no
 byte fallback, no word prefix/suffix. tests/unit/test_fast_tokenizer.py checks the ids on real data, strings chosen
-to break it and every code point of planes 0-3; the format step also re-checks a sample of each run (tasks/masks.py).
+to break it and every code point of planes 0-3; the format step also re-checks a sample of each run (tasks/encoding.py).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from tasks.chat_format import chat_encoder
+from tasks.encoding import encode_all
 from tasks.fast_tokenizer import fast_tokenizer
-from tasks.masks import encode_all
 from tests.conftest import SHARED_DATA
 
 DATA = SHARED_DATA

@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tasks.chat_format import chat_encoder
-from tasks.masks import MASK_MODES, ChatEncoder, TokenBatch, encode_all, last_token, token_mask
+from tasks.encoding import ChatEncoder, encode_all
+from tasks.masks import MASK_MODES, TokenBatch, last_token, token_mask
 from tasks.skeletons import Marker, prove_skeleton
 from tasks.templates import ChatRenderer
 from tests.unit.test_templates_masks import FAMILIES, family

@@ -18,9 +18,10 @@ from tasks.chat_format import (
 )
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
+from tasks.encoding import encode_all
 from tasks.errors import ConfigError, DataValidationError
 from tasks.ingest import ingest_rows
-from tasks.masks import encode_all, marked_text
+from tasks.masks import marked_text
 from tasks.templates import NAMED_TEMPLATES, ChatRenderer, named_template, special_tokens
 from tests.conftest import write_jsonl
 
