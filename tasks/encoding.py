@@ -214,7 +214,7 @@ def process_count(rows: int, num_proc: int) -> int:
     """Return how many processes to format `rows` rows with (chat.num_proc; 0 picks by rows and CPU cores)."""
     if num_proc:
         return num_proc
-    return max(1, min(len(os.sched_getaffinity(0)), rows // ROWS_PER_PROCESS))
+    return max(1, min(cpu_count(), rows // ROWS_PER_PROCESS))
 
 
 def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,

@@ -191,10 +191,9 @@ class TokenBatch:
         token_base = np.repeat(base, counts)
         gs, ge = self.starts + token_base, self.ends + token_base
         if (np.diff(gs) < 0).any() or (np.diff(ge) < 0).any():  # offsets out of order: the rule row by row
-            masks = [token_mask(np.stack([self.starts[a:b], self.ends[a:b]], axis=1), s)
-                     for a, b, s in zip(self.bounds[:-1], self.bounds[1:], self.spans)]
-            return np.concatenate(masks), [last_token(np.stack([self.starts[a:b], self.ends[a:b]], axis=1), s[-1])
-                                           for a, b, s in zip(self.bounds[:-1], self.bounds[1:], self.spans)]
+            rows = self.rows()
+            return (np.concatenate([token_mask(offsets, spans) for _, offsets, spans in rows]),
+                    [last_token(offsets, spans[-1]) for _, offsets, spans in rows])
         pairs = np.array([(a, b, r) for r, s in enumerate(self.spans) for a, b in s], dtype=np.int64).reshape(-1, 3)
         span_a, span_b = pairs[:, 0] + base[pairs[:, 2]], pairs[:, 1] + base[pairs[:, 2]]
         first = np.searchsorted(ge, span_a, side="right")  # the first token ending after the span starts
