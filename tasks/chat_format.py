@@ -247,7 +247,8 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
     with duckdb.connect(str(clean_db), read_only=True) as con:
         for split in ("train", "heldout"):
             table, split_dropped = format_split(con, split, encoder, cfg)
-            pq.write_table(table, out_dir / f"{split}.parquet")
+            # dictionary-encoding the token lists only costs time (they hardly repeat): 1.5 s -> 1.1 s per 100k rows
+            pq.write_table(table, out_dir / f"{split}.parquet", use_dictionary=["source"])
             stats[split] = length_stats(table, len(split_dropped))
             dropped += split_dropped
             formatted += len(set(table.column("row_id").to_pylist()))

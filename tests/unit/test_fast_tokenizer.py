@@ -3,6 +3,7 @@ run whose checked rows differ falls back to HF whole."""
 
 import json
 import logging
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from tasks.chat_format import chat_encoder
 from tasks.encoding import encode_all
-from tasks.fast_tokenizer import fast_tokenizer
+from tasks.fast_tokenizer import ROW_SEPARATOR, fast_tokenizer
 from tests.conftest import SHARED_DATA
 
 DATA = SHARED_DATA
@@ -74,6 +75,19 @@ def test_adversarial_strings_give_hf_ids_and_masks(encoder):
     assert [f for f in fast if f is not None] == [h for f, h in zip(fast, hf_ids(encoder.backend, texts))
                                                   if f is not None]
     assert_same_as_hf(encoder, chats(ADVERSARIAL))
+
+
+def test_rows_encoded_in_one_joined_call_equal_rows_encoded_alone_even_a_row_holding_the_separator(encoder):
+    texts = ADVERSARIAL[:30] + ["x" + ROW_SEPARATOR[:-1], ROW_SEPARATOR[1:] + "y", "<|sftflow-row-separator|>"]
+    ids, starts, ends, bounds, _ = encoder.fast.encode_flat(texts)
+    alone = [encoder.fast.encode_flat([t]) for t in texts]
+    assert len(bounds) == len(texts) + 1
+    for r, (a, b) in enumerate(pairwise(bounds)):
+        assert ids[a:b].tolist() == alone[r][0].tolist(), texts[r]
+        assert (starts[a:b].tolist(), ends[a:b].tolist()) == (alone[r][1].tolist(), alone[r][2].tolist())
+    with_separator = texts + ["a" + ROW_SEPARATOR + "b"]  # the whole batch is then encoded row by row, as HF does
+    assert fast_ids(encoder, with_separator)[-1] == hf_ids(encoder.backend, with_separator[-1:])[0]
+    assert fast_ids(encoder, with_separator)[:-1] == fast_ids(encoder, texts)
 
 
 def test_every_code_point_of_planes_0_to_3_and_14_tokenizes_as_hf_does(encoder):
