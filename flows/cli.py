@@ -9,12 +9,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from tasks.config import STEP_NAMES  # no Prefect import: settings are applied first
 from tasks.errors import SftflowError
 from tasks.settings import apply_defaults, shell_exports
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
-STEPS = ("prepare-base-model", "ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train",
-         "evaluate", "register")
+STEPS = STEP_NAMES
 
 
 class HideUserErrorTracebacks(logging.Filter):

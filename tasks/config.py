@@ -166,6 +166,8 @@ class TrainConfig(StageConfig):
     num_processes: int = Field(1, gt=0, description="Training processes; above 1 runs `accelerate launch`.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="With num_processes > 1: DDP or FSDP.")
     seed: int = Field(0, description="Training seed.")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a Hub model (its own modeling "
+                                                       "files). Off unless you trust that repository.")
 
     @property
     def load_in_4bit(self) -> bool:
@@ -241,6 +243,48 @@ class RegisterConfig(StageConfig):
     merged_export: bool = Field(False, description="Also log the adapter merged into the base as safetensors.")
 
 
+# Every Prefect task of the pipeline, by the name `sftflow task` and the UI use (orchestrate.retries keys).
+STEP_NAMES = ("prepare-base-model", "ingest", "validate-raw", "clean", "validate", "format", "validate-tokens",
+              "train", "evaluate", "register")
+
+
+class RetryConfig(StageConfig):
+    retries: int = Field(2, ge=0, description="Attempts after the first for a transient failure (network, OOM, a "
+                                              "crash). Bad config, bad data and a failed gate are never retried.")
+    delay_s: float = Field(5.0, ge=0, description="Wait before the first retry; each later one waits twice as long "
+                                                  "(exponential backoff).")
+    jitter: float = Field(0.5, ge=0, description="Each wait varies at random by up to this share of it, so runs "
+                                                 "that failed together do not retry together.")
+
+
+DEFAULT_RETRIES = {"default": RetryConfig(), "prepare-base-model": RetryConfig(retries=2, delay_s=5),
+                   "train": RetryConfig(retries=1, delay_s=10), "register": RetryConfig(retries=3, delay_s=10)}
+
+
+class OrchestrateConfig(StageConfig):
+    retries: dict[str, RetryConfig] = Field(
+        default_factory=lambda: dict(DEFAULT_RETRIES),
+        description="Per step (a step name or `default` for the others): retries, delay_s, jitter. Given steps "
+                    "replace their defaults; the rest keep them.")
+    data_gate: bool = Field(True, description="Before ingesting, compare the sources' fingerprint and the config "
+                                              "with the last registered version's; when neither changed, end as "
+                                              "Completed 'no new data' without training (`--force` overrides).")
+    train_slots: int = Field(0, ge=0, description="Training runs allowed at once on this machine (a Prefect global "
+                                                  "concurrency limit): 0 = one per 2 cores, at least 1.")
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> OrchestrateConfig:
+        unknown = sorted(set(self.retries) - {"default", *STEP_NAMES})
+        if unknown:
+            raise ValueError(f"orchestrate.retries: unknown step {', '.join(unknown)}; use default or one of "
+                             f"{', '.join(STEP_NAMES)}")
+        return self
+
+    def retry(self, step: str) -> RetryConfig:
+        """Return the retry settings of `step`: its own, else the configured or built-in default."""
+        return self.retries.get(step) or DEFAULT_RETRIES.get(step) or self.retries.get("default") or RetryConfig()
+
+
 class PipelineConfig(StageConfig):
     runs_dir: Path = Field(Path("runs"), description="Home of all runs, the MLflow store and its artifacts.")
     data: DataConfig
@@ -250,6 +294,7 @@ class PipelineConfig(StageConfig):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    orchestrate: OrchestrateConfig = OrchestrateConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
