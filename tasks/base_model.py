@@ -74,9 +74,10 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     log, started = stage_logger(), time.monotonic()
     log.info("base model: reading GGUF %s (%.0f MB), converting once into %s", gguf, gguf.stat().st_size / 2**20,
              out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     log.info("base model: read the tokenizer in %.1f s; de-quantizing the GGUF tensors", time.monotonic() - started)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
     log.info("base model: read the GGUF at %.1f s; rebuilding it as a plain fp32 model", time.monotonic() - started)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its config and copy the weights over.
     config = quantized.config
@@ -195,11 +196,11 @@ def cached_snapshot(spec: str, cache: Path, failure: Exception, reason: str) -> 
     return check_model_dir(spec, path, "cached Hub snapshot")
 
 
-def gated_without_token(spec: str, info: Any, endpoint: str) -> ConfigError | None:
+def gated_without_token(spec: str, info: Any, endpoint: str, token: str | None = None) -> ConfigError | None:
     """Return the error for a gated Hub model when no Hugging Face token is set, else None."""
     from huggingface_hub import get_token
 
-    if not info.gated or get_token() is not None:
+    if not info.gated or token or get_token() is not None:
         return None
     return ConfigError(f"train.base_model={spec}: {spec} is a gated model and no Hugging Face token is set; accept "
                        f"its license at {endpoint}/{spec} and set HF_TOKEN (or run `hf auth login`), or give a local "
@@ -238,11 +239,15 @@ def remember_revision(cache: Path, spec: str, sha: str) -> None:
     tmp.replace(ref)
 
 
-def hub_model_dir(spec: str, endpoint: str | None = None, cache_dir: Path | None = None) -> Path:
-    """Return the checked local snapshot of Hub model `spec`: downloaded (safetensors only) or from the cache."""
+def hub_model_dir(spec: str, endpoint: str | None = None, cache_dir: Path | None = None,
+                  trust_remote_code: bool = False) -> Path:
+    """Return the checked local snapshot of Hub model `spec`: downloaded (safetensors only, plus the repo's top-level
+    *.py files when `trust_remote_code`) or from the cache. The token is tasks.secrets.hub_token()'s."""
     import httpx2
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from tasks.secrets import hub_token
 
     try:
         validate_repo_id(spec)
@@ -255,30 +260,34 @@ def hub_model_dir(spec: str, endpoint: str | None = None, cache_dir: Path | None
             f"train.base_model={spec}: not in the local Hugging Face cache {cache}, and HF_HUB_OFFLINE=1 forbids "
             f"downloading it; unset HF_HUB_OFFLINE to download it, fill that cache on a connected machine (`hf "
             f"download {spec}`), or give a local model directory or .gguf file"), "HF_HUB_OFFLINE=1")
+    token = hub_token()  # HF_TOKEN or the Prefect Secret block; None: huggingface_hub's own login, if any
     try:
-        info = HfApi(endpoint=endpoint).model_info(spec, timeout=HUB_TIMEOUT_S)
+        info = HfApi(endpoint=endpoint, token=token).model_info(spec, timeout=HUB_TIMEOUT_S)
     except (OSError, httpx2.HTTPError) as e:
         return cached_snapshot(spec, cache, hub_failure(spec, e, endpoint, cache, answered=False),
                                f"the Hub at {endpoint} did not answer ({brief(e)})")
-    gated = gated_without_token(spec, info, endpoint)
+    gated = gated_without_token(spec, info, endpoint, token)
     if gated is not None:
         return cached_snapshot(spec, cache, gated, "gated and no token set")
     check_hub_weights(spec, info)
     stage_logger().info("base model %s: fetching revision %s from %s into %s (safetensors only)", spec, info.sha,
                         endpoint, cache)
     try:
-        path = snapshot_download(spec, revision=info.sha, cache_dir=cache, endpoint=endpoint,
-                                 allow_patterns=HUB_FILES, ignore_patterns=HUB_NEVER)
+        path = snapshot_download(spec, revision=info.sha, cache_dir=cache, endpoint=endpoint, token=token,
+                                 allow_patterns=HUB_FILES + (["*.py"] if trust_remote_code else []),
+                                 ignore_patterns=HUB_NEVER)
     except (OSError, httpx2.HTTPError) as e:
         raise hub_failure(spec, e, endpoint, cache, answered=True) from e
     remember_revision(cache, spec, info.sha)
     return check_model_dir(spec, Path(path), "Hub snapshot")
 
 
-def resolve_base_model(spec: str, endpoint: str | None = None, cache_dir: Path | None = None) -> str:
+def resolve_base_model(spec: str, endpoint: str | None = None, cache_dir: Path | None = None,
+                       trust_remote_code: bool = False) -> str:
     """Return the checked local directory every later step loads `spec` from (GGUF converted, Hub id downloaded).
 
-    Raises ConfigError (one line, never retried) for what a retry cannot fix, TransientHubError for what it may.
+    Raises ConfigError (one line, never retried) for what a retry cannot fix, TransientHubError for what it may. A
+    model that ships its own Python code is refused unless `trust_remote_code` (train.trust_remote_code).
     """
     gguf = resolve_gguf(spec)
     if gguf is not None:
@@ -289,5 +298,35 @@ def resolve_base_model(spec: str, endpoint: str | None = None, cache_dir: Path |
         return str(check_model_dir(spec, out, "converted GGUF directory"))
     path = Path(spec).expanduser()
     if path.exists() or looks_like_path(spec):
-        return str(check_model_dir(spec, path))
-    return str(hub_model_dir(spec, endpoint, cache_dir))
+        resolved = check_model_dir(spec, path)
+    else:
+        resolved = hub_model_dir(spec, endpoint, cache_dir, trust_remote_code)
+    refuse_remote_code(spec, Path(resolved), trust_remote_code)
+    return str(resolved)
+
+
+def remote_code(path: Path) -> list[str]:
+    """Return the custom classes a model directory's config names for transformers to import from its own Python
+    files (config.json / tokenizer_config.json `auto_map`), as `file: class` strings; empty for a native model."""
+    import json
+
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        try:
+            auto_map = json.loads(file.read_text(encoding="utf-8")).get("auto_map") if file.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            continue  # an unreadable file is check_model_dir's and transformers' to report
+        for target in (auto_map or {}).values():
+            found += [f"{name}: {t}" for t in (target if isinstance(target, list) else [target]) if t]
+    return found
+
+
+def refuse_remote_code(spec: str, path: Path, trusted: bool) -> None:
+    """Raise ConfigError when the model at `path` needs its own Python code and train.trust_remote_code is off."""
+    needs = remote_code(path)
+    if needs and not trusted:
+        raise ConfigError(f"train.base_model={spec}: the model at {path} runs its own Python code ({needs[0]}"
+                          f"{f' and {len(needs) - 1} more' if len(needs) > 1 else ''}, its auto_map), which sftflow "
+                          "does not run unless train.trust_remote_code=true; set that only if you trust the "
+                          "repository's code, or pick a model transformers supports natively")

@@ -57,12 +57,13 @@ COPY (SELECT * FROM quarantine
 """
 
 
-def load_tokenizer(model_dir: str, formatted_dir: Path | None = None):
+def load_tokenizer(model_dir: str, formatted_dir: Path | None = None, trust_remote_code: bool = False):
     """Return the tokenizer of a local model directory or Hub id; given the format step's output directory, with
-    the (inference form of the) chat template the rows were formatted with, so training and prompting agree."""
+    the (inference form of the) chat template the rows were formatted with, so training and prompting agree. A
+    tokenizer's own Python code runs only when `trust_remote_code` (train.trust_remote_code)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     if formatted_dir is not None and (Path(formatted_dir) / TEMPLATE_FILE).is_file():
         tokenizer.chat_template = (Path(formatted_dir) / TEMPLATE_FILE).read_text(encoding="utf-8")
     return tokenizer

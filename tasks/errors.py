@@ -23,3 +23,19 @@ class QualityGateError(SftflowError):
 
 class TrainingDiverged(SftflowError):
     """The loss or the weights became nan/inf: training stopped at the step named (a retry would diverge again)."""
+
+
+class DiskFullError(SftflowError):
+    """A write failed for lack of space (ENOSPC): a retry fails the same way until space is freed."""
+
+
+def disk_full(error: BaseException, where, setting: str | None = None) -> DiskFullError | None:
+    """Return the one-line error for `error` if it is a full disk (ENOSPC, or a quota), naming the file it names,
+    else `where`, and the setting that moves it; else None."""
+    import errno
+
+    if not isinstance(error, OSError) or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    why = "quota exceeded" if error.errno == errno.EDQUOT else "the disk is full"
+    fix = f"set {setting} to a disk with room" if setting else "write somewhere with room"
+    return DiskFullError(f"no space left on {error.filename or where} ({why}); free space there, or {fix}")

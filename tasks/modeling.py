@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.base_model import resolve_base_model
+from tasks.base_model import PICKLE_SUFFIXES, resolve_base_model
 from tasks.common import stage_logger, stage_task
+from tasks.errors import ConfigError
 from tasks.precision import Precision, choose_precision
 
 
@@ -33,9 +34,11 @@ def quantization_config(precision: Precision):
                               bnb_4bit_compute_dtype=precision.torch_dtype)
 
 
-def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "auto", load_in_8bit: bool = False) -> Any:
+def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "auto", load_in_8bit: bool = False,
+                    trust_remote_code: bool = False) -> Any:
     """Return the causal LM at `model_dir`: 4-bit NF4 or 8-bit via bitsandbytes if asked (CPU or CUDA), else full
-    precision.
+    precision; safetensors weights only, and a model's own Python code only when `trust_remote_code`
+    (train.trust_remote_code).
 
     The weights that stay unquantized load in the compute dtype on CUDA and in fp32 on a CPU (autocast, where bf16
     is native, does the rest).
@@ -46,8 +49,8 @@ def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "au
     cuda, precision = has_cuda(), model_precision(compute_dtype)
     # under accelerate launch each process loads onto its own GPU (LOCAL_RANK), never all onto GPU 0
     device = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else "cpu"
-    kwargs: dict[str, Any] = {"device_map": device,
-                              "dtype": precision.torch_dtype if cuda else torch.float32}
+    kwargs: dict[str, Any] = {"device_map": device, "dtype": precision.torch_dtype if cuda else torch.float32,
+                              "use_safetensors": True, "trust_remote_code": trust_remote_code}
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(precision)
     elif load_in_8bit:
@@ -70,20 +73,32 @@ def trained_model_dir(train_dir: Path) -> Path:
 
 def load_trained_model(model_dir: str, trained_dir: Path, cfg) -> Any:
     """Return the trained model: the adapter in `trained_dir` over the base loaded as in training (`cfg`, a
-    TrainConfig), or the full weights in `trained_dir`."""
+    TrainConfig), or the full weights in `trained_dir`. Safetensors only: an adapter saved as a pickle is refused."""
     if not is_adapter_dir(trained_dir):
-        return load_base_model(str(trained_dir), False, cfg.compute_dtype)
+        return load_base_model(str(trained_dir), False, cfg.compute_dtype, trust_remote_code=cfg.trust_remote_code)
     from peft import PeftModel
 
-    base = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit)
+    check_adapter_weights(Path(trained_dir))
+    base = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit, cfg.trust_remote_code)
     return PeftModel.from_pretrained(base, str(trained_dir))
+
+
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """Raise ConfigError unless `adapter_dir` holds its adapter as safetensors (PEFT would torch.load a .bin)."""
+    if (adapter_dir / "adapter_model.safetensors").is_file():
+        return
+    pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f"only {', '.join(pickles)}" if pickles else "no adapter weights"
+    raise ConfigError(f"{adapter_dir}: no adapter_model.safetensors ({found}); sftflow loads safetensors only, never "
+                      "pickle weights: re-save the adapter with PEFT's save_pretrained, which writes safetensors")
 
 
 # Short backoff, transient Hub errors only (a bad train.base_model is a ConfigError, never retried). Not cached: the
 # check is cheap once the files are on disk, and a cached path could point at a since-deleted directory.
 @stage_task("prepare-base-model", retries=2, retry_delay_seconds=[5, 20], cache=False)
-def prepare_base_model(spec: str) -> str:
-    """Return the checked local directory later steps load the base model from (Hub id fetched, GGUF converted)."""
-    resolved = resolve_base_model(spec)
+def prepare_base_model(spec: str, trust_remote_code: bool = False) -> str:
+    """Return the checked local directory later steps load the base model from (Hub id fetched, GGUF converted); a
+    model that ships its own Python code is refused unless `trust_remote_code` (train.trust_remote_code)."""
+    resolved = resolve_base_model(spec, trust_remote_code=trust_remote_code)
     stage_logger().info("base model %s -> %s", spec, resolved)
     return resolved

@@ -16,7 +16,7 @@ import yaml
 
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import RegisterConfig, RunPaths, flatten
-from tasks.errors import ConfigError, QualityGateError
+from tasks.errors import ConfigError, QualityGateError, disk_full
 from tasks.monitoring import Tracking, mlflow_metrics, new_params, open_mlflow_run, param_values
 from tasks.registry import (
     CHALLENGER,
@@ -122,7 +122,7 @@ def log_run_data(run: RunPaths, eval_dir: Path, report: dict) -> None:
         mlflow.log_table(pd.read_json(eval_dir / "samples.jsonl", lines=True), artifact_file="eval/samples.json")
 
 
-def log_trained_model(model_dir: str, trained_dir: Path, merged: bool):
+def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_remote_code: bool = False):
     """Log the trained weights (`trained/`, as they are), the model with tokenizer and chat template through
     mlflow.transformers, and, if asked, the adapter merged into its base (`merged/`); return the model info.
 
@@ -136,12 +136,16 @@ def log_trained_model(model_dir: str, trained_dir: Path, merged: bool):
     from tasks.modeling import is_adapter_dir
 
     mlflow.log_artifacts(str(trained_dir), artifact_path=TRAINED_ARTIFACT)
-    tokenizer = AutoTokenizer.from_pretrained(str(trained_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(trained_dir), trust_remote_code=trust_remote_code)
     adapter = is_adapter_dir(trained_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir if adapter else str(trained_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir if adapter else str(trained_dir), dtype=torch.float32,
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
     if adapter:
         from peft import PeftModel
 
+        from tasks.modeling import check_adapter_weights
+
+        check_adapter_weights(trained_dir)
         model = PeftModel.from_pretrained(model, str(trained_dir))
     local_base = adapter and Path(model_dir).is_dir()
     info = mlflow.transformers.log_model(
@@ -186,7 +190,8 @@ def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, r
     # holds the new one
     child = mlflow.start_run(nested=True, run_name=f"{run.run_id}-retrained") if held and held != digest else None
     with child or contextlib.nullcontext():
-        info = log_trained_model(model_dir, trained_dir, cfg.merged_export)
+        info = log_trained_model(model_dir, trained_dir, cfg.merged_export,
+                                 bool(saved["train"].get("trust_remote_code", False)))
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             client.log_model_artifact(info.model_id, str(Path(tmp) / "README.md"))
@@ -272,7 +277,13 @@ def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_di
 def register_model(tracking_uri: str, artifact_root: Path, run: RunPaths, model_dir: str, adapter_dir: Path,
                    eval_dir: Path, tags: dict, cfg: RegisterConfig, method: str | None = None) -> dict:
     """Log the run and register the trained model in the MLflow registry behind the promotion gate; return name,
-    version, alias, the gate's decision and the run id."""
-    result = register_run(tracking_uri, artifact_root, run, model_dir, adapter_dir, eval_dir, tags, cfg, method)
+    version, alias, the gate's decision and the run id. A full disk is one line naming the artifact root (not
+    retried: it stays full)."""
+    try:
+        result = register_run(tracking_uri, artifact_root, run, model_dir, adapter_dir, eval_dir, tags, cfg, method)
+    except OSError as e:
+        if (full := disk_full(e, artifact_root.resolve(), "register.artifact_root")) is None:
+            raise
+        raise full from None
     stage_logger().info("register: %s", result["decision"])
     return result
