@@ -19,9 +19,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect.artifacts import create_table_artifact
 
-from tasks.common import in_prefect_run, stage_logger, stage_task
+from tasks.artifacts import publish_table
+from tasks.common import stage_logger, stage_task
 from tasks.config import ChatConfig
 from tasks.encoding import ChatEncoder, encode_all
 from tasks.errors import ConfigError, DataValidationError
@@ -265,6 +265,8 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
 def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
                  out_quarantine: Path | None = None) -> Path:
     """Tokenize the clean conversations with loss masks into `out_dir` and return it."""
+    stage_logger().info("format: rendering %s with the chat template and tokenizing (max_length %d) -> %s",
+                        clean_db, cfg.max_length, out_dir)
     stats = format_rows(clean_db, model_dir, out_dir, cfg, out_quarantine)
     splits = {split: stats[split] for split in ("train", "heldout")}
     empty = [split for split, s in splits.items() if s["rows"] == 0]
@@ -272,11 +274,13 @@ def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
         longer = " or raise chat.max_length" if stats["accounting"]["dropped_by_rule"] else ""
         raise DataValidationError(f"{clean_db}: the {' and '.join(empty)} split is empty; add rows or change "
                                   f"clean.heldout_fraction{longer}")
-    if in_prefect_run():
-        rows = [{"split": split, **{k: v for k, v in st.items() if k != "rows_by_source"}}
-                for split, st in splits.items()]
-        create_table_artifact(key="token-length-stats", table=rows, description="Token lengths of the formatted "
-                              "splits, with the shares dropped (too_many_tokens) and truncated")
+    rows = [{"split": split, **{k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()
+                                if k != "rows_by_source"}} for split, st in splits.items()]
+    train = splits["train"]
+    publish_table("token-length-stats", rows, (
+        f"Tokens per row: train {train['rows']} rows, mean {train['tokens_mean']:.0f}, p95 {train['tokens_p95']:.0f}, "
+        f"max {train['tokens_max']} of chat.max_length {cfg.max_length}; {train['supervised_share']:.0%} of tokens "
+        f"supervised; truncated {train['truncation_rate']:.1%}, dropped as too long {train['drop_rate']:.1%}"))
     stage_logger().info("format: %s -> %s", json.dumps(stats), out_dir)
     return out_dir
 

@@ -10,6 +10,7 @@ is named in one line (tasks/source_check.py).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import duckdb
@@ -200,6 +201,13 @@ SELECT rule, count(*) AS rows, arg_min(source_file || ':' || line_number, row_id
 FROM verdict WHERE rule IS NOT NULL GROUP BY rule;
 """
 REPORT_ORDER = "ORDER BY rows DESC, rule"
+EXAMPLES_SQL = """
+SELECT rule, row_id, source_file, line_number, detail, system, messages, record FROM (
+    SELECT *, row_number() OVER (PARTITION BY rule ORDER BY row_id) AS nth FROM quarantine)
+WHERE nth <= $per_rule ORDER BY rule, row_id
+"""
+EXAMPLES_PER_RULE = 3
+TURN_CHARS = 100  # each turn of an example is cut to this many characters, so the answer still shows
 
 
 def decide_late(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
@@ -223,12 +231,21 @@ def write_clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
         con.execute("SET preserve_insertion_order = false")
         for macro in MACROS_SQL:
             con.execute(macro)
+        log, started = stage_logger(), time.monotonic()
+        log.info("clean: normalising the rows of %s (NFC, control characters%s, whitespace)", raw_db,
+                 ", PII" if cfg.redact_pii else "")
         con.execute(NORMALISE_SQL, {"strip": cfg.strip_control_chars, "redact": cfg.redact_pii})
         con.execute(RULES_SQL, {"max_chars": cfg.max_chars, "dedupe": cfg.dedupe_exact})
+        log.info("clean: rules applied in %.1f s; near-duplicate search (MinHash, threshold %s)",
+                 time.monotonic() - started, cfg.near_dup_threshold)
         decide_late(con, cfg)
         con.execute(SPLIT_SQL, {"heldout": cfg.heldout_fraction})
         con.execute(QUARANTINE_SQL)
         counts = row_counts(con, cfg)
+        for rule, rows in counts["dropped_by_rule"].items():
+            log.info("clean: rule %s quarantined %d rows", rule, rows)
+        log.info("clean: %d of %d rows kept after %.1f s", counts["rows_clean"], counts["rows_raw"],
+                 time.monotonic() - started)
         con.execute("CREATE TABLE meta AS SELECT $a::JSON AS accounting", {"a": json.dumps(counts)})
         con.execute("DETACH src")
     tmp.replace(out_db)
@@ -268,15 +285,40 @@ def read_accounting(clean_db: Path) -> dict:
         return json.loads(con.execute("SELECT accounting FROM meta").fetchall()[0][0])
 
 
+def example_preview(system: str | None, messages: list[dict] | None, record: str | None) -> str:
+    """Return a quarantined row as one line: each turn `role: content` cut to TURN_CHARS, else the raw record."""
+    from tasks.artifacts import shorten, truncate
+
+    turns = ([{"role": "system", "content": system}] if system else []) + list(messages or [])
+    text = lambda c: "(missing)" if c is None else shorten(c, TURN_CHARS) if c.strip() else "(empty)"
+    shown = [f"{t['role']}: {text(t.get('content'))}" for t in turns]
+    has_text = any(t.get("content") for t in turns)
+    return " ⏎ ".join(shown) if has_text or not record else f"record: {truncate(record, 2 * TURN_CHARS)}"
+
+
+def quarantine_examples(con: duckdb.DuckDBPyConnection, per_rule: int = EXAMPLES_PER_RULE) -> dict[str, list[dict]]:
+    """Return the first `per_rule` quarantined rows of each rule: where (file:line), why, and a short preview."""
+    examples: dict[str, list[dict]] = {}
+    for rule, row_id, file, line, detail, system, messages, record in con.execute(
+            EXAMPLES_SQL, {"per_rule": per_rule}).fetchall():
+        examples.setdefault(rule, []).append({
+            "row_id": row_id, "where": f"{Path(file).name}:{line}" if file else f"row {row_id}",
+            "detail": detail, "preview": example_preview(system, messages, record)})
+    return examples
+
+
 def export_report(clean_db: Path, out_report: Path, out_quarantine: Path) -> None:
-    """Write the cleaning report (accounting, rule -> rows with an example) as JSON and the quarantine as Parquet."""
+    """Write the cleaning report (accounting, rule -> rows with an example, a few examples per rule) as JSON and
+    the quarantine as Parquet."""
     with duckdb.connect(str(clean_db), read_only=True) as con:
         cur = con.execute(f"SELECT * FROM report {REPORT_ORDER}")
         names = [d[0] for d in cur.description]
         rules = [dict(zip(names, r)) for r in cur.fetchall()]
+        examples = quarantine_examples(con)
         con.execute("COPY (SELECT * FROM quarantine ORDER BY row_id) TO $p (FORMAT parquet)",
                     {"p": str(out_quarantine)})
-    out_report.write_text(json.dumps({**read_accounting(clean_db), "rules": rules}, indent=1), encoding="utf-8")
+    report = {**read_accounting(clean_db), "rules": rules, "examples": examples, "quarantine_file": str(out_quarantine)}
+    out_report.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
 @stage_task("clean")

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import yaml
-from prefect.artifacts import create_markdown_artifact
 
+from tasks.artifacts import markdown_table, publish_markdown
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import RunPaths
 
@@ -131,21 +131,45 @@ def model_card(run: RunPaths, report: dict, decision: str, about: dict) -> str:
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
 
+def cleaning_markdown(report: dict) -> str:
+    """Return the cleaning report as markdown: the accounting, each source warning, the rows dropped per rule, then
+    a few quarantined rows of each rule (where, why, the row cut short)."""
+    head = (f"# Cleaning: {report['rows_raw']} raw rows -> {report['rows_clean']} clean + "
+            f"{report['rows_quarantined']} quarantined")
+    lines = [head, ""]
+    lines += [f"**Warning:** {w['message']}\n" for w in report.get("source_warnings", [])]
+    lines += markdown_table(["rule", "rows", "example", "detail"], [
+        [r["rule"], r["rows"], Path(str(r["example"])).name, r["example_detail"]] for r in report["rules"]]
+        or [["-", 0, "", ""]])
+    edits = ", ".join(f"{k} {v}" for k, v in report.get("edited_by_rule", {}).items())
+    split = ", ".join(f"{k} {v}" for k, v in report.get("split", {}).items())
+    lines += ["", f"Kept but edited: {edits or 'none'}. Split of the clean rows: {split or '-'}."]
+    for rule, examples in report.get("examples", {}).items():
+        total = report.get("dropped_by_rule", {}).get(rule, len(examples))
+        lines += ["", f"## {rule}: {total} row{'s' if total != 1 else ''} (first {len(examples)})", "",
+                  *markdown_table(["where", "why", "row"], [[e["where"], e["detail"], e["preview"]]
+                                                             for e in examples], limit=400)]
+    if report.get("quarantine_file"):
+        lines += ["", (f"Every quarantined row, with its rule and raw record: `{report['quarantine_file']}` "
+                       "(and table `quarantine` of the clean DuckDB file).")]
+    return "\n".join(lines) + "\n"
+
+
 def publish_cleaning_report(clean_report: Path) -> None:
-    """Show the cleaning report as a Prefect artifact: each source warning first, then the rows dropped per rule."""
+    """Show the cleaning report as the Prefect markdown artifact `cleaning-report`."""
     report = json.loads(clean_report.read_text(encoding="utf-8"))
-    lines = [f"**Warning:** {w['message']}\n" for w in report.get("source_warnings", [])]
-    lines += ["| rule | rows | example | detail |", "|---|---|---|---|"]
-    lines += [f"| {r['rule']} | {r['rows']} | {r['example']} | {str(r['example_detail']).replace('|', '/')} |"
-              for r in report["rules"]] or ["| - | 0 | | |"]
-    create_markdown_artifact(key="cleaning-report", markdown="\n".join(lines),
-                             description="Rows dropped by each cleaning rule (kept in the quarantine table)")
+    rules = ", ".join(f"{r['rule']} {r['rows']}" for r in report["rules"]) or "no rule dropped a row"
+    publish_markdown("cleaning-report", cleaning_markdown(report),
+                     f"Cleaning: {report['rows_raw']} raw rows -> {report['rows_clean']} clean + "
+                     f"{report['rows_quarantined']} quarantined ({rules}); examples of each rule inside")
 
 
 def publish_artifacts(summary: dict) -> None:
-    """Create the Prefect artifact of the run summary (evaluate publishes the sample generations)."""
-    create_markdown_artifact(key="run-summary", markdown="\n".join(
-        ["| field | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.items()]))
+    """Create the Prefect artifact of the run summary: the run's last lines, then every field of summary.json."""
+    headline = human_summary(summary).splitlines()
+    publish_markdown("run-summary", "\n".join([f"# {headline[0]}", "", f"**{headline[-1]}**", "",
+                                               *markdown_table(["field", "value"], list(summary.items()), 200)]),
+                     headline[0])
 
 
 @stage_task("save-config", cache=False)

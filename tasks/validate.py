@@ -12,9 +12,9 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
-from prefect.artifacts import create_link_artifact, create_table_artifact
 
-from tasks.common import in_prefect_run, stage_logger, stage_task
+from tasks.artifacts import markdown_table, publish_markdown
+from tasks.common import stage_logger, stage_task
 from tasks.config import RunPaths, ValidateConfig
 from tasks.errors import DataValidationError
 from tasks.gx_messages import explain_failure
@@ -116,25 +116,43 @@ def validate_table(stage: str, data: Path, suite_file: Path, cfg: ValidateConfig
     return run_suite(load_profile(stage, data), load_suite(suite_file, config_expectations(stage, cfg)), docs_root)
 
 
-def publish_results(stage: str, results: list[dict], docs_url: str | None) -> None:
-    """Show the suite's results as a Prefect table artifact, linked to the run's Data Docs."""
-    create_table_artifact(key=f"gx-{stage}-rows", description=f"Great Expectations results on {stage} rows", table=[
-        {"expectation": r["expectation"], "column": r["kwargs"].get("column", ""), "success": r["success"],
-         "unexpected": r["unexpected_count"], "observed": str(r["observed_value"])} for r in results])
+def results_markdown(stage: str, results: list[dict], docs_url: str | None, failures: str = "") -> str:
+    """Return a suite's results as markdown: passed count, one row per expectation, the failures explained, and a
+    link to the run's Data Docs."""
+    passed = sum(r["success"] for r in results)
+    lines = [f"# Great Expectations on {stage} rows: {passed} of {len(results)} expectations passed", ""]
+    if failures:
+        lines += [f"**Failed, so the run stopped before training:** {failures}", ""]
+    lines += markdown_table(["expectation", "column", "bounds", "result", "unexpected", "observed"], [
+        [r["expectation"].removeprefix("expect_"), r["kwargs"].get("column", ""),
+         {k: v for k, v in r["kwargs"].items() if k != "column"} or "", "passed" if r["success"] else "**FAILED**",
+         "" if r["unexpected_count"] is None else r["unexpected_count"],
+         "" if r["observed_value"] is None else r["observed_value"]] for r in results], limit=80)
     if docs_url:
-        create_link_artifact(key="gx-data-docs", link=docs_url, description="Great Expectations Data Docs of this run")
+        lines += ["", f"[Data Docs of this run]({docs_url}) (every suite, with the failing values): `{docs_url}`"]
+    return "\n".join(lines) + "\n"
+
+
+def publish_results(stage: str, results: list[dict], docs_url: str | None, failures: str = "") -> None:
+    """Show the suite's results as the Prefect markdown artifact `gx-<stage>-rows`, linked to the run's Data Docs."""
+    passed = sum(r["success"] for r in results)
+    verdict = "passed" if not failures else f"FAILED ({len(results) - passed} failed)"
+    publish_markdown(f"gx-{stage}-rows", results_markdown(stage, results, docs_url, failures),
+                     f"Great Expectations on {stage} rows: {passed} of {len(results)} expectations {verdict}; "
+                     "Data Docs linked inside")
 
 
 @stage_task("validate")
 def validate(stage: str, data: Path, suite_file: Path, out_report: Path, out_docs: Path, cfg: ValidateConfig) -> Path:
     """Run the `stage` suite (raw, clean or tokenized) on `data`; write the results; raise on a failed suite."""
+    stage_logger().info("validate %s: running suite %s on %s", stage, suite_file, data)
     results, docs_url = validate_table(stage, data, suite_file, cfg, out_docs)
     out_report.parent.mkdir(parents=True, exist_ok=True)
     out_report.write_text(json.dumps({"data_docs": docs_url, "results": results}, indent=1, default=str),
                           encoding="utf-8")
-    if in_prefect_run():
-        publish_results(stage, results, docs_url)
-    if failures := summarise_failures(results, stage, data):
+    failures = summarise_failures(results, stage, data)
+    publish_results(stage, results, docs_url, failures)
+    if failures:
         raise DataValidationError(f"{data}: suite {suite_file} failed: {failures} (details: {out_report})")
     stage_logger().info("validate %s: %d expectations passed on %s; Data Docs %s", stage, len(results), data,
                           docs_url)
