@@ -78,20 +78,22 @@ def launch_command(config_file: Path, spec_file: Path) -> list[str]:
             "-m", "tasks.distributed", str(spec_file)]
 
 
-def launch_env(num_processes: int, cuda: bool) -> dict[str, str]:
-    """Return the launcher's environment: this one, unbuffered output, the cores shared out, CPU forced if no GPU."""
+def launch_env(num_processes: int, cuda: bool, cores: int | None = None) -> dict[str, str]:
+    """Return the launcher's environment: this one, unbuffered output, the cores (`cores`, else all of this
+    process's) shared out among the processes, CPU forced if no GPU."""
     root = str(Path(__file__).resolve().parents[1])  # the workers import this package wherever the task runs
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS=str(threads_per_process(num_processes)))
+               OMP_NUM_THREADS=str(threads_per_process(num_processes, cores)))
     if not cuda:
         env["ACCELERATE_USE_CPU"] = "true"
     return env
 
 
 def prepare_launch(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
-                   cuda: bool) -> tuple[list[str], dict[str, str]]:
-    """Write the job spec and the accelerate config into out_dir; return the launch command and its environment."""
+                   cuda: bool, cores: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """Write the job spec and the accelerate config into out_dir; return the launch command and its environment
+    (the workers share `cores`, else all of this process's)."""
     import yaml
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ def prepare_launch(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Trai
     spec_file, config_file = out_dir / "distributed_job.json", out_dir / "accelerate_config.yaml"
     spec_file.write_text(json.dumps(spec, indent=1), encoding="utf-8")
     config_file.write_text(yaml.safe_dump(accelerate_config(cfg, free_port(), cuda)), encoding="utf-8")
-    return launch_command(config_file, spec_file), launch_env(cfg.num_processes, cuda)
+    return launch_command(config_file, spec_file), launch_env(cfg.num_processes, cuda, cores)
 
 
 def stream_launch(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
@@ -136,8 +138,10 @@ def failure(out_dir: Path, code: int, tail: list[str]) -> Exception:
     return RuntimeError(f"train: distributed job failed (accelerate launch exited {code}); {reason}")
 
 
-def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig) -> Path:
-    """Train in cfg.num_processes processes via `accelerate launch`; return what rank 0 saved (adapter or model)."""
+def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
+                      cores: int | None = None) -> Path:
+    """Train in cfg.num_processes processes via `accelerate launch`, sharing `cores` (else all of this process's);
+    return what rank 0 saved (adapter or model)."""
     from tasks.modeling import has_cuda
 
     cuda = has_cuda()
@@ -146,7 +150,7 @@ def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: T
     resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg))
     for stale in (out_dir / "ranks").glob("rank*.json"):
         stale.unlink()
-    cmd, env = prepare_launch(formatted_dir, model_dir, out_dir, cfg, cuda)
+    cmd, env = prepare_launch(formatted_dir, model_dir, out_dir, cfg, cuda, cores)
     stage_logger().info("train: accelerate launch, %d processes (%s, %s), %s threads each, config %s",
                         cfg.num_processes, cfg.distributed, "nccl" if cuda else "gloo", env["OMP_NUM_THREADS"],
                         out_dir / "accelerate_config.yaml")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tasks.chat_format import load_tokenizer
 from tasks.checkpoints import resume_training, training_key
-from tasks.common import stage_logger, stage_task
+from tasks.common import STAGE_CACHE, stage_logger, stage_task
+from tasks.concurrency import training_slot
 from tasks.config import TrainConfig
 from tasks.errors import ConfigError, TrainingDiverged
 from tasks.methods import save_trained
@@ -179,11 +180,15 @@ def training_callbacks(out_dir: Path) -> list:
     return [*measure, progress_callback(), stop]
 
 
-def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=()) -> Path:
-    """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter."""
+def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig, callbacks=(),
+                cores: int | None = None) -> Path:
+    """Train the adapter, save it with the tokenizer to out_dir/adapter and the loss history; return the adapter.
+
+    `cores`: the cores this training may use (its training slot's share), split among train.num_processes
+    processes; None = all of this process's."""
     if cfg.num_processes > 1:  # one process per rank via accelerate launch, each building the same trainer
         from tasks.distributed import train_distributed
-        return train_distributed(formatted_dir, model_dir, out_dir, cfg)
+        return train_distributed(formatted_dir, model_dir, out_dir, cfg, cores)
     precision = model_precision(cfg.compute_dtype)
     rows = f"packed rows of {cfg.pack_length} tokens" if cfg.packing else "sequences"
     steps = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.num_epochs:g} epochs"
@@ -197,18 +202,27 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
 
 @stage_task("train", retries=1)
 def train_adapter(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
-                  tracking: Tracking | None = None) -> Path:
+                  tracking: Tracking | None = None, slots: int = 0) -> Path:
     """Train on the formatted rows (live metrics to the run's MLflow run when `tracking` is given), diagnose the
-    curve, and return the adapter (or model) directory. A nan/inf stops at once with TrainingDiverged, never retried."""
-    run_id = open_training_run(tracking, out_dir, cfg) if tracking is not None else None
-    try:
-        adapter = train_model(formatted_dir, model_dir, out_dir, cfg)
-    except BaseException as err:
-        if isinstance(err, TrainingDiverged):  # its history was saved with the step: show what happened
-            report_training(out_dir, tracking, run_id, failed=True)
-        elif run_id is not None:
-            log_outcome(run_id, tracking.tracking_uri, {}, [], failed=True)
-        raise
+    curve, and return the adapter (or model) directory. A nan/inf stops at once with TrainingDiverged, never retried.
+
+    Training holds one of this machine's `slots` training slots (`orchestrate.train_slots`, 0 = one per 2 cores; a
+    Prefect global concurrency limit, tasks/concurrency.py), waiting for one while other runs hold them all, with
+    torch threads set to one slot's share of the cores."""
+    with training_slot(slots, out_dir) as threads:
+        run_id = open_training_run(tracking, out_dir, cfg) if tracking is not None else None
+        try:
+            adapter = train_model(formatted_dir, model_dir, out_dir, cfg, cores=threads)
+        except BaseException as err:
+            if isinstance(err, TrainingDiverged):  # its history was saved with the step: show what happened
+                report_training(out_dir, tracking, run_id, failed=True)
+            elif run_id is not None:
+                log_outcome(run_id, tracking.tracking_uri, {}, [], failed=True)
+            raise
     report_training(out_dir, tracking, run_id, failed=False)
     stage_logger().info("train: adapter saved to %s", adapter)
     return adapter
+
+
+# the slot count decides when and how fast training runs, never what it trains: a new count is no reason to retrain
+train_adapter = train_adapter.with_options(cache_policy=STAGE_CACHE - "slots")

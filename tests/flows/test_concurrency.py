@@ -1,0 +1,122 @@
+"""Two pipeline runs at once on one machine: `sftflow run` twice, started together, against the test harness's
+Prefect API, each with its own run directory, sharing one runs_dir (MLflow sqlite store, registry, champions cache)
+and one base model. With one training slot they take turns at training, and the shared stores stay whole."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+from tasks.concurrency import train_limit_name
+from tests.conftest import ROOT
+
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def sftflow_run(run_id: str, seed: int, runs, model_dir, log):
+    """Start `sftflow run configs/tiny.yaml` as its own process on synthetic data of `seed`; return the process."""
+    overrides = [f"runs_dir={runs}", f"train.base_model={model_dir}", "register.min_stop_rate=0",
+                 "train.max_steps=4", "train.save_steps=2", "evaluate.max_samples=4", "orchestrate.train_slots=1",
+                 f"data.sources=[{{synthetic: {{rows: 120, seed: {seed}}}}}]"]  # other data: the data gate lets it in
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(TINY), "--run-id", run_id]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until_both_wait(logs, procs, timeout_s: float = 300) -> None:
+    """Return once both runs' output says they wait for a training slot (or one has ended, or time is up)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and all(p.poll() is None for p in procs.values()):
+        if all("waiting for a training slot" in path.read_text(errors="replace") for path in logs.values()):
+            return
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_model_dir, tmp_path_factory):
+    """Run a and b at the same time; return the runs_dir, each run's summary, slot record and output, and when the
+    test let go of the slot it held until both runs waited for it (so both really compete for one slot)."""
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.concurrency import ensure_limit
+
+    runs = tmp_path_factory.mktemp("shared-runs")
+    started = time.time()
+    logs = {r: runs.parent / f"{runs.name}-{r}.log" for r in "ab"}
+    files = {r: path.open("w") for r, path in logs.items()}
+    ensure_limit(train_limit_name(), 1)
+    with concurrency(train_limit_name(), occupy=1, strict=True):  # a third training, as far as the runs can tell
+        procs = {r: sftflow_run(r, seed, runs, tiny_model_dir, files[r]) for r, seed in (("a", 1), ("b", 2))}
+        wait_until_both_wait(logs, procs)
+        released = time.time()
+    codes = {r: p.wait(timeout=600) for r, p in procs.items()}
+    for f in files.values():
+        f.close()
+    output = {r: path.read_text(errors="replace") for r, path in logs.items()}
+    assert codes == {"a": 0, "b": 0}, "\n\n".join(f"--- run {r} ---\n{output[r][-4000:]}" for r in "ab")
+    summaries = {r: json.loads((runs / r / "summary.json").read_text()) for r in "ab"}
+    slots = {r: json.loads((runs / r / "train" / "train_slot.json").read_text()) for r in "ab"}
+    return {"runs": runs, "summaries": summaries, "slots": slots, "output": output, "released": released,
+            "wall": time.time() - started}
+
+
+def test_both_runs_register_their_own_version(two_runs):
+    summaries = two_runs["summaries"]
+    assert sorted(s["model_version"] for s in summaries.values()) == [1, 2]
+    assert {s["registered_model"] for s in summaries.values()} == {"sftflow-tiny"}
+    assert summaries["a"]["mlflow_run_id"] != summaries["b"]["mlflow_run_id"]
+
+
+def test_the_aliases_agree_one_champion_and_the_challenger_on_the_latest(two_runs):
+    from mlflow import MlflowClient
+
+    runs, summaries = two_runs["runs"], two_runs["summaries"]
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    model = client.get_registered_model("sftflow-tiny")
+    aliases = {alias: str(version) for alias, version in model.aliases.items()}
+    assert set(aliases) == {"champion", "challenger"}
+    assert aliases["challenger"] == "2"  # every new version is the challenger: the last one holds it
+    champion = aliases["champion"]
+    # the champion is the version whose own run said it took @champion (the later run, on the current champion)
+    said = {str(s["model_version"]) for s in summaries.values() if s["alias"] == "champion"}
+    assert champion in said and (said == {champion} or said == {"1", "2"} and champion == "2")
+    for version in ("1", "2"):
+        tags = client.get_model_version("sftflow-tiny", version).tags
+        assert tags["gate.applied"] == "true" and tags["sftflow_run_id"] in ("a", "b")
+
+
+def test_the_shared_mlflow_store_is_intact(two_runs):
+    runs, summaries = two_runs["runs"], two_runs["summaries"]
+    with sqlite3.connect(runs / "mlflow.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        names = sorted(r[0] for r in db.execute("SELECT DISTINCT value FROM tags WHERE key = 'sftflow_run_id'"))
+        finished = db.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
+    assert names == ["a", "b"] and finished >= 2
+    for s in summaries.values():  # each version's files are where its run logged them
+        assert (runs / "mlartifacts").is_dir()
+        assert s["mlflow_run_id"]
+
+
+def test_one_training_slot_makes_the_two_trainings_take_turns(two_runs):
+    slots, output = two_runs["slots"], two_runs["output"]
+    first, second = sorted(slots.values(), key=lambda s: s["started_at"])
+    assert first["limit"] == second["limit"] == train_limit_name() and first["slots"] == 1
+    assert first["threads"] == first["cores"]  # one slot: the training that holds it gets every core
+    assert first["started_at"] >= two_runs["released"]  # neither trained while the test held the only slot
+    assert second["started_at"] >= first["ended_at"], (first, second)  # and they did not overlap
+    assert first["waited_s"] > 0 and second["waited_s"] > first["waited_s"]
+    for r in "ab":  # each said it waits, on what, and who else trains; then that it got the slot
+        assert f"waiting for a training slot: global concurrency limit '{train_limit_name()}' has 1 of 1 slots " \
+               "taken; other train tasks running: " in output[r]
+        assert "got a training slot" in output[r]
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(train_limit_name())
+    assert (limit.limit, limit.active_slots) == (1, 0)  # both slots went back
