@@ -69,5 +69,15 @@ deploy: $(STAMP)
 worker: $(STAMP)
 	$(SFTFLOW_ENV) PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect worker start --pool cpu
 
+# The whole Prefect stack in the background (deployments/stack.py): `prefect server start` on 127.0.0.1:4200, the
+# `cpu` process pool, deployments/prefect.yaml deployed, a worker; PID files and logs in .sftflow/stack/. Idempotent.
+# ARGS="--port 4300" moves the server. prefect-down stops the worker and the server with their process trees.
+.PHONY: prefect-up prefect-down
+prefect-up: $(STAMP)
+	$(BIN)/python deployments/stack.py up $(ARGS)
+
+prefect-down:
+	$(BIN)/python deployments/stack.py down
+
 clean-runs:
 	rm -rf runs .sftflow
