@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run = sub.add_parser("run", help="run the whole pipeline")
     run.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG)
     run.add_argument("--run-id", help="name the run (re-using an id resumes it: finished steps are cache hits)")
+    run.add_argument("--force", action="store_true", help="train even when the data gate finds the sources and the "
+                                                          "config unchanged since the last registered version")
+    run.add_argument("--refresh", action="store_true", help="rerun every step, ignoring cached results")
+    run.add_argument("--refresh-from", choices=STEPS, metavar="STEP",
+                     help="rerun STEP and every step after it, ignoring their cached results (steps: "
+                          f"{', '.join(STEPS)})")
     task = sub.add_parser("task", help="re-run one step on an earlier run's outputs")
     task.add_argument("step", choices=STEPS)
     task.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
@@ -120,9 +126,13 @@ def run_pipeline(args: argparse.Namespace) -> None:
     from tasks.report import human_summary
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before any server or model starts
-    summary = sft_pipeline(args.config, args.overrides, args.run_id)
+    summary = sft_pipeline(args.config, args.overrides, args.run_id, force=args.force, refresh=args.refresh,
+                           refresh_from=args.refresh_from)
     print(f"summary: {cfg.runs_dir / summary['run_id'] / 'summary.json'}")
-    print(human_summary(summary))  # its last line: what the promotion gate decided and why
+    if summary.get("skipped"):  # the data gate ended the run: nothing new to train on
+        print(f"{summary['skipped']}: {summary['reason']}")
+    else:
+        print(human_summary(summary))  # its last line: what the promotion gate decided and why
 
 
 def prefect_api_problem(e: BaseException) -> str | None:

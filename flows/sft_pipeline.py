@@ -1,4 +1,11 @@
-"""The SFT pipeline flow: ingest → clean → validate → format → train → evaluate → register."""
+"""The SFT pipeline flow: ingest → clean → validate → format → train → evaluate → register.
+
+Each step is a Prefect task with the run's options (tasks/common.py `configured`): the retries the config gives
+it (orchestrate.retries), a run name that says what ran (`train[qlora r=16, 40 steps]`), and a refreshed cache
+when asked (`refresh`, or `refresh_from` a step on). Cached results are keyed on each task's arguments, input
+files and code version, so a rerun of the same run id only redoes what changed. The data gate (tasks/data_gate.py)
+ends a run that has nothing new to learn from before any step runs.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +15,14 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from tasks.chat_format import format_chats
 from tasks.clean import clean
-from tasks.config import RunPaths, dump_config, load_config
+from tasks.common import configured
+from tasks.config import STEP_NAMES, PipelineConfig, RunPaths, dump_config, load_config
+from tasks.data_gate import NO_NEW_DATA, config_digest, data_gate, skipped_summary
+from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_sources, ingest
 from tasks.modeling import prepare_base_model
@@ -21,7 +32,7 @@ from tasks.registry import champion_to_compare
 from tasks.report import save_config, write_summary
 from tasks.settings import apply_defaults
 from tasks.train import train_adapter
-from tasks.validate import validate_stage
+from tasks.validate import validate, validation_args
 
 
 def new_run_id() -> str:
@@ -29,30 +40,72 @@ def new_run_id() -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
 
 
+def run_names(cfg: PipelineConfig) -> dict[str, str]:
+    """Return each step's task run name: the step (as `sftflow task` spells it) and what it runs with."""
+    t, c = cfg.train, cfg.chat
+    method = f"{t.method} r={t.lora_r}" if t.uses_lora else t.method
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.num_epochs:g} epochs"
+    template = c.chat_template.name if c.chat_template else c.template
+    sources = len(cfg.data.sources)
+    return {
+        "prepare-base-model": f"prepare-base-model[{Path(t.base_model).name}]",
+        "ingest": f"ingest[{sources} source{'s' * (sources != 1)}]", "validate-raw": "validate-raw[raw rows]",
+        "clean": f"clean[max {cfg.clean.max_chars} chars, {cfg.clean.heldout_fraction:.0%} held out]",
+        "validate": "validate[clean rows]", "format": f"format[{template} template, {c.mask} mask, {c.max_length} max]",
+        "validate-tokens": "validate-tokens[tokenized rows]", "train": f"train[{method}, {length}]",
+        "evaluate": f"evaluate[{cfg.evaluate.max_samples} prompts]",
+        "register": f"register[{cfg.registry.model_name}, gate {cfg.registry.gate_metric}]",
+    }
+
+
+def step_tasks(cfg: PipelineConfig, refresh: bool, refresh_from: str | None) -> dict:
+    """Return each step's task with this run's retries, name and refresh (`refresh`: all; `refresh_from`: that step
+    and every later one)."""
+    if refresh_from is not None and refresh_from not in STEP_NAMES:
+        raise ConfigError(f"refresh_from={refresh_from!r} is not a step; use one of {', '.join(STEP_NAMES)}")
+    first = STEP_NAMES.index(refresh_from) if refresh_from else len(STEP_NAMES)
+    tasks = {"prepare-base-model": prepare_base_model, "ingest": ingest, "validate-raw": validate, "clean": clean,
+             "validate": validate, "format": format_chats, "validate-tokens": validate, "train": train_adapter,
+             "evaluate": evaluate_adapter, "register": register_model}
+    names = run_names(cfg)
+    return {step: configured(task, cfg.orchestrate.retry(step), names[step],
+                             refresh or STEP_NAMES.index(step) >= first) for step, task in tasks.items()}
+
+
 @flow(name="sft-pipeline")
 def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: list[str] | None = None,
-                 run_id: str | None = None) -> dict:
-    """Ingest, clean, format (each validated), train, evaluate and register; bad data stops before training."""
+                 run_id: str | None = None, force: bool = False, refresh: bool = False,
+                 refresh_from: str | None = None):
+    """Ingest, clean, format (each validated), train, evaluate and register; bad data stops before training.
+
+    Unless `force`, a run whose sources and config are unchanged since the last registered version ends at once in
+    a Completed state named "no new data". `refresh` reruns every step; `refresh_from` a step and the ones after.
+    """
     started = time.time()
     apply_defaults()  # a deployment's worker may not have sftflow's environment; the user's values still win
     cfg = load_config(config_path, overrides or [])
+    step = step_tasks(cfg, refresh, refresh_from)
     run = RunPaths(cfg.runs_dir, run_id or new_run_id())
     config_file = save_config(dump_config(cfg), run.config)
-    base = prepare_base_model(cfg.train.base_model)  # first: a model that cannot be had costs seconds, not a data pass
-    # each validate_stage() raises DataValidationError: bad data never reaches training
+    (run.root / "flow_run_id").write_text(str(flow_run.id or ""), encoding="utf-8")  # the failure hook finds it
     data_fingerprint = fingerprint_sources(cfg.data)
-    raw_db = ingest(cfg.data, data_fingerprint, run.sources, run.ingest_db)
-    validate_stage("raw", raw_db, run, cfg.validation)
-    clean_db = clean(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean, cfg.data.on_bad_rows)
-    validate_stage("clean", clean_db, run, cfg.validation)
-    chats = format_chats(clean_db, base, run.formatted, cfg.chat, run.quarantine)
-    validate_stage("tokenized", chats, run, cfg.validation)
-    adapter = train_adapter(chats, base, run.train, cfg.train, run_tracking(cfg, run.run_id))
+    gate = data_gate.with_options(task_run_name=f"data-gate[{data_fingerprint[:12]}]")
+    if cfg.orchestrate.data_gate and not force and (reason := gate(cfg, data_fingerprint)):
+        return Completed(name=NO_NEW_DATA, message=reason, data=skipped_summary(run, reason, flow_run.id))
+    base = step["prepare-base-model"](cfg.train.base_model)  # first: a model that cannot be had costs seconds
+    # each validate step raises DataValidationError: bad data never reaches training
+    raw_db = step["ingest"](cfg.data, data_fingerprint, run.sources, run.ingest_db)
+    step["validate-raw"](*validation_args("raw", raw_db, run, cfg.validation))
+    clean_db = step["clean"](raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean, cfg.data.on_bad_rows)
+    step["validate"](*validation_args("clean", clean_db, run, cfg.validation))
+    chats = step["format"](clean_db, base, run.formatted, cfg.chat, run.quarantine)
+    step["validate-tokens"](*validation_args("tokenized", chats, run, cfg.validation))
+    adapter = step["train"](chats, base, run.train, cfg.train, run_tracking(cfg, run.run_id))
     champion = (champion_to_compare(cfg.tracking_uri(), cfg.registry.model_name, cfg.runs_dir / "champions", adapter)
                 if cfg.evaluate.compare_champion else None)  # scored on the same held-out prompts as the new model
-    evaluation = evaluate_adapter(chats, base, adapter, run.eval, cfg.evaluate, cfg.train, champion)
+    evaluation = step["evaluate"](chats, base, adapter, run.eval, cfg.evaluate, cfg.train, champion)
     # the promotion gate: @challenger always, @champion only on a win; a model that never stops is refused
-    registered = register_model(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
-                                pipeline_tags(data_fingerprint, flow_run.id, config_file), cfg.registry,
-                                cfg.train.method)
+    registered = step["register"](cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
+                                  pipeline_tags(data_fingerprint, flow_run.id, config_file, config_digest(cfg)),
+                                  cfg.registry, cfg.train.method)
     return write_summary(run.run_id, run.clean_report, evaluation, registered, flow_run.id, started, run.summary)

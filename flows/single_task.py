@@ -7,7 +7,9 @@ from typing import Any
 
 from tasks.chat_format import format_chats, inspect_rows
 from tasks.clean import clean
+from tasks.common import configured
 from tasks.config import RunPaths, load_config
+from tasks.data_gate import config_digest
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_adapter
 from tasks.ingest import fingerprint_data, ingest
@@ -38,20 +40,24 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
                                                 cfg.evaluate, cfg.train, champion())),
         "register": lambda: (register_model, (cfg.tracking_uri(), cfg.artifact_root(), run, base(),
                                               trained_model_dir(run.train), run.eval,
-                                              pipeline_tags(fingerprint_data(cfg.data), None, run.config),
+                                              pipeline_tags(fingerprint_data(cfg.data), None, run.config,
+                                                            config_digest(cfg)),
                                               cfg.registry, cfg.train.method)),
     }
     return calls[step]()
 
 
 def run_step(step: str, runs_dir: Path, run_id: str, overrides: list[str]) -> Any:
-    """Re-run `step` of run `run_id` as a Prefect task (cache refreshed) and return its result."""
+    """Re-run `step` of run `run_id` as a Prefect task (cache refreshed; the retries and run name the flow gives
+    it) and return its result."""
     run = RunPaths(runs_dir, run_id)
     if not run.config.is_file():
         raise ConfigError(f"{run.config}: no such run (expected the config saved by `sftflow run`)")
     cfg = load_config(run.config, overrides)
     task, args = step_call(step, cfg, run)
-    return task.with_options(refresh_cache=True)(*args)
+    from flows.sft_pipeline import run_names
+
+    return configured(task, cfg.orchestrate.retry(step), run_names(cfg)[step], refresh=True)(*args)
 
 
 def inspect_format(runs_dir: Path, run_id: str, n: int, overrides: list[str], colour: bool = False) -> str:

@@ -1,4 +1,5 @@
-"""What every stage task shares: the cache policy, the retry rule, and the `stage_task` decorator."""
+"""What every stage task shares: the cache policy, the retry rule, the `stage_task` decorator, and the per-run
+options the flow gives each task (retries from the config, a run name that says what ran, a forced refresh)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.tasks import exponential_backoff
 
+from tasks.config import RetryConfig
 from tasks.errors import SftflowError
 
 # The DuckDB files the stages write keep their text zstd-compressed: smaller than with DuckDB's default choice
@@ -49,7 +53,27 @@ class InputFiles(CachePolicy):
         return hashlib.sha256("|".join(state).encode()).hexdigest()
 
 
-STAGE_CACHE = INPUTS + TASK_SOURCE + InputFiles()
+@cache
+def code_version() -> str:
+    """Return a hash of sftflow's task package (every module and template under tasks/): its code version."""
+    root = Path(__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".jinja") and "__pycache__" not in p.parts):
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class CodeVersion(CachePolicy):
+    """Key on the code version of the whole task package: TASK_SOURCE sees the task function alone, not the helpers
+    it calls, so a fix in one of them would otherwise keep serving results the old code made."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kw: Any) -> str:
+        return code_version()
+
+
+# a task's cache key: its arguments (config sections included), its source and the package's, its input files' state
+STAGE_CACHE = INPUTS + TASK_SOURCE + CodeVersion() + InputFiles()
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -83,7 +107,9 @@ def stage_logger(name: str = "sftflow") -> logging.Logger | logging.LoggerAdapte
 
 
 def stage_task(name: str, retries: int = 2, retry_delay_seconds: int | list[int] = 5, cache: bool = True):
-    """Return a Prefect task decorator with sftflow's defaults: retries, input-keyed cache, persisted results."""
+    """Return a Prefect task decorator with sftflow's defaults: retries, input-keyed cache, results persisted as
+    JSON (every stage returns plain values: paths, strings, dicts), not pickles. The flow replaces the retries with
+    the configured ones (`configured`)."""
     return task(
         name=name,
         retries=retries,
@@ -91,4 +117,16 @@ def stage_task(name: str, retries: int = 2, retry_delay_seconds: int | list[int]
         retry_condition_fn=retry_unless_user_error,
         cache_policy=STAGE_CACHE if cache else NO_CACHE,
         persist_result=cache,
+        result_serializer="json",
     )
+
+
+def configured(stage: Any, retry: RetryConfig, run_name: str, refresh: bool = False) -> Any:
+    """Return the task `stage` with this run's options: the configured retries (exponential backoff from
+    `retry.delay_s`, with jitter), the task run name the UI shows, and a refreshed cache when `refresh`."""
+    options: dict[str, Any] = {"task_run_name": run_name, "retries": retry.retries,
+                               "retry_delay_seconds": exponential_backoff(retry.delay_s)(retry.retries) or 0,
+                               "retry_jitter_factor": retry.jitter or None}
+    if refresh:
+        options["refresh_cache"] = True
+    return stage.with_options(**options)

@@ -51,11 +51,12 @@ def git_sha() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def pipeline_tags(dataset_fingerprint: str, flow_run_id, config_file: Path) -> dict[str, str]:
-    """Return the MLflow run tags the flow passes to register: data fingerprint, config, Prefect flow run and URL."""
+def pipeline_tags(dataset_fingerprint: str, flow_run_id, config_file: Path, config_digest: str = "") -> dict[str, str]:
+    """Return the MLflow run tags the flow passes to register: data fingerprint, config (file and digest: the data
+    gate compares both with the next run's), Prefect flow run and URL."""
     from prefect.utilities.urls import url_for
 
-    tags = {"dataset_fingerprint": dataset_fingerprint, "config": str(config_file)}
+    tags = {"dataset_fingerprint": dataset_fingerprint, "config": str(config_file), "config_digest": config_digest}
     if flow_run_id:
         url = url_for("flow-run", obj_id=str(flow_run_id), default_base_url=PREFECT_UI)
         tags |= {"prefect_flow_run_id": str(flow_run_id), "prefect_flow_run_url": url or ""}
@@ -166,7 +167,7 @@ def version_tags(report: dict, decision: GateDecision, digest: str, about: dict,
             "train_method": about["method"], "sftflow_run_id": about["run_id"],
             "heldout_fingerprint": str(report.get("heldout_fingerprint", "")),
             "heldout_rows": str(report.get("heldout_rows", "")), **tuned, **decision.tags(),
-            **{k: run_tags[k] for k in ("dataset_fingerprint", "git_sha") if k in run_tags}}
+            **{k: run_tags[k] for k in ("dataset_fingerprint", "config_digest", "git_sha") if run_tags.get(k)}}
 
 
 def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, report: dict, run_tags: dict,

@@ -63,8 +63,11 @@ def test_the_prefect_api_holds_the_flow_run_with_every_task_completed(finished_r
         flow_run = client.read_flow_run(summary["prefect_flow_run_id"])
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     assert flow_run.state.is_completed()
-    names = {t.name.rsplit("-", 1)[0] for t in task_runs}
-    assert {"ingest", "clean", "validate", "format", "train", "evaluate", "register", "summarize"} <= names
+    # the steps' run names say what ran (`train[qlora r=16, 6 steps]`); the helper tasks keep Prefect's names
+    names = {t.name.split("[")[0] if "[" in t.name else t.name.rsplit("-", 1)[0] for t in task_runs}
+    assert {"ingest", "validate-raw", "clean", "validate", "format", "validate-tokens", "train", "evaluate",
+            "register", "summarize", "data-gate"} <= names
+    assert "train[qlora r=16, 6 steps]" in {t.name for t in task_runs}
     assert all(t.state.is_completed() for t in task_runs)
 
 
@@ -108,7 +111,7 @@ def test_a_cached_rerun_of_the_same_run_id_registers_nothing_new(finished_run):
     adapter = runs / "run-1" / "train" / "adapter" / "adapter_model.safetensors"
     report = runs / "run-1" / "eval" / "report.json"
     before, report_before = adapter.stat().st_mtime_ns, report.stat().st_mtime_ns
-    summary = sft_pipeline(TINY, overrides, "run-1")
+    summary = sft_pipeline(TINY, overrides, "run-1", force=True)  # unforced, the data gate would end it first
     assert adapter.stat().st_mtime_ns == before  # train was a cache hit, not a retrain
     assert report.stat().st_mtime_ns == report_before  # so was evaluate: the champion is this very adapter
     assert (summary["model_version"], summary["alias"], summary["new_version"]) == (1, "champion", False)
