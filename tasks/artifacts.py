@@ -31,12 +31,13 @@ def shorten(text: str, limit: int = CELL_CHARS) -> str:
 
 def cell(value, limit: int = CELL_CHARS) -> str:
     """Return a value as one markdown table cell: floats to 4 significant digits, lists and dicts as JSON, line ends
-    shown as ⏎, `|` escaped, cut to `limit` characters."""
+    shown as ⏎, cut to `limit` characters; `|`, backticks and `<` escaped, so a model's answer (code fences, special
+    tokens such as <|im_end|>) shows as written."""
     if isinstance(value, float):
         return f"{value:.4g}"
     text = json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else str(value)
     text = truncate(text.replace("\r\n", "\n").replace("\n", " ⏎ "), limit)
-    return text.replace("|", "\\|")
+    return text.replace("|", "\\|").replace("`", "\\`").replace("<", "&lt;")
 
 
 def markdown_table(header: list[str], rows: list[list], limit: int = CELL_CHARS) -> list[str]:

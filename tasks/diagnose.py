@@ -168,8 +168,9 @@ def plot_curve(history: list[dict], diagnoses: list[dict], path: Path) -> Path:
     return path
 
 
-def diagnosis_markdown(run_name: str, diagnoses: list[dict], image: Path) -> str:
-    """Return the diagnoses as markdown with the loss curve embedded as a data URI (no file server needed)."""
+def diagnosis_markdown(run_name: str, diagnoses: list[dict], image: Path, image_url: str | None = None) -> str:
+    """Return the diagnoses as markdown with the loss curve embedded as a data URI (no file server needed), and the
+    link to the same PNG in the MLflow run when given."""
     lines = [f"# Training curve of run {run_name}", ""]
     if diagnoses:
         lines += ["| diagnosis | step | detail |", "|---|---|---|"]
@@ -179,6 +180,8 @@ def diagnosis_markdown(run_name: str, diagnoses: list[dict], image: Path) -> str
         lines.append("No diagnosis: no overfitting, underfitting, memorisation, spike or nan/inf in the curve.")
     data = base64.b64encode(image.read_bytes()).decode("ascii")
     lines += ["", f"![loss curve](data:image/png;base64,{data})"]
+    if image_url:
+        lines += ["", f"The same curve in the MLflow run: [train/loss_curve.png]({image_url})"]
     return "\n".join(lines)
 
 
@@ -198,15 +201,14 @@ def diagnosis_tags(diagnoses: list[dict]) -> dict[str, str]:
     return tags
 
 
-def publish_diagnoses(run_name: str, diagnoses: list[dict], image: Path) -> None:
-    """Show the diagnoses and the loss curve as a Prefect markdown artifact (inside a Prefect run only)."""
-    from tasks.common import in_prefect_run
+def publish_diagnoses(run_name: str, diagnoses: list[dict], image: Path, image_url: str | None = None) -> None:
+    """Show the diagnoses and the loss curve as the Prefect markdown artifact `train-diagnoses` (inside a Prefect run
+    only); its description names the diagnoses."""
+    from tasks.artifacts import publish_markdown
 
-    if in_prefect_run():
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(key="train-diagnoses", markdown=diagnosis_markdown(run_name, diagnoses, image),
-                                 description="Training curve diagnoses and the loss curve")
+    names = ", ".join(f"{d['name']} (step {d['step']})" if d["step"] is not None else d["name"] for d in diagnoses)
+    publish_markdown("train-diagnoses", diagnosis_markdown(run_name, diagnoses, image, image_url),
+                     f"Loss curve; diagnoses: {names or 'none'}")
 
 
 def diagnose_run(runs_dir: Path, run_id: str) -> str:

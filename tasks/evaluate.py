@@ -331,6 +331,9 @@ def evaluate_model(formatted_dir: Path, model_dir: str, trained_dir: Path, out_d
     return report
 
 
+SAMPLES_SHOWN = 5  # held-out samples shown in the `evaluation` artifact
+
+
 def comparison_markdown(report: dict) -> str:
     """Return the Prefect markdown artifact: base / tuned / champion per metric, with the held-out set and settings."""
     models = report["models"]
@@ -345,18 +348,38 @@ def comparison_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def samples_markdown(samples: list[dict], names: list[str], headline: str, shown: int = SAMPLES_SHOWN) -> list[str]:
+    """Return the first `shown` held-out samples as a markdown table: prompt, reference and each model's answer with
+    its headline score (cells cut short; the `eval-samples` table artifact holds them whole)."""
+    from tasks.artifacts import markdown_table
+
+    header = ["prompt", "reference", *[f"{n} ({headline})" for n in names]]
+    rows = [[s["prompt"], s["reference"], *[f"{s[f'{n}_score']:.2f}: {s[n]}" for n in names]] for s in samples[:shown]]
+    return [f"## Samples: {min(shown, len(samples))} of {len(samples)} (all in the `eval-samples` table)", "",
+            *markdown_table(header, rows, limit=160)]
+
+
+def comparison_headline(report: dict) -> str:
+    """Return one line: the headline metric and eval loss of base -> tuned (and the champion's)."""
+    models, metric = report["models"], report["metrics"][0]
+    label = lambda n: f"champion v{models[n].get('version')}" if n == "champion" else n
+    show = lambda key: " -> ".join(f"{label(n)} {m[key]:.3f}" for n, m in models.items() if m.get(key) is not None)
+    return f"{report['heldout_rows']} held-out prompts: {metric} {show(metric)}; eval_loss {show('eval_loss')}"
+
+
 def publish_artifacts(out_dir: Path, report: dict) -> None:
-    """Create the Prefect table artifact `eval-samples` and the markdown artifact `evaluation` for this run."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    """Create the Prefect table artifact `eval-samples` and the markdown artifact `evaluation` (the comparison and
+    the first samples) for this run."""
+    from tasks.artifacts import publish_markdown, publish_table
 
     samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     names = list(report["models"])
     table = [{"row_id": s["row_id"], "prompt": s["prompt"], "reference": s["reference"], **{n: s[n] for n in names},
               "scores": " | ".join(f"{n} {s[f'{n}_score']:.2f}" for n in names)} for s in samples]
-    create_table_artifact(table, key="eval-samples", description=f"Held-out generations, scored by "
-                                                                 f"{report['metrics'][0]}")
-    create_markdown_artifact(comparison_markdown(report), key="evaluation",
-                             description="Base, tuned and champion on the same held-out prompts")
+    publish_table("eval-samples", table, f"Held-out generations of {', '.join(names)}, scored by "
+                                         f"{report['metrics'][0]}")
+    markdown = comparison_markdown(report) + "\n" + "\n".join(samples_markdown(samples, names, report["metrics"][0]))
+    publish_markdown("evaluation", markdown + "\n", comparison_headline(report))
 
 
 @stage_task("evaluate")

@@ -276,7 +276,12 @@ def report_training(out_dir: Path, tracking: Tracking | None, run_id: str | None
     diagnoses, json_path, image = write_diagnoses(out_dir)
     for d in diagnoses:
         stage_logger().warning("train: %s (step %s): %s", d["name"], d["step"], d["message"])
-    publish_diagnoses(out_dir.parent.name, diagnoses, image)
+    image_url = None
+    if run_id is not None:
+        from tasks.artifacts import mlflow_file_url
+
+        image_url = mlflow_file_url(tracking.tracking_uri, run_id, f"train/{image.name}")  # logged just below
+    publish_diagnoses(out_dir.parent.name, diagnoses, image, image_url)
     if run_id is not None:
         log_outcome(run_id, tracking.tracking_uri, diagnosis_tags(diagnoses),
                     [json_path, image, out_dir / "log_history.json"], failed)

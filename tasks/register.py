@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.common import in_prefect_run, stage_logger, stage_task
+from tasks.artifacts import markdown_table, publish_link, publish_markdown
+from tasks.common import stage_logger, stage_task
 from tasks.config import RegisterConfig, RunPaths, flatten
 from tasks.errors import ConfigError, QualityGateError, disk_full
 from tasks.monitoring import Tracking, mlflow_metrics, new_params, open_mlflow_run, param_values
@@ -179,6 +180,7 @@ def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, r
         check_stops(report, cfg)
     except QualityGateError as refused:
         mlflow.set_tag("registration_refused", str(refused))  # the run shows why it has no model version
+        publish_markdown("promotion", f"# Promotion gate: registration refused\n\n{refused}\n", str(refused))
         raise
     decision = decide_promotion(report, cfg.gate_metric, cfg.gate_margin, current_champion(client, cfg.model_name))
     saved = yaml.safe_load(run.config.read_text(encoding="utf-8"))
@@ -220,16 +222,31 @@ def reuse_version(client, name: str, existing) -> dict:
                          f"v{existing.version} (@{alias}, from run {existing.tags.get('sftflow_run_id', '?')})")}
 
 
-def publish_links(result: dict) -> None:
-    """Give the Prefect run link artifacts to the MLflow run and to the model version (inside a Prefect run)."""
-    if not in_prefect_run():
-        return
-    from prefect.artifacts import create_link_artifact
+def promotion_markdown(result: dict, held: dict[str, str]) -> str:
+    """Return the promotion gate's decision as markdown: the decision line, the comparison behind it, the aliases
+    the registered model holds now, and the links to the MLflow run and the model version."""
+    gate, name = result.get("gate") or {}, result["registered_model"]
+    lines = [f"# Promotion gate: {name} v{result['model_version']} @{result['alias']}", "", result["decision"], ""]
+    if gate:
+        rows = [["metric", gate["metric"]], [f"v{result['model_version']} (tuned)", gate["tuned"]],
+                [gate["against"], "-" if gate["against_score"] is None else gate["against_score"]],
+                ["margin", gate["margin"]], ["promoted", "yes" if gate["promoted"] else "no"]]
+        lines += [*markdown_table(["gate", "value"], rows), ""]
+    aliases_now = ", ".join(f"@{a} -> v{v}" for a, v in sorted(held.items())) or "none"
+    lines += [f"Aliases of {name} now: {aliases_now}.", "",
+              f"- [MLflow run {result['mlflow_run_id']}]({result['mlflow_run_url']})",
+              f"- [{name} v{result['model_version']} in the MLflow registry]({result['model_version_url']})"]
+    return "\n".join(lines) + "\n"
 
-    create_link_artifact(link=result["mlflow_run_url"], link_text=f"MLflow run {result['mlflow_run_id']}",
-                         key="mlflow-run", description="This pipeline run in MLflow: params, curve, scores, model")
-    create_link_artifact(link=result["model_version_url"], key="model-version", description=result["decision"],
-                         link_text=f"{result['registered_model']} v{result['model_version']} @{result['alias']}")
+
+def publish_links(result: dict, held: dict[str, str] | None = None) -> None:
+    """Give the Prefect run the promotion decision (markdown artifact `promotion`) and link artifacts to the MLflow
+    run and to the model version (inside a Prefect run)."""
+    publish_markdown("promotion", promotion_markdown(result, held or {}), result["decision"])
+    publish_link("mlflow-run", result["mlflow_run_url"], f"MLflow run {result['mlflow_run_id']}",
+                 "This pipeline run in MLflow: params, curve, scores, model")
+    publish_link("model-version", result["model_version_url"],
+                 f"{result['registered_model']} v{result['model_version']} @{result['alias']}", result["decision"])
 
 
 def use_experiment(tracking_uri: str, artifact_root: Path, name: str) -> None:
@@ -270,7 +287,7 @@ def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_di
     result |= {"mlflow_run_id": active.info.run_id,
                "mlflow_run_url": run_url(tracking_uri, active.info.experiment_id, active.info.run_id),
                "model_version_url": version_url(tracking_uri, cfg.model_name, str(result["model_version"]))}
-    publish_links(result)
+    publish_links(result, aliases(client, cfg.model_name))
     return result
 
 

@@ -104,6 +104,116 @@ def test_the_prefect_run_links_to_the_mlflow_run_and_the_model_version(finished_
     assert summary["model_version_url"] == "http://127.0.0.1:5000/#/models/sftflow-tiny/versions/1"
 
 
+def run_artifacts(flow_run_id: str) -> dict:
+    """Return the flow run's artifacts read back through the Prefect API, by key (the latest of each)."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in sorted(artifacts, key=lambda a: a.created)}
+
+
+def markdown_section(markdown: str, heading: str) -> str:
+    """Return the text of the markdown section whose heading starts with `heading`, up to the next heading."""
+    start = markdown.index(f"\n{heading}")
+    end = markdown.find("\n#", start + 1)
+    return markdown[start:end if end != -1 else None]
+
+
+def test_the_prefect_run_shows_quarantined_examples_for_every_rule_that_dropped_rows(finished_run):
+    runs, _, summary = finished_run
+    cleaning = run_artifacts(summary["prefect_flow_run_id"])["cleaning-report"]
+    assert cleaning.description.startswith(f"Cleaning: {summary['rows_raw']} raw rows -> {summary['rows_clean']} "
+                                           f"clean + {summary['rows_quarantined']} quarantined")
+    with duckdb.connect(str(runs / "run-1" / "clean.duckdb"), read_only=True) as con:
+        first = con.execute("SELECT rule, count(*), arg_min(source_file, row_id), arg_min(line_number, row_id), "
+                            "arg_min(detail, row_id) FROM quarantine GROUP BY rule").fetchall()
+    assert len(first) >= 4
+    for rule, rows, source_file, line_number, detail in first:
+        section = markdown_section(cleaning.data, f"## {rule}: {rows} row")
+        assert f"| {Path(source_file).name}:{line_number} | {detail} | " in section  # where and why of its first row
+        assert 1 + min(rows, 3) == sum(row.startswith("| ") for row in section.splitlines())  # header + examples
+
+
+def test_the_prefect_run_shows_each_data_suite_with_a_link_to_the_runs_data_docs(finished_run):
+    import re
+    from urllib.parse import unquote, urlparse
+
+    runs, _, summary = finished_run
+    artifacts = run_artifacts(summary["prefect_flow_run_id"])
+    for stage in ("raw", "clean", "tokenized"):
+        gx = artifacts[f"gx-{stage}-rows"]
+        results = json.loads((runs / "run-1" / "validation" / f"{stage}.json").read_text())["results"]
+        assert gx.data.startswith(f"# Great Expectations on {stage} rows: {len(results)} of {len(results)} "
+                                  "expectations passed")
+        assert all(f"| {r['expectation'].removeprefix('expect_')} |" in gx.data for r in results)
+        (url,) = re.findall(r"\[Data Docs of this run\]\(([^)]+)\)", gx.data)
+        index = Path(unquote(urlparse(url).path))
+        assert index == runs / "run-1" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+        assert index.is_file()
+
+
+def test_the_prefect_run_shows_the_loss_curve_image_linked_to_the_same_png_in_mlflow(finished_run):
+    import base64
+    import re
+    from urllib.parse import parse_qs, urlparse
+
+    import mlflow
+
+    runs, overrides, summary = finished_run
+    diagnoses = run_artifacts(summary["prefect_flow_run_id"])["train-diagnoses"]
+    png = (runs / "run-1" / "train" / "loss_curve.png").read_bytes()
+    (embedded,) = re.findall(r"!\[loss curve\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", diagnoses.data)
+    assert base64.b64decode(embedded) == png
+    (link,) = re.findall(r"\[train/loss_curve.png\]\(([^)]+)\)", diagnoses.data)
+    query = parse_qs(urlparse(link).query)
+    assert link.startswith("http://127.0.0.1:5000/get-artifact?")
+    assert query == {"path": ["train/loss_curve.png"], "run_uuid": [summary["mlflow_run_id"]]}
+    client = mlflow.MlflowClient(load_config(TINY, overrides).tracking_uri())
+    assert "train/loss_curve.png" in {f.path for f in client.list_artifacts(summary["mlflow_run_id"], "train")}
+    assert diagnoses.description.startswith("Loss curve; diagnoses: ")
+
+
+def test_the_prefect_run_shows_base_and_tuned_scores_with_samples_and_the_gate_decision(finished_run):
+    runs, _, summary = finished_run
+    artifacts = run_artifacts(summary["prefect_flow_run_id"])
+    evaluation = artifacts["evaluation"].data
+    assert "| metric | base | tuned |" in evaluation
+    assert f"| eval_loss | {summary['base_eval_loss']:.4f} | {summary['eval_loss']:.4f} |" in evaluation
+    samples = [json.loads(line) for line in (runs / "run-1" / "eval" / "samples.jsonl").read_text().splitlines()]
+    shown = markdown_section(evaluation, "## Samples")
+    assert f"| {samples[0]['prompt']} | " in shown and "| prompt | reference | base (exact_match) | tuned (" in shown
+    table = json.loads(artifacts["eval-samples"].data)
+    assert [row["tuned"] for row in table] == [s["tuned"] for s in samples] and "base" in table[0]
+    promotion = artifacts["promotion"]
+    assert promotion.description == summary["decision"]
+    assert promotion.data.splitlines()[2] == summary["decision"]
+    assert f"({summary['mlflow_run_url']})" in promotion.data and f"({summary['model_version_url']})" in promotion.data
+    (aliases,) = [line for line in promotion.data.splitlines() if line.startswith("Aliases of sftflow-tiny now: ")]
+    assert "@champion -> v1" in aliases and "@challenger -> v1" in aliases
+    stats = json.loads((runs / "run-1" / "formatted" / "stats.json").read_text())
+    tokens = {row["split"]: row for row in json.loads(artifacts["token-length-stats"].data)}
+    assert tokens["train"]["rows"] == stats["train"]["rows"] and tokens["heldout"]["rows"] == stats["heldout"]["rows"]
+    assert tokens["train"]["tokens_max"] <= 256  # chat.max_length of configs/tiny.yaml
+
+
+def test_the_prefect_run_logs_the_progress_of_cleaning_training_and_evaluation(finished_run):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    _, _, summary = finished_run
+    messages, offset = [], 0
+    with get_client(sync_client=True) as client:
+        while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["prefect_flow_run_id"]])),
+                                        limit=200, offset=offset):
+            messages += [log.message for log in batch]
+            offset += len(batch)
+    for rule, rows in summary["dropped_by_rule"].items():
+        assert f"clean: rule {rule} quarantined {rows} rows" in messages
+    assert sum(m.startswith("train step ") for m in messages) == 6  # every logging step of the 6
+    assert any(m.startswith("evaluate: generating (tuned), prompts 1-8 of 8") for m in messages)
+
+
 def test_a_cached_rerun_of_the_same_run_id_registers_nothing_new(finished_run):
     import mlflow
 
