@@ -9,11 +9,12 @@ process work pool unless it exists, deploys deployments/prefect.yaml (every `up`
 takes effect) and starts a worker on the pool. Each background process gets a PID file (JSON: pid, start time,
 command) and a log in $SFTFLOW_HOME/stack/ (default .sftflow/stack/), in a process group of its own. `up` is
 idempotent: a server or worker that is still running is kept, not started twice. `down` stops the worker and the
-server with their whole process trees (the worker's flow-run subprocesses included); with nothing running it says so.
+server with their whole process trees (the worker's flow-run subprocesses included: a run in progress is
+interrupted, and a rerun of its run id skips the steps it finished); with nothing running it says so.
 
 The processes get sftflow's environment (tasks/settings.py: PREFECT_HOME in $SFTFLOW_HOME, telemetry off, ...;
-variables you set win) plus PREFECT_API_URL of this server, and the worker hands it to every flow run. Run from the
-repository root or not: the deployments' pull step works in the repository this file belongs to.
+variables you set win) plus PREFECT_API_URL of this server, and the worker hands it to every flow run. The home is
+this checkout's .sftflow wherever the script is started from, and the deployments' pull step works in this checkout.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class StackError(RuntimeError):
 
 
 def state_dir() -> Path:
-    """Return (and create) the folder holding the PID files and logs: $SFTFLOW_HOME/stack."""
-    path = sftflow_home() / "stack"
+    """Return (and create) the folder holding the PID files and logs: $SFTFLOW_HOME/stack (default .sftflow/stack)."""
+    path = sftflow_home(cwd=ROOT) / "stack"  # this checkout's .sftflow, wherever the script is started from
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -207,7 +208,7 @@ def prefect_cli() -> str:
 def up(port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL) -> dict:
     """Start (or keep) the server, create the pool, start (or keep) a worker and deploy; return the server record."""
     started = time.monotonic()
-    apply_defaults()
+    apply_defaults(cwd=ROOT)
     server = read_record("server")
     # set before prefect is imported here, and handed to the server, the worker and each flow run
     os.environ["PREFECT_API_URL"] = server["url"] if running(server) else f"http://{HOST}:{port}/api"

@@ -219,3 +219,17 @@ def test_down_stops_the_worker_and_the_server_with_their_process_trees(stack):
         assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing answers on the server's port any more
     again = stack_command(stack.env, "down")  # with nothing running, down is fine
     assert again.returncode == 0 and again.stdout.split("\n")[:2] == ["no worker running", "no server running"]
+
+
+def test_up_on_a_port_another_process_holds_is_one_error_line_and_starts_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["SFTFLOW_HOME"] = str(tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = stack_command(env, "up", "--port", str(port))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"prefect-up: error: port {port} on 127.0.0.1 is in use by a process this script "
+                                   f"did not start: stop it, or pass --port (make prefect-up ARGS=\"--port {port + 1}\")")
+    assert not (tmp_path / "stack" / "server.pid").exists()
