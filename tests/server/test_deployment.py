@@ -71,12 +71,12 @@ def stack(tmp_path_factory, tiny_model_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MLFLOW_TRACKING_URI"}
     env.update(SFTFLOW_HOME=str(home), PREFECT_WORKER_QUERY_SECONDS="1")  # the worker polls every second
     port = free_port()
-    started = stack_command(env, "up", "--port", str(port))
     # the tiny run as tests/flows/test_sft_pipeline.py makes it (gate on eval_loss, no stop check), shorter still
     overrides = [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}", "register.min_stop_rate=0",
                  "register.gate_metric=eval_loss", "train.max_steps=2", "evaluate.max_samples=4"]
     the_stack = Stack(f"http://127.0.0.1:{port}/api", home, runs, env, overrides)
     try:
+        started = stack_command(env, "up", "--port", str(port))
         assert started.returncode == 0, started.stdout + started.stderr
         with temporary_settings({PREFECT_API_URL: the_stack.url}):
             yield the_stack
