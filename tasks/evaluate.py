@@ -349,14 +349,15 @@ def comparison_markdown(report: dict) -> str:
 
 
 def samples_markdown(samples: list[dict], names: list[str], headline: str, shown: int = SAMPLES_SHOWN) -> list[str]:
-    """Return the first `shown` held-out samples as a markdown table: prompt, reference and each model's answer with
-    its headline score (cells cut short; the `eval-samples` table artifact holds them whole)."""
-    from tasks.artifacts import markdown_table
+    """Return the first `shown` held-out samples as a markdown list: the prompt, then the reference and each model's
+    answer with its headline score (a list, since Prefect's tables do not wrap; the `eval-samples` table holds all)."""
+    from tasks.artifacts import cell
 
-    header = ["prompt", "reference", *[f"{n} ({headline})" for n in names]]
-    rows = [[s["prompt"], s["reference"], *[f"{s[f'{n}_score']:.2f}: {s[n]}" for n in names]] for s in samples[:shown]]
-    return [f"## Samples: {min(shown, len(samples))} of {len(samples)} (all in the `eval-samples` table)", "",
-            *markdown_table(header, rows, limit=160)]
+    lines = [f"## Samples: {min(shown, len(samples))} of {len(samples)} (all in the `eval-samples` table)", ""]
+    for i, s in enumerate(samples[:shown], 1):
+        lines += [f"{i}. {cell(s['prompt'], 300)}", f"   - reference: {cell(s['reference'], 300)}"]
+        lines += [f"   - {n} ({headline} {s[f'{n}_score']:.2f}): {cell(s[n], 300)}" for n in names]
+    return lines
 
 
 def comparison_headline(report: dict) -> str:
@@ -374,8 +375,9 @@ def publish_artifacts(out_dir: Path, report: dict) -> None:
 
     samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     names = list(report["models"])
-    table = [{"row_id": s["row_id"], "prompt": s["prompt"], "reference": s["reference"], **{n: s[n] for n in names},
-              "scores": " | ".join(f"{n} {s[f'{n}_score']:.2f}" for n in names)} for s in samples]
+    # answers first, the long prompt last: Prefect's table does not wrap, so the first columns are what shows
+    table = [{"row_id": s["row_id"], "scores": " | ".join(f"{n} {s[f'{n}_score']:.2f}" for n in names),
+              "reference": s["reference"], **{n: s[n] for n in names}, "prompt": s["prompt"]} for s in samples]
     publish_table("eval-samples", table, f"Held-out generations of {', '.join(names)}, scored by "
                                          f"{report['metrics'][0]}")
     markdown = comparison_markdown(report) + "\n" + "\n".join(samples_markdown(samples, names, report["metrics"][0]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.artifacts import markdown_table, publish_markdown
+from tasks.artifacts import cell, markdown_table, publish_markdown
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import RunPaths
 
@@ -146,9 +146,8 @@ def cleaning_markdown(report: dict) -> str:
     lines += ["", f"Kept but edited: {edits or 'none'}. Split of the clean rows: {split or '-'}."]
     for rule, examples in report.get("examples", {}).items():
         total = report.get("dropped_by_rule", {}).get(rule, len(examples))
-        lines += ["", f"## {rule}: {total} row{'s' if total != 1 else ''} (first {len(examples)})", "",
-                  *markdown_table(["where", "why", "row"], [[e["where"], e["detail"], e["preview"]]
-                                                             for e in examples], limit=400)]
+        lines += ["", f"## {rule}: {total} row{'s' if total != 1 else ''} (first {len(examples)})", ""]
+        lines += [f"- **{cell(e['where'])}** ({cell(e['detail'])}): {cell(e['preview'], 400)}" for e in examples]
     if report.get("quarantine_file"):
         lines += ["", (f"Every quarantined row, with its rule and raw record: `{report['quarantine_file']}` "
                        "(and table `quarantine` of the clean DuckDB file).")]
@@ -167,7 +166,7 @@ def publish_cleaning_report(clean_report: Path) -> None:
 def publish_artifacts(summary: dict) -> None:
     """Create the Prefect artifact of the run summary: the run's last lines, then every field of summary.json."""
     headline = human_summary(summary).splitlines()
-    publish_markdown("run-summary", "\n".join([f"# {headline[0]}", "", f"**{headline[-1]}**", "",
+    publish_markdown("run-summary", "\n".join([f"# Run {summary['run_id']}", "", headline[0], "", f"**{headline[-1]}**", "",
                                                *markdown_table(["field", "value"], list(summary.items()), 200)]),
                      headline[0])
 

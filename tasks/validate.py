@@ -123,11 +123,12 @@ def results_markdown(stage: str, results: list[dict], docs_url: str | None, fail
     lines = [f"# Great Expectations on {stage} rows: {passed} of {len(results)} expectations passed", ""]
     if failures:
         lines += [f"**Failed, so the run stopped before training:** {failures}", ""]
-    lines += markdown_table(["expectation", "column", "bounds", "result", "unexpected", "observed"], [
-        [r["expectation"].removeprefix("expect_"), r["kwargs"].get("column", ""),
-         {k: v for k, v in r["kwargs"].items() if k != "column"} or "", "passed" if r["success"] else "**FAILED**",
-         "" if r["unexpected_count"] is None else r["unexpected_count"],
-         "" if r["observed_value"] is None else r["observed_value"]] for r in results], limit=80)
+    # result first and long values last, cut short: Prefect's tables do not wrap, a wide cell hides the columns after it
+    lines += markdown_table(["result", "expectation", "column", "unexpected", "observed", "bounds"], [
+        ["passed" if r["success"] else "**FAILED**", r["expectation"].removeprefix("expect_"),
+         r["kwargs"].get("column", ""), "" if r["unexpected_count"] is None else r["unexpected_count"],
+         "" if r["observed_value"] is None else r["observed_value"],
+         {k: v for k, v in r["kwargs"].items() if k != "column"} or ""] for r in results], limit=48)
     if docs_url:
         lines += ["", f"[Data Docs of this run]({docs_url}) (every suite, with the failing values): `{docs_url}`"]
     return "\n".join(lines) + "\n"

@@ -132,8 +132,8 @@ def test_the_prefect_run_shows_quarantined_examples_for_every_rule_that_dropped_
     assert len(first) >= 4
     for rule, rows, source_file, line_number, detail in first:
         section = markdown_section(cleaning.data, f"## {rule}: {rows} row")
-        assert f"| {Path(source_file).name}:{line_number} | {detail} | " in section  # where and why of its first row
-        assert 1 + min(rows, 3) == sum(row.startswith("| ") for row in section.splitlines())  # header + examples
+        assert f"- **{Path(source_file).name}:{line_number}** ({detail}): " in section  # where and why of its first row
+        assert min(rows, 3) == sum(row.startswith("- **") for row in section.splitlines())
 
 
 def test_the_prefect_run_shows_each_data_suite_with_a_link_to_the_runs_data_docs(finished_run):
@@ -147,7 +147,7 @@ def test_the_prefect_run_shows_each_data_suite_with_a_link_to_the_runs_data_docs
         results = json.loads((runs / "run-1" / "validation" / f"{stage}.json").read_text())["results"]
         assert gx.data.startswith(f"# Great Expectations on {stage} rows: {len(results)} of {len(results)} "
                                   "expectations passed")
-        assert all(f"| {r['expectation'].removeprefix('expect_')} |" in gx.data for r in results)
+        assert all(f"| passed | {r['expectation'].removeprefix('expect_')} |" in gx.data for r in results)
         (url,) = re.findall(r"\[Data Docs of this run\]\(([^)]+)\)", gx.data)
         index = Path(unquote(urlparse(url).path))
         assert index == runs / "run-1" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
@@ -183,7 +183,8 @@ def test_the_prefect_run_shows_base_and_tuned_scores_with_samples_and_the_gate_d
     assert f"| eval_loss | {summary['base_eval_loss']:.4f} | {summary['eval_loss']:.4f} |" in evaluation
     samples = [json.loads(line) for line in (runs / "run-1" / "eval" / "samples.jsonl").read_text().splitlines()]
     shown = markdown_section(evaluation, "## Samples")
-    assert f"| {samples[0]['prompt']} | " in shown and "| prompt | reference | base (exact_match) | tuned (" in shown
+    assert f"\n1. {samples[0]['prompt']}\n   - reference: " in shown
+    assert f"\n   - tuned (exact_match {samples[0]['tuned_score']:.2f}): " in shown and "\n5. " in shown
     table = json.loads(artifacts["eval-samples"].data)
     assert [row["tuned"] for row in table] == [s["tuned"] for s in samples] and "base" in table[0]
     promotion = artifacts["promotion"]
