@@ -120,3 +120,24 @@ def test_one_training_slot_makes_the_two_trainings_take_turns(two_runs):
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(train_limit_name())
     assert (limit.limit, limit.active_slots) == (1, 0)  # both slots went back
+
+
+def test_slots_and_threads_follow_the_machine_one_slot_per_two_cores_unless_configured():
+    from tasks.concurrency import slot_threads, train_slots
+
+    assert [train_slots(0, cores) for cores in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    assert train_slots(3, cores=16) == 3 and train_slots(5, cores=2) == 5  # configured: as many as asked
+    assert [slot_threads(s, cores=16) for s in (1, 3, 8, 32)] == [16, 5, 2, 1]
+
+
+def test_without_a_prefect_run_training_has_no_slot_limit_but_its_threads(tmp_path):
+    import torch
+
+    from tasks.concurrency import machine_cores, training_slot
+
+    before = torch.get_num_threads()
+    with training_slot(machine_cores() + 1, tmp_path) as threads:  # more slots than cores: one thread each
+        assert threads == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before  # evaluate and the rest get the process's threads back
+    record = json.loads((tmp_path / "train_slot.json").read_text())
+    assert record["limit"] is None and record["threads"] == 1 and record["ended_at"] >= record["started_at"]
