@@ -9,6 +9,7 @@ in this process where skeletons render them (the tokenizers release the GIL), pr
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -282,23 +283,45 @@ def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[
                              initargs=(encoder,)) as pool:
         parts = pool.map(encode_in_worker, [convos[s:s + chunk] for s in starts],
                          [weights[s:s + chunk] for s in starts], [check_prompts] * len(starts), starts)
-        out = Encoded()
+        out, progress = Encoded(), Progress(len(convos))
         for s, part in zip(starts, parts):
             out.extend(part, s)
+            progress.done(min(s + chunk, len(convos)))
     return out
+
+
+class Progress:
+    """Log how far encoding got, at most every PROGRESS_S seconds (a long format step is never silent)."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.last = total, time.perf_counter(), time.perf_counter()
+
+    def done(self, rows: int) -> None:
+        """Record that `rows` rows are encoded; log it when PROGRESS_S passed since the last line."""
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_S and rows < self.total:
+            from tasks.common import stage_logger
+
+            stage_logger().info("format: encoded %d/%d rows (%.0f rows/s)", rows, self.total,
+                                rows / max(now - self.started, 1e-9))
+            self.last = now
+
+
+PROGRESS_S = 5.0
 
 
 def encode_threaded(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
                     threads: int, chunk: int) -> Encoded:
     """Return the encoded chunks in order: this thread renders chunk after chunk and finishes them in order, while
     `threads` threads tokenize (the Rust tokenizers release the GIL, so they share the cores with the rendering)."""
-    out, pending = Encoded(), []
+    out, pending, progress = Encoded(), [], Progress(len(convos))
 
     def finish_oldest() -> None:
         s0, rendered0, render_mismatches, tokens0 = pending.pop(0)
         part = encoder.finish(rendered0, tokens0.result(), check_prompts, s0)
         part.render_mismatches = render_mismatches
         out.extend(part, s0)
+        progress.done(s0 + len(rendered0))
 
     with ThreadPoolExecutor(threads) as pool:
         for s in range(0, len(convos), chunk):

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import inspect
 import json
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -209,12 +210,15 @@ def ingest_rows(cfg: DataConfig, sources_dir: Path, out_db: Path) -> dict[str, i
         con.execute(COMPRESSION_SQL)
         con.register("empty", RAW_SCHEMA.empty_table())
         con.execute("CREATE TEMP TABLE staged AS SELECT * FROM empty")
-        for source in cfg.sources:
+        for k, source in enumerate(cfg.sources, 1):
+            started = time.perf_counter()
             for origin, records in source_streams(source, sources_dir):
                 count, out_of_order = stage_stream(con, source, origin, records, sum(counts.values()),
                                                    cfg.on_bad_rows)
                 counts[source.label] += count
                 reorder |= out_of_order
+            stage_logger().info("ingest: source %s (%d/%d): %d rows in %.1f s", source.label, k, len(cfg.sources),
+                                counts[source.label], time.perf_counter() - started)
         con.execute(RAW_SQL + (" ORDER BY row_id" if reorder else ""))
     tmp.replace(out_db)  # atomic: a retry never sees a half-written table
     return counts
