@@ -13,7 +13,7 @@ ARGS   ?=
 # the CLI applies it itself, and targets that run prefect or mlflow directly take it from `sftflow env`.
 SFTFLOW_ENV = eval "$$($(BIN)/sftflow env)" &&
 
-.PHONY: setup run test lint ui-prefect ui-mlflow deploy worker clean-runs
+.PHONY: setup run test lint ui-prefect ui-mlflow clean-runs
 
 setup: $(STAMP)
 
@@ -58,16 +58,6 @@ ui-prefect: $(STAMP)
 ui-mlflow: $(STAMP)
 	$(SFTFLOW_ENV) MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
 	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
-
-# Scheduled retraining: needs a running Prefect server (make ui-prefect) and then a worker (see README).
-deploy: $(STAMP)
-	$(SFTFLOW_ENV) PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect work-pool create cpu --type process || true
-	$(SFTFLOW_ENV) PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect --no-prompt deploy --all \
-	  --prefect-file deployments/prefect.yaml
-
-# A worker for the `cpu` pool: it runs the deployments' flow runs, each in a subprocess with this environment.
-worker: $(STAMP)
-	$(SFTFLOW_ENV) PREFECT_API_URL=http://127.0.0.1:4200/api $(BIN)/prefect worker start --pool cpu
 
 # The whole Prefect stack in the background (deployments/stack.py): `prefect server start` on 127.0.0.1:4200, the
 # `cpu` process pool, deployments/prefect.yaml deployed, a worker; PID files and logs in .sftflow/stack/. Idempotent.
