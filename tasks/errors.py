@@ -39,3 +39,8 @@ def disk_full(error: BaseException, where, setting: str | None = None) -> DiskFu
     why = "quota exceeded" if error.errno == errno.EDQUOT else "the disk is full"
     fix = f"set {setting} to a disk with room" if setting else "write somewhere with room"
     return DiskFullError(f"no space left on {error.filename or where} ({why}); free space there, or {fix}")
+
+
+class StepFailed(Exception):
+    """A pipeline run failed for a reason that is not the user's (a bug, an outage that outlived its retries); the
+    message is the failure hook's one line: the step, why, where the outputs are, the command that reruns it."""
