@@ -265,7 +265,8 @@ def load_generator(args: argparse.Namespace) -> Generator:
     if positions and args.max_input_tokens + args.max_new_tokens > positions:
         raise ConfigError(f"--max-input-tokens {args.max_input_tokens} + --max-new-tokens {args.max_new_tokens} is "
                           f"more than the {positions} positions {version.name}/{version.version} has; lower them")
-    tokenizer = AutoTokenizer.from_pretrained(version.trained_dir)  # with the chat template it was trained with
+    # with the chat template it was trained with; never the repository's own code
+    tokenizer = AutoTokenizer.from_pretrained(version.trained_dir, trust_remote_code=False)
     if not tokenizer.chat_template:
         raise ConfigError(f"{version.name}/{version.version}: its trained/ tokenizer has no chat template to render "
                           "prompts with")
