@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from tasks.config import STEP_NAMES  # no Prefect import: settings are applied first
-from tasks.errors import SftflowError
+from tasks.errors import SftflowError, StepFailed
 from tasks.settings import apply_defaults, shell_exports
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -18,18 +18,23 @@ STEPS = STEP_NAMES
 
 
 class HideUserErrorTracebacks(logging.Filter):
-    """Drop the traceback from log records about a user error: the CLI prints it as one line instead."""
+    """Drop the traceback from log records about a user error (or, with `every`, about any error: `sftflow run`'s
+    failure hook keeps it in runs/<id>/failure-traceback.txt): the CLI prints it as one line instead."""
+
+    def __init__(self, every: bool = False):
+        super().__init__()
+        self.every = every
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], SftflowError):
+        if record.exc_info and (self.every or isinstance(record.exc_info[1], SftflowError)):
             record.exc_info, record.exc_text = None, None
         return True
 
 
-def quiet_user_errors() -> None:
+def quiet_user_errors(every_traceback: bool = False) -> None:
     """Filter the loggers Prefect's engines report failures on (filters on loggers survive its logging re-setup)."""
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
-        logging.getLogger(name).addFilter(HideUserErrorTracebacks())
+        logging.getLogger(name).addFilter(HideUserErrorTracebacks(every_traceback))
 
 
 def registry_commands(sub) -> None:
@@ -126,8 +131,17 @@ def run_pipeline(args: argparse.Namespace) -> None:
     from tasks.report import human_summary
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before any server or model starts
-    summary = sft_pipeline(args.config, args.overrides, args.run_id, force=args.force, refresh=args.refresh,
-                           refresh_from=args.refresh_from)
+    try:
+        summary = sft_pipeline(args.config, args.overrides, args.run_id, force=args.force, refresh=args.refresh,
+                               refresh_from=args.refresh_from)
+    except SftflowError:
+        raise
+    except Exception as e:  # not the user's: the failure hook said which step, why, and how to rerun it
+        from tasks.failure import failure_line
+
+        if (line := failure_line()) is None:
+            raise
+        raise StepFailed(line) from e
     print(f"summary: {cfg.runs_dir / summary['run_id'] / 'summary.json'}")
     if summary.get("skipped"):  # the data gate ended the run: nothing new to train on
         print(f"{summary['skipped']}: {summary['reason']}")
@@ -182,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     apply_defaults()  # before Prefect is imported: it reads its settings from the environment
     try:
-        quiet_user_errors()
+        quiet_user_errors(every_traceback=args.command == "run")
         dispatch(args)
+    except StepFailed as e:
+        print(f"sftflow: error: {e}", file=sys.stderr)
+        return 1
     except SftflowError as e:
         print(f"sftflow: error: {e}", file=sys.stderr)
         traceback.clear_frames(e.__traceback__)  # free what the failed step held (open DuckDB handles) before exit

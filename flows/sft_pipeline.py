@@ -24,6 +24,7 @@ from tasks.config import STEP_NAMES, PipelineConfig, RunPaths, dump_config, load
 from tasks.data_gate import NO_NEW_DATA, config_digest, data_gate, skipped_summary
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_adapter
+from tasks.failure import report_failure
 from tasks.ingest import fingerprint_sources, ingest
 from tasks.modeling import prepare_base_model
 from tasks.monitoring import run_tracking
@@ -72,7 +73,7 @@ def step_tasks(cfg: PipelineConfig, refresh: bool, refresh_from: str | None) -> 
                              refresh or STEP_NAMES.index(step) >= first) for step, task in tasks.items()}
 
 
-@flow(name="sft-pipeline")
+@flow(name="sft-pipeline", on_failure=[report_failure], on_crashed=[report_failure])
 def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: list[str] | None = None,
                  run_id: str | None = None, force: bool = False, refresh: bool = False,
                  refresh_from: str | None = None):
@@ -92,7 +93,8 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     gate = data_gate.with_options(task_run_name=f"data-gate[{data_fingerprint[:12]}]")
     if cfg.orchestrate.data_gate and not force and (reason := gate(cfg, data_fingerprint)):
         return Completed(name=NO_NEW_DATA, message=reason, data=skipped_summary(run, reason, flow_run.id))
-    base = step["prepare-base-model"](cfg.train.base_model)  # first: a model that cannot be had costs seconds
+    # first: a model that cannot be had costs seconds, not a data pass
+    base = step["prepare-base-model"](cfg.train.base_model, cfg.train.trust_remote_code)
     # each validate step raises DataValidationError: bad data never reaches training
     raw_db = step["ingest"](cfg.data, data_fingerprint, run.sources, run.ingest_db)
     step["validate-raw"](*validation_args("raw", raw_db, run, cfg.validation))

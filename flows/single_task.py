@@ -23,11 +23,11 @@ from tasks.validate import validate, validation_args
 
 def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
     """Return the task and the arguments it takes for `step`, all derived from the run's saved layout."""
-    base = lambda: prepare_base_model.fn(cfg.train.base_model)
+    base = lambda: prepare_base_model.fn(cfg.train.base_model, cfg.train.trust_remote_code)
     champion = lambda: (champion_to_compare(cfg.tracking_uri(), cfg.registry.model_name, cfg.runs_dir / "champions",
                                             trained_model_dir(run.train)) if cfg.evaluate.compare_champion else None)
     calls = {
-        "prepare-base-model": lambda: (prepare_base_model, (cfg.train.base_model,)),
+        "prepare-base-model": lambda: (prepare_base_model, (cfg.train.base_model, cfg.train.trust_remote_code)),
         "ingest": lambda: (ingest, (cfg.data, fingerprint_data(cfg.data), run.sources, run.ingest_db)),
         "clean": lambda: (clean, (run.ingest_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean,
                                   cfg.data.on_bad_rows)),
@@ -63,4 +63,4 @@ def run_step(step: str, runs_dir: Path, run_id: str, overrides: list[str]) -> An
 def inspect_format(runs_dir: Path, run_id: str, n: int, overrides: list[str], colour: bool = False) -> str:
     """Return `n` of the run's formatted training rows with the supervised tokens marked (`--inspect N`)."""
     cfg = load_config(RunPaths(runs_dir, run_id).config, overrides)
-    return inspect_rows(RunPaths(runs_dir, run_id).formatted, prepare_base_model.fn(cfg.train.base_model), n, colour)
+    return inspect_rows(RunPaths(runs_dir, run_id).formatted, prepare_base_model.fn(cfg.train.base_model, cfg.train.trust_remote_code), n, colour)

@@ -355,6 +355,10 @@ def load_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipe
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:  # a directory, no permission, an I/O error
+        raise ConfigError(f"{path}: cannot read the config: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read the config: not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

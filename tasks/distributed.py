@@ -207,7 +207,7 @@ def run_worker(spec: dict) -> None:
     trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir))
     resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg))
     record_rank(trainer, out_dir, trainer.args.process_index)
-    save_trained(trainer, load_tokenizer(spec["model_dir"], formatted), out_dir, cfg)
+    save_trained(trainer, load_tokenizer(spec["model_dir"], formatted, cfg.trust_remote_code), out_dir, cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -211,7 +211,7 @@ def score_trained(model_dir: str, trained_dir: Path, train_cfg: TrainConfig, *ar
 
 def score_base(model_dir: str, train_cfg: TrainConfig, *args) -> Scored:
     """Score the base model loaded on its own (full-weights runs), in full precision as the full methods train it."""
-    model = load_base_model(model_dir, False, train_cfg.compute_dtype).eval()
+    model = load_base_model(model_dir, False, train_cfg.compute_dtype, trust_remote_code=train_cfg.trust_remote_code).eval()
     return run_model("base", model, *args)
 
 
@@ -228,8 +228,9 @@ def score_champion(champion: Champion, model_dir: str, tokenizer, rows, prompts,
         base = model_dir
         stage_logger().warning("evaluate: champion v%s has no base_model tag; loading it over this run's base %s",
                                champion.version, model_dir)
-    own = load_tokenizer(str(champion.trained_dir)) if (champion.trained_dir / "tokenizer_config.json").is_file() \
-        else load_tokenizer(base)
+    trust = train_cfg.trust_remote_code
+    own = load_tokenizer(str(champion.trained_dir), trust_remote_code=trust) \
+        if (champion.trained_dir / "tokenizer_config.json").is_file() else load_tokenizer(base, trust_remote_code=trust)
     same = own.get_vocab() == tokenizer.get_vocab()
     method_cfg = train_cfg.model_copy(update={"method": champion.method})
     model = load_trained_model(base, champion.trained_dir, method_cfg).eval()
@@ -305,7 +306,8 @@ def evaluate_model(formatted_dir: Path, model_dir: str, trained_dir: Path, out_d
                                   f"clean.heldout_fraction")
     extractor = Extractor.from_config(cfg)
     check_metrics(cfg.metrics, extractor, [r["reference"] for r in rows])  # before any model loads
-    tokenizer = load_tokenizer(str(trained_dir), formatted_dir)  # the template the rows were formatted with
+    # the template the rows were formatted with
+    tokenizer = load_tokenizer(str(trained_dir), formatted_dir, train_cfg.trust_remote_code)
     prompts = [json.loads(r["prompt"]) for r in rows]
     stage_logger().info("evaluate: %d held-out prompts, base, tuned%s, %d new tokens at most", len(rows),
                         f" and champion v{champion.version}" if champion else "", cfg.max_new_tokens)

@@ -112,7 +112,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     check_train_config(cfg)
     precision = model_precision(cfg.compute_dtype)
     rows = Dataset.from_parquet(str(formatted_dir / "train.parquet")).select_columns(["input_ids", "assistant_masks"])
-    model = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit)
+    model = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit, cfg.trust_remote_code)
     if not cfg.uses_lora:
         model = model.float()  # full weights train in fp32 master weights; autocast gives the compute dtype
     if cfg.packing:
@@ -120,7 +120,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = sftflow_trainer_class()(
         model=model, args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
-        eval_dataset=heldout_rows(formatted_dir, cfg), processing_class=load_tokenizer(model_dir, formatted_dir),
+        eval_dataset=heldout_rows(formatted_dir, cfg), processing_class=load_tokenizer(model_dir, formatted_dir, cfg.trust_remote_code),
         peft_config=lora_config(cfg), callbacks=[*method_callbacks(model, cfg), *extra, *callbacks],
         lean_loss=cfg.lean_loss)
     if cfg.uses_lora:
@@ -197,7 +197,7 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
     trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, [*training_callbacks(out_dir), *callbacks])
     resume_training(trainer, out_dir, training_key(formatted_dir, model_dir, cfg))  # from a checkpoint if any
     # adapter/ (LoRA methods) or model/ (full, hft), with the chat template the rows were formatted with
-    return save_trained(trainer, load_tokenizer(model_dir, formatted_dir), out_dir, cfg)
+    return save_trained(trainer, load_tokenizer(model_dir, formatted_dir, cfg.trust_remote_code), out_dir, cfg)
 
 
 @stage_task("train", retries=1)
