@@ -102,7 +102,7 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     step["validate"](*validation_args("clean", clean_db, run, cfg.validation))
     chats = step["format"](clean_db, base, run.formatted, cfg.chat, run.quarantine)
     step["validate-tokens"](*validation_args("tokenized", chats, run, cfg.validation))
-    adapter = step["train"](chats, base, run.train, cfg.train, run_tracking(cfg, run.run_id))
+    adapter = step["train"](chats, base, run.train, cfg.train, run_tracking(cfg, run.run_id), cfg.orchestrate.train_slots)
     champion = (champion_to_compare(cfg.tracking_uri(), cfg.registry.model_name, cfg.runs_dir / "champions", adapter)
                 if cfg.evaluate.compare_champion else None)  # scored on the same held-out prompts as the new model
     evaluation = step["evaluate"](chats, base, adapter, run.eval, cfg.evaluate, cfg.train, champion)

@@ -91,7 +91,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
+    try:
+        tmp.replace(out_dir)
+    except OSError:  # another process converted the same file meanwhile: its copy is as good as ours
+        if not out_dir.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("base model: converted in %.1f s -> %s", time.monotonic() - started, out_dir)
     return out_dir
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import tempfile
 from dataclasses import asdict
@@ -253,8 +254,16 @@ def use_experiment(tracking_uri: str, artifact_root: Path, name: str) -> None:
     """Point MLflow at the store and select the experiment, creating it with artifacts under `artifact_root`."""
     import mlflow
 
+    # mlflow also exports the URIs as MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which sftflow reads as the user's
+    # choice of store: keep the user's values, or a second run in this process (another runs_dir) would write here
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=artifact_root.resolve().as_uri())
     mlflow.set_experiment(name)
