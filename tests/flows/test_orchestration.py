@@ -8,7 +8,6 @@ import mlflow
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
 from flows.cli import main
 from flows.sft_pipeline import sft_pipeline
@@ -63,8 +62,12 @@ def test_each_step_runs_under_a_name_that_says_what_ran_with_its_configured_retr
 
 
 def test_cached_results_are_json_not_pickles(run_dir):
-    stored = [json.loads(p.read_text()) for p in Path(PREFECT_LOCAL_STORAGE_PATH.value()).iterdir() if p.is_file()]
-    assert stored, "no persisted results"
+    _, _, summary = run_dir
+    # each persisted step's state names its result file (storage key) and serializer
+    records = [t.state.data for t in task_runs_of(summary["prefect_flow_run_id"]) if t.state.data is not None]
+    assert len(records) >= 8  # every cached step: ingest … evaluate
+    assert {r.serializer.type for r in records} == {"json"}
+    stored = [json.loads(Path(r.storage_key).read_text()) for r in records]
     assert {r["metadata"]["serializer"]["type"] for r in stored} == {"json"}
     # readable as it is: format's result, the path of the formatted rows
     assert any('"pathlib.PosixPath"' in str(r["result"]) and '/r/formatted"' in str(r["result"]) for r in stored)
