@@ -7,8 +7,9 @@ resized from `orchestrate.train_slots` (0 = one per 2 cores, at least 1) before 
 cores of one slot (cores // slots) as its threads. A run that finds every slot taken logs that it waits, on what, and
 which other train tasks are running, then waits in Prefect (`prefect.concurrency.sync.concurrency`), saying every
 minute that it still waits. The slot is a lease renewed while training runs: a crashed run's slot goes back when the
-lease expires on a `prefect server` (its repossessor service); Prefect's temporary (ephemeral) server runs no such
-service, so a killed process there keeps its slot until `prefect gcl update NAME --active-slots 0`.
+lease expires on a `prefect server` (its repossessor service). Prefect's temporary (ephemeral) server runs no such
+service, so each held lease is also recorded with its process id on this machine (the limit is per machine), and a
+run that finds every slot taken first releases the leases of holders that are gone (a SIGKILLed training).
 
 Without a Prefect run (`task.fn(...)`, a notebook) there is no limit: only the threads are set.
 """
@@ -112,36 +113,125 @@ def is_locked(err: BaseException) -> bool:
     return getattr(response, "status_code", None) == 423
 
 
+def holders_dir() -> Path:
+    """Return where this machine's training-slot holders are recorded: one file per held lease (pid, lease id)."""
+    from tasks.base_model import cache_root
+
+    return cache_root() / "train-slots"
+
+
+def process_started(pid: int) -> str | None:
+    """Return the start time of process `pid` (Linux: /proc/<pid>/stat field 22), '' where unknown, None if dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return ""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def reclaim_dead_slots(name: str) -> list[int]:
+    """Release the leases of limit `name` whose recorded holder process on this machine is gone (SIGKILLed, OOM):
+    Prefect's temporary server never expires a lease, so without this a killed training's slot would stay taken
+    and every later training would wait for it forever. Return the dead holders' pids."""
+    freed = []
+    for record in sorted(holders_dir().glob("*.json")):
+        try:
+            held = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if held.get("limit") != name:
+            continue
+        started = process_started(int(held["pid"]))
+        if started is not None and (not started or not held.get("started") or started == held["started"]):
+            continue  # alive (the same process, not a new one with its pid)
+        try:
+            release_dead_lease(name, held["lease_id"])
+        except Exception as err:  # noqa: BLE001 -- reclaiming is a courtesy: never fail a training over it
+            stage_logger().warning("train: could not free the slot of dead pid %s: %s", held["pid"], err)
+            continue
+        record.unlink(missing_ok=True)
+        freed.append(int(held["pid"]))
+    return freed
+
+
+def release_dead_lease(name: str, lease_id: str) -> None:
+    """Give back the slot a dead holder's lease `lease_id` took. A temporary server keeps leases in its memory: one
+    started after the holder's server died knows no such lease (and says nothing) while the slot is still counted
+    in the database, so the slot is then released by count."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency._sync import release_concurrency_slots_with_lease
+
+    with get_client(sync_client=True) as client:
+        before = client.read_global_concurrency_limit_by_name(name).active_slots
+        try:
+            release_concurrency_slots_with_lease(lease_id)
+        except Exception as err:  # noqa: BLE001 -- a lease the server already expired or never knew
+            stage_logger().info("train: lease %s of a dead training: %s", lease_id, err)
+        if before > 0 and client.read_global_concurrency_limit_by_name(name).active_slots >= before:
+            client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=1.0)  # must be > 0
+
+
+def hold_lease(stack: ExitStack, name: str, lease_id) -> None:
+    """Keep lease `lease_id` of limit `name` renewed until `stack` closes, then release it; record its holder (this
+    process) in holders_dir() meanwhile, so a later run can free it if this process dies."""
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import release_concurrency_slots_with_lease
+
+    record = holders_dir() / f"{lease_id}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"limit": name, "lease_id": str(lease_id), "pid": os.getpid(),
+                                  "started": process_started(os.getpid()) or ""}), encoding="utf-8")
+    stack.callback(record.unlink, missing_ok=True)
+    stack.callback(release_concurrency_slots_with_lease, lease_id)
+    # a transient renewal failure must not kill a long training (the lease only matters when the process dies)
+    stack.enter_context(maintain_concurrency_lease(lease_id, LEASE_S, raise_on_lease_renewal_failure=False))
+
+
 def acquire_slot(stack: ExitStack, name: str, what: str) -> float:
     """Hold one slot of limit `name` until `stack` closes, waiting (and saying so) while all are taken; return the
-    seconds waited."""
+    seconds waited. Slots whose holder process on this machine died are freed first.
+
+    Prefect's `concurrency()` context manager does the same acquire / renew / release but keeps the lease id to
+    itself; sftflow needs it to record the holder, so it calls the same three functions directly."""
     from prefect.concurrency._asyncio import AcquireConcurrencySlotTimeoutError, ConcurrencySlotAcquisitionError
-    from prefect.concurrency.sync import concurrency
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
 
     holder, logger, started = lease_holder(), stage_logger(), time.monotonic()
 
-    def slot(**wait):
-        # strict: a limit deleted under us is an error, not an unlimited run; a transient renewal failure must not
-        # kill a long training (the lease only matters when the process dies)
-        return concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True, holder=holder,
-                           raise_on_lease_renewal_failure=False, **wait)
+    def take(**wait):
+        # strict: a limit deleted under us is an error, not an unlimited run
+        lease = acquire_concurrency_slots_with_lease([name], 1, lease_duration=LEASE_S, strict=True, holder=holder,
+                                                     **wait)
+        hold_lease(stack, name, lease.lease_id)
 
-    try:
-        stack.enter_context(slot(max_retries=0))  # take a free slot at once, or learn that there is none
-        return 0.0
-    except ConcurrencySlotAcquisitionError as err:
-        if not is_locked(err):
-            raise
+    for attempt in range(2):
+        try:
+            take(max_retries=0)  # take a free slot at once, or learn that there is none
+            return 0.0
+        except ConcurrencySlotAcquisitionError as err:
+            if not is_locked(err):
+                raise
+        if attempt == 0 and (dead := reclaim_dead_slots(name)):
+            logger.info("%s: freed the training slot(s) of %r that killed run(s) held (pid %s)", what, name,
+                        ", ".join(map(str, dead)))
+        else:
+            break
     others = other_trainings()
     logger.info("%s: waiting for a training slot: global concurrency limit %r has %s; other train tasks running: %s",
-                what, name, limit_usage(name), "; ".join(others) or "none seen (a killed run may hold it: "
-                f"`prefect gcl update {name} --active-slots 0` frees it)")
+                what, name, limit_usage(name), "; ".join(others) or "none seen (a run on another machine may hold "
+                f"it; `prefect gcl update {name} --active-slots 0` frees every slot)")
     reported = started
     while True:
         try:
-            stack.enter_context(slot(timeout_seconds=POLL_S))
+            take(timeout_seconds=POLL_S)
             break
         except AcquireConcurrencySlotTimeoutError:
+            reclaim_dead_slots(name)
             if time.monotonic() - reported >= WAIT_REPORT_S:
                 reported = time.monotonic()
                 logger.info("%s: still waiting for a training slot of %r (%s) after %.0f s", what, name,
