@@ -305,15 +305,17 @@ def serve_command(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live only there
-    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    # SIGINT too: a process started by one that ignores SIGINT inherits that, and Python then never raises
+    # KeyboardInterrupt, so Ctrl-C would not stop the server
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print(f"stopped serving {generator.model_id}", flush=True)
     finally:
         server.server_close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:

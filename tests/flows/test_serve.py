@@ -102,7 +102,9 @@ def greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: int) -> 
 
 def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     """Start `main(args)` in its own process (stderr to `log`); return it and its URL once it says it serves."""
-    code = "import sys; from tasks.serve import main; sys.exit(main(sys.argv[1:]))"
+    # SIGINT ignored, as in a child of a process that ignores it (seen in the full suite): Ctrl-C must still stop it
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from tasks.serve import main; "
+            "sys.exit(main(sys.argv[1:]))")
     with log.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -177,7 +179,9 @@ def test_served_champion_answers_both_request_shapes_as_the_model_does_refuses_b
 
 
 def test_an_unknown_model_ref_fails_the_command_with_one_line(store, tmp_path):
-    code = "import sys; from tasks.serve import main; sys.exit(main(sys.argv[1:]))"
+    # SIGINT ignored, as in a child of a process that ignores it (seen in the full suite): Ctrl-C must still stop it
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from tasks.serve import main; "
+            "sys.exit(main(sys.argv[1:]))")
     result = subprocess.run([sys.executable, "-c", code, f"{NAME}@nope", "--tracking-uri", store, "--runs-dir",
                              str(tmp_path)], check=False, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 2
