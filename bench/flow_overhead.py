@@ -60,23 +60,10 @@ DEFAULT_RUN_S = 937  # README: `make run` on configs/default.yaml, 2 shared core
 
 
 def tiny_random_model(out: Path) -> Path:
-    """Save a 2-layer random llama with the SmolLM2 tokenizer (as tests/conftest.py builds it) to `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """Save the tests' 2-layer random llama with the SmolLM2 tokenizer to `out` (tasks/tiny_model.py)."""
+    from tasks.tiny_model import build_tiny_model
 
-    from tasks.base_model import resolve_gguf
-    from tasks.config import DEFAULT_BASE_MODEL
-
-    gguf = resolve_gguf(DEFAULT_BASE_MODEL)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.4, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_model(out)
 
 
 def direct_pipeline(config_path: Path, overrides: list[str], run_id: str) -> dict:

@@ -24,27 +24,10 @@ apply_defaults()
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template from the packaged GGUF.
+    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template (tasks/tiny_model.py)."""
+    from tasks.tiny_model import build_tiny_model
 
-    A wide init (0.4) gives logits enough range for LoRA on the linear layers to move them (0.02 would not).
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from tasks.base_model import resolve_gguf
-    from tasks.config import DEFAULT_BASE_MODEL
-
-    gguf = resolve_gguf(DEFAULT_BASE_MODEL)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, initializer_range=0.4, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
