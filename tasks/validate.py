@@ -163,8 +163,3 @@ def validate(stage: str, data: Path, suite_file: Path, out_report: Path, out_doc
 def validation_args(stage: str, data: Path, run: RunPaths, cfg: ValidateConfig) -> tuple:
     """Return the `validate` task's arguments for one stage of a run: suite, report path and Data Docs root."""
     return stage, data, cfg.suite_for(stage), run.validation / f"{stage}.json", run.root, cfg
-
-
-def validate_stage(stage: str, data: Path, run: RunPaths, cfg: ValidateConfig) -> Path:
-    """Run the `validate` task for one stage of a run."""
-    return validate(*validation_args(stage, data, run, cfg))
