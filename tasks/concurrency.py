@@ -134,23 +134,46 @@ def process_started(pid: int) -> str | None:
         return ""
 
 
+def holder_alive(held: dict) -> bool:
+    """Return True while the process a holder record names still runs (the same process, not a new one with its
+    pid; where its start time cannot be read, a live pid counts as alive)."""
+    started = process_started(int(held["pid"]))
+    return started is not None and (not started or not held.get("started") or started == held["started"])
+
+
+STALE_RECORD_S = 7 * 86400  # a dead holder's record of another Prefect database is dropped after this
+
+
 def reclaim_dead_slots(name: str) -> list[int]:
     """Release the leases of limit `name` whose recorded holder process on this machine is gone (SIGKILLed, OOM):
     Prefect's temporary server never expires a lease, so without this a killed training's slot would stay taken
-    and every later training would wait for it forever. Return the dead holders' pids."""
-    freed = []
+    and every later training would wait for it forever. Return the dead holders' pids.
+
+    A record counts only for the limit it was taken from (its id): one of another Prefect database (another
+    PREFECT_HOME, server or test session) names a lease this server never had, and freeing a slot for it would free
+    a live holder's."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        limit_id = str(client.read_global_concurrency_limit_by_name(name).id)
+    ours = []
     for record in sorted(holders_dir().glob("*.json")):
         try:
             held = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            alive = holder_alive(held)
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if held.get("limit") != name:
+        if held.get("limit") == name and held.get("limit_id") == limit_id:
+            ours.append((record, held, alive))
+        elif not alive and time.time() - record.stat().st_mtime > STALE_RECORD_S:
+            record.unlink(missing_ok=True)
+    live = sum(alive for *_, alive in ours)
+    freed = []
+    for record, held, alive in ours:
+        if alive:
             continue
-        started = process_started(int(held["pid"]))
-        if started is not None and (not started or not held.get("started") or started == held["started"]):
-            continue  # alive (the same process, not a new one with its pid)
         try:
-            release_dead_lease(name, held["lease_id"])
+            release_dead_lease(name, held["lease_id"], live)
         except Exception as err:  # noqa: BLE001 -- reclaiming is a courtesy: never fail a training over it
             stage_logger().warning("train: could not free the slot of dead pid %s: %s", held["pid"], err)
             continue
@@ -159,10 +182,12 @@ def reclaim_dead_slots(name: str) -> list[int]:
     return freed
 
 
-def release_dead_lease(name: str, lease_id: str) -> None:
+def release_dead_lease(name: str, lease_id: str, live_holders: int) -> None:
     """Give back the slot a dead holder's lease `lease_id` took. A temporary server keeps leases in its memory: one
     started after the holder's server died knows no such lease (and says nothing) while the slot is still counted
-    in the database, so the slot is then released by count."""
+    in the database, so the slot is then released by count, but only while more slots are taken than the
+    `live_holders` recorded on this machine (a server's repossessor may have expired the lease and given its slot
+    to a live run already)."""
     from prefect.client.orchestration import get_client
     from prefect.concurrency._sync import release_concurrency_slots_with_lease
 
@@ -172,20 +197,25 @@ def release_dead_lease(name: str, lease_id: str) -> None:
             release_concurrency_slots_with_lease(lease_id)
         except Exception as err:  # noqa: BLE001 -- a lease the server already expired or never knew
             stage_logger().info("train: lease %s of a dead training: %s", lease_id, err)
-        if before > 0 and client.read_global_concurrency_limit_by_name(name).active_slots >= before:
+        after = client.read_global_concurrency_limit_by_name(name).active_slots
+        if after >= before and after > live_holders:
             client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=1.0)  # must be > 0
 
 
 def hold_lease(stack: ExitStack, name: str, lease_id) -> None:
     """Keep lease `lease_id` of limit `name` renewed until `stack` closes, then release it; record its holder (this
     process) in holders_dir() meanwhile, so a later run can free it if this process dies."""
+    from prefect.client.orchestration import get_client
     from prefect.concurrency._leases import maintain_concurrency_lease
     from prefect.concurrency._sync import release_concurrency_slots_with_lease
 
+    with get_client(sync_client=True) as client:
+        limit_id = str(client.read_global_concurrency_limit_by_name(name).id)
     record = holders_dir() / f"{lease_id}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"limit": name, "lease_id": str(lease_id), "pid": os.getpid(),
-                                  "started": process_started(os.getpid()) or ""}), encoding="utf-8")
+    record.write_text(json.dumps({"limit": name, "limit_id": limit_id, "lease_id": str(lease_id),
+                                  "pid": os.getpid(), "started": process_started(os.getpid()) or ""}),
+                      encoding="utf-8")
     stack.callback(record.unlink, missing_ok=True)
     stack.callback(release_concurrency_slots_with_lease, lease_id)
     # a transient renewal failure must not kill a long training (the lease only matters when the process dies)

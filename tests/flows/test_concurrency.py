@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -141,3 +142,97 @@ def test_without_a_prefect_run_training_has_no_slot_limit_but_its_threads(tmp_pa
     assert torch.get_num_threads() == before  # evaluate and the rest get the process's threads back
     record = json.loads((tmp_path / "train_slot.json").read_text())
     assert record["limit"] is None and record["threads"] == 1 and record["ended_at"] >= record["started_at"]
+
+
+def dead_pid() -> int:
+    """Return the pid of a process that has just ended."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def plant_holder(limit: str, limit_id, lease_id, pid: int) -> Path:
+    from tasks.concurrency import holders_dir
+
+    record = holders_dir() / f"{lease_id}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(
+        json.dumps({"limit": limit, "limit_id": str(limit_id), "lease_id": str(lease_id), "pid": pid, "started": ""})
+    )
+    return record
+
+
+@pytest.fixture
+def reclaim_limit(tmp_path, monkeypatch, request):
+    """A fresh one-slot global concurrency limit on the harness's server, and an empty holders directory."""
+    from tasks.concurrency import ensure_limit
+
+    monkeypatch.setenv("SFTFLOW_CACHE", str(tmp_path))
+    name = f"sftflow-test-{request.node.name[-40:]}"
+    ensure_limit(name, 1)
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    yield name, limit.id
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(name)
+
+
+def active_slots(name: str) -> int:
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(name).active_slots
+
+
+def test_a_dead_holder_recorded_for_another_prefect_database_never_frees_a_live_holders_slot(reclaim_limit):
+    # what CI hit: a SIGKILLed training of an earlier test session (another database) left its record, and the
+    # next session's run freed the slot a live holder had, so two trainings overlapped
+    import uuid
+
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.concurrency import reclaim_dead_slots
+
+    name, _ = reclaim_limit
+    with concurrency(name, occupy=1, strict=True):
+        record = plant_holder(name, uuid.uuid4(), uuid.uuid4(), dead_pid())
+        assert reclaim_dead_slots(name) == []
+        assert active_slots(name) == 1 and record.exists()  # kept for its own database's runs
+        os.utime(record, (time.time() - 8 * 86400,) * 2)
+        assert reclaim_dead_slots(name) == [] and active_slots(name) == 1
+        assert not record.exists()  # a week old and its holder dead: dropped
+
+
+def test_a_dead_holders_slot_goes_back_by_its_lease_or_by_count_when_the_server_forgot_it(reclaim_limit):
+    import uuid
+
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
+
+    from tasks.concurrency import reclaim_dead_slots
+
+    name, limit_id = reclaim_limit
+    lease = acquire_concurrency_slots_with_lease([name], 1, lease_duration=300, strict=True)
+    pid = dead_pid()
+    plant_holder(name, limit_id, lease.lease_id, pid)
+    assert active_slots(name) == 1
+    assert reclaim_dead_slots(name) == [pid] and active_slots(name) == 0  # released through its lease
+    # a temporary server that started after the holder's died never knew its lease: the slot goes by count
+    with get_client(sync_client=True) as client:
+        client.increment_concurrency_slots(names=[name], slots=1, mode="concurrency")
+    record = plant_holder(name, limit_id, uuid.uuid4(), pid)
+    assert reclaim_dead_slots(name) == [pid] and active_slots(name) == 0 and not record.exists()
+
+
+def test_a_forgotten_lease_frees_no_slot_that_a_live_recorded_holder_has(reclaim_limit):
+    # a server's repossessor expired the dead holder's lease and a live training took the slot since
+    import uuid
+
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
+
+    from tasks.concurrency import process_started, reclaim_dead_slots
+
+    name, limit_id = reclaim_limit
+    live = acquire_concurrency_slots_with_lease([name], 1, lease_duration=300, strict=True)
+    record = plant_holder(name, limit_id, live.lease_id, os.getpid())
+    record.write_text(json.dumps({**json.loads(record.read_text()), "started": process_started(os.getpid())}))
+    pid = dead_pid()
+    plant_holder(name, limit_id, uuid.uuid4(), pid)
+    assert reclaim_dead_slots(name) == [pid] and active_slots(name) == 1  # its record goes, the live slot stays
