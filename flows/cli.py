@@ -124,16 +124,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_pipeline(args: argparse.Namespace) -> None:
-    """Run the flow and print its summary."""
+def open_mlflow(tracking_uri: str) -> None:
+    """Import MLflow and open its stores, which every run needs (register always runs; the first client of a sqlite
+    store checks its schema, ~1.4 s): while a temporary Prefect server boots on another core, this costs nothing.
+    A sqlite store that does not exist yet is left to the run to create (a run that stops at bad data makes none)."""
+    from mlflow import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        return
+    MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def run_pipeline(args: argparse.Namespace, server) -> None:
+    """Run the flow (on `server`, the temporary Prefect server spawned at the start, if Prefect needs one) and
+    print its summary."""
     from flows.sft_pipeline import sft_pipeline
+    from flows.temporary_server import serving
     from tasks.config import load_config
     from tasks.report import human_summary
 
-    cfg = load_config(args.config, args.overrides)  # fail fast, before any server or model starts
+    cfg = load_config(args.config, args.overrides)  # fail fast, before any model starts
     try:
-        summary = sft_pipeline(args.config, args.overrides, args.run_id, force=args.force, refresh=args.refresh,
-                               refresh_from=args.refresh_from)
+        with serving(server, meanwhile=lambda: open_mlflow(cfg.tracking_uri())):
+            summary = sft_pipeline(args.config, args.overrides, args.run_id, force=args.force,
+                                   refresh=args.refresh, refresh_from=args.refresh_from)
     except SftflowError:
         raise
     except Exception as e:  # not the user's: the failure hook said which step, why, and how to rerun it
@@ -165,8 +179,8 @@ def prefect_api_problem(e: BaseException) -> str | None:
     return None
 
 
-def dispatch(args: argparse.Namespace) -> None:
-    """Run the chosen command."""
+def dispatch(args: argparse.Namespace, server=None) -> None:
+    """Run the chosen command; `server` is the temporary Prefect server spawned for `run` and `task`, or None."""
     if args.command == "env":
         print(shell_exports())
     elif args.command == "serve":
@@ -174,7 +188,7 @@ def dispatch(args: argparse.Namespace) -> None:
 
         serve_command(args)  # blocks; Ctrl-C stops it cleanly
     elif args.command == "run":
-        run_pipeline(args)
+        run_pipeline(args, server)
     elif args.command in ("promote", "rollback", "models"):
         print(registry_command(args))
     elif args.command == "diagnose":
@@ -183,8 +197,10 @@ def dispatch(args: argparse.Namespace) -> None:
         print(diagnose_run(args.runs_dir, args.run_id))
     else:
         from flows.single_task import run_step
+        from flows.temporary_server import serving
 
-        print(run_step(args.step, args.runs_dir, args.run_id, args.overrides))
+        with serving(server):
+            print(run_step(args.step, args.runs_dir, args.run_id, args.overrides))
         if args.inspect:
             from flows.single_task import inspect_format
 
@@ -197,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     apply_defaults()  # before Prefect is imported: it reads its settings from the environment
     try:
         quiet_user_errors(every_traceback=args.command == "run")
-        dispatch(args)
+        server = None
+        if args.command in ("run", "task"):  # they run Prefect tasks: its server boots while they import
+            from flows.temporary_server import spawn_early
+
+            server = spawn_early()
+        dispatch(args, server)
     except StepFailed as e:
         print(f"sftflow: error: {e}", file=sys.stderr)
         return 1
