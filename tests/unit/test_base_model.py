@@ -199,3 +199,34 @@ def test_prepare_base_model_retries_transient_errors_briefly_and_works_without_p
 
     assert (prepare_base_model.retries, prepare_base_model.retry_delay_seconds) == (2, [5, 20])
     assert prepare_base_model.fn(str(tiny_model_dir)) == str(tiny_model_dir.resolve())
+
+
+# --- the packaged GGUF, converted once per machine ------------------------------------------------------------------
+
+CONVERT = """
+import sys
+from tasks.base_model import resolve_base_model
+print("->", resolve_base_model(sys.argv[1]))
+"""
+
+
+def test_two_processes_converting_the_packaged_gguf_at_once_both_get_the_one_complete_copy(tmp_path):
+    # two scheduled runs on a fresh machine: both find no conversion and convert; neither may fail or see half a copy
+    from tasks.base_model import missing_parts
+    from tasks.config import DEFAULT_BASE_MODEL
+
+    env = dict(os.environ, SFTFLOW_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, DEFAULT_BASE_MODEL], env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert all("de-quantizing GGUF tensors" in o for o in outputs)  # both really converted, at the same time
+    (first,), (second,) = ([line.split("-> ", 1)[1] for line in o.splitlines() if line.startswith("-> ")]
+                           for o in outputs)
+    assert first == second
+    models = tmp_path / "cache" / "models"
+    assert [p.name for p in models.iterdir()] == [Path(first).name]  # no temporary copy left behind
+    assert missing_parts(Path(first)) == []
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(first).config.model_type == "llama"
