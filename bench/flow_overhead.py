@@ -32,13 +32,12 @@ server (what a second `make run` costs: the command starts that server itself, f
 `pair_vs_sequential` = the pair's wall time over twice the lone run's (1.0: as fast as
 taking turns by hand; the unlimited pair measured 2.4 before the train slots).
 
-Measured (AMD EPYC, 2 cores, AVX2, shared with other jobs; bench/README.md "Orchestration overhead"):
-- load 0.9 -> 2.5, `--skip-concurrency`: direct 163 s, flow 199 s: overhead 36 s = 18% of this small run, 3.8% of
-  the default run's 937 s; 13.6 s of the flow outside task runs; cached rerun 2.2 s in process (8 of 13 tasks
-  cached, the other 5 uncached by design), 22.4 s as `sftflow run` on the temporary server, 10.8 s against a
-  running server;
-- load 6.3 -> 2.8, full: one run alone 236 s, two together 388 s = 0.82x one after the other, trainings overlapped
-  0 s (the second waited 112 s for the slot). The direct/flow pair of that run was noise (flow 153 s faster).
+Measured (AMD EPYC, 2 cores, AVX2, no native bf16; bench/README.md "Orchestration overhead"), 2026-12-01, load
+0.99 -> 2.12, full: direct 116.2 s, flow 129.1 s: overhead 13.0 s = 10% of this small run, 1.4% of the default
+run's 937 s; 13.4 s of the flow outside task runs; cached rerun 1.2 s in process (8 of 13 tasks cached, the other 5
+uncached by design), 11.8 s as `sftflow run` on the temporary server (22.4 s before the command started it
+itself), 9.9 s against a running server; one run alone 162.2 s, two together 294.2 s = 0.91x one after the
+other, trainings overlapped 0 s (the second waited 91 s for the slot).
 """
 
 from __future__ import annotations
