@@ -28,7 +28,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-PORT_IN_USE = 3  # uvicorn's exit code when it cannot bind (Prefect respawns on another port too)
+from tasks.errors import SftflowError
+
+PORT_IN_USE = 3  # uvicorn's exit code when it cannot start, a taken port included (Prefect respawns on another)
+LOG_KEEP_BYTES = 1 << 20
+MAX_RESPAWNS = 1  # the port came free from the OS a moment before: one clash is already unlikely
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a loopback server: never via a proxy
 LOCAL_UI = "http://127.0.0.1:4200"  # `make ui-prefect`: the same database's runs, in Prefect's UI
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -41,6 +45,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def log_path() -> Path:
+    """Return the file the temporary servers' output goes to: temporary-server.log in PREFECT_HOME."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser() / "temporary-server.log"
+
+
 def healthy(api_url: str) -> bool:
     """Return True once the server at `api_url` answers its health check."""
     try:
@@ -50,8 +59,13 @@ def healthy(api_url: str) -> bool:
         return False
 
 
+class ServerExited(SftflowError):
+    """The temporary server's process ended before it answered (a broken database, a bad setting)."""
+
+
 class TemporaryServer:
-    """One temporary Prefect server subprocess on a loopback port: spawn(), then use() once Prefect is imported."""
+    """One temporary Prefect server subprocess on a loopback port: spawn() it, then serving() once Prefect is
+    imported."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
@@ -62,14 +76,22 @@ class TemporaryServer:
         return f"http://127.0.0.1:{self.port}/api"
 
     def spawn(self) -> TemporaryServer:
-        """Start the server process on a free port, without waiting for it or importing Prefect; return self."""
+        """Start the server process on a free port, without waiting for it or importing Prefect; return self. Its
+        output (errors only) goes to log_path(), not into the command's."""
         prefect_dir = Path(importlib.util.find_spec("prefect").origin).parent  # found, not imported
         self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, **SERVER_ENV})
+        log = log_path()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        mode = "a" if not log.exists() or log.stat().st_size < LOG_KEEP_BYTES else "w"  # the latest, not forever
+        with log.open(mode, encoding="utf-8") as out:
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} temporary server on port {self.port} for pid "
+                      f"{os.getpid()}\n")
+            out.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, **SERVER_ENV}, stdout=out, stderr=subprocess.STDOUT)
         return self
 
     def stop(self) -> None:
@@ -85,16 +107,18 @@ class TemporaryServer:
         self.process = None
 
     def wait(self, timeout_s: float) -> None:
-        """Block until the server answers; respawn on another port if its port was taken; raise RuntimeError (the
-        words Prefect uses, which the CLI explains in one line) when it does not answer within `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
+        """Block until the server answers, respawning it on another port when its port was taken (a few times: a
+        server that cannot open its database exits the same way). Raise ServerExited when it ended, RuntimeError
+        (the words Prefect uses, which the CLI explains in one line) when it does not answer within `timeout_s`."""
+        deadline, respawns = time.monotonic() + timeout_s, 0
         while not healthy(self.api_url):
-            if self.process.poll() == PORT_IN_USE:
+            if self.process.poll() == PORT_IN_USE and respawns < MAX_RESPAWNS:
+                respawns += 1
                 self.spawn()
             elif self.process.poll() is not None:
-                code = self.process.returncode
-                self.process = None
-                raise RuntimeError(f"Ephemeral Prefect API server process exited with code {code}.")
+                code, self.process = self.process.returncode, None
+                raise ServerExited(f"Prefect's temporary API server exited with code {code} before it answered; "
+                                   f"its output is in {log_path()}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")

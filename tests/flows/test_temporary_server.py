@@ -93,3 +93,14 @@ def test_no_server_is_started_when_prefect_has_an_api_url(monkeypatch):
     assert spawn_early() is None
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert spawn_early() is None
+
+
+def test_a_temporary_server_that_cannot_open_its_database_is_one_line_naming_its_log(project, tmp_path):
+    env = bare_env(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL="sqlite+aiosqlite:////no/such/dir/prefect.db")
+    result, output = sftflow_task(project, env)
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    log = project / ".sftflow" / "prefect" / "temporary-server.log"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"sftflow: error: Prefect's temporary API server exited with code 3 before it answered; its output is in {log}")
+    assert "Application startup failed" in log.read_text()  # the server's own account of why
+    assert servers_in(project) == []
