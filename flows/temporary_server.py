@@ -107,8 +107,8 @@ class TemporaryServer:
         self.process = None
 
     def wait(self, timeout_s: float) -> None:
-        """Block until the server answers, respawning it on another port when its port was taken (a few times: a
-        server that cannot open its database exits the same way). Raise ServerExited when it ended, RuntimeError
+        """Block until the server answers, respawning it once on another port when its port was taken (only once:
+        a server that cannot open its database exits the same way). Raise ServerExited when it ended, RuntimeError
         (the words Prefect uses, which the CLI explains in one line) when it does not answer within `timeout_s`."""
         deadline, respawns = time.monotonic() + timeout_s, 0
         while not healthy(self.api_url):

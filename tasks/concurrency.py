@@ -64,6 +64,14 @@ def ensure_limit(name: str, slots: int) -> None:
         client.upsert_global_concurrency_limit_by_name(name, slots)
 
 
+def limit_id(name: str) -> str:
+    """Return the id of global concurrency limit `name`: it tells one Prefect database's limit from another's."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.read_global_concurrency_limit_by_name(name).id)
+
+
 def limit_usage(name: str) -> str:
     """Return how many slots of limit `name` are taken, e.g. '1 of 1 slots taken'."""
     from prefect.client.orchestration import get_client
@@ -152,10 +160,7 @@ def reclaim_dead_slots(name: str) -> list[int]:
     A record counts only for the limit it was taken from (its id): one of another Prefect database (another
     PREFECT_HOME, server or test session) names a lease this server never had, and freeing a slot for it would free
     a live holder's."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        limit_id = str(client.read_global_concurrency_limit_by_name(name).id)
+    this_limit = limit_id(name)
     ours = []
     for record in sorted(holders_dir().glob("*.json")):
         try:
@@ -163,7 +168,7 @@ def reclaim_dead_slots(name: str) -> list[int]:
             alive = holder_alive(held)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if held.get("limit") == name and held.get("limit_id") == limit_id:
+        if held.get("limit") == name and held.get("limit_id") == this_limit:
             ours.append((record, held, alive))
         elif not alive and time.time() - record.stat().st_mtime > STALE_RECORD_S:
             record.unlink(missing_ok=True)
@@ -205,15 +210,12 @@ def release_dead_lease(name: str, lease_id: str, live_holders: int) -> None:
 def hold_lease(stack: ExitStack, name: str, lease_id) -> None:
     """Keep lease `lease_id` of limit `name` renewed until `stack` closes, then release it; record its holder (this
     process) in holders_dir() meanwhile, so a later run can free it if this process dies."""
-    from prefect.client.orchestration import get_client
     from prefect.concurrency._leases import maintain_concurrency_lease
     from prefect.concurrency._sync import release_concurrency_slots_with_lease
 
-    with get_client(sync_client=True) as client:
-        limit_id = str(client.read_global_concurrency_limit_by_name(name).id)
     record = holders_dir() / f"{lease_id}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"limit": name, "limit_id": limit_id, "lease_id": str(lease_id),
+    record.write_text(json.dumps({"limit": name, "limit_id": limit_id(name), "lease_id": str(lease_id),
                                   "pid": os.getpid(), "started": process_started(os.getpid()) or ""}),
                       encoding="utf-8")
     stack.callback(record.unlink, missing_ok=True)
