@@ -46,12 +46,10 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,15 +133,10 @@ def run_cli(overrides: list[str], run_id: str, env: dict, log: Path) -> float:
     return time.perf_counter() - start
 
 
-def free_port() -> int:
-    """Return a loopback TCP port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(env: dict) -> tuple[subprocess.Popen, str]:
     """Start `prefect server start` on a free loopback port; return it and its API URL once it answers."""
+    from flows.temporary_server import free_port, healthy
+
     port = free_port()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,11 +144,9 @@ def start_server(env: dict) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 240
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5):
-                return proc, url
-        except OSError:
-            time.sleep(1)
+        if healthy(url):
+            return proc, url
+        time.sleep(1)
     stop_server(proc)
     raise SystemExit("prefect server did not answer within 240 s")
 

@@ -27,11 +27,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 
+from flows.temporary_server import healthy
 from tasks.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, sftflow_home
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,15 +92,6 @@ def log_tail(record: dict, lines: int = 15) -> str:
     return "\n".join("    " + line for line in text)
 
 
-def api_healthy(url: str) -> bool:
-    """Return whether the Prefect API at `url` (…/api) answers its health check."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def port_free(port: int) -> bool:
     """Return whether nothing listens on HOST:port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -127,7 +118,7 @@ def start_server(port: int, env: dict[str, str]) -> dict:
     import prefect.client.orchestration  # noqa: F401  (seconds of imports, done while the server starts)
 
     deadline = started + PREFECT_STARTUP_TIMEOUT_S  # a first start creates and migrates the database: ~40 s busy
-    while not api_healthy(url):
+    while not healthy(url):
         if not running(record):
             raise StackError(f"the Prefect server exited while starting; {record['log']} ends:\n{log_tail(record)}")
         if time.monotonic() > deadline:
