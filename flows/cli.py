@@ -130,7 +130,9 @@ def open_mlflow(tracking_uri: str) -> None:
     A sqlite store that does not exist yet is left to the run to create (a run that stops at bad data makes none)."""
     from mlflow import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+    from tasks.config import absent_sqlite_store
+
+    if absent_sqlite_store(tracking_uri):
         return
     MlflowClient(tracking_uri, registry_uri=tracking_uri)
 

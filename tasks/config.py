@@ -318,6 +318,14 @@ class PipelineConfig(StageConfig):
         return self.registry.artifact_root or self.runs_dir / "mlartifacts"
 
 
+def absent_sqlite_store(tracking_uri: str) -> Path | None:
+    """Return the file of the sqlite store `tracking_uri` names when that file does not exist, else None: MLflow
+    would create an empty store just by looking."""
+    if tracking_uri.startswith("sqlite:///") and not (path := Path(tracking_uri.removeprefix("sqlite:///"))).is_file():
+        return path
+    return None
+
+
 def content_hash(system: str, turns: str) -> str:
     """Return the SQL expression hashing a conversation (system prompt, then each turn's role and content)."""
     return (f"md5(coalesce({system}, '') || chr(1) || array_to_string("

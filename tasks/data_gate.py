@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from tasks.common import in_prefect_run, stage_logger, stage_task
-from tasks.config import PipelineConfig, RunPaths
+from tasks.config import PipelineConfig, RunPaths, absent_sqlite_store
 
 NO_NEW_DATA = "no new data"  # the name of the Completed state a gated run ends in
 NOT_MODEL_INPUTS = ("runs_dir", "orchestrate")
@@ -30,7 +29,7 @@ def config_digest(cfg: PipelineConfig) -> str:
 def last_registered(tracking_uri: str, model_name: str):
     """Return the newest registered version of `model_name` (an MLflow ModelVersion), or None when there is none
     or the store does not exist yet (a sqlite store is not created by looking)."""
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+    if absent_sqlite_store(tracking_uri):
         return None
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

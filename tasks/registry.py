@@ -189,8 +189,10 @@ def registry_client(tracking_uri: str):
     new empty store)."""
     from mlflow import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise RegistryError(f"no MLflow store at {tracking_uri.removeprefix('sqlite:///')}: pass --runs-dir or "
+    from tasks.config import absent_sqlite_store
+
+    if absent := absent_sqlite_store(tracking_uri):
+        raise RegistryError(f"no MLflow store at {absent}: pass --runs-dir or "
                             "--tracking-uri (or set MLFLOW_TRACKING_URI) to the store `sftflow run` wrote")
     return MlflowClient(tracking_uri, registry_uri=tracking_uri)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -251,10 +250,11 @@ def load_generator(args: argparse.Namespace) -> Generator:
     """Return the Generator for the version `args.model` names, or raise ConfigError (one line) if there is none."""
     from transformers import AutoTokenizer
 
+    from tasks.config import absent_sqlite_store
+
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
-    store = re.match(r"sqlite:///(.+)", uri)
-    if store and not Path(store.group(1)).is_file():  # MLflow would create an empty store and find nothing in it
-        raise ConfigError(f"no MLflow store at {store.group(1)}: run `sftflow run` first, or point --runs-dir or "
+    if absent := absent_sqlite_store(uri):
+        raise ConfigError(f"no MLflow store at {absent}: run `sftflow run` first, or point --runs-dir or "
                           "--tracking-uri at the store")
     version = find_version(uri, args.model, Path(args.runs_dir) / "served")
     if version is None:
