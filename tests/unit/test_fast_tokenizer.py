@@ -101,6 +101,36 @@ def test_every_code_point_of_planes_0_to_3_and_14_tokenizes_as_hf_does(encoder):
     assert sum(f is None for f in fast) < len(texts) / 100  # only the few with a byte the vocabulary lacks
 
 
+def test_white_space_is_unicodes_white_space_property():
+    import regex
+
+    from tasks.fast_tokenizer import WHITE_SPACE
+
+    assert set(WHITE_SPACE) == {c for c in range(0x110000) if regex.match(r"\p{White_Space}", chr(c))}
+
+
+def test_cut_plain_pattern_pieces_equal_the_gpt2_regex_around_every_whitespace_run(encoder):
+    from tasks.fast_tokenizer import PIECE_CUT, WHITE_SPACE
+
+    fast = encoder.fast
+    assert fast.cuttable
+    # White_Space, what Python alone calls space (\x1c-\x1f) and zero-width characters that are not White_Space
+    spaces = [chr(c) for c in WHITE_SPACE] + ["\x1c", "\x1d", "\x1e", "\x1f", "\u200b", "\u2060", "\ufeff"]
+    contexts = ["{a}{b}How", "x{a}{b}1", "{a}{a}{b}'s", " {a}{b}é", "{a}{b}", "{a}{b}<|im_end|>", "{a}<|im_start|>{b}x",
+                "q{a}{b}{a}{b}.", "{a} {b}\n", "\n{a}{b}\n\nx", "{a}{b}😀"]
+    texts = [c.format(a=a, b=b) for a in spaces for b in spaces for c in contexts]
+    ids, _, _, bounds, bad = fast.encode_flat(texts)  # one joined, cut call
+    hf = hf_ids(encoder.backend, texts)
+    lacking = [t for t, b in zip(texts, bad) if b]  # a byte the vocabulary lacks (HF drops it): left to HF
+    assert len(lacking) < len(texts) / 10 and all(set(t) & {"\x1c", "\x1d", "\x1e", "\x1f"} for t in lacking)
+    assert [ids[a:b].tolist() for (a, b), b_ in zip(pairwise(bounds), bad) if not b_] == [
+        h for h, b_ in zip(hf, bad) if not b_]
+    # the cuts are what makes the plain pattern agree: without them these texts split differently
+    uncut = fast.plain.encode_ordinary("Mark has 3 apples.  How many?\n\nAnswer")
+    assert fast.hf_ids[uncut].tolist() != hf_ids(encoder.backend, ["Mark has 3 apples.  How many?\n\nAnswer"])[0]
+    assert fast.with_cuts("a  b\n\n<|im_end|>") == "a " + PIECE_CUT + " b\n\n<|im_end|>"
+
+
 def smollm2_backend(tiny_tokenizer) -> Tokenizer:
     return Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
 
