@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
 from multiprocessing import get_context
+from typing import Protocol
 
 import numpy as np
 
@@ -51,11 +52,12 @@ class Encoded:
     render_mismatches: list[tuple[int, str]] = field(default_factory=list)
     tokenizer: str = "hf"  # which tokenizer gave the ids: tiktoken or hf
 
-    def extend(self, other: Encoded, offset: int) -> None:
-        """Append another batch's rows (its row indices shifted by `offset`)."""
-        self.ids += other.ids
-        self.masks += other.masks
-        self.last_token += other.last_token
+    def extend(self, other: Encoded, offset: int, rows: bool = True) -> None:
+        """Append another batch's results (its row indices shifted by `offset`); its rows too unless not `rows`."""
+        if rows:
+            self.ids += other.ids
+            self.masks += other.masks
+            self.last_token += other.last_token
         self.prompt_failures += [(offset + i, why) for i, why in other.prompt_failures]
         self.fast_mismatches += other.fast_mismatches
         self.render_mismatches += other.render_mismatches
@@ -218,9 +220,20 @@ def process_count(rows: int, num_proc: int) -> int:
     return max(1, min(cpu_count(), rows // ROWS_PER_PROCESS))
 
 
+class Sink(Protocol):
+    """Takes encoded rows in order as encode_all finishes them, instead of its result holding them."""
+
+    def add(self, part: Encoded, start: int) -> None:
+        """Take rows start… of the run."""
+
+    def restart(self) -> None:
+        """Forget every row taken: the run starts again, the slow way."""
+
+
 def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
-               num_proc: int = 0, chunk: int = 1000) -> Encoded:
-    """Return the ids and masks of every conversation, in order.
+               num_proc: int = 0, chunk: int = 1000, sink: Sink | None = None) -> Encoded:
+    """Return the ids and masks of every conversation, in order; with a `sink`, hand it each chunk's rows in order
+    as they are done instead (the result then holds only the checks' findings), so a consumer works meanwhile.
 
     Where skeletons render the rows (tasks/skeletons.py), what is left is mostly tokenizing, and tiktoken and the HF
     tokenizer both release the GIL: the rows are encoded in this process, chunks tokenized in one thread per core
@@ -230,9 +243,9 @@ def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[lis
     Jinja), or fast-path ids that differ from the HF tokenizer's (encoded again by HF)."""
     how, workers = parallelism(encoder, convos, weights, num_proc)
     if how == "threads":
-        out = encode_threaded(encoder, convos, weights, check_prompts, workers, chunk)
+        out = encode_threaded(encoder, convos, weights, check_prompts, workers, chunk, sink)
     else:
-        out = encode_chunks(encoder, convos, weights, check_prompts, workers, chunk)
+        out = encode_chunks(encoder, convos, weights, check_prompts, workers, chunk, sink)
     for found, what, slower in ((out.render_mismatches, "skeleton {}'s text or spans differ from Jinja's",
                                  encoder.without_skeletons),
                                 (out.fast_mismatches, "fast tokenizer's {} differ from the HF tokenizer's",
@@ -243,7 +256,9 @@ def encode_all(encoder: ChatEncoder, convos: list[list[dict]], weights: list[lis
             row, detail = found[0]
             stage_logger().warning("format: the %s on row %d (%d of the checked rows differ); encoding every row the "
                                    "slow way", what.format(detail), row, len(found))
-            return encode_all(slower(), convos, weights, check_prompts, num_proc, chunk)
+            if sink is not None:
+                sink.restart()
+            return encode_all(slower(), convos, weights, check_prompts, num_proc, chunk, sink)
     out.tokenizer = encoder.tokenizer_path
     return out
 
@@ -273,11 +288,11 @@ def cpu_count() -> int:
 
 
 def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
-                  procs: int, chunk: int) -> Encoded:
-    """Return the encoded chunks of `chunk` rows, joined in order, from `procs` processes."""
+                  procs: int, chunk: int, sink: Sink | None = None) -> Encoded:
+    """Return the encoded chunks of `chunk` rows, joined in order, from `procs` processes (see encode_all's `sink`)."""
     starts = list(range(0, len(convos), chunk))
     if procs == 1:
-        return encode_threaded(encoder, convos, weights, check_prompts, 1, chunk)
+        return encode_threaded(encoder, convos, weights, check_prompts, 1, chunk, sink)
     # spawn, not fork: the parent may run other threads (Prefect's). Each worker gets the encoder once.
     with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=start_worker,
                              initargs=(encoder,)) as pool:
@@ -285,7 +300,7 @@ def encode_chunks(encoder: ChatEncoder, convos: list[list[dict]], weights: list[
                          [weights[s:s + chunk] for s in starts], [check_prompts] * len(starts), starts)
         out, progress = Encoded(), Progress(len(convos))
         for s, part in zip(starts, parts):
-            out.extend(part, s)
+            taken(out, part, s, sink)
             progress.done(min(s + chunk, len(convos)))
     return out
 
@@ -310,17 +325,25 @@ class Progress:
 PROGRESS_S = 5.0
 
 
+def taken(out: Encoded, part: Encoded, start: int, sink: Sink | None) -> None:
+    """Add a finished chunk (rows start…) to `out`, its rows to the sink if there is one."""
+    out.extend(part, start, rows=sink is None)
+    if sink is not None:
+        sink.add(part, start)
+
+
 def encode_threaded(encoder: ChatEncoder, convos: list[list[dict]], weights: list[list[float]], check_prompts: bool,
-                    threads: int, chunk: int) -> Encoded:
+                    threads: int, chunk: int, sink: Sink | None = None) -> Encoded:
     """Return the encoded chunks in order: this thread renders chunk after chunk and finishes them in order, while
-    `threads` threads tokenize (the Rust tokenizers release the GIL, so they share the cores with the rendering)."""
+    `threads` threads tokenize (the Rust tokenizers release the GIL, so they share the cores with the rendering).
+    See encode_all for `sink`."""
     out, pending, progress = Encoded(), [], Progress(len(convos))
 
     def finish_oldest() -> None:
         s0, rendered0, render_mismatches, tokens0 = pending.pop(0)
         part = encoder.finish(rendered0, tokens0.result(), check_prompts, s0)
         part.render_mismatches = render_mismatches
-        out.extend(part, s0)
+        taken(out, part, s0, sink)
         progress.done(s0 + len(rendered0))
 
     with ThreadPoolExecutor(threads) as pool:
