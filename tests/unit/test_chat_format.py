@@ -91,3 +91,37 @@ def test_thinking_traces_are_dropped_unless_kept():
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "reasoning": "add"}]
     assert conversation(None, turns)[1]["content"] == "4"
     assert conversation(None, turns, keep_reasoning=True)[1]["content"] == "<think>\nadd\n</think>\n\n4"
+
+
+@pytest.mark.parametrize("keep_reasoning", [False, True])
+def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep_reasoning):
+    import duckdb
+
+    from tasks.chat_format import ROWS_SQL, assistant_weights, read_split, split_rows
+
+    records = [{"messages": m} for m in CONVERSATIONS] + [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>add</think>4"}]},
+        {"conversations": [{"from": "human", "value": "h"}, {"from": "gpt", "value": "g1", "weight": 0},
+                           {"from": "human", "value": "h2"}, {"from": "gpt", "value": "g2", "weight": 1},
+                           {"from": "human", "value": "h3"}, {"from": "gpt", "value": "g3", "weight": 0}]},
+        {"instruction": "é ü 中", "input": "x", "output": "y", "system": "Be brief."},
+    ] + [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)]
+    src = write_jsonl(tmp_path / "c.jsonl", records)
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig(heldout_fraction=0.3))
+    seen = []
+    with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
+        for split in ("train", "heldout"):
+            expected = con.execute(ROWS_SQL, {"split": split}).fetchall()
+            rows = split_rows(read_split(con, split), keep_reasoning)
+            assert rows.row_ids == [r[0] for r in expected] and rows.sources == [r[1] for r in expected]
+            assert rows.copies.tolist() == [r[4] for r in expected]
+            convos = [conversation(system, messages, keep_reasoning) for _, _, system, messages, _ in expected]
+            assert rows.convos == convos
+            assert rows.weights == [assistant_weights(messages) for _, _, _, messages, _ in expected]
+            assert [convo[ref]["content"] for convo, ref in zip(rows.convos, rows.refs)] == [
+                prompt_and_reference(convo, r[3])[1] for convo, r in zip(convos, expected)]
+            seen += [(convo, convo[ref]["content"]) for convo, ref in zip(rows.convos, rows.refs)]
+    assert len(seen) == len(records)
+    assert any("<think>\nadd\n</think>" in m["content"] for c, _ in seen for m in c) == keep_reasoning
+    assert next(ref for c, ref in seen if c[-1]["content"] == "g3") == "g2"  # the last answer weighs 0

@@ -188,3 +188,27 @@ def test_the_costly_part_of_the_proof_is_recorded_per_tokenizer_and_only_once_it
     assert proof_file(broken) != proof_file(text)
     fast, why = fast_tokenizer(Tokenizer.from_str(broken))
     assert fast is None and why and not proof_file(broken).is_file()
+
+
+def test_a_split_written_while_it_encodes_is_written_again_whole_when_its_checked_rows_differ(
+        tiny_tokenizer, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from tasks.chat_format import SplitRows, SplitWriter, format_split
+    from tasks.config import ChatConfig
+
+    monkeypatch.setattr(SplitWriter, "ROWS_PER_GROUP", 100)  # row groups on disk before the check finds the fault
+    convos = chats([f"no question here {i}" for i in range(2100)] + ["a question?"])
+    rows = SplitRows(list(range(len(convos))), ["s"] * len(convos), np.ones(len(convos), dtype=np.int32), convos,
+                     [[1.0, 1.0]] * len(convos), [4] * len(convos))
+    encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
+    broken = encoder.fast.hf_ids.copy()
+    broken[encoder.fast.ranks[b"?"]] = 42  # "?" now gets a wrong id
+    encoder.fast.hf_ids = broken
+    cfg = ChatConfig(max_length=64, too_long="truncate")
+    lengths, _ = format_split(rows, "train", encoder, cfg, tmp_path / "fast.parquet")
+    format_split(rows, "train", encoder.without_fast(), cfg, tmp_path / "hf.parquet")
+    assert pq.read_table(tmp_path / "fast.parquet").equals(pq.read_table(tmp_path / "hf.parquet"))
+    assert pq.ParquetFile(tmp_path / "fast.parquet").metadata.num_row_groups == 3  # a group per 1000-row chunk
+    assert lengths.num_rows == len(convos) and sorted(p.name for p in tmp_path.iterdir()) == ["fast.parquet",
+                                                                                             "hf.parquet"]
