@@ -12,9 +12,10 @@ template is saved as chat_template.jinja, for the adapter's tokenizer and for ev
 
 from __future__ import annotations
 
+import gc
 import json
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from tasks.artifacts import publish_table
 from tasks.common import stage_logger, stage_task
 from tasks.config import ChatConfig
-from tasks.encoding import ChatEncoder, Encoded, encode_all
+from tasks.encoding import ChatEncoder, Encoded, Rows, encode_all
 from tasks.errors import ConfigError, DataValidationError
 from tasks.fast_tokenizer import fast_tokenizer
 from tasks.masks import marked_text
@@ -257,29 +258,33 @@ class SplitWriter:
     def table_of(self, part: Encoded, start: int) -> tuple[pa.Table, pa.Table]:
         """Return the Parquet rows of encoded rows start… and their length columns; record the rows dropped."""
         rows, max_length = self.rows, self.cfg.max_length
-        n_all = np.fromiter(map(len, part.ids), dtype=np.int64, count=len(part.ids))
+        ids, masks = flat_rows(part.ids), flat_rows(part.masks)
+        n_all = np.diff(ids.bounds)
         too_long = n_all > max_length
         drop = too_long & (self.cfg.too_long == "drop")
         self.dropped += [(rows.row_ids[start + k], f"{n_all[k]} tokens > chat.max_length={max_length}")
                          for k in np.flatnonzero(drop).tolist()]
         kept = np.flatnonzero(~drop)
-        take = np.repeat(kept, rows.copies[start + kept]).tolist()  # a source's weight repeats rows
-        ids = [part.ids[k][:max_length] for k in take]
-        masks = [part.masks[k][:max_length] for k in take]
-        n_tokens = np.minimum(n_all[take], max_length).astype(np.int32)
-        supervised = np.concatenate([[0], np.cumsum(np.concatenate(masks), dtype=np.int64)]) if masks else np.zeros(1)
-        bounds = np.concatenate([[0], np.cumsum(n_tokens, dtype=np.int64)])
-        last = np.asarray(part.last_token, dtype=np.int64)[take] if take else np.zeros(0, dtype=np.int64)
+        take = np.repeat(kept, rows.copies[start + kept])  # a source's weight repeats rows
+        id_values, offsets = take_rows(ids, take, max_length)
+        mask_values, _ = take_rows(masks, take, max_length)
+        supervised = np.zeros(len(mask_values) + 1, dtype=np.int64)
+        np.cumsum(mask_values, out=supervised[1:])
+        last = np.asarray(part.last_token, dtype=np.int64).reshape(-1)[take]
         # the prompt (JSON) is what evaluate generates from: held-out rows only; every row keeps its reference answer
         prompts = {k: prompt_at(rows.convos[start + k], rows.refs[start + k], self.with_prompts) for k in kept.tolist()}
+        take = take.tolist()
         lengths = pa.table({
             "row_id": pa.array([rows.row_ids[start + k] for k in take], pa.int64()),
             "source": pa.array([rows.sources[start + k] for k in take], pa.string()),
-            "n_tokens": n_tokens, "n_supervised": (supervised[bounds[1:]] - supervised[bounds[:-1]]).astype(np.int32),
+            "n_tokens": np.diff(offsets).astype(np.int32),
+            "n_supervised": (supervised[offsets[1:]] - supervised[offsets[:-1]]).astype(np.int32),
             "truncated": too_long[take]})
+        offsets = pa.array(offsets.astype(np.int32))
         return pa.table({
             **{name: lengths.column(name) for name in ("row_id", "source")},
-            "input_ids": list_array(ids, pa.int32()), "assistant_masks": list_array(masks, pa.int8()),
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(id_values, pa.int32())),
+            "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(mask_values, pa.int8())),
             **{name: lengths.column(name) for name in ("n_tokens", "n_supervised", "truncated")},
             # the model learns to stop only if the final supervised turn keeps its end-of-turn token
             "last_eot_supervised": (last >= 0) & (last < max_length),
@@ -343,12 +348,26 @@ def prompt_at(convo: list[dict], ref: int, with_prompt: bool = True) -> tuple[st
     return json.dumps(convo[:ref], ensure_ascii=False) if with_prompt else None, convo[ref]["content"]
 
 
-def list_array(arrays: list[np.ndarray], type_: pa.DataType) -> pa.Array:
-    """Return the numpy arrays as one Arrow list column, without a detour through Python lists."""
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=type_))
+def flat_rows(rows: list[np.ndarray] | Rows) -> Rows:
+    """Return rows as one flat array with bounds."""
+    if isinstance(rows, Rows):
+        return rows
+    bounds = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=bounds[1:])
+    return Rows(np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32), bounds)
+
+
+def take_rows(rows: Rows, take: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the values and offsets of rows `take` (in that order, repeats allowed), each cut to max_length tokens:
+    one gather for all of them, none when they are every row, whole, in order."""
+    starts = rows.bounds[take]
+    lengths = np.minimum(rows.bounds[take + 1] - starts, max_length)
+    offsets = np.zeros(len(take) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if len(take) == len(rows) and offsets[-1] == rows.bounds[-1] - rows.bounds[0] and (
+            take == np.arange(len(rows))).all():
+        return rows.values[rows.bounds[0]:rows.bounds[-1]], offsets
+    return rows.values[np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], lengths)], offsets
 
 
 def length_stats(table: pa.Table, dropped: int) -> dict:
@@ -388,11 +407,13 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
     """Write train.parquet, heldout.parquet, chat_template.jinja and stats.json to `out_dir`; return the stats.
 
     Rows dropped for length are added to `out_quarantine` (the run's quarantine.parquet) when given. DuckDB reads
-    the rows (on a thread: it releases the GIL) while the tokenizer loads.
+    the rows (on a thread: it releases the GIL) while the tokenizer loads. Python's cyclic garbage collector is
+    paused meanwhile: the rows are millions of small acyclic objects (freed by reference counting), which it would
+    otherwise scan again and again (100k GSM8K rows: 9.5 s -> 8.5 s).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     stats, dropped, formatted = {}, [], 0
-    with (duckdb.connect(str(clean_db), read_only=True) as con, closing(con.cursor()) as cursor,
+    with (gc_paused(), duckdb.connect(str(clean_db), read_only=True) as con, closing(con.cursor()) as cursor,
           ThreadPoolExecutor(1) as reader):
         tables = {split: reader.submit(read_split, cursor, split) for split in ("train", "heldout")}
         tokenizer = load_tokenizer(model_dir)
@@ -410,6 +431,18 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
     (out_dir / TEMPLATE_FILE).write_text(inference_template(template), encoding="utf-8")
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
     return stats
+
+
+@contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector inside the block (if it was running); it collects at the end."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @stage_task("format")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import pairwise
 from multiprocessing import get_context
 from typing import Protocol
 
@@ -38,12 +38,32 @@ CHECK_EVERY = 200  # and one in this many of the rest (hash-chosen)
 ROWS_PER_PROCESS = 10_000  # below this many rows per process, starting one (imports, ~3 s) costs more than it saves
 
 
+class Rows(Sequence):
+    """Rows laid end to end in one array: row r is values[bounds[r]:bounds[r + 1]] (a view, made when asked for),
+    so a chunk's rows are not 1,000 array objects and a consumer can take the flat arrays whole."""
+
+    def __init__(self, values: np.ndarray, bounds: np.ndarray):
+        self.values, self.bounds = values, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[k] for k in range(*r.indices(len(self)))]
+        if r < 0:
+            r += len(self)
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        return self.values[self.bounds[r]:self.bounds[r + 1]]
+
+
 @dataclass
 class Encoded:
     """Token ids and masks of a batch of conversations (numpy arrays, one per row), and prompt check results."""
 
-    ids: list[np.ndarray] = field(default_factory=list)
-    masks: list[np.ndarray] = field(default_factory=list)
+    ids: list[np.ndarray] | Rows = field(default_factory=list)
+    masks: list[np.ndarray] | Rows = field(default_factory=list)
     # index of the last token of each row's final supervised span (its end-of-turn token), -1 if none
     last_token: list[int] = field(default_factory=list)
     prompt_failures: list[tuple[int, str]] = field(default_factory=list)  # (row index in the batch, why)
@@ -55,6 +75,8 @@ class Encoded:
     def extend(self, other: Encoded, offset: int, rows: bool = True) -> None:
         """Append another batch's results (its row indices shifted by `offset`); its rows too unless not `rows`."""
         if rows:
+            if not isinstance(self.ids, list):  # Rows: from here on, a view per row
+                self.ids, self.masks = list(self.ids), list(self.masks)
             self.ids += other.ids
             self.masks += other.masks
             self.last_token += other.last_token
@@ -110,16 +132,20 @@ class ChatEncoder:
         """Return each conversation's text and supervised spans, from its shape's skeletons where they are proved
         (tasks/skeletons.py), and (run row, what differs) for each sampled row (`checked_rows`) whose skeleton
         rendering differs from rendering it with Jinja."""
-        out, mismatches, checked = [], [], checked_rows(start, len(convos))
+        out: list[Rendered | None] = [None] * len(convos)
+        shapes: dict[int, tuple[ShapePlan, list[int]]] = {}
         for i, (convo, w) in enumerate(zip(convos, weights)):
             plan = self.plan(convo, w)
             if plan is None:
-                out.append(render_spans(self.renderer, convo, w, self.mode))
-                continue
-            rendered = plan.render(convo)
-            if i in checked and rendered != render_spans(self.renderer, convo, w, self.mode):
-                mismatches.append((start + i, "rendering"))
-            out.append(rendered)
+                out[i] = render_spans(self.renderer, convo, w, self.mode)
+            else:
+                shapes.setdefault(id(plan), (plan, []))[1].append(i)
+        for plan, rows in shapes.values():  # each shape's rows at once
+            for i, rendered in zip(rows, plan.render_many([convos[i] for i in rows])):
+                out[i] = rendered
+        planned = {i for _, rows in shapes.values() for i in rows}
+        mismatches = [(start + i, "rendering") for i in sorted(checked_rows(start, len(convos)) & planned)
+                      if out[i] != render_spans(self.renderer, convos[i], weights[i], self.mode)]
         return out, mismatches
 
     def plan(self, convo: list[dict], weights: list[float]) -> ShapePlan | None:
@@ -134,8 +160,7 @@ class ChatEncoder:
         """Return the ids and masks of rendered rows from their `tokenize` result (see `encode`)."""
         out = Encoded()
         masks, out.last_token = batch.masks_and_ends()
-        bounds = list(pairwise(batch.bounds.tolist()))
-        out.ids, out.masks = [batch.ids[a:b] for a, b in bounds], [masks[a:b] for a, b in bounds]
+        out.ids, out.masks = Rows(batch.ids, batch.bounds), Rows(masks, batch.bounds)
         if self.fast is not None:
             out.fast_mismatches = self.fast_mismatches(rendered, out, start)
         if check_prompts:

@@ -13,6 +13,7 @@ overlap a supervised span, the rule transformers' `return_assistant_tokens_mask`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -68,17 +69,28 @@ def spans_from(kept: list[int], n: int, mode: str, full: str, prefix_length) -> 
     """Return the Rendered of an n-turn conversation whose whole rendering is `full` and whose supervised answers
     are turns `kept`, given `prefix_length(upto, gen)`: the length of the rendering of the first `upto` turns (with
     the generation prompt if gen), a prefix of `full`."""
+    keys = sorted(needed_prefixes(n, kept, mode))
+    return spans_many(kept, n, mode, [full], {key: [prefix_length(*key)] for key in keys})[0]
+
+
+def spans_many(kept: list[int], n: int, mode: str, texts: list[str], prefix: dict[tuple[int, bool], list[int]]
+               ) -> list[Rendered]:
+    """Return the Rendered of n-turn conversations of one shape, whose whole renderings are `texts` and whose
+    supervised answers are turns `kept`, given `prefix[upto, gen][row]`: the length of the rendering of the first
+    `upto` turns of each (with the generation prompt if gen), a prefix of its text (`needed_prefixes` names them)."""
     if mode == "all":
-        return Rendered(full, [(0, len(full))], prefix_length(kept[-1], True))
+        return [Rendered(text, [(0, len(text))], end) for text, end in zip(texts, prefix[kept[-1], True])]
     if mode == "completion":
-        prompt_end = prefix_length(kept[-1], True)
-        return Rendered(full, [(prompt_end, len(full.rstrip()))], prompt_end)
-    spans = []
-    for i in kept if mode == "assistant" else kept[-1:]:
-        start = prefix_length(i, True)
-        end = len(full) if i == n - 1 else prefix_length(i + 1, False)
-        spans.append((start, start + len(full[start:end].rstrip())))
-    return Rendered(full, spans, spans[-1][0])
+        return [Rendered(text, [(end, len(text.rstrip()))], end) for text, end in zip(texts, prefix[kept[-1], True])]
+    turns = kept if mode == "assistant" else kept[-1:]
+    per_turn = []  # each turn's span in every row: it ends where the next turn starts, trailing whitespace dropped
+    for i in turns:
+        starts = prefix[i, True]
+        if i == n - 1:
+            per_turn.append([(a, a + len(text[a:].rstrip())) for text, a in zip(texts, starts)])
+        else:
+            per_turn.append([(a, a + len(text[a:b].rstrip())) for text, a, b in zip(texts, starts, prefix[i + 1, False])])
+    return [Rendered(text, list(spans), spans[-1][0]) for text, spans in zip(texts, zip(*per_turn))]
 
 
 class ShapePlan:
@@ -90,11 +102,16 @@ class ShapePlan:
         self.full, self.prefixes, self.kept, self.n, self.mode = full, prefixes, kept, n, mode
 
     def render(self, convo: list[dict]) -> Rendered:
-        contents = [m["content"] for m in convo]
-        lengths = [len(c) for c in contents]
-        prefixes = self.prefixes
-        return spans_from(self.kept, self.n, self.mode, self.full.fill(contents),
-                          lambda upto, gen: prefixes[upto, gen].length(lengths))
+        return self.render_many([convo])[0]
+
+    def render_many(self, convos: list[list[dict]]) -> list[Rendered]:
+        """Return the Rendered of conversations of this shape, all at once."""
+        contents = [[m["content"] for m in convo] for convo in convos]
+        lengths = np.fromiter(map(len, chain.from_iterable(contents)), dtype=np.int64,
+                              count=len(convos) * self.n).reshape(len(convos), self.n)
+        prefix = {key: (skeleton.literal_length + lengths[:, list(skeleton.slots)].sum(axis=1)).tolist()
+                  for key, skeleton in self.prefixes.items()}
+        return spans_many(self.kept, self.n, self.mode, self.full.fill_many(contents), prefix)
 
 
 def needed_prefixes(n: int, kept: list[int], mode: str) -> set[tuple[int, bool]]:
@@ -198,10 +215,9 @@ class TokenBatch:
         span_a, span_b = pairs[:, 0] + base[pairs[:, 2]], pairs[:, 1] + base[pairs[:, 2]]
         first = np.searchsorted(ge, span_a, side="right")  # the first token ending after the span starts
         stop = np.searchsorted(gs, span_b, side="left")  # past the last token starting before the span ends
-        cover = np.zeros(len(gs) + 1, dtype=np.int32)
         keep = first < stop
-        np.add.at(cover, first[keep], 1)
-        np.add.at(cover, stop[keep], -1)
+        cover = (np.bincount(first[keep], minlength=len(gs) + 1)
+                 - np.bincount(stop[keep], minlength=len(gs) + 1))  # +1 where a span's tokens start, -1 past them
         mask = (np.cumsum(cover[:-1]) > 0).astype(np.int8)
         # each row's last span: its last token is the last one starting before the span ends, if it overlaps
         last = np.array([len(s) and s[-1][0] for s in self.spans], dtype=np.int64) + base

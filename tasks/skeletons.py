@@ -106,6 +106,19 @@ class Skeleton:
             parts.append(piece)
         return "".join(parts)
 
+    @cached_property
+    def format_string(self) -> str:
+        """The pieces as a str.format string with a field per slot."""
+        return "{}".join(piece.replace("{", "{{").replace("}", "}}") for piece in self.pieces)
+
+    def fill_many(self, rows: list[list[str]]) -> list[str]:
+        """Return the renderings of conversations of this shape, given each one's message contents (`fill` for
+        many, through one str.format per row)."""
+        fmt, slots = self.format_string.format, list(self.slots)
+        if slots == list(range(len(slots))) and all(len(contents) == len(slots) for contents in rows):
+            return [fmt(*contents) for contents in rows]
+        return [fmt(*[contents[slot] for slot in slots]) for contents in rows]
+
     def length(self, lengths: list[int]) -> int:
         """Return the length of the filled rendering, from the contents' lengths."""
         return self.literal_length + sum([lengths[s] for s in self.slots])
