@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
@@ -61,7 +62,7 @@ def byte_of_char() -> dict[str, int]:
     return {chr(c): b for b, c in chars.items()}
 
 
-def unprovable(cfg: dict, backend) -> str | None:
+def unprovable(cfg: dict) -> str | None:
     """Return why tiktoken cannot be shown to tokenize like this tokenizer.json (`cfg`), or None if it can."""
     model, pre = cfg.get("model") or {}, cfg.get("pre_tokenizer") or {}
     checks = {
@@ -72,7 +73,6 @@ def unprovable(cfg: dict, backend) -> str | None:
         "BPE dropout, byte fallback, ignore_merges or a word prefix/suffix is set":
             bool(model.get("dropout") or model.get("byte_fallback") or model.get("ignore_merges")
                  or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")),
-        "special tokens are encoded as text": bool(getattr(backend, "encode_special_tokens", False)),
         "truncation or padding is set": bool(cfg.get("truncation") or cfg.get("padding")),
         "an added token strips whitespace, needs a whole word or is empty":
             any(t["lstrip"] or t["rstrip"] or t["single_word"] or not t["content"] for t in cfg["added_tokens"]),
@@ -88,10 +88,10 @@ def unprovable(cfg: dict, backend) -> str | None:
     return None
 
 
-def merge_ranks(cfg: dict, backend, tokens_checked: bool = False) -> dict[bytes, int] | str:
+def merge_ranks(cfg: dict, backend) -> dict[bytes, int] | str:
     """Return tiktoken's ranks (the 256 bytes, then each merge's result in merge order), or why they don't agree
     with HF's merges: a merge of unknown tokens, two merges with one result, or a token whose own bytes HF does not
-    encode as itself (see the module docstring; skipped if `tokens_checked`: a cached proof of this tokenizer)."""
+    encode as itself (see the module docstring)."""
     alphabet, vocab = byte_of_char(), cfg["model"]["vocab"]
     ranks = {bytes([b]): b for b in range(256)}
     for merge in cfg["model"]["merges"]:
@@ -103,7 +103,7 @@ def merge_ranks(cfg: dict, backend, tokens_checked: bool = False) -> dict[bytes,
             return f"two merges make {left + right!r}"
         ranks[result] = len(ranks)
     byte_chars = {b: c for c, b in alphabet.items()}
-    for token in () if tokens_checked else ranks:
+    for token in ranks:
         chars = "".join(byte_chars[b] for b in token)
         if chars in vocab and [t.id for t in backend.model.tokenize(chars)] != [vocab[chars]]:
             return f"the token {chars!r} is not its own bytes' BPE encoding"
@@ -113,14 +113,11 @@ def merge_ranks(cfg: dict, backend, tokens_checked: bool = False) -> dict[bytes,
 class FastTokenizer:
     """tiktoken with HF's ids: `encode_batch` returns each text's HF ids and token byte offsets (picklable)."""
 
-    def __init__(self, ranks: dict[bytes, int], added: dict[str, int], vocab: dict[str, int]):
-        """`added`: the added tokens' text and HF id; `vocab`: HF's byte-level token → id."""
-        byte_chars = {b: c for c, b in byte_of_char().items()}
-        self.ranks, self.added = ranks, added
+    def __init__(self, ranks: dict[bytes, int], added: dict[str, int], hf_ids: np.ndarray):
+        """`ranks`: tiktoken's, in rank order; `added`: the added tokens' text and HF id; `hf_ids`: the HF id of
+        each tiktoken id (`hf_ids_of`)."""
+        self.ranks, self.added, self.hf_ids = ranks, added, hf_ids
         self.special = {text: len(ranks) + k for k, text in enumerate(added)}
-        # tiktoken id -> HF id (-1: a byte the vocabulary lacks) and -> the token's length in bytes
-        self.hf_ids = np.array([vocab.get("".join(byte_chars[b] for b in t), -1) for t in ranks] + list(added.values()),
-                               dtype=np.int32)
         self.byte_lengths = np.array([len(t) for t in ranks] + [len(t.encode()) for t in added], dtype=np.int64)
         self.separator_id = len(ranks) + len(added)  # ROW_SEPARATOR's id: tiktoken's only, removed from every result
         self.cut_id = self.separator_id + 1  # PIECE_CUT's, likewise
@@ -131,6 +128,32 @@ class FastTokenizer:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_encoding": None, "_plain": None}
+
+    @staticmethod
+    def hf_ids_of(ranks: dict[bytes, int], added: dict[str, int], vocab: dict[str, int]) -> np.ndarray:
+        """Return each tiktoken id's HF id (-1: a byte the vocabulary lacks), from HF's byte-level vocabulary."""
+        byte_chars = {b: c for c, b in byte_of_char().items()}
+        return np.array([vocab.get("".join(byte_chars[b] for b in t), -1) for t in ranks] + list(added.values()),
+                        dtype=np.int32)
+
+    def save(self, path: Path) -> None:
+        """Write what the encoder is built from to `path` (an .npz without pickles), atomically."""
+        tokens = list(self.ranks)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("wb") as fh:
+            np.savez(fh, tokens=np.frombuffer(b"".join(tokens), dtype=np.uint8),
+                     lengths=np.array([len(t) for t in tokens], dtype=np.int64), hf_ids=self.hf_ids,
+                     added=np.frombuffer(json.dumps(self.added).encode(), dtype=np.uint8))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> FastTokenizer:
+        """Return the encoder `save` wrote to `path`."""
+        with np.load(path, allow_pickle=False) as saved:
+            blob, lengths = saved["tokens"].tobytes(), saved["lengths"]
+            hf_ids, added = saved["hf_ids"], json.loads(saved["added"].tobytes())
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+        return cls({blob[a:b]: rank for rank, (a, b) in enumerate(pairwise(bounds))}, added, hf_ids)
 
     @property
     def encoding(self):
@@ -157,7 +180,10 @@ class FastTokenizer:
         """Return `text` with PIECE_CUT before the last character of each run of 2+ whitespace characters that a
         character other than whitespace or the start of a special token follows (point 4 of the module docstring)."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        white = _white_space_table()[np.minimum(codes, len(_white_space_table()) - 1)]
+        white = (codes <= 32) & ((codes == 32) | ((codes >= 9) & (codes <= 13)))  # ASCII's, then the few others
+        if (high := np.flatnonzero(codes >= 0x85)).size:
+            table = _white_space_table()
+            white[high] = table[np.minimum(codes[high], len(table) - 1)]
         at = np.flatnonzero(white[:-2] & white[1:-1] & ~white[2:]) + 1
         if not at.size:
             return text
@@ -224,20 +250,28 @@ def fast_tokenizer(backend) -> tuple[FastTokenizer | None, str | None]:
         import tiktoken  # noqa: F401
     except ImportError:
         return None, "tiktoken is not installed"
+    if getattr(backend, "encode_special_tokens", False):  # set on the object, not in its JSON
+        return None, "special tokens are encoded as text"
     text = backend.to_str()
-    cfg = json.loads(text)
-    if why := unprovable(cfg, backend):
-        return None, why
-    # the proof's costly part (HF re-encoding every token, ~2 s) is done once per tokenizer: a file named by the
-    # hash of the tokenizer's whole JSON and of this module's source records that it held
+    # the proof (~3 s, most of it HF re-encoding every token) is done once per tokenizer: a file named by the hash
+    # of the tokenizer's whole JSON and of this module's source records that it held, with the encoder it built
     proof = proof_file(text)
-    ranks = merge_ranks(cfg, backend, tokens_checked=proof.is_file())
+    if proof.is_file():
+        try:
+            return FastTokenizer.load(proof), None
+        except (OSError, ValueError, KeyError):  # an unreadable record: prove it again
+            pass
+    cfg = json.loads(text)
+    if why := unprovable(cfg):
+        return None, why
+    ranks = merge_ranks(cfg, backend)
     if isinstance(ranks, str):
         return None, ranks
-    if not proof.is_file():
-        proof.parent.mkdir(parents=True, exist_ok=True)
-        proof.write_text("proved: tiktoken with these ranks gives this tokenizer's ids\n", encoding="utf-8")
-    return FastTokenizer(ranks, {t["content"]: t["id"] for t in cfg["added_tokens"]}, cfg["model"]["vocab"]), None
+    added = {t["content"]: t["id"] for t in cfg["added_tokens"]}
+    fast = FastTokenizer(ranks, added, FastTokenizer.hf_ids_of(ranks, added, cfg["model"]["vocab"]))
+    proof.parent.mkdir(parents=True, exist_ok=True)
+    fast.save(proof)
+    return fast, None
 
 
 def proof_file(tokenizer_json: str) -> Path:
@@ -245,4 +279,4 @@ def proof_file(tokenizer_json: str) -> Path:
     from tasks.base_model import cache_root
 
     digest = hashlib.sha256(tokenizer_json.encode() + Path(__file__).read_bytes()).hexdigest()
-    return cache_root() / "tokenizer-proofs" / f"{digest}.txt"
+    return cache_root() / "tokenizer-proofs" / f"{digest}.npz"

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from tasks.chat_format import chat_encoder
 from tasks.encoding import encode_all
-from tasks.fast_tokenizer import ROW_SEPARATOR, fast_tokenizer
+from tasks.fast_tokenizer import ROW_SEPARATOR, FastTokenizer, fast_tokenizer
 from tests.conftest import SHARED_DATA
 
 DATA = SHARED_DATA
@@ -180,7 +180,17 @@ def test_the_costly_part_of_the_proof_is_recorded_per_tokenizer_and_only_once_it
 
     backend = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))  # not the shared fixture: others pad it
     text = backend.to_str()
-    assert fast_tokenizer(backend)[0] is not None and proof_file(text).is_file()
+    proof_file(text).unlink(missing_ok=True)
+    proved = fast_tokenizer(backend)[0]
+    assert proved is not None and proof_file(text).is_file()
+    # the record holds the encoder the proof built: loaded, it is the same; a damaged one is proved again
+    for damage in (None, b"not an npz"):
+        if damage:
+            proof_file(text).write_bytes(damage)
+        again = fast_tokenizer(backend)[0]
+        assert again.ranks == proved.ranks and list(again.ranks.values()) == list(range(len(proved.ranks)))
+        assert np.array_equal(again.hf_ids, proved.hf_ids) and again.added == proved.added
+    assert FastTokenizer.load(proof_file(text)).special == proved.special
     # a tokenizer whose merges make a token that is not its own bytes' encoding: refused, and nothing recorded
     cfg = json.loads(text)
     cfg["model"]["merges"] = cfg["model"]["merges"][:300] + cfg["model"]["merges"][301:]
