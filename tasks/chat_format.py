@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -160,9 +161,9 @@ class SplitRows:
     row_ids: list[int]
     sources: list[str]
     copies: np.ndarray  # how many times each row is trained on (its source's weight)
-    convos: list[list[dict]]  # what to render: `conversation`'s result
-    weights: list[list[float]]  # `assistant_weights`'s
-    refs: list[int]  # the index in its conversation of each row's reference: the last supervised answer
+    convos: Sequence[list[dict]]  # what to render: `conversation`'s result
+    weights: Sequence[list[float]]  # `assistant_weights`'s
+    refs: Sequence[int]  # the index in its conversation of each row's reference: the last supervised answer
 
 
 def read_split(con: duckdb.DuckDBPyConnection, split: str) -> pa.Table:
@@ -173,7 +174,61 @@ def read_split(con: duckdb.DuckDBPyConnection, split: str) -> pa.Table:
 def split_rows(table: pa.Table, keep_reasoning: bool = False) -> SplitRows:
     """Return the rows of a `read_split` table: each conversation as `conversation` gives it, its answers' weights
     as `assistant_weights` does and where its reference answer is, as `prompt_and_reference` finds it (the same
-    results, from Arrow's flat columns rather than a Python dict per message from DuckDB)."""
+    results, from Arrow's flat columns rather than a Python dict per message from DuckDB). Those three are made a
+    block of rows at a time when first asked for (`Conversations`), so encoding starts on the first block."""
+    conversations = Conversations(table, keep_reasoning)
+    return SplitRows(table.column("row_id").to_pylist(), table.column("source").to_pylist(),
+                     table.column("copies").to_numpy(), *(conversations.column(k) for k in range(3)))
+
+
+class Conversations:
+    """A split's conversations, answer weights and reference indices, converted from Arrow BLOCK rows at a time
+    when first asked for: the tokenizer threads get the first rows while the rest wait their turn."""
+
+    BLOCK = 1000
+
+    def __init__(self, table: pa.Table, keep_reasoning: bool):
+        self.table, self.keep_reasoning, self.blocks = table, keep_reasoning, {}
+
+    def block(self, b: int) -> tuple[list[list[dict]], list[list[float]], list[int]]:
+        """Return the (conversations, weights, reference indices) of rows b*BLOCK…"""
+        if b not in self.blocks:
+            self.blocks[b] = conversations_of(self.table.slice(b * self.BLOCK, self.BLOCK), self.keep_reasoning)
+        return self.blocks[b]
+
+    def column(self, k: int) -> BlockColumn:
+        """Return the conversations (0), weights (1) or reference indices (2) as a sequence."""
+        return BlockColumn(self, k)
+
+
+class BlockColumn(Sequence):
+    """One of Conversations' three lists, read through its blocks."""
+
+    def __init__(self, conversations: Conversations, k: int):
+        self.conversations, self.k = conversations, k
+
+    def __len__(self) -> int:
+        return self.conversations.table.num_rows
+
+    def __getitem__(self, i):
+        size = self.conversations.BLOCK
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            out = []
+            for b in range(start // size, (stop - 1) // size + 1 if stop > start else start // size):
+                out += self.conversations.block(b)[self.k][max(start - b * size, 0):stop - b * size]
+            return out
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.conversations.block(i // size)[self.k][i % size]
+
+
+def conversations_of(table: pa.Table, keep_reasoning: bool) -> tuple[list[list[dict]], list[list[float]], list[int]]:
+    """Return the conversations, answer weights and reference indices of `read_split` rows (see split_rows)."""
     messages = table.column("messages").combine_chunks()
     offsets = messages.offsets.to_numpy()
     fields = dict(zip([f.name for f in messages.type.value_type], messages.flatten().flatten()))
@@ -199,8 +254,7 @@ def split_rows(table: pa.Table, keep_reasoning: bool = False) -> SplitRows:
         convos.append(convo)
         weights.append(w)
         refs.append(ref)
-    return SplitRows(table.column("row_id").to_pylist(), table.column("source").to_pylist(),
-                     table.column("copies").to_numpy(), convos, weights, refs)
+    return convos, weights, refs
 
 
 def format_split(rows: SplitRows, split: str, encoder: ChatEncoder, cfg: ChatConfig, path: Path

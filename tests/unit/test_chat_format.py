@@ -94,10 +94,12 @@ def test_thinking_traces_are_dropped_unless_kept():
 
 
 @pytest.mark.parametrize("keep_reasoning", [False, True])
-def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep_reasoning):
+def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep_reasoning, monkeypatch):
     import duckdb
 
-    from tasks.chat_format import ROWS_SQL, assistant_weights, read_split, split_rows
+    from tasks.chat_format import ROWS_SQL, Conversations, assistant_weights, read_split, split_rows
+
+    monkeypatch.setattr(Conversations, "BLOCK", 4)  # rows are converted a block at a time: many blocks here
 
     records = [{"messages": m} for m in CONVERSATIONS] + [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>add</think>4"}]},
@@ -117,8 +119,8 @@ def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep
             assert rows.row_ids == [r[0] for r in expected] and rows.sources == [r[1] for r in expected]
             assert rows.copies.tolist() == [r[4] for r in expected]
             convos = [conversation(system, messages, keep_reasoning) for _, _, system, messages, _ in expected]
-            assert rows.convos == convos
-            assert rows.weights == [assistant_weights(messages) for _, _, _, messages, _ in expected]
+            assert list(rows.convos) == convos and rows.convos[2:7] == convos[2:7] and rows.convos[-1] == convos[-1]
+            assert list(rows.weights) == [assistant_weights(messages) for _, _, _, messages, _ in expected]
             assert [convo[ref]["content"] for convo, ref in zip(rows.convos, rows.refs)] == [
                 prompt_and_reference(convo, r[3])[1] for convo, r in zip(convos, expected)]
             seen += [(convo, convo[ref]["content"]) for convo, ref in zip(rows.convos, rows.refs)]

@@ -222,3 +222,26 @@ def test_a_split_written_while_it_encodes_is_written_again_whole_when_its_checke
     assert pq.ParquetFile(tmp_path / "fast.parquet").metadata.num_row_groups == 3  # a group per 1000-row chunk
     assert lengths.num_rows == len(convos) and sorted(p.name for p in tmp_path.iterdir()) == ["fast.parquet",
                                                                                              "hf.parquet"]
+
+
+def test_rows_encoded_in_worker_processes_are_written_as_the_threaded_path_writes_them(tiny_tokenizer, tmp_path):
+    import pyarrow.parquet as pq
+
+    from tasks.chat_format import SplitRows, format_split
+    from tasks.config import ChatConfig
+    from tasks.encoding import parallelism
+
+    convos = chats([f"row {i}: what is {i}" + " plus one" * (i % 4) for i in range(2100)])
+    weights = [[1.0, 1.0]] * len(convos)
+    rows = SplitRows(list(range(len(convos))), ["s"] * len(convos), np.arange(len(convos)) % 3, convos, weights,
+                     [4] * len(convos))  # 0, 1 or 2 copies of each row
+    encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
+    jinja = encoder.without_skeletons()  # rows Jinja must render go to worker processes
+    assert parallelism(jinja, convos, weights, 2) == ("processes", 2)
+    assert parallelism(encoder, convos, weights, 2) == ("threads", 2)
+    cfg = ChatConfig(max_length=100, too_long="drop", num_proc=2)
+    by_processes = format_split(rows, "train", jinja, cfg, tmp_path / "processes.parquet")
+    by_threads = format_split(rows, "train", encoder, cfg, tmp_path / "threads.parquet")
+    assert pq.read_table(tmp_path / "processes.parquet").equals(pq.read_table(tmp_path / "threads.parquet"))
+    assert by_processes[0].equals(by_threads[0]) and by_processes[1] == by_threads[1]
+    assert 0 < len(by_threads[1]) < len(convos) and by_threads[0].num_rows > 0  # some dropped for length, some kept
