@@ -216,9 +216,15 @@ class TokenBatch:
         first = np.searchsorted(ge, span_a, side="right")  # the first token ending after the span starts
         stop = np.searchsorted(gs, span_b, side="left")  # past the last token starting before the span ends
         keep = first < stop
-        cover = (np.bincount(first[keep], minlength=len(gs) + 1)
-                 - np.bincount(stop[keep], minlength=len(gs) + 1))  # +1 where a span's tokens start, -1 past them
-        mask = (np.cumsum(cover[:-1]) > 0).astype(np.int8)
+        first, stop = first[keep], stop[keep]
+        edges = np.empty(2 * len(first) + 2, dtype=np.int64)
+        edges[0], edges[1:-1:2], edges[2:-1:2], edges[-1] = 0, first, stop, len(gs)
+        if (runs := np.diff(edges)).min() >= 0:  # the spans' tokens in order, none in two spans: runs of 0s and 1s
+            mask = np.repeat(np.tile(np.array([0, 1], dtype=np.int8), len(first) + 1)[:len(runs)], runs)
+        else:
+            cover = (np.bincount(first, minlength=len(gs) + 1)
+                     - np.bincount(stop, minlength=len(gs) + 1))  # +1 where a span's tokens start, -1 past them
+            mask = (np.cumsum(cover[:-1]) > 0).astype(np.int8)
         # each row's last span: its last token is the last one starting before the span ends, if it overlaps
         last = np.array([len(s) and s[-1][0] for s in self.spans], dtype=np.int64) + base
         i = np.searchsorted(gs, np.asarray(span_ends, dtype=np.int64) + base) - 1

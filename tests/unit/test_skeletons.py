@@ -115,7 +115,8 @@ def test_rows_that_skeletons_cannot_render_are_rendered_by_jinja_in_the_same_run
     assert all(np.array_equal(x, y) for x, y in zip(out.ids, ref.ids))
 
 
-def test_all_rows_masks_equal_the_row_by_row_rule():
+@pytest.mark.parametrize("spans_share_tokens", [False, True])
+def test_all_rows_masks_equal_the_row_by_row_rule(spans_share_tokens):
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(300):
@@ -125,6 +126,8 @@ def test_all_rows_masks_equal_the_row_by_row_rule():
         total = int(ends[-1]) if len(ends) else 0
         cuts = sorted(rng.integers(0, total + 3, size=2 * rng.integers(1, 4)).tolist())
         spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]  # sorted, disjoint, some empty
+        if spans_share_tokens:  # a token across the end of one span and the start of the next
+            spans = [(0, total // 2 + 1), (total // 2, total + 1)]
         rows.append((np.arange(len(offsets), dtype=np.int32), offsets, spans))
     masks, ends = TokenBatch.of_rows(rows).masks_and_ends()
     bounds = np.cumsum([0] + [len(r[0]) for r in rows])
