@@ -60,7 +60,8 @@ class Rows(Sequence):
 
 @dataclass
 class Encoded:
-    """Token ids and masks of a batch of conversations (numpy arrays, one per row), and prompt check results."""
+    """Token ids and masks of a batch of conversations (a numpy array per row: a list, or Rows of one chunk), and
+    the checks' findings."""
 
     ids: list[np.ndarray] | Rows = field(default_factory=list)
     masks: list[np.ndarray] | Rows = field(default_factory=list)
