@@ -98,22 +98,6 @@ def training_template(tokenizer, override: Path | None = None) -> str:
             "chat.chat_template=<path>") from None
 
 
-def conversation(system: str | None, messages: list[dict], keep_reasoning: bool = False) -> list[dict]:
-    """Return the message list to render: the system turn (if any), then the turns, thinking traces inline if kept."""
-    def content(m: dict) -> str:
-        if keep_reasoning and m.get("reasoning"):
-            return f"<think>\n{m['reasoning']}\n</think>\n\n{m['content']}"
-        return m["content"]
-
-    head = [{"role": "system", "content": system}] if system else []
-    return head + [{"role": m["role"], "content": content(m)} for m in messages]
-
-
-def assistant_weights(messages: list[dict]) -> list[float]:
-    """Return the loss weight of each assistant turn, in order (a turn without one weighs 1)."""
-    return [1.0 if m.get("weight") is None else m["weight"] for m in messages if m["role"] == "assistant"]
-
-
 def chat_encoder(tokenizer, template: str, mode: str = "assistant", fast: bool = True) -> ChatEncoder:
     """Return the encoder that renders with `template` and tokenizes with `tokenizer`'s fast (Rust) tokenizer, or
     with tiktoken where `fast` and tiktoken is proved to give the same ids (tasks/fast_tokenizer.py)."""
@@ -161,8 +145,8 @@ class SplitRows:
     row_ids: list[int]
     sources: list[str]
     copies: np.ndarray  # how many times each row is trained on (its source's weight)
-    convos: Sequence[list[dict]]  # what to render: `conversation`'s result
-    weights: Sequence[list[float]]  # `assistant_weights`'s
+    convos: Sequence[list[dict]]  # what to render (`conversations_of`)
+    weights: Sequence[list[float]]  # each assistant turn's loss weight, in order
     refs: Sequence[int]  # the index in its conversation of each row's reference: the last supervised answer
 
 
@@ -172,10 +156,10 @@ def read_split(con: duckdb.DuckDBPyConnection, split: str) -> pa.Table:
 
 
 def split_rows(table: pa.Table, keep_reasoning: bool = False) -> SplitRows:
-    """Return the rows of a `read_split` table: each conversation as `conversation` gives it, its answers' weights
-    as `assistant_weights` does and where its reference answer is, as `prompt_and_reference` finds it (the same
-    results, from Arrow's flat columns rather than a Python dict per message from DuckDB). Those three are made a
-    block of rows at a time when first asked for (`Conversations`), so encoding starts on the first block."""
+    """Return the rows of a `read_split` table (see `conversations_of` for what each conversation becomes), built
+    from Arrow's flat columns rather than a Python dict per message from DuckDB. The conversations, weights and
+    reference indices are made a block of rows at a time when first asked for (`Conversations`), so encoding
+    starts on the first block."""
     conversations = Conversations(table, keep_reasoning)
     return SplitRows(table.column("row_id").to_pylist(), table.column("source").to_pylist(),
                      table.column("copies").to_numpy(), *(conversations.column(k) for k in range(3)))
@@ -228,7 +212,10 @@ class BlockColumn(Sequence):
 
 
 def conversations_of(table: pa.Table, keep_reasoning: bool) -> tuple[list[list[dict]], list[list[float]], list[int]]:
-    """Return the conversations, answer weights and reference indices of `read_split` rows (see split_rows)."""
+    """Return, for rows with `system` and `messages` columns: each conversation to render (the system turn if any,
+    then role/content turns; a kept thinking trace goes inline before its answer as <think>…</think>), each one's
+    assistant turns' loss weights (1 where none is given), and the index in it of its reference: the last
+    assistant turn whose weight is not 0."""
     messages = table.column("messages").combine_chunks()
     offsets = messages.offsets.to_numpy()
     fields = dict(zip([f.name for f in messages.type.value_type], messages.flatten().flatten()))
@@ -387,14 +374,6 @@ class SplitWriter:
         self.wait(raise_errors=False)
         self.thread.shutdown()
         self.tmp.unlink(missing_ok=True)
-
-
-def prompt_and_reference(convo: list[dict], messages: list[dict], with_prompt: bool = True) -> tuple[str | None, str]:
-    """Return the prompt (the turns before the last supervised answer, as JSON; None unless `with_prompt`) and that
-    answer."""
-    head = len(convo) - len(messages)  # the system turn, if any
-    ref = head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight") != 0)
-    return prompt_at(convo, ref, with_prompt)
 
 
 def prompt_at(convo: list[dict], ref: int, with_prompt: bool = True) -> tuple[str | None, str]:

@@ -1,13 +1,14 @@
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tasks.chat_format import (
     TEMPLATES,
-    conversation,
+    conversations_of,
     format_rows,
-    prompt_and_reference,
+    prompt_at,
     tokenize_conversation,
     training_template,
 )
@@ -76,10 +77,10 @@ def test_format_writes_both_splits_with_prompts_references_and_length_stats(tiny
     train = pq.read_table(tmp_path / "fmt" / "train.parquet").to_pylist()
     heldout = pq.read_table(tmp_path / "fmt" / "heldout.parquet").to_pylist()
     rows = train + heldout
-    multi = next(r for r in rows if r["reference"] == "def f():\n    return 2")
-    prompt, reference = prompt_and_reference(conversation("Answer in JSON.", CONVERSATIONS[1][1:]),
-                                             CONVERSATIONS[1][1:])
-    assert json.loads(prompt) == conversation("Answer in JSON.", CONVERSATIONS[1][1:4]) and reference == multi["reference"]
+    multi = next(r for r in rows if r["reference"] == "def f():\n    return 2")  # the last answer of the multi-turn chat
+    assert multi["prompt"] is None or json.loads(multi["prompt"]) == CONVERSATIONS[1][:4]
+    prompt, reference = prompt_at(CONVERSATIONS[1], 4)  # what a held-out copy of it would hold
+    assert json.loads(prompt) == CONVERSATIONS[1][:4] and reference == multi["reference"]
     # evaluate generates from the held-out prompts: each is the turns before its reference, ending with the user's
     assert all(json.loads(r["prompt"])[-1]["role"] == "user" for r in heldout)
     assert all(r["prompt"] is None for r in train)
@@ -88,16 +89,30 @@ def test_format_writes_both_splits_with_prompts_references_and_length_stats(tiny
 
 
 def test_thinking_traces_are_dropped_unless_kept():
-    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "4", "reasoning": "add"}]
-    assert conversation(None, turns)[1]["content"] == "4"
-    assert conversation(None, turns, keep_reasoning=True)[1]["content"] == "<think>\nadd\n</think>\n\n4"
+    turns = [{"role": "user", "content": "q", "reasoning": None, "weight": None},
+             {"role": "assistant", "content": "4", "reasoning": "add", "weight": None}]
+    table = pa.table({"system": pa.array([None], pa.string()), "messages": [turns]})
+    assert conversations_of(table, keep_reasoning=False)[0][0][1]["content"] == "4"
+    assert conversations_of(table, keep_reasoning=True)[0][0][1]["content"] == "<think>\nadd\n</think>\n\n4"
 
 
 @pytest.mark.parametrize("keep_reasoning", [False, True])
 def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep_reasoning, monkeypatch):
     import duckdb
 
-    from tasks.chat_format import ROWS_SQL, Conversations, assistant_weights, read_split, split_rows
+    from tasks.chat_format import ROWS_SQL, Conversations, read_split, split_rows
+
+    def conversation(system, messages):  # the rule, one row at a time, from DuckDB's Python rows
+        head = [{"role": "system", "content": system}] if system else []
+        return head + [{"role": m["role"], "content": f"<think>\n{m['reasoning']}\n</think>\n\n{m['content']}"
+                        if keep_reasoning and m["reasoning"] else m["content"]} for m in messages]
+
+    def weights(messages):
+        return [1.0 if m["weight"] is None else m["weight"] for m in messages if m["role"] == "assistant"]
+
+    def reference(convo, messages):  # the last answer whose weight is not 0, as rendered
+        head = len(convo) - len(messages)
+        return convo[head + max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m["weight"] != 0)]
 
     monkeypatch.setattr(Conversations, "BLOCK", 4)  # rows are converted a block at a time: many blocks here
 
@@ -118,11 +133,11 @@ def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep
             rows = split_rows(read_split(con, split), keep_reasoning)
             assert rows.row_ids == [r[0] for r in expected] and rows.sources == [r[1] for r in expected]
             assert rows.copies.tolist() == [r[4] for r in expected]
-            convos = [conversation(system, messages, keep_reasoning) for _, _, system, messages, _ in expected]
+            convos = [conversation(system, messages) for _, _, system, messages, _ in expected]
             assert list(rows.convos) == convos and rows.convos[2:7] == convos[2:7] and rows.convos[-1] == convos[-1]
-            assert list(rows.weights) == [assistant_weights(messages) for _, _, _, messages, _ in expected]
+            assert list(rows.weights) == [weights(messages) for _, _, _, messages, _ in expected]
             assert [convo[ref]["content"] for convo, ref in zip(rows.convos, rows.refs)] == [
-                prompt_and_reference(convo, r[3])[1] for convo, r in zip(convos, expected)]
+                reference(convo, r[3])["content"] for convo, r in zip(convos, expected)]
             seen += [(convo, convo[ref]["content"]) for convo, ref in zip(rows.convos, rows.refs)]
     assert len(seen) == len(records)
     assert any("<think>\nadd\n</think>" in m["content"] for c, _ in seen for m in c) == keep_reasoning

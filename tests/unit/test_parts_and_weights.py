@@ -4,7 +4,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.chat_format import assistant_weights, format_rows, tokenize_conversation, training_template
+from tasks.chat_format import conversations_of, format_rows, tokenize_conversation, training_template
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
 from tasks.errors import InputError
@@ -143,6 +143,8 @@ def test_a_weight_on_a_user_turn_has_no_effect_and_sharegpt_turns_take_weights_t
                                   {"from": "human", "value": "h2"}, {"from": "gpt", "value": "g2", "weight": 1}]}]
     _, rows = ingest(tmp_path, records)
     assert [[m["weight"] for m in messages] for messages, *_ in rows] == [[0.0, None], [None, 0.0, None, 1.0]]
-    assert [assistant_weights(messages) for messages, *_ in rows] == [[1.0], [0.0, 1.0]]
+    with duckdb.connect(str(tmp_path / "i.duckdb"), read_only=True) as con:
+        raw = con.sql("SELECT system, messages FROM raw ORDER BY row_id").to_arrow_table()
+    assert conversations_of(raw, keep_reasoning=False)[1] == [[1.0], [0.0, 1.0]]
     counts = clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig(), on_bad_rows="quarantine")
     assert counts["rows_clean"] == 2 and counts["dropped_by_rule"] == {}
