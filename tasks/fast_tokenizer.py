@@ -37,6 +37,7 @@ import os
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
+from zipfile import BadZipFile
 
 import numpy as np
 
@@ -259,7 +260,7 @@ def fast_tokenizer(backend) -> tuple[FastTokenizer | None, str | None]:
     if proof.is_file():
         try:
             return FastTokenizer.load(proof), None
-        except (OSError, ValueError, KeyError):  # an unreadable record: prove it again
+        except (OSError, ValueError, KeyError, EOFError, BadZipFile):  # an unreadable record: prove it again
             pass
     cfg = json.loads(text)
     if why := unprovable(cfg):
