@@ -100,11 +100,7 @@ class Skeleton:
 
     def fill(self, contents: list[str]) -> str:
         """Return the rendering of a conversation of this shape with these message contents."""
-        parts = [self.pieces[0]]
-        for slot, piece in zip(self.slots, self.pieces[1:]):
-            parts.append(contents[slot])
-            parts.append(piece)
-        return "".join(parts)
+        return self.fill_many([contents])[0]
 
     @cached_property
     def format_string(self) -> str:
@@ -112,16 +108,12 @@ class Skeleton:
         return "{}".join(piece.replace("{", "{{").replace("}", "}}") for piece in self.pieces)
 
     def fill_many(self, rows: list[list[str]]) -> list[str]:
-        """Return the renderings of conversations of this shape, given each one's message contents (`fill` for
-        many, through one str.format per row)."""
+        """Return the renderings of conversations of this shape, given each one's message contents, through one
+        str.format per row."""
         fmt, slots = self.format_string.format, list(self.slots)
         if slots == list(range(len(slots))) and all(len(contents) == len(slots) for contents in rows):
             return [fmt(*contents) for contents in rows]
         return [fmt(*[contents[slot] for slot in slots]) for contents in rows]
-
-    def length(self, lengths: list[int]) -> int:
-        """Return the length of the filled rendering, from the contents' lengths."""
-        return self.literal_length + sum([lengths[s] for s in self.slots])
 
     def starts(self, other: Skeleton) -> bool:
         """Return whether every filling of self is a prefix of the same filling of `other` (structurally)."""
