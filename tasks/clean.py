@@ -1,10 +1,12 @@
 """Clean: normalise text, quarantine bad rows with the rule that dropped them, dedupe, and split by content hash.
 
 All in DuckDB SQL, except the MinHash arithmetic of near-duplicate detection (tasks/dedup.py). Every turn is NFC
-normalised and stripped of control characters; prompt turns have their whitespace collapsed, while assistant turns
-keep their inner layout (code indentation survives) and lose only trailing spaces and surrounding blank lines.
-Row accounting is checked on every run: raw = clean + quarantine. A source that loses most of its rows to one rule
-is named in one line (tasks/source_check.py).
+normalised and stripped of control characters; prompt turns have their whitespace collapsed, while assistant and
+plain-text turns keep their inner layout (code indentation survives) and lose only trailing spaces and surrounding
+blank lines. Tool calls and tool definitions are JSON and pass unchanged. A source of weight below 1 keeps that share
+of its training rows (the rest are quarantined as source_weight). Row accounting is checked on every run:
+raw = clean + quarantine. A source that loses most of its rows to one rule is named in one line
+(tasks/source_check.py).
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ MACROS_SQL = [
 
 
 def turn_pass(content: str, reasoning: str, extra: str = "") -> str:
-    """Return a lambda that rewrites each turn: `content` and `reasoning` are expressions of m (a role-aware CASE)."""
-    return f"lambda m: {{'role': m.role, 'content': {content}, 'reasoning': {reasoning}, 'weight': m.weight{extra}}}"
+    """Return a lambda that rewrites each turn: `content` and `reasoning` are expressions of m (a role-aware CASE);
+    the other fields of the turn are carried through."""
+    return (f"lambda m: {{'role': m.role, 'content': {content}, 'reasoning': {reasoning}, 'weight': m.weight, "
+            f"'tool_calls': m.tool_calls{extra}}}")
 
 
 def chain(turns: str, *passes: str) -> str:
@@ -74,7 +78,7 @@ def chain(turns: str, *passes: str) -> str:
 
 REDACT = "CASE WHEN $redact THEN redact({0}) ELSE {0} END"
 SCRUB = REDACT.format("scrub({0}, $strip)")
-ANSWERS_ONLY = "CASE WHEN m.role = 'assistant' THEN {0}(m.content) ELSE m.content END"
+ANSWERS_ONLY = "CASE WHEN m.role IN ('assistant', 'text') THEN {0}(m.content) ELSE m.content END"
 # Pass 1 tests each turn once for characters NFC or the control-character rule could change; pass 2 scrubs and notes
 # whether a control character was stripped; the later passes drop that note.
 SCRUB_PASSES = [
@@ -84,7 +88,7 @@ SCRUB_PASSES = [
               f", 'ctrl': m.maybe_changed AND regexp_matches(m.content, '{CONTROL_CHARS}')"),
 ]
 LAYOUT_PASSES = [
-    turn_pass("CASE WHEN m.role = 'assistant' THEN line_ends(m.content) ELSE collapse(m.content) END",
+    turn_pass("CASE WHEN m.role IN ('assistant', 'text') THEN line_ends(m.content) ELSE collapse(m.content) END",
               "line_ends(m.reasoning)"),
     turn_pass(ANSWERS_ONLY.format("answer_edges"), "answer_edges(m.reasoning)"),
 ]
@@ -106,8 +110,9 @@ SELECT row_id, source, source_file, line_number, pinned_split, source_weight, so
        turns AS messages, tools,
        problem_rule, problem, record, had_ctrl, had_pii,
        CASE WHEN turns = messages AND norm_system IS NOT DISTINCT FROM system THEN content_hash  -- unchanged: as read
-            ELSE {content_hash("norm_system", "turns")} END AS content_hash,
-       coalesce(list_sum(list_transform(turns, lambda t: length(coalesce(t.content, '')))), 0)
+            ELSE {content_hash("norm_system", "turns", "tools")} END AS content_hash,
+       coalesce(list_sum(list_transform(turns, lambda t: length(coalesce(t.content, ''))
+                                                         + coalesce(length(t.tool_calls), 0))), 0)
            + coalesce(length(norm_system), 0) AS n_chars,
        CASE pinned_split WHEN 'heldout' THEN 0 ELSE 1 END AS priority  -- a fixed held-out row wins over its copies
 FROM turns
@@ -120,15 +125,18 @@ WITH copied AS (  -- content seen more than once, and the row that stays: a fixe
     SELECT content_hash, arg_min(row_id, (priority, row_id)) AS dup_of FROM normalised
     GROUP BY content_hash HAVING count(*) > 1
 ), ranked AS (
-    SELECT normalised.*, dup_of, list_filter(messages, lambda t: t.content = '') AS empties
+    SELECT normalised.*, dup_of, list_filter(messages, lambda t: t.content = '' AND t.tool_calls IS NULL) AS empties
     FROM normalised LEFT JOIN copied USING (content_hash)
 ), ruled AS (
     SELECT *, CASE
         WHEN problem_rule IS NOT NULL THEN problem_rule
         WHEN len(messages) = 0 OR list_bool_or(list_transform(messages, lambda t: t.content IS NULL))
             THEN 'missing_field'
-        WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role = 'assistant')) THEN 'no_assistant_turn'
-        WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role = 'assistant' AND coalesce(t.weight, 1) <> 0))
+        -- a lone plain-text turn (continued pre-training) is supervised like an answer
+        WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role IN ('assistant', 'text')))
+            THEN 'no_assistant_turn'
+        WHEN NOT list_bool_or(list_transform(messages, lambda t: t.role IN ('assistant', 'text')
+                                                                 AND coalesce(t.weight, 1) <> 0))
             THEN 'no_supervised_turn'  -- every answer has loss weight 0: nothing to learn
         WHEN len(empties) > 0 THEN 'empty_turn'
         WHEN n_chars > $max_chars THEN 'too_long'
@@ -146,10 +154,11 @@ END AS detail, content_hash AS split_key
 FROM ruled
 """
 
-# What near-duplicate detection compares: the rows no earlier rule dropped, as one text each.
+# What near-duplicate detection compares: the rows no earlier rule dropped, as one text each (tool calls included,
+# so rows that differ in their calls are not near duplicates).
 DEDUP_ROWS_SQL = """
-SELECT row_id, priority, concat_ws(chr(10), system, array_to_string(list_transform(messages, lambda t: t.content),
-       chr(10))) AS text
+SELECT row_id, priority, concat_ws(chr(10), system, array_to_string(list_transform(messages,
+       lambda t: concat_ws(' ', t.content, t.tool_calls)), chr(10))) AS text
 FROM judged WHERE rule IS NULL
 """
 
@@ -173,21 +182,32 @@ SELECT row_id, coalesce(capped.rule, near_rows.rule) AS rule, coalesce(capped.de
        near_rows.split_key
 FROM near_rows FULL JOIN capped USING (row_id)
 """
-# Every row with its final rule: the SQL rules' verdict, else the late one.
+# Every row with its final rule: the SQL rules' verdict, else the late one; then its side of the split, and for a
+# training row of a source of weight below 1 that falls outside the weight's share, rule source_weight. Hash-based
+# split: a row's side depends on its content alone, so appending data never moves old rows. The share is chosen by
+# the hash rule format uses for the fractional part of a weight above 1 (its low bits; the split uses the high bits).
 VERDICT_SQL = """
-CREATE TEMP VIEW verdict AS
-SELECT judged.* REPLACE (coalesce(judged.rule, late.rule) AS rule, coalesce(judged.detail, late.detail) AS detail,
-                         coalesce(late.split_key, judged.split_key) AS split_key)
+CREATE TEMP VIEW decided AS
+SELECT judged.* REPLACE (coalesce(judged.rule, late.rule) AS rule, coalesce(judged.detail, late.detail) AS detail),
+       CASE WHEN pinned_split IS NOT NULL THEN pinned_split
+            WHEN (md5_number(coalesce(late.split_key, judged.split_key)) >> 64)::UBIGINT % 1000000
+                 < getvariable('heldout_fraction') * 1000000 THEN 'heldout'
+            ELSE 'train' END AS split
 FROM judged LEFT JOIN late USING (row_id);
+CREATE TEMP VIEW verdict AS  -- CASE, not AND: the split and the hash are computed for weighed kept rows only
+SELECT * EXCLUDE (dropped) REPLACE (
+    CASE WHEN dropped THEN 'source_weight' ELSE rule END AS rule,
+    CASE WHEN dropped THEN 'not in the ' || source_weight || ' share of data.sources[].weight' ELSE detail END
+        AS detail)
+FROM (SELECT *, CASE WHEN rule IS NULL AND source_weight < 1
+                     THEN split = 'train' AND md5_number(content_hash) % 1000000 >= source_weight * 1000000
+                     ELSE false END AS dropped
+      FROM decided);
 """
 
-# Hash-based split: a row's side depends on its content alone, so appending data never moves old rows.
 SPLIT_SQL = """
 CREATE TABLE clean AS
-SELECT row_id, source, source_file, line_number, source_weight, system, messages, tools, content_hash, n_chars,
-       CASE WHEN pinned_split IS NOT NULL THEN pinned_split
-            WHEN (md5_number(split_key) >> 64)::UBIGINT % 1000000 < $heldout * 1000000 THEN 'heldout'
-            ELSE 'train' END AS split
+SELECT row_id, source, source_file, line_number, source_weight, system, messages, tools, content_hash, n_chars, split
 FROM verdict WHERE rule IS NULL
 """
 
@@ -217,6 +237,7 @@ def decide_late(con: duckdb.DuckDBPyConnection, cfg: CleanConfig) -> None:
                                         schema=pa.schema([("row_id", pa.int64()), ("rep", pa.int64())])))
     con.execute("CREATE TEMP TABLE near AS SELECT * FROM near_pairs")
     con.execute(LATE_SQL, {"drop": cfg.drop_near_duplicates})
+    con.execute("SET VARIABLE heldout_fraction = $heldout", {"heldout": cfg.heldout_fraction})
     con.execute(VERDICT_SQL)
 
 
@@ -239,7 +260,7 @@ def write_clean_database(raw_db: Path, out_db: Path, cfg: CleanConfig) -> dict:
         log.info("clean: rules applied in %.1f s; near-duplicate search (MinHash, threshold %s)",
                  time.monotonic() - started, cfg.near_dup_threshold)
         decide_late(con, cfg)
-        con.execute(SPLIT_SQL, {"heldout": cfg.heldout_fraction})
+        con.execute(SPLIT_SQL)
         con.execute(QUARANTINE_SQL)
         counts = row_counts(con, cfg)
         for rule, rows in counts["dropped_by_rule"].items():
@@ -286,12 +307,14 @@ def read_accounting(clean_db: Path) -> dict:
 
 
 def example_preview(system: str | None, messages: list[dict] | None, record: str | None) -> str:
-    """Return a quarantined row as one line: each turn `role: content` cut to TURN_CHARS, else the raw record."""
+    """Return a quarantined row as one line: each turn `role: content` (or its tool calls) cut to TURN_CHARS, else
+    the raw record."""
     from tasks.artifacts import shorten, truncate
 
     turns = ([{"role": "system", "content": system}] if system else []) + list(messages or [])
     text = lambda c: "(missing)" if c is None else shorten(c, TURN_CHARS) if c.strip() else "(empty)"
-    shown = [f"{t['role']}: {text(t.get('content'))}" for t in turns]
+    shown = [f"{t['role']}: {text(t.get('content'))}" if not t.get("tool_calls") or (t.get("content") or "").strip()
+             else f"{t['role']}: (calls) {shorten(t['tool_calls'], TURN_CHARS)}" for t in turns]
     has_text = any(t.get("content") for t in turns)
     return " ⏎ ".join(shown) if has_text or not record else f"record: {truncate(record, 2 * TURN_CHARS)}"
 

@@ -4,8 +4,8 @@
 copying the text. `stage_alpaca` lets DuckDB parse and map the flat Alpaca records in parallel, in C++.
 Only records that the general mapper (tasks/formats.py) would read as plain Alpaca take this path: a JSON object
 whose keys are among instruction/input/output/system (after the column mapping), with string or null values and
-no <think> trace. Every other line (malformed, other formats, history, reasoning, tools…) is returned to the
-general mapper, so the two paths never disagree on what a record means; a test checks they give identical rows.
+no <think> trace. Every other line (malformed, other formats, history, reasoning, tools, labels, media…) is returned
+to the general mapper, so the two paths never disagree on what a record means; a test checks they give identical rows.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ SELECT $first_row_id + position AS row_id, line_number, $label AS source, $origi
        $weight AS source_weight, $cap AS source_cap, f[4] AS system,
        [{'role': 'user', 'content': CASE
             WHEN f[1] IS NOT NULL AND f[2] IS NOT NULL AND NOT list_contains($no_input, lower(trim(f[2], $ws)))
-            THEN f[1] || chr(10) || chr(10) || f[2] ELSE f[1] END, 'reasoning': NULL::VARCHAR, 'weight': NULL::DOUBLE},
-        {'role': 'assistant', 'content': f[3], 'reasoning': NULL::VARCHAR, 'weight': NULL::DOUBLE}] AS messages,
+            THEN f[1] || chr(10) || chr(10) || f[2] ELSE f[1] END, 'reasoning': NULL::VARCHAR, 'weight': NULL::DOUBLE,
+         'tool_calls': NULL::VARCHAR},
+        {'role': 'assistant', 'content': f[3], 'reasoning': NULL::VARCHAR, 'weight': NULL::DOUBLE,
+         'tool_calls': NULL::VARCHAR}] AS messages,
        NULL::VARCHAR AS tools,
        CASE WHEN f[1] IS NULL OR f[3] IS NULL THEN 'missing_field' END AS problem_rule,
        CASE WHEN f[1] IS NULL THEN 'missing field ''instruction''' WHEN f[3] IS NULL THEN 'missing field ''output'''

@@ -46,8 +46,8 @@ CAUSES = {
         "conversations end on a user or tool turn, with no answer to learn: drop the trailing turn, or map your "
         "role names with data.sources[].roles",
     ("clean", "roles", "expect_column_values_to_match_regex"):
-        "turns out of order (two user turns in a row, a role other than user/assistant/tool): merge consecutive "
-        "turns, or map your role names with data.sources[].roles",
+        "turns out of order (two user turns in a row, a role other than user/assistant/tool, a text turn among "
+        "chat turns): merge consecutive turns, or map your role names with data.sources[].roles",
     ("tokenized", "n_supervised", "expect_column_values_to_be_between"):
         "rows with no supervised token: the chat template's {% generation %} markers miss the answers "
         "(chat.chat_template), or chat.max_length cuts before the first answer",
@@ -69,7 +69,8 @@ CAUSES = {
 # Expectations whose kwargs read poorly, described in words instead.
 EXPECTED_WORDS = {
     ("roles", "expect_column_values_to_match_regex"):
-        "roles in the order [user,] assistant, then tool results or a user turn, each followed by an assistant turn",
+        "roles in the order [user,] assistant, then tool results or a user turn, each followed by an assistant turn "
+        "(or one plain text turn)",
 }
 
 

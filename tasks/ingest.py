@@ -1,10 +1,12 @@
 """Ingest: read the configured sources (JSONL/JSON/CSV/Parquet) into one DuckDB table of conversations.
 
 Record formats, detected per record from its columns: chat `messages`, ShareGPT `conversations`, `prompt` +
-`completion` (strings or chat lists), Alpaca `instruction`/`input`/`output` (+ `history`), and plain `text`.
+`completion` (strings or chat lists), Alpaca `instruction`/`input`/`output` (+ `history`), and plain `text`; the
+chosen side of preference pairs with `format: chosen` (tasks/formats.py).
 
 Every record read becomes a row of `raw`, including records that are malformed or miss a field: those carry a
-`problem_rule` and are quarantined by the clean step, so raw = clean + quarantine always holds.
+`problem_rule` and are quarantined by the clean step, so raw = clean + quarantine always holds; so are the rows a
+KTO flag marks undesirable (`undesirable`, with their turns).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from tasks.common import COMPRESSION_SQL, fingerprint_path, stage_logger, stage_
 from tasks.config import DataConfig, SourceConfig, content_hash
 from tasks.errors import InputError
 from tasks.fast_ingest import fast_path_applies, json_lines, lone_surrogate_error, stage_alpaca
-from tasks.formats import RecordProblem, detect_format, explode_record, missing_fields, to_conversation
+from tasks.formats import desirable, detect_format, explode_record, missing_fields, to_conversation
 from tasks.synth import write_orders
+from tasks.turns import RecordProblem, tools_json
 
-# weight: a turn's loss weight, 0 or 1 (null = 1); only an assistant turn's weight matters.
+# weight: a turn's loss weight, 0 or 1 (null = 1); only an assistant turn's weight matters. tool_calls: the JSON
+# array of an assistant turn's calls, [{"type": "function", "function": {"name", "arguments": {...}}}], else null.
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasoning", pa.string()),
-                     ("weight", pa.float64())])
+                     ("weight", pa.float64()), ("tool_calls", pa.string())])
 KEPT_RECORD = frozenset({"malformed", "missing_field", "unsupported_part"})  # rules whose rows keep `record`
 RAW_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("source_file", pa.string()), ("line_number", pa.int64()),
@@ -96,10 +100,13 @@ def checked_record(record: Any, renames: dict[str, str]) -> dict:
 
 
 def fill_conversation(row: dict, record: dict, fmt: str, source: SourceConfig) -> None:
-    """Set a row's system, messages and tools from a (renamed) record, and mark a missing required field."""
-    row["system"], row["messages"] = to_conversation(record, fmt, source.roles)
-    if record.get("tools") is not None:
-        row["tools"] = json.dumps(record["tools"], ensure_ascii=False)
+    """Set a row's system, messages and tools from a (renamed) record, and mark an undesirable (KTO) row or a
+    missing required field."""
+    system, messages = to_conversation(record, fmt, source.roles)
+    tools, (wanted, flag) = tools_json(record.get("tools")), desirable(record, fmt)
+    row["system"], row["messages"], row["tools"] = system, messages, tools
+    if not wanted:
+        row["problem_rule"], row["problem"] = "undesirable", f"{flag} is false: an undesirable example (KTO data)"
     if missing := missing_fields(record, fmt):
         row["problem_rule"], row["problem"] = "missing_field", f"missing field '{missing[0]}'"
 
@@ -126,7 +133,7 @@ def read_records(origin: str, records: Iterable[tuple[int, Any]], source: Source
             row = new_row(origin, line, source)
             try:
                 mapped = checked_record(item, renames)
-                fmt = detect_format(set(mapped), source, origin, fmt)
+                fmt = detect_format(mapped, source, f"{origin}:{line}", fmt)
                 fill_conversation(row, mapped, fmt, source)
             except RecordProblem as p:
                 if on_bad_rows == "fail" and p.rule != "missing_field":  # a missing field is always quarantined
@@ -172,7 +179,7 @@ def source_streams(source: SourceConfig, sources_dir: Path) -> Iterator[tuple[st
 # clean re-hashes the normalised conversation to find duplicates.
 RAW_SQL = f"""
 CREATE TABLE raw AS
-SELECT *, {content_hash("system", "messages")} AS content_hash FROM staged
+SELECT *, {content_hash("system", "messages", "tools")} AS content_hash FROM staged
 """
 
 

@@ -2,8 +2,10 @@
 them to one rule, is named in one line with the rule, an example, the columns found and the source options that
 would have fit (a guess from the record's shape and common column names).
 
-The user's own cap (`source_cap`) never counts as a loss. With data.on_bad_rows=fail the line stops the run;
-with quarantine it is a warning, logged and kept in clean_report.json under `source_warnings`.
+The user's own sampling (`source_cap`, `source_weight`) never counts as a loss; rows a KTO flag marks
+`undesirable` are the data's own choice, so they do not count towards max_source_loss either, but a source left with
+no row at all is still named. With data.on_bad_rows=fail the line stops the run; with quarantine it is a warning,
+logged and kept in clean_report.json under `source_warnings`.
 """
 
 from __future__ import annotations
@@ -20,21 +22,23 @@ from tasks.errors import InputError
 from tasks.formats import FORMAT_FIELDS
 from tasks.ingest import iter_records
 
-# Per source: rows, rows kept, and each losing rule with its count and first row (source_cap is the user's choice).
+SAMPLING_RULES = ("source_cap", "source_weight")  # the user's own choice of rows: never a loss
+CHOSEN_RULES = ("undesirable",)  # the data's own choice: not a share lost, but a source left empty is still named
+# Per source: rows, rows kept, and each losing rule with its count and first row; the losses come first.
 SOURCE_LOSS_SQL = """
 WITH per_source AS (
     SELECT source, count(*) AS total, count(*) FILTER (rule IS NULL) AS kept, min(row_id) AS first_row
     FROM verdict GROUP BY source
 ), per_rule AS (
-    SELECT source, rule, count(*) AS rows,
+    SELECT source, rule, count(*) AS rows, NOT list_contains($chosen, rule) AS loss,
            arg_min({'file': source_file, 'line': line_number, 'detail': coalesce(detail, rule), 'record': record},
                    row_id) AS example
-    FROM verdict WHERE rule IS NOT NULL AND rule <> 'source_cap' GROUP BY source, rule
+    FROM verdict WHERE rule IS NOT NULL AND NOT list_contains($sampling, rule) GROUP BY source, rule
 )
-SELECT source, total, kept, list({'rule': rule, 'rows': rows, 'example': example} ORDER BY rows DESC, rule)
+SELECT source, total, kept, list({'rule': rule, 'rows': rows, 'example': example} ORDER BY loss DESC, rows DESC, rule)
 FROM per_source JOIN per_rule USING (source)
 GROUP BY source, total, kept, first_row
-HAVING kept = 0 OR max(rows) > $max_loss * total
+HAVING kept = 0 OR coalesce(max(rows) FILTER (loss), 0) > $max_loss * total
 ORDER BY first_row
 """
 
@@ -134,7 +138,8 @@ def loss_warning(source: str, total: int, kept: int, rules: list[dict]) -> dict:
 
 def source_warnings(con: duckdb.DuckDBPyConnection, max_loss: float) -> list[dict]:
     """Return a warning for each source that lost all its rows, or more than `max_loss` of them to one rule."""
-    rows = con.execute(SOURCE_LOSS_SQL, {"max_loss": max_loss}).fetchall()
+    rows = con.execute(SOURCE_LOSS_SQL, {"max_loss": max_loss, "sampling": list(SAMPLING_RULES),
+                                         "chosen": list(CHOSEN_RULES)}).fetchall()
     return [loss_warning(source, total, kept, rules) for source, total, kept, rules in rows]
 
 

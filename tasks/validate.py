@@ -23,7 +23,8 @@ from tasks.gx_messages import explain_failure
 PROFILES = {
     "raw": """SELECT * EXCLUDE (messages, record), len(messages) AS n_turns FROM db.raw ORDER BY row_id""",
     "clean": """SELECT content_hash, split, len(messages) AS n_turns, n_chars,
-                       list_min(list_transform(messages, lambda t: length(t.content))) AS min_turn_chars,
+                       list_min(list_transform(messages,  -- a turn that calls tools may have no text
+                           lambda t: length(t.content) + coalesce(length(t.tool_calls), 0))) AS min_turn_chars,
                        messages[-1].role AS last_role,
                        array_to_string(list_transform(messages, lambda t: t.role), ',') AS roles
                 FROM db.clean ORDER BY row_id""",

@@ -1,5 +1,7 @@
 """The clean-rows GX suite passes good data and each expectation fails on data built to break it."""
 
+import json
+
 import duckdb
 import pytest
 from prefect.logging import disable_run_logger
@@ -55,6 +57,8 @@ BREAKERS = {
                  ("expect_column_values_to_match_regex", "roles")),
     "role order": ("UPDATE clean SET messages = [messages[1], messages[1], messages[2]] WHERE row_id = 0",
                    ("expect_column_values_to_match_regex", "roles")),
+    "text among chat turns": ("UPDATE clean SET messages = [messages[1], {'role': 'text', 'content': 'x'}] "
+                              + "WHERE row_id = 0", ("expect_column_values_to_match_regex", "roles")),
     "too few rows": ("DELETE FROM clean WHERE row_id > 5", ("expect_table_row_count_to_be_between", "")),
 }
 
@@ -94,12 +98,26 @@ def test_gsm8k_goes_through_ingest_clean_and_validate_via_a_column_mapping(tmp_p
     assert answer.endswith("#### 72") and "\n" in answer  # the answer's line structure survives cleaning
 
 
-def test_plain_text_rows_are_one_assistant_turn_and_pass_the_suite(tmp_path):
+def test_plain_text_rows_are_one_text_turn_and_pass_the_suite(tmp_path):
     rows = [{"text": f"Document number {i}: some prose."} for i in range(30)]
     db = clean_db_from(tmp_path, rows)
     assert failed(check(db)) == []
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.execute("SELECT DISTINCT len(messages), messages[1].role FROM clean").fetchall() == [(1, "assistant")]
+        assert con.execute("SELECT DISTINCT len(messages), messages[1].role FROM clean").fetchall() == [(1, "text")]
+
+
+def test_tool_calling_rows_whose_call_turns_have_no_text_pass_the_suite(tmp_path):
+    rows = [{"messages": [
+        {"role": "user", "content": f"Weather in city {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function",
+             "function": {"name": "get_weather", "arguments": json.dumps({"city": f"city {i}"})}}]},
+        {"role": "tool", "tool_call_id": f"call_{i}", "content": f"{i} degrees"},
+        {"role": "assistant", "content": f"It is {i} degrees in city {i}."}]} for i in range(30)]
+    db = clean_db_from(tmp_path, rows)
+    assert failed(check(db)) == []
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT DISTINCT messages[2].content FROM clean").fetchall() == [("",)]
 
 
 def test_the_alpaca_demo_set_is_auto_detected_and_passes_ingest_clean_and_validate(tmp_path):

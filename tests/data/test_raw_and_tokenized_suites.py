@@ -44,6 +44,21 @@ def test_raw_suite_passes_ingested_rows_and_fails_on_a_schema_change_or_anonymou
                                                     ("expect_table_columns_to_match_set", "")]
 
 
+def test_raw_suite_knows_every_rule_ingest_marks_and_fails_on_an_unknown_one(tmp_path):
+    records = [{"prompt": "p", "completion": "c", "label": False}, {"prompt": "p", "completion": None},
+               {"messages": [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}]}, "not json"]
+    ingest_rows(DataConfig(sources=[{"path": str(write_jsonl(tmp_path / "r.jsonl", records))}],
+                           on_bad_rows="quarantine"), tmp_path, tmp_path / "i.duckdb")
+    with duckdb.connect(str(tmp_path / "i.duckdb")) as con:
+        assert con.execute("SELECT problem_rule FROM raw ORDER BY row_id").fetchall() == [
+            ("undesirable",), ("missing_field",), ("unsupported_part",), ("malformed",)]
+    assert failed("raw", tmp_path / "i.duckdb", CFG.raw_suite) == []
+    with duckdb.connect(str(tmp_path / "i.duckdb")) as con:
+        con.execute("UPDATE raw SET problem_rule = 'surprise' WHERE row_id = 0")
+    assert failed("raw", tmp_path / "i.duckdb", CFG.raw_suite) == [("expect_column_values_to_be_in_set",
+                                                                    "problem_rule")]
+
+
 def rewrite(fmt, **changes):
     """Apply column changes to the first training row of formatted Parquet, in place."""
     rows = pq.read_table(fmt / "train.parquet").to_pylist()

@@ -57,3 +57,16 @@ def test_column_mappings_apply_on_the_fast_path(tmp_path):
     with duckdb.connect(str(tmp_path / "i.duckdb"), read_only=True) as con:
         rows = con.execute("SELECT messages[1].content, messages[2].content FROM raw ORDER BY row_id").fetchall()
     assert rows == [("q?", "a."), ("q2?", "b.")]
+
+
+def test_fast_and_general_paths_give_identical_content_hashes(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "mixed.jsonl", EDGE_CASES)
+    cfg = DataConfig(sources=[SourceConfig(path=str(src))], on_bad_rows="quarantine")
+    hashes = "SELECT row_id, content_hash, messages FROM raw ORDER BY row_id"
+    ingest_rows(cfg, tmp_path, tmp_path / "fast.duckdb")
+    monkeypatch.setattr("tasks.ingest.fast_path_applies", lambda source, path: False)
+    ingest_rows(cfg, tmp_path, tmp_path / "general.duckdb")
+    with duckdb.connect(str(tmp_path / "fast.duckdb"), read_only=True) as fast, \
+            duckdb.connect(str(tmp_path / "general.duckdb"), read_only=True) as general:
+        assert fast.execute(hashes).fetchall() == general.execute(hashes).fetchall()
+        assert fast.execute("SELECT count(*) FROM raw WHERE content_hash IS NOT NULL").fetchall() == [(12,)]

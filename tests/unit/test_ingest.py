@@ -123,8 +123,9 @@ def test_sharegpt_conversations_map_roles_and_a_leading_system_turn_moves_to_sys
         {"from": "function_call", "value": '{"name": "weather"}'}, {"from": "observation", "value": "sunny"},
         {"from": "gpt", "value": "It is sunny."}, {"from": "human", "value": "thanks"}, {"from": "gpt", "value": "np"},
     ], "tools": '[{"name": "weather"}]'}])
+    call = '[{"type": "function", "function": {"name": "weather", "arguments": {}}}]'
     assert rows == [("S", [
-        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": '{"name": "weather"}'},
+        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": "", "tool_calls": call},
         {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."},
         {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "np"}], None)]
 
@@ -175,9 +176,9 @@ def test_missing_completion_is_ingested_and_marked_for_quarantine(tmp_path):
                      "missing_field")]
 
 
-def test_plain_text_becomes_one_assistant_turn_so_all_of_it_is_supervised(tmp_path):
+def test_plain_text_becomes_one_text_turn_for_continued_pretraining(tmp_path):
     rows = ingest_messages(tmp_path, [{"text": "Once upon a time."}])
-    assert rows == [(None, [{"role": "assistant", "content": "Once upon a time."}], None)]
+    assert rows == [(None, [{"role": "text", "content": "Once upon a time."}], None)]
 
 
 def test_alpaca_history_pairs_come_before_the_current_turn(tmp_path):
@@ -207,7 +208,7 @@ def test_format_error_lists_the_columns_of_every_format(tmp_path):
 
 def test_explicit_format_is_used_instead_of_detection(tmp_path):
     rows = ingest_messages(tmp_path, [{"text": "t", "instruction": "i", "output": "o"}], format="text")
-    assert rows == [(None, [{"role": "assistant", "content": "t"}], None)]
+    assert rows == [(None, [{"role": "text", "content": "t"}], None)]
 
 
 def test_thinking_traces_and_tools_are_kept_as_their_own_fields(tmp_path):
@@ -220,7 +221,7 @@ def test_thinking_traces_and_tools_are_kept_as_their_own_fields(tmp_path):
     ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
     first, second = raw_rows(tmp_path / "i.duckdb")
     assert first["messages"][1] == {"role": "assistant", "content": "4", "reasoning": "add them"}
-    assert json.loads(first["tools"]) == [{"name": "calc"}]
+    assert json.loads(first["tools"]) == [{"type": "function", "function": {"name": "calc"}}]
     assert second["messages"][1] == {"role": "assistant", "content": "6", "reasoning": "double three"}
 
 

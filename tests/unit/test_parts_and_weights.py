@@ -70,7 +70,8 @@ def test_an_image_part_fails_in_one_line_naming_file_line_and_field(tmp_path):
         ingest(tmp_path, [{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "y"}]},
                           IMAGE])
     assert str(err.value) == (f"{tmp_path / 'chat.jsonl'}:2: field 'content': unsupported content part of type "
-                              "'image_url' (only text parts are read) (set data.on_bad_rows=quarantine to keep going)")
+                              "'image_url'; this is multimodal data, and sftflow trains text-only models (only text, "
+                              "reasoning and tool_call parts are read) (set data.on_bad_rows=quarantine to keep going)")
 
 
 def test_an_image_part_is_quarantined_as_unsupported_part_with_its_record(tmp_path):
