@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from tasks.artifacts import publish_table
 from tasks.common import stage_logger, stage_task
 from tasks.config import ChatConfig
-from tasks.encoding import ChatEncoder, Encoded, Rows, encode_all
+from tasks.encoding import TEXT_ROLE, ChatEncoder, Encoded, Rows, encode_all, is_checked
 from tasks.errors import ConfigError, DataValidationError
 from tasks.fast_tokenizer import fast_tokenizer
 from tasks.masks import marked_text
@@ -40,13 +40,15 @@ KNOWN_TRAINING_TEMPLATES = {"smollm2.jinja": "smollm2_training.jinja"}
 FORMATTED_SCHEMA = pa.schema([
     ("row_id", pa.int64()), ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
     ("assistant_masks", pa.list_(pa.int8())), ("n_tokens", pa.int32()), ("n_supervised", pa.int32()),
-    ("truncated", pa.bool_()), ("last_eot_supervised", pa.bool_()), ("prompt", pa.string()),
-    ("reference", pa.string()),
+    ("truncated", pa.bool_()), ("last_eot_supervised", pa.bool_()),
+    ("prompt_tokens", pa.int32()),  # the first prompt_tokens ids are the inference prompt of the row's reference
+    ("prompt", pa.string()), ("reference", pa.string()),
 ])
 ROWS_SQL = """
-SELECT row_id, source, system, messages,
-       -- a source's weight repeats its training rows: floor(w) copies, plus one more for a hash-chosen share
-       CASE WHEN split = 'heldout' THEN 1 ELSE floor(source_weight)::INT + CASE WHEN
+SELECT row_id, source, system, messages, tools,
+       -- a source's weight above 1 repeats its training rows: floor(w) copies, plus one more for a hash-chosen share
+       -- (below 1, clean already quarantined the rows outside its share as source_weight)
+       CASE WHEN split = 'heldout' OR source_weight < 1 THEN 1 ELSE floor(source_weight)::INT + CASE WHEN
            (md5_number(content_hash) % 1000000) < (source_weight - floor(source_weight)) * 1000000 THEN 1 ELSE 0 END
        END AS copies
 FROM clean WHERE split = $split ORDER BY row_id
@@ -114,18 +116,31 @@ def chat_encoder(tokenizer, template: str, mode: str = "assistant", fast: bool =
     if fast:
         stage_logger().info("format: tokenizing with %s", "tiktoken (proved to give the tokenizer's ids)"
                             if fast_path else f"the HF tokenizer (tiktoken not used: {why})")
-    return ChatEncoder(ChatRenderer(template, special_tokens(tokenizer)), backend, mode, fast_path)
+    added = tuple(t.content for t in tokenizer.added_tokens_decoder.values())
+    renderer = ChatRenderer(template, special_tokens(tokenizer), added_tokens=added)
+    return ChatEncoder(renderer, backend, mode, fast_path, text_ends(tokenizer))
+
+
+def text_ends(tokenizer) -> tuple[str | None, str | None]:
+    """Return the BOS the tokenizer puts before a text (None if it puts none) and its EOS: what a plain text row
+    (continued pre-training) is wrapped in."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else None
+    return bos, tokenizer.eos_token
 
 
 def tokenize_conversation(tokenizer, template: str, messages: list[dict], max_length: int,
-                          weights: list[float] | None = None, mode: str = "assistant") -> dict:
-    """Return input_ids and assistant_masks (1 = supervised) for one conversation, truncated to max_length.
+                          weights: list[float] | None = None, mode: str = "assistant", tools: list | None = None
+                          ) -> dict:
+    """Return input_ids, assistant_masks (1 = supervised) and prompt_tokens for one conversation's last part (its
+    only one unless the template splits it: tasks/masks.py), truncated to max_length.
 
     `weights` holds each assistant turn's loss weight: a weight-0 turn is rendered but not supervised.
     """
     weights = weights or [1.0] * sum(m["role"] == "assistant" for m in messages)
-    enc = chat_encoder(tokenizer, template, mode, fast=False).encode([messages], [weights])
-    return encoded_row(enc.ids[0], enc.masks[0], enc.last_token[0], max_length)
+    enc = chat_encoder(tokenizer, template, mode, fast=False).encode([messages], [weights], [tools])
+    return encoded_row(enc.ids[-1], enc.masks[-1], enc.last_token[-1], max_length) | {
+        "prompt_tokens": enc.prompt_tokens[-1], "parts": len(enc.ids)}
 
 
 def encoded_row(ids: np.ndarray, mask: np.ndarray, last_token: int, max_length: int) -> dict:
@@ -148,6 +163,7 @@ class SplitRows:
     convos: Sequence[list[dict]]  # what to render (`conversations_of`)
     weights: Sequence[list[float]]  # each assistant turn's loss weight, in order
     refs: Sequence[int]  # the index in its conversation of each row's reference: the last supervised answer
+    tools: Sequence[list | None]  # each row's tool definitions
 
 
 def read_split(con: duckdb.DuckDBPyConnection, split: str) -> pa.Table:
@@ -161,8 +177,9 @@ def split_rows(table: pa.Table, keep_reasoning: bool = False) -> SplitRows:
     reference indices are made a block of rows at a time when first asked for (`Conversations`), so encoding
     starts on the first block."""
     conversations = Conversations(table, keep_reasoning)
+    tools = [json.loads(t) if t else None for t in table.column("tools").to_pylist()]
     return SplitRows(table.column("row_id").to_pylist(), table.column("source").to_pylist(),
-                     table.column("copies").to_numpy(), *(conversations.column(k) for k in range(3)))
+                     table.column("copies").to_numpy(), *(conversations.column(k) for k in range(3)), tools)
 
 
 class Conversations:
@@ -212,16 +229,18 @@ class BlockColumn(Sequence):
 
 
 def conversations_of(table: pa.Table, keep_reasoning: bool) -> tuple[list[list[dict]], list[list[float]], list[int]]:
-    """Return, for rows with `system` and `messages` columns: each conversation to render (the system turn if any,
-    then role/content turns; a kept thinking trace goes inline before its answer as <think>…</think>), each one's
-    assistant turns' loss weights (1 where none is given), and the index in it of its reference: the last
-    assistant turn whose weight is not 0."""
+    """Return, for rows with `system` and `messages` columns: each conversation as canonical turns (the system turn
+    if any, then role/content turns, with `reasoning` where a thinking trace is kept and `tool_calls` where the
+    assistant calls tools; tasks/templates.py turns them into the template's own messages), each one's assistant
+    turns' loss weights (1 where none is given), and the index in it of its reference: the last assistant turn
+    whose weight is not 0 (for a plain text row, its one turn)."""
     messages = table.column("messages").combine_chunks()
     offsets = messages.offsets.to_numpy()
     fields = dict(zip([f.name for f in messages.type.value_type], messages.flatten().flatten()))
     roles, contents = fields["role"].to_pylist(), fields["content"].to_pylist()
     weights_of = fields["weight"].to_pylist() if "weight" in fields else [None] * len(roles)
     reasoning = fields["reasoning"].to_pylist() if keep_reasoning and "reasoning" in fields else None
+    calls = fields["tool_calls"].to_pylist() if "tool_calls" in fields else None
     convos, weights, refs = [], [], []
     base = int(offsets[0]) if len(offsets) else 0
     for system, a, b in zip(table.column("system").to_pylist(), (offsets[:-1] - base).tolist(),
@@ -229,15 +248,20 @@ def conversations_of(table: pa.Table, keep_reasoning: bool) -> tuple[list[list[d
         convo = [{"role": "system", "content": system}] if system else []
         head, w, ref = len(convo) - a, [], -1
         for k in range(a, b):
-            role, content = roles[k], contents[k]
+            role = roles[k]
+            turn = {"role": role, "content": contents[k] or ""}
             if reasoning is not None and reasoning[k]:
-                content = f"<think>\n{reasoning[k]}\n</think>\n\n{content}"
-            convo.append({"role": role, "content": content})
+                turn["reasoning"] = reasoning[k]
+            if calls is not None and calls[k]:
+                turn["tool_calls"] = json.loads(calls[k])
+            convo.append(turn)
             if role == "assistant":
                 weight = weights_of[k]
                 w.append(1.0 if weight is None else weight)
                 if weight != 0:
                     ref = head + k
+            elif role == TEXT_ROLE:
+                ref = head + k
         convos.append(convo)
         weights.append(w)
         refs.append(ref)
@@ -245,25 +269,20 @@ def conversations_of(table: pa.Table, keep_reasoning: bool) -> tuple[list[list[d
 
 
 def format_split(rows: SplitRows, split: str, encoder: ChatEncoder, cfg: ChatConfig, path: Path
-                 ) -> tuple[pa.Table, list[tuple[int, str]]]:
+                 ) -> tuple[pa.Table, list[tuple[int, str]], Encoded]:
     """Write the tokenized rows of one split (prompt and reference answer kept for evaluation) to `path` as they
-    encode; return their length columns (`SplitWriter.close`) and the (row_id, detail) of the rows dropped for
-    length. Held-out prompts are checked to round-trip.
+    encode; return their length columns (`SplitWriter.close`), the (row_id, detail) of the rows dropped for length,
+    and the encoding's findings (fallbacks taken, which tokenizer).
 
-    The reference is the last supervised assistant turn; the prompt is everything before it.
+    The reference is the last supervised assistant turn; the prompt is everything before it. Each held-out prompt's
+    tokens are its row's first `prompt_tokens` ids by construction (tasks/masks.py); sampled held-out rows are
+    checked against `ChatEncoder.encode_prompt` all the same, as an internal invariant.
     """
-    writer = SplitWriter(path, rows, cfg, with_prompts=split == "heldout")
+    writer = SplitWriter(path, rows, cfg, with_prompts=split == "heldout", encoder=encoder)
     try:
-        enc = encode_all(encoder, rows.convos, rows.weights, check_prompts=split == "heldout", num_proc=cfg.num_proc,
-                         sink=writer)
-        if enc.prompt_failures:
-            i, why = enc.prompt_failures[0]
-            raise DataValidationError(
-                f"held-out row {rows.row_ids[i]} (and {len(enc.prompt_failures) - 1} more): its prompt rendered with "
-                f"the generation prompt does not tokenize as a prefix of its training tokens ({why}), so the model "
-                "would be asked in another format than it was trained on; use another template (chat.template or "
-                "chat.chat_template)")
-        return writer.close()
+        enc = encode_all(encoder, rows.convos, rows.weights, rows.tools, num_proc=cfg.num_proc, sink=writer)
+        lengths, dropped = writer.close()
+        return lengths, dropped, enc
     finally:
         writer.abort()
 
@@ -275,8 +294,9 @@ class SplitWriter:
 
     ROWS_PER_GROUP = 10_000  # rows per Parquet row group (one write)
 
-    def __init__(self, path: Path, rows: SplitRows, cfg: ChatConfig, with_prompts: bool):
-        self.path, self.rows, self.cfg, self.with_prompts = path, rows, cfg, with_prompts
+    def __init__(self, path: Path, rows: SplitRows, cfg: ChatConfig, with_prompts: bool,
+                 encoder: ChatEncoder | None = None):
+        self.path, self.rows, self.cfg, self.with_prompts, self.encoder = path, rows, cfg, with_prompts, encoder
         self.tmp = path.with_name(path.name + ".tmp")
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="sftflow-parquet")
         self.writer, self.writes = None, []
@@ -297,30 +317,36 @@ class SplitWriter:
             self.flush()
 
     def table_of(self, part: Encoded, start: int) -> tuple[pa.Table, pa.Table]:
-        """Return the Parquet rows of encoded rows start… and their length columns; record the rows dropped."""
+        """Return the Parquet rows of the encoded rows start… (one per part, repeated by its source's weight) and
+        their length columns; record the rows dropped (a row is dropped whole when any of its parts is too long)."""
         rows, max_length = self.rows, self.cfg.max_length
         ids, masks = flat_rows(part.ids), flat_rows(part.masks)
         n_all = np.diff(ids.bounds)
-        too_long = n_all > max_length
-        drop = too_long & (self.cfg.too_long == "drop")
-        self.dropped += [(rows.row_ids[start + k], f"{n_all[k]} tokens > chat.max_length={max_length}")
-                         for k in np.flatnonzero(drop).tolist()]
-        kept = np.flatnonzero(~drop)
-        take = np.repeat(kept, rows.copies[start + kept])  # a source's weight repeats rows
+        row_of = np.asarray(part.row_of, dtype=np.int64)
+        longest = np.zeros(int(row_of.max()) + 1 if len(row_of) else 0, dtype=np.int64)
+        np.maximum.at(longest, row_of, n_all)
+        drop = (longest > max_length) & (self.cfg.too_long == "drop")
+        self.dropped += [(rows.row_ids[start + r], f"{longest[r]} tokens > chat.max_length={max_length}")
+                         for r in np.flatnonzero(drop).tolist()]
+        kept = np.flatnonzero(~drop[row_of])
+        take = np.repeat(kept, rows.copies[start + row_of[kept]])  # a source's weight repeats rows
         id_values, offsets = take_rows(ids, take, max_length)
         mask_values, _ = take_rows(masks, take, max_length)
         supervised = np.zeros(len(mask_values) + 1, dtype=np.int64)
         np.cumsum(mask_values, out=supervised[1:])
         last = np.asarray(part.last_token, dtype=np.int64).reshape(-1)[take]
-        # the prompt (JSON) is what evaluate generates from: held-out rows only; every row keeps its reference answer
-        prompts = {k: prompt_at(rows.convos[start + k], rows.refs[start + k], self.with_prompts) for k in kept.tolist()}
+        prompt_tokens = np.asarray(part.prompt_tokens, dtype=np.int64).reshape(-1)[take]
+        # a row's last part holds its reference answer, and (held-out rows) the prompt evaluate generates from
+        is_last = np.append(row_of[1:] != row_of[:-1], True) if len(row_of) else np.zeros(0, dtype=bool)
+        prompts = {k: self.prompt_of(part, k, start) if is_last[k] else (None, None) for k in kept.tolist()}
+        take_rows_of = row_of[take].tolist()
         take = take.tolist()
         lengths = pa.table({
-            "row_id": pa.array([rows.row_ids[start + k] for k in take], pa.int64()),
-            "source": pa.array([rows.sources[start + k] for k in take], pa.string()),
+            "row_id": pa.array([rows.row_ids[start + r] for r in take_rows_of], pa.int64()),
+            "source": pa.array([rows.sources[start + r] for r in take_rows_of], pa.string()),
             "n_tokens": np.diff(offsets).astype(np.int32),
             "n_supervised": (supervised[offsets[1:]] - supervised[offsets[:-1]]).astype(np.int32),
-            "truncated": too_long[take]})
+            "truncated": n_all[take] > max_length})
         offsets = pa.array(offsets.astype(np.int32))
         return pa.table({
             **{name: lengths.column(name) for name in ("row_id", "source")},
@@ -329,9 +355,26 @@ class SplitWriter:
             **{name: lengths.column(name) for name in ("n_tokens", "n_supervised", "truncated")},
             # the model learns to stop only if the final supervised turn keeps its end-of-turn token
             "last_eot_supervised": (last >= 0) & (last < max_length),
+            "prompt_tokens": np.minimum(prompt_tokens, max_length).astype(np.int32),
             "prompt": pa.array([prompts[k][0] for k in take], pa.string()),
             "reference": pa.array([prompts[k][1] for k in take], pa.string()),
         }, schema=FORMATTED_SCHEMA), lengths
+
+    def prompt_of(self, part: Encoded, k: int, start: int) -> tuple[str | None, str]:
+        """Return the prompt (JSON; held-out rows only) and reference of the row whose last part is part k; for a
+        sampled held-out row, check that the prompt's own encoding is the part's first prompt_tokens ids."""
+        r = start + part.row_of[k]
+        convo, ref = self.rows.convos[r], self.rows.refs[r]
+        if convo[ref]["role"] == TEXT_ROLE:  # plain text: nothing to prompt with
+            return None, convo[ref]["content"]
+        prompt, reference = prompt_at(convo, ref, self.with_prompts)
+        if self.with_prompts and self.encoder is not None and is_checked(r):
+            thinking = any(m.get("reasoning") for m in convo)
+            ids = self.encoder.encode_prompt(convo[:ref], self.rows.tools[r], thinking)
+            if ids != part.ids[k][:part.prompt_tokens[k]].tolist():  # an internal invariant: see tasks/masks.py
+                raise AssertionError(f"held-out row {self.rows.row_ids[r]}: its prompt's ids are not its training "
+                                     "ids' prefix (a bug in tasks/masks.py)")
+        return prompt, reference
 
     def flush(self) -> None:
         """Hand the rows taken so far to the writing thread, as one row group."""
@@ -435,6 +478,29 @@ def accounting(con: duckdb.DuckDBPyConnection, formatted: int, dropped: int) -> 
             "dropped_by_rule": {"too_many_tokens": dropped} if dropped else {}}
 
 
+FALLBACK_NOTES = {  # one line each when a run takes a template fallback (tasks/templates.py), with its row count
+    "inline-reasoning": "the chat template has no field for thinking traces (reasoning_content, thinking): {n} rows "
+                        "keep theirs inline as <think>…</think> before the answer",
+    "tool-calls-as-text": "the chat template does not render an assistant's tool_calls: {n} rows have the calls as "
+                          "JSON text in the answer",
+    "tool-results-as-user": "the chat template does not render tool turns: {n} rows show tool results as user turns",
+    "tools-in-system": "the chat template does not render tool definitions (tools): {n} rows list them as JSON in "
+                       "the system turn",
+}
+
+
+def template_notes(encoder: ChatEncoder, fallbacks: dict, unthinking_rows: int) -> list[str]:
+    """Return one line per template fallback the run took, and one when rows without a trace meet a template that
+    always opens a thinking block and has no switch to say otherwise."""
+    notes = [FALLBACK_NOTES[k].format(n=n) for k, n in sorted(fallbacks.items())]
+    features = encoder.renderer.features
+    if unthinking_rows and features.opens_thinking and not features.thinking_switch:
+        notes.append(f"the chat template opens <think> in its generation prompt and has no thinking switch "
+                     f"(enable_thinking): {unthinking_rows} rows without a trace train with an empty "
+                     "<think></think> block")
+    return notes
+
+
 def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
                 out_quarantine: Path | None = None) -> dict:
     """Write train.parquet, heldout.parquet, chat_template.jinja and stats.json to `out_dir`; return the stats.
@@ -445,7 +511,7 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
     otherwise scan again and again (100k GSM8K rows: 9.5 s -> 8.5 s).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats, dropped, formatted = {}, [], 0
+    stats, dropped, formatted, fallbacks, unthinking, parts = {}, [], 0, {}, 0, 0
     with (gc_paused(), duckdb.connect(str(clean_db), read_only=True) as con, closing(con.cursor()) as cursor,
           ThreadPoolExecutor(1) as reader):
         tables = {split: reader.submit(read_split, cursor, split) for split in ("train", "heldout")}
@@ -454,16 +520,36 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
         encoder = chat_encoder(tokenizer, template, cfg.mask)
         for split in ("train", "heldout"):
             rows = split_rows(tables[split].result(), cfg.keep_reasoning)
-            lengths, split_dropped = format_split(rows, split, encoder, cfg, out_dir / f"{split}.parquet")
+            lengths, split_dropped, enc = format_split(rows, split, encoder, cfg, out_dir / f"{split}.parquet")
             stats[split] = length_stats(lengths, len(split_dropped))
             dropped += split_dropped
             formatted += len(set(lengths.column("row_id").to_pylist()))
+            for k, n in enc.fallbacks.items():
+                fallbacks[k] = fallbacks.get(k, 0) + n
+            unthinking += sum(not any(m.get("reasoning") for m in c) for c in rows.convos if c[-1]["role"] != TEXT_ROLE)
         stats["accounting"] = accounting(con, formatted, len(dropped))
         if out_quarantine is not None:
             write_quarantine(con, dropped, out_quarantine)
+    stats["template"] = {"fallbacks": fallbacks, "notes": template_notes(encoder, fallbacks, unthinking),
+                         "thinking_switch": encoder.renderer.features.thinking_switch}
+    for note in stats["template"]["notes"]:
+        stage_logger().warning("format: %s", note)
     (out_dir / TEMPLATE_FILE).write_text(inference_template(template), encoding="utf-8")
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1), encoding="utf-8")
     return stats
+
+
+def check_drop_share(stats: dict, cfg: ChatConfig, clean_db: Path) -> None:
+    """Raise one line when format dropped more than chat.max_drop_share of the clean rows for length."""
+    acc = stats["accounting"]
+    dropped = acc["dropped_by_rule"].get("too_many_tokens", 0)
+    share = dropped / max(acc["rows_formatted"] + dropped, 1)
+    if share > cfg.max_drop_share:
+        raise DataValidationError(
+            f"{clean_db}: format dropped {share:.1%} of the clean rows ({dropped} of {acc['rows_formatted'] + dropped})"
+            f" as longer than chat.max_length={cfg.max_length} tokens, above chat.max_drop_share={cfg.max_drop_share}"
+            f"; raise chat.max_length, set chat.too_long=truncate, or raise chat.max_drop_share (the rows are in the "
+            "quarantine as too_many_tokens)")
 
 
 @contextmanager
@@ -485,6 +571,7 @@ def format_chats(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
     stage_logger().info("format: rendering %s with the chat template and tokenizing (max_length %d) -> %s",
                         clean_db, cfg.max_length, out_dir)
     stats = format_rows(clean_db, model_dir, out_dir, cfg, out_quarantine)
+    check_drop_share(stats, cfg, clean_db)
     splits = {split: stats[split] for split in ("train", "heldout")}
     empty = [split for split, s in splits.items() if s["rows"] == 0]
     if empty:

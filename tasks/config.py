@@ -32,14 +32,17 @@ class SourceConfig(StageConfig):
     roles: dict[str, str] = Field(
         default_factory=dict, description="Rename your role names, e.g. {bot: assistant, customer: user}.")
     max_rows: int | None = Field(None, gt=0, description="Keep at most this many clean rows (chosen by hash).")
-    weight: float = Field(1.0, gt=0, description="Share in training: 2 repeats each training row, 0.5 keeps half.")
+    weight: float = Field(
+        1.0, gt=0, description="Share in training: 2 repeats each training row, 0.5 keeps half of them (chosen by "
+        "hash; the rest are quarantined as source_weight). Held-out rows are never repeated or dropped.")
     name: str | None = Field(None, description="Label kept in the `source` column; defaults to the file stem.")
     split: Literal["auto", "train", "heldout"] = Field(
         "auto", description="Pin this source to one side, e.g. a fixed held-out set from its own file.")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = Field(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text", "chosen"] = Field(
         "auto",
         description="Record shape; auto-detected per record by columns (messages, conversations, prompt+completion, "
-        "instruction, text).",
+        "instruction, text). `chosen` reads preference pairs as SFT data: the prompt and the chosen answer (or "
+        "chosen_messages) become the conversation, the rejected one is ignored; auto stops on preference data.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -123,6 +126,9 @@ class ChatConfig(StageConfig):
         "(last_turn), everything after the prompt of prompt-completion data (completion), or every token (all). "
         "The end-of-turn token after a supervised turn is always supervised.")
     num_proc: int = Field(0, ge=0, description="Formatting processes; 0 picks by row count and CPU cores.")
+    max_drop_share: float = Field(
+        0.1, ge=0, le=1, description="Largest share of the clean rows format may drop as longer than max_length "
+        "(too_long: drop) before the run stops with one line; the dropped rows are in the quarantine either way.")
 
 
 class TrainConfig(StageConfig):
@@ -306,6 +312,15 @@ class PipelineConfig(StageConfig):
                              f"of {', '.join(scored)}")
         return self
 
+    @model_validator(mode="after")
+    def _packed_rows_hold_a_conversation(self) -> PipelineConfig:
+        t, limit = self.train, self.chat.max_length
+        if t.packing and t.pack_length < limit:  # BFD would cut every conversation longer than a packed row
+            raise ValueError(f"train.pack_length={t.pack_length} < chat.max_length={limit}: a conversation longer than "
+                             f"a packed row would be cut; set train.pack_length to at least {limit} (or lower "
+                             "chat.max_length, or set train.packing=false)")
+        return self
+
     def tracking_uri(self) -> str:
         """Return the MLflow tracking URI: the configured one or a sqlite store in runs_dir."""
         import os
@@ -326,10 +341,16 @@ def absent_sqlite_store(tracking_uri: str) -> Path | None:
     return None
 
 
-def content_hash(system: str, turns: str) -> str:
-    """Return the SQL expression hashing a conversation (system prompt, then each turn's role and content)."""
-    return (f"md5(coalesce({system}, '') || chr(1) || array_to_string("
-            f"list_transform({turns}, lambda t: t.role || chr(2) || coalesce(t.content, '')), chr(3)))")
+def content_hash(system: str, turns: str, tools: str) -> str:
+    """Return the SQL expression hashing a conversation: the system prompt, each turn's role, content, reasoning,
+    loss weight and tool calls, then the row's tool definitions. A turn with no reasoning, weight 1 (or none) and no
+    tool calls, and a row with no tools, add nothing: such rows keep the hash (and split side) they always had."""
+    extras = ("CASE WHEN coalesce(t.reasoning, '') = '' AND coalesce(t.weight, 1) = 1 AND t.tool_calls IS NULL "
+              "THEN '' ELSE chr(4) || coalesce(t.reasoning, '') || chr(4) || coalesce(t.weight, 1)::VARCHAR "
+              "|| chr(4) || coalesce(t.tool_calls, '') END")
+    return (f"md5(coalesce({system}, '') || chr(1) || array_to_string(list_transform({turns}, "
+            f"lambda t: t.role || chr(2) || coalesce(t.content, '') || {extras}), chr(3))"
+            f" || CASE WHEN {tools} IS NULL THEN '' ELSE chr(5) || {tools} END)")
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

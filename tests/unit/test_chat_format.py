@@ -92,8 +92,9 @@ def test_thinking_traces_are_dropped_unless_kept():
     turns = [{"role": "user", "content": "q", "reasoning": None, "weight": None},
              {"role": "assistant", "content": "4", "reasoning": "add", "weight": None}]
     table = pa.table({"system": pa.array([None], pa.string()), "messages": [turns]})
-    assert conversations_of(table, keep_reasoning=False)[0][0][1]["content"] == "4"
-    assert conversations_of(table, keep_reasoning=True)[0][0][1]["content"] == "<think>\nadd\n</think>\n\n4"
+    assert conversations_of(table, keep_reasoning=False)[0][0][1] == {"role": "assistant", "content": "4"}
+    assert conversations_of(table, keep_reasoning=True)[0][0][1] == {"role": "assistant", "content": "4",
+                                                                      "reasoning": "add"}
 
 
 @pytest.mark.parametrize("keep_reasoning", [False, True])
@@ -104,8 +105,9 @@ def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep
 
     def conversation(system, messages):  # the rule, one row at a time, from DuckDB's Python rows
         head = [{"role": "system", "content": system}] if system else []
-        return head + [{"role": m["role"], "content": f"<think>\n{m['reasoning']}\n</think>\n\n{m['content']}"
-                        if keep_reasoning and m["reasoning"] else m["content"]} for m in messages]
+        return head + [{"role": m["role"], "content": m["content"],
+                        **({"reasoning": m["reasoning"]} if keep_reasoning and m["reasoning"] else {})}
+                       for m in messages]
 
     def weights(messages):
         return [1.0 if m["weight"] is None else m["weight"] for m in messages if m["role"] == "assistant"]
@@ -132,13 +134,13 @@ def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep
             expected = con.execute(ROWS_SQL, {"split": split}).fetchall()
             rows = split_rows(read_split(con, split), keep_reasoning)
             assert rows.row_ids == [r[0] for r in expected] and rows.sources == [r[1] for r in expected]
-            assert rows.copies.tolist() == [r[4] for r in expected]
-            convos = [conversation(system, messages) for _, _, system, messages, _ in expected]
+            assert rows.copies.tolist() == [r[5] for r in expected]
+            convos = [conversation(system, messages) for _, _, system, messages, _, _ in expected]
             assert list(rows.convos) == convos and rows.convos[2:7] == convos[2:7] and rows.convos[-1] == convos[-1]
-            assert list(rows.weights) == [weights(messages) for _, _, _, messages, _ in expected]
+            assert list(rows.weights) == [weights(messages) for _, _, _, messages, _, _ in expected]
             assert [convo[ref]["content"] for convo, ref in zip(rows.convos, rows.refs)] == [
                 reference(convo, r[3])["content"] for convo, r in zip(convos, expected)]
             seen += [(convo, convo[ref]["content"]) for convo, ref in zip(rows.convos, rows.refs)]
     assert len(seen) == len(records)
-    assert any("<think>\nadd\n</think>" in m["content"] for c, _ in seen for m in c) == keep_reasoning
+    assert any(m.get("reasoning") == "add" for c, _ in seen for m in c) == keep_reasoning
     assert next(ref for c, ref in seen if c[-1]["content"] == "g3") == "g2"  # the last answer weighs 0

@@ -46,13 +46,13 @@ def chats(contents: list[str]) -> list[list[dict]]:
 
 
 def assert_same_as_hf(encoder, convos: list[list[dict]]) -> None:
-    fast = encode_all(encoder, convos, [[1.0, 1.0]] * len(convos), check_prompts=True, num_proc=1)
-    slow = encode_all(encoder.without_fast(), convos, [[1.0, 1.0]] * len(convos), check_prompts=True, num_proc=1)
+    fast = encode_all(encoder, convos, [[1.0, 1.0]] * len(convos), num_proc=1)
+    slow = encode_all(encoder.without_fast(), convos, [[1.0, 1.0]] * len(convos), num_proc=1)
     assert (fast.tokenizer, slow.tokenizer) == ("tiktoken", "hf")
     for k in range(len(convos)):
         assert fast.ids[k].tolist() == slow.ids[k].tolist(), convos[k][0]["content"]
         assert fast.masks[k].tolist() == slow.masks[k].tolist(), convos[k][0]["content"]
-        assert fast.last_token[k] == slow.last_token[k]
+        assert fast.last_token[k] == slow.last_token[k] and fast.prompt_tokens[k] == slow.prompt_tokens[k]
 
 
 def test_the_smollm2_tokenizer_is_proved_and_gives_hf_ids_on_every_gsm8k_and_alpaca_row(encoder):
@@ -166,10 +166,10 @@ def test_a_run_whose_checked_rows_differ_from_hf_is_encoded_by_hf_whole(tiny_tok
     encoder.fast.hf_ids = broken
     convos = chats(["no question here"] * 300 + ["a question?"])
     with caplog.at_level(logging.WARNING):
-        out = encode_all(encoder, convos, [[1.0, 1.0]] * len(convos), check_prompts=False, num_proc=1)
+        out = encode_all(encoder, convos, [[1.0, 1.0]] * len(convos), num_proc=1)
     assert "differ from the HF tokenizer's on row 0" in caplog.text  # every row has the user turn's "?"
     assert out.tokenizer == "hf"
-    reference = encode_all(encoder.without_fast(), convos, [[1.0, 1.0]] * len(convos), False, num_proc=1)
+    reference = encode_all(encoder.without_fast(), convos, [[1.0, 1.0]] * len(convos), num_proc=1)
     assert all(np.array_equal(a, b) for a, b in zip(out.ids, reference.ids))
 
 
@@ -211,13 +211,13 @@ def test_a_split_written_while_it_encodes_is_written_again_whole_when_its_checke
     monkeypatch.setattr(SplitWriter, "ROWS_PER_GROUP", 100)  # row groups on disk before the check finds the fault
     convos = chats([f"no question here {i}" for i in range(2100)] + ["a question?"])
     rows = SplitRows(list(range(len(convos))), ["s"] * len(convos), np.ones(len(convos), dtype=np.int32), convos,
-                     [[1.0, 1.0]] * len(convos), [4] * len(convos))
+                     [[1.0, 1.0]] * len(convos), [4] * len(convos), [None] * len(convos))
     encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
     broken = encoder.fast.hf_ids.copy()
     broken[encoder.fast.ranks[b"?"]] = 42  # "?" now gets a wrong id
     encoder.fast.hf_ids = broken
     cfg = ChatConfig(max_length=64, too_long="truncate")
-    lengths, _ = format_split(rows, "train", encoder, cfg, tmp_path / "fast.parquet")
+    lengths, _, _ = format_split(rows, "train", encoder, cfg, tmp_path / "fast.parquet")
     format_split(rows, "train", encoder.without_fast(), cfg, tmp_path / "hf.parquet")
     assert pq.read_table(tmp_path / "fast.parquet").equals(pq.read_table(tmp_path / "hf.parquet"))
     assert pq.ParquetFile(tmp_path / "fast.parquet").metadata.num_row_groups == 3  # a group per 1000-row chunk
@@ -235,11 +235,11 @@ def test_rows_encoded_in_worker_processes_are_written_as_the_threaded_path_write
     convos = chats([f"row {i}: what is {i}" + " plus one" * (i % 4) for i in range(2100)])
     weights = [[1.0, 1.0]] * len(convos)
     rows = SplitRows(list(range(len(convos))), ["s"] * len(convos), np.arange(len(convos)) % 3, convos, weights,
-                     [4] * len(convos))  # 0, 1 or 2 copies of each row
+                     [4] * len(convos), [None] * len(convos))  # 0, 1 or 2 copies of each row
     encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
     jinja = encoder.without_skeletons()  # rows Jinja must render go to worker processes
-    assert parallelism(jinja, convos, weights, 2) == ("processes", 2)
-    assert parallelism(encoder, convos, weights, 2) == ("threads", 2)
+    assert parallelism(jinja, convos, weights, rows.tools, 2) == ("processes", 2)
+    assert parallelism(encoder, convos, weights, rows.tools, 2) == ("threads", 2)
     cfg = ChatConfig(max_length=100, too_long="drop", num_proc=2)
     by_processes = format_split(rows, "train", jinja, cfg, tmp_path / "processes.parquet")
     by_threads = format_split(rows, "train", encoder, cfg, tmp_path / "threads.parquet")

@@ -1,6 +1,6 @@
-"""Skeleton rendering (tasks/skeletons.py): proved only for templates that insert contents verbatim, equal to Jinja
-for every named template and mask mode, caught and undone at run time when a template fools the proof; and the
-all-rows-at-once masks equal the row-by-row rule."""
+"""Skeleton rendering (tasks/skeletons.py) and shape plans (tasks/masks.py): proved only for templates that insert
+contents verbatim, equal to Jinja for every named template and mask mode, caught and undone at run time when a
+template fools the proof; and masks are exactly the supervised pieces' tokens."""
 
 import random
 
@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from tasks.chat_format import chat_encoder
 from tasks.encoding import ChatEncoder, encode_all
-from tasks.masks import MASK_MODES, TokenBatch, last_token, token_mask
+from tasks.masks import MASK_MODES
 from tasks.skeletons import Marker, prove_skeleton
 from tasks.templates import ChatRenderer
 from tests.unit.test_templates_masks import FAMILIES, family
@@ -77,15 +77,15 @@ def test_skeleton_rows_equal_jinja_rows_for_every_template_and_mask_mode(tiny_mo
         weights = [w if any(w) else [1.0] * len(w) for w in weights]
         encoder = ChatEncoder(proved.renderer, proved.backend, mode, proved.fast)
         assert all(encoder.plan(c, w) is not None for c, w in zip(convos, weights))  # all take the skeleton way
-        fast, _ = encoder.render(convos, weights)
-        slow, _ = encoder.without_skeletons().render(convos, weights)
-        assert [(r.text, r.spans, r.prompt_end) for r in fast] == [(r.text, r.spans, r.prompt_end) for r in slow]
-        a = encode_all(encoder, convos, weights, check_prompts=True)
-        b = encode_all(encoder.without_skeletons().without_fast(), convos, weights, check_prompts=True)
+        fast, _, _ = encoder.render(convos, weights)
+        slow, _, _ = encoder.without_skeletons().render(convos, weights)
+        assert fast == slow
+        a = encode_all(encoder, convos, weights)
+        b = encode_all(encoder.without_skeletons().without_fast(), convos, weights)
         assert len(a.ids) == len(b.ids) == 40 and a.render_mismatches == [] and a.last_token == b.last_token
         assert all(np.array_equal(x, y) for x, y in zip(a.ids, b.ids))
         assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
-        assert a.prompt_failures == b.prompt_failures  # answers that start with blanks fail both ways
+        assert a.prompt_tokens == b.prompt_tokens and a.row_of == b.row_of
 
 
 def test_a_template_that_fools_the_proof_is_caught_on_a_checked_row_and_the_run_rendered_by_jinja(tiny_tokenizer,
@@ -97,9 +97,9 @@ def test_a_template_that_fools_the_proof_is_caught_on_a_checked_row_and_the_run_
     convos = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "y" * (6000 if i == 3 else 5)}]
               for i in range(40)]
     assert encoder.plan(convos[0], [1.0]) is not None  # the proof is fooled
-    out = encode_all(encoder, convos, [[1.0]] * 40, check_prompts=False)
-    assert "skeleton rendering's text or spans differ from Jinja's on row 3" in caplog.text
-    jinja_rows = encode_all(encoder.without_skeletons(), convos, [[1.0]] * 40, check_prompts=False)
+    out = encode_all(encoder, convos, [[1.0]] * 40)
+    assert "shape plan's pieces differ from Jinja's on row 3" in caplog.text
+    jinja_rows = encode_all(encoder.without_skeletons(), convos, [[1.0]] * 40)
     assert all(np.array_equal(x, y) for x, y in zip(out.ids, jinja_rows.ids))
     assert tiny_tokenizer.decode(out.ids[3]).count("[long]") == 1
 
@@ -108,32 +108,25 @@ def test_rows_that_skeletons_cannot_render_are_rendered_by_jinja_in_the_same_run
     encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
     convos = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
               [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}],  # empty content
-              [{"role": "user", "content": "q", "name": "x"}, {"role": "assistant", "content": "c"}]]  # extra key
+              [{"role": "user", "content": "q"}, {"role": "assistant", "content": "c", "reasoning": "r"}]]  # a trace
     assert [encoder.plan(c, [1.0]) is not None for c in convos] == [True, False, False]
-    out = encode_all(encoder, convos, [[1.0]] * 3, check_prompts=False)
-    ref = encode_all(encoder.without_skeletons(), convos, [[1.0]] * 3, check_prompts=False)
+    out = encode_all(encoder, convos, [[1.0]] * 3)
+    ref = encode_all(encoder.without_skeletons(), convos, [[1.0]] * 3)
     assert all(np.array_equal(x, y) for x, y in zip(out.ids, ref.ids))
 
 
-@pytest.mark.parametrize("spans_share_tokens", [False, True])
-def test_all_rows_masks_equal_the_row_by_row_rule(spans_share_tokens):
-    rng = np.random.default_rng(0)
-    rows = []
-    for _ in range(300):
-        lengths = rng.integers(1, 6, size=rng.integers(0, 40))
-        ends = np.cumsum(lengths)
-        offsets = np.stack([ends - lengths, ends], axis=1).astype(np.int64).reshape(-1, 2)
-        total = int(ends[-1]) if len(ends) else 0
-        cuts = sorted(rng.integers(0, total + 3, size=2 * rng.integers(1, 4)).tolist())
-        spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]  # sorted, disjoint, some empty
-        if spans_share_tokens:  # a token across the end of one span and the start of the next
-            spans = [(0, total // 2 + 1), (total // 2, total + 1)]
-        rows.append((np.arange(len(offsets), dtype=np.int32), offsets, spans))
-    masks, ends = TokenBatch.of_rows(rows).masks_and_ends()
-    bounds = np.cumsum([0] + [len(r[0]) for r in rows])
-    for k, (_, offsets, spans) in enumerate(rows):
-        assert np.array_equal(masks[bounds[k]:bounds[k + 1]], token_mask(offsets, spans)), k
-        assert ends[k] == last_token(offsets, spans[-1]) if len(offsets) else ends[k] == -1
+def test_masks_are_exactly_the_supervised_pieces_tokens_and_the_last_one_ends_the_final_answer(tiny_tokenizer):
+    encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template, fast=False)
+    convos = random_conversations(random.Random("pieces"), 30)
+    weights = [[1.0] * sum(m["role"] == "assistant" for m in c) for c in convos]
+    out = encoder.encode(convos, weights)
+    parts, _, _ = encoder.render(convos, weights)
+    for k, (part,) in enumerate(parts):
+        lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in part.pieces]
+        expected = np.repeat(np.array(part.supervised, dtype=np.int8), lengths)
+        assert np.array_equal(out.masks[k], expected)
+        assert out.last_token[k] == np.flatnonzero(expected)[-1]
+        assert out.prompt_tokens[k] == sum(lengths[:part.prompt_pieces])
 
 
 def test_the_model_template_of_smollm2_gets_skeletons_for_chats_with_and_without_system(tiny_model_dir):

@@ -19,7 +19,7 @@ from tasks.chat_format import (
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
 from tasks.encoding import encode_all
-from tasks.errors import ConfigError, DataValidationError
+from tasks.errors import ConfigError
 from tasks.ingest import ingest_rows
 from tasks.masks import marked_text
 from tasks.templates import NAMED_TEMPLATES, ChatRenderer, named_template, special_tokens
@@ -72,21 +72,22 @@ def test_supervised_tokens_decode_to_exactly_the_answers_and_their_end_of_turn_m
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_ids_are_the_tokenizers_own_for_the_text_apply_chat_template_renders(tiny_model_dir, name):
+def test_pieces_join_to_the_text_apply_chat_template_renders_and_ids_are_each_pieces_own(tiny_model_dir, name):
     tokenizer, template = family(tiny_model_dir, name)
     renderer = ChatRenderer(template, special_tokens(tokenizer))
     for gen in (False, True):
         text = tokenizer.apply_chat_template(CHAT, chat_template=template, tokenize=False, add_generation_prompt=gen)
         assert renderer.render(CHAT, add_generation_prompt=gen) == text
+    encoder = chat_encoder(tokenizer, template, fast=False)
+    (part,), _ = encoder.plan_row(CHAT, [1.0, 1.0], None)
+    assert part.text == tokenizer.apply_chat_template(CHAT, chat_template=template, tokenize=False)
     out = tokenize_conversation(tokenizer, template, CHAT, max_length=512)
-    full = renderer.render(CHAT)
-    assert out["input_ids"] == tokenizer(full, add_special_tokens=False)["input_ids"]
-    assert out["input_ids"] == list(tokenizer.apply_chat_template(CHAT, chat_template=template, return_dict=True)
-                                    ["input_ids"])
+    assert out["input_ids"] == [i for piece in part.pieces for i in tokenizer(piece, add_special_tokens=False)
+                                ["input_ids"]]
 
 
 @pytest.mark.parametrize(("messages", "w"), [(CHAT, [1.0, 1.0]), (CHAT, [0.0, 1.0]), (CHAT, [1.0, 0.0]),
-                                             (CHATS[1], [1.0]), (CHATS[2], [1.0, 1.0]), (CHATS[2], [1.0, 0.0])])
+                                             (CHATS[1], [1.0])])
 def test_prefix_masks_equal_trls_generation_marker_masks_for_smollm2(tiny_tokenizer, messages, w):
     ours = tokenize_conversation(tiny_tokenizer, tiny_tokenizer.chat_template, messages, 512, w)
     trl = tiny_tokenizer.apply_chat_template(messages, chat_template=training_template(tiny_tokenizer), tokenize=True,
@@ -103,6 +104,21 @@ def test_prefix_masks_equal_trls_generation_marker_masks_for_smollm2(tiny_tokeni
     assert ours["input_ids"] == list(trl["input_ids"]) and ours["assistant_masks"] == expected
 
 
+def test_an_answer_is_tokenized_from_its_own_start_so_its_prompt_is_a_prefix_where_whole_text_tokens_differ(
+        tiny_tokenizer):
+    # "\n" + "  Ada": tokenized as one text, GPT-2's pre-tokenizer joins the newline to a space ("\n ", " Ada"), so
+    # the prompt alone (ending "\n") is not a token prefix of it; format tokenizes the answer on its own
+    messages = CHATS[2]
+    whole = tiny_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    prompt_text = tiny_tokenizer.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+    prompt = tiny_tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    assert list(whole[:len(prompt)]) != prompt
+    encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template, fast=False)
+    out = encoder.encode([messages], [[1.0, 1.0]])
+    assert out.ids[0][:len(prompt)].tolist() == prompt == encoder.encode_prompt(messages[:3])
+    assert tiny_tokenizer.decode(out.ids[0][out.masks[0] == 1]) == "Hello there!<|im_end|>  Ada\n\nLovelace.<|im_end|>"
+
+
 def test_mask_modes_supervise_the_last_turn_the_completion_or_everything(tiny_tokenizer):
     def supervised(mode):
         return supervised_text(tiny_tokenizer, tokenize_conversation(tiny_tokenizer, tiny_tokenizer.chat_template,
@@ -115,10 +131,11 @@ def test_mask_modes_supervise_the_last_turn_the_completion_or_everything(tiny_to
         tokenize_conversation(tiny_tokenizer, tiny_tokenizer.chat_template, CHAT, 512, mode="answers")
 
 
-def test_a_template_that_renders_the_prompt_differently_from_training_fails_with_an_example(tiny_tokenizer):
+def test_a_template_whose_generation_prompt_no_answer_can_follow_fails_with_an_example(tiny_tokenizer):
     # the generation prompt says "bot", the rendered answers say "assistant"
     template = tiny_tokenizer.chat_template.replace("'<|im_start|>assistant\n'", "'<|im_start|>bot\n'")
-    with pytest.raises(ConfigError, match="with the generation prompt as .*bot.* but the whole conversation as"):
+    with pytest.raises(ConfigError, match="generation prompt ends .*bot.* but the same conversation with its answer "
+                                          "renders .*assistant"):
         tokenize_conversation(tiny_tokenizer, template, CHAT, 512)
 
 
@@ -126,10 +143,11 @@ def test_parallel_encoding_gives_the_same_rows_in_order(tiny_tokenizer):
     convos = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}"}]
               for i in range(40)]
     encoder = chat_encoder(tiny_tokenizer, tiny_tokenizer.chat_template)
-    one = encode_all(encoder, convos, [[1.0]] * 40, check_prompts=True, num_proc=1, chunk=7)
-    two = encode_all(encoder, convos, [[1.0]] * 40, check_prompts=True, num_proc=2, chunk=7)
+    one = encode_all(encoder, convos, [[1.0]] * 40, num_proc=1, chunk=7)
+    two = encode_all(encoder, convos, [[1.0]] * 40, num_proc=2, chunk=7)
     assert [x.tolist() for x in two.ids] == [x.tolist() for x in one.ids]
-    assert [x.tolist() for x in two.masks] == [x.tolist() for x in one.masks] and two.prompt_failures == []
+    assert [x.tolist() for x in two.masks] == [x.tolist() for x in one.masks]
+    assert two.row_of == one.row_of == list(range(40)) and two.prompt_tokens == one.prompt_tokens
     assert tiny_tokenizer.decode(one.ids[39][one.masks[39] == 1]) == "answer 39<|im_end|>"
 
 
@@ -178,14 +196,20 @@ def test_the_template_formatted_with_is_saved_and_used_by_load_tokenizer(tiny_mo
     assert tokenizer.decode(row["input_ids"]).startswith(prompt)
 
 
-def test_a_prompt_that_does_not_tokenize_as_a_prefix_of_its_training_text_fails_format(tiny_model_dir, tmp_path):
-    # "assistant: " ends in a space: alone it is its own token, before an answer it merges into " answer"
+def test_a_prompt_that_would_merge_into_its_answer_is_still_the_prefix_evaluate_generates_from(tiny_model_dir,
+                                                                                                 tmp_path):
+    # "assistant: " ends in a space: alone it is its own token, before an answer it would merge into " answer"; the
+    # answer is tokenized on its own, so the held-out row's first prompt_tokens ids are its prompt's own ids
     custom = tmp_path / "t.jinja"
     custom.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
                       "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-    with pytest.raises(DataValidationError, match=r"held-out row \d+ .*does not tokenize as a prefix"):
-        format_rows(clean_db(tmp_path, LONG[:20]), str(tiny_model_dir), tmp_path / "fmt",
-                    ChatConfig(chat_template=custom))
+    format_rows(clean_db(tmp_path, LONG[:20]), str(tiny_model_dir), tmp_path / "fmt", ChatConfig(chat_template=custom))
+    tokenizer = load_tokenizer(str(tiny_model_dir), tmp_path / "fmt")
+    for row in pq.read_table(tmp_path / "fmt" / "heldout.parquet").to_pylist():
+        prompt = tokenizer.apply_chat_template(json.loads(row["prompt"]), tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("assistant: ")
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert row["input_ids"][:row["prompt_tokens"]] == ids and row["assistant_masks"][row["prompt_tokens"]] == 1
 
 
 def test_marked_text_brackets_the_supervised_tokens_with_their_counts(tiny_tokenizer):
