@@ -8,9 +8,10 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from tasks.config import STEP_NAMES  # no Prefect import: settings are applied first
-from tasks.errors import SftflowError, StepFailed
+from tasks.errors import ConfigError, SftflowError, StepFailed
 from tasks.settings import apply_defaults, shell_exports
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -98,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--refresh-from", choices=STEPS, metavar="STEP",
                      help="rerun STEP and every step after it, ignoring their cached results (steps: "
                           f"{', '.join(STEPS)})")
+    run.add_argument("--until", metavar="STEP",
+                     help="stop after STEP (e.g. format or validate-tokens: the formatted splits, the reports and the "
+                          "quarantine written, nothing trained); the same --run-id then goes on from there")
     task = sub.add_parser("task", help="re-run one step on an earlier run's outputs")
     task.add_argument("step", choices=STEPS)
     task.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
@@ -143,13 +147,13 @@ def run_pipeline(args: argparse.Namespace, server) -> None:
     from flows.sft_pipeline import sft_pipeline
     from flows.temporary_server import serving
     from tasks.config import load_config
-    from tasks.report import human_summary
+    from tasks.report import human_stopped, human_summary
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before any model starts
     try:
         with serving(server, meanwhile=lambda: open_mlflow(cfg.tracking_uri())):
             summary = sft_pipeline(args.config, args.overrides, args.run_id, force=args.force,
-                                   refresh=args.refresh, refresh_from=args.refresh_from)
+                                   refresh=args.refresh, refresh_from=args.refresh_from, until=args.until)
     except SftflowError:
         raise
     except Exception as e:  # not the user's: the failure hook said which step, why, and how to rerun it
@@ -161,6 +165,8 @@ def run_pipeline(args: argparse.Namespace, server) -> None:
     print(f"summary: {cfg.runs_dir / summary['run_id'] / 'summary.json'}")
     if summary.get("skipped"):  # the data gate ended the run: nothing new to train on
         print(f"{summary['skipped']}: {summary['reason']}")
+    elif summary.get("stopped_after"):  # --until: its last line says where the outputs are and how to go on
+        print(human_stopped(summary))
     else:
         print(human_summary(summary))  # its last line: what the promotion gate decided and why
 
@@ -209,12 +215,32 @@ def dispatch(args: argparse.Namespace, server=None) -> None:
             print(inspect_format(args.runs_dir, args.run_id, args.inspect, args.overrides, sys.stdout.isatty()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `sftflow` console script; returns the exit code."""
+def failed(message: str, code: int, error: BaseException) -> int:
+    """Print the error line, free what the failed step's frames held, and return the exit code."""
+    print(f"sftflow: error: {message}", file=sys.stderr)
+    release(error)
+    return code
+
+
+def release(error: BaseException | None) -> None:
+    """Clear the local variables of every frame in the tracebacks of `error` and of the errors it chains: a failed
+    step's DuckDB connection lives on in them (Prefect keeps the failed state's exception) to the interpreter's end,
+    where nanobind, DuckDB's bindings, reports it and its kind as dozens of `nanobind: leaked ...` lines."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Run the command line `argv` (None: sys.argv); return the exit code, an error printed as one line."""
     args = parse_args(argv)
     apply_defaults()  # before Prefect is imported: it reads its settings from the environment
     try:
-        quiet_user_errors(every_traceback=args.command == "run")
+        if (until := getattr(args, "until", None)) not in (None, *STEPS):  # one line, not argparse's usage text
+            raise ConfigError(f"--until {until}: not a step; use one of {', '.join(STEPS)}")
+        quiet_user_errors(every_traceback=args.command in ("run", "task"))  # both keep it in failure-traceback.txt
         server = None
         if args.command in ("run", "task"):  # they run Prefect tasks: its server boots while they import
             from flows.temporary_server import spawn_early
@@ -222,23 +248,48 @@ def main(argv: list[str] | None = None) -> int:
             server = spawn_early()
         dispatch(args, server)
     except StepFailed as e:
-        print(f"sftflow: error: {e}", file=sys.stderr)
-        return 1
+        return failed(str(e), 1, e)
     except SftflowError as e:
-        print(f"sftflow: error: {e}", file=sys.stderr)
-        traceback.clear_frames(e.__traceback__)  # free what the failed step held (open DuckDB handles) before exit
-        return 2
+        return failed(str(e), 2, e)
     except RuntimeError as e:
         if (problem := prefect_api_problem(e)) is None:
             raise
-        print(f"sftflow: error: {problem}", file=sys.stderr)
-        return 2
+        return failed(problem, 2, e)
     except ConnectionError as e:  # a network failure that outlived its task's retries (e.g. the Hub's 5xx)
-        print(f"sftflow: error: {e} (still failing after the step's retries; try again later)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        return failed(f"{e} (still failing after the step's retries; try again later)", 1, e)
+    except KeyboardInterrupt as e:
+        release(e)
         return 130
     return 0
+
+
+def end_process(code: int) -> NoReturn:
+    """End the process with `code` after its error line: run the exit handlers (Prefect sends its last logs, the
+    temporary server stops), flush the output, and skip the interpreter's teardown, where nanobind would list any
+    DuckDB object still referenced (see `release`) after the error line."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()  # noqa: SLF001 -- what a normal exit runs first
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sftflow` console script; returns the exit code. As the program itself (no `argv`), it
+    ends the process on an error once the error line is out (`end_process`), a bug's traceback included."""
+    if argv is not None:
+        return run_command(argv)
+    try:
+        code = run_command(None)
+    except Exception as e:  # noqa: BLE001 -- a bug outside any step: Python's report of it, then a clean exit
+        traceback.print_exc()
+        release(e)
+        code = 1
+    if code:
+        end_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ from tasks.clean import clean
 from tasks.common import configured
 from tasks.config import RunPaths, load_config
 from tasks.data_gate import config_digest
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, SftflowError, StepFailed
 from tasks.evaluate import evaluate_adapter
+from tasks.failure import step_failure
 from tasks.ingest import fingerprint_data, ingest
 from tasks.modeling import prepare_base_model, trained_model_dir
 from tasks.monitoring import run_tracking
@@ -50,7 +51,7 @@ def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:
 
 def run_step(step: str, runs_dir: Path, run_id: str, overrides: list[str]) -> Any:
     """Re-run `step` of run `run_id` as a Prefect task (cache refreshed; the retries and run name the flow gives
-    it) and return its result."""
+    it) and return its result; a failure that is not the user's raises StepFailed with the failure hook's line."""
     run = RunPaths(runs_dir, run_id)
     if not run.config.is_file():
         raise ConfigError(f"{run.config}: no such run (expected the config saved by `sftflow run`)")
@@ -58,10 +59,17 @@ def run_step(step: str, runs_dir: Path, run_id: str, overrides: list[str]) -> An
     task, args = step_call(step, cfg, run)
     from flows.sft_pipeline import run_names
 
-    return configured(task, cfg.orchestrate.retry(step), run_names(cfg)[step], refresh=True)(*args)
+    try:
+        return configured(task, cfg.orchestrate.retry(step), run_names(cfg)[step], refresh=True)(*args)
+    except (SftflowError, ConnectionError):  # the user's to fix, or an outage: the CLI words those itself
+        raise
+    except Exception as e:  # a bug (a broken invariant) or a crash: one line, the traceback kept in a file
+        raise StepFailed(step_failure(step, runs_dir, run.root, e).line()) from e
 
 
 def inspect_format(runs_dir: Path, run_id: str, n: int, overrides: list[str], colour: bool = False) -> str:
     """Return `n` of the run's formatted training rows with the supervised tokens marked (`--inspect N`)."""
-    cfg = load_config(RunPaths(runs_dir, run_id).config, overrides)
-    return inspect_rows(RunPaths(runs_dir, run_id).formatted, prepare_base_model.fn(cfg.train.base_model, cfg.train.trust_remote_code), n, colour)
+    run = RunPaths(runs_dir, run_id)
+    cfg = load_config(run.config, overrides)
+    return inspect_rows(run.formatted, prepare_base_model.fn(cfg.train.base_model, cfg.train.trust_remote_code), n,
+                        colour)

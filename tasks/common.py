@@ -77,12 +77,13 @@ STAGE_CACHE = INPUTS + TASK_SOURCE + CodeVersion() + InputFiles()
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures only: bad config, bad data and failed gates fail the same way every time."""
+    """Retry transient failures only: bad config, bad data, failed gates and broken invariants (a bug) fail the same
+    way every time."""
     try:
         state.result()
-    except SftflowError:
-        return False
-    except Exception:  # noqa: BLE001 -- anything else (network, OOM, a bug) may pass on a retry
+    except (SftflowError, AssertionError):  # an AssertionError is a broken invariant: a bug, which the same code
+        return False                        # meets again on the same inputs
+    except Exception:  # noqa: BLE001 -- anything else (network, OOM, a crash) may pass on a retry
         return True
     return True
 

@@ -45,8 +45,9 @@ class FailureReport:
         """Return the one-line summary: step, reason, where the partial outputs are and the rerun command."""
         where = f"step {self.step} failed" if self.step else "the run failed outside any step"
         kept = f"; outputs so far in {self.run_dir}" if self.run_dir else ""
+        trace = f"; traceback in {self.run_dir / TRACEBACK_FILE}" if self.traceback and self.run_dir else ""
         rerun = f"; rerun: {self.command}" if self.command else ""
-        return f"{where}: {self.reason}{kept}{rerun}"
+        return f"{where}: {self.reason}{kept}{trace}{rerun}"
 
     def markdown(self) -> str:
         """Return failure.md's text (also the artifact's)."""
@@ -169,7 +170,7 @@ def rerun_command(step: str | None, runs_dir: Path | None, run_dir: Path | None,
         args += ["--run-id", run_dir.name]
     for override in parameters.get("overrides") or []:
         args += ["--set", override]
-    return shlex.join(args)
+    return shlex.join(args + ["--force"] * bool(parameters.get("force")))  # a forced run is gated again otherwise
 
 
 def flow_error(state: Any) -> BaseException | None:
@@ -193,6 +194,15 @@ def build_report(flow_run: Any, state: Any) -> FailureReport:
     return FailureReport(flow_run_id, step, one_line(error, fallback), run_dir,
                          produced(run_dir) if run_dir else [], rerun_command(step, runs_dir, run_dir, parameters),
                          trace)
+
+
+def step_failure(step: str, runs_dir: Path, run_dir: Path, error: BaseException) -> FailureReport:
+    """Return the report of `sftflow task STEP` failing with `error` (not the user's: a bug, an outage that outlived
+    the retries), its traceback saved to the run directory's failure-traceback.txt; the line is what the CLI prints."""
+    report = FailureReport("", step, one_line(error, ""), run_dir, [], rerun_command(step, runs_dir, run_dir, {}),
+                           "".join(traceback.format_exception(error)))
+    (run_dir / TRACEBACK_FILE).write_text(report.traceback, encoding="utf-8")
+    return report
 
 
 def publish(report: FailureReport) -> None:

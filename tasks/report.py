@@ -11,7 +11,10 @@ import yaml
 
 from tasks.artifacts import cell, markdown_table, publish_markdown
 from tasks.common import in_prefect_run, stage_logger, stage_task
-from tasks.config import RunPaths
+from tasks.config import RUN_LAYOUT, RunPaths
+
+# what a run stopped early (--until) lists of its directory, in pipeline order, when it is there
+STOPPED_OUTPUTS = ("ingest_db", "clean_db", "clean_report", "quarantine", "validation", "formatted", "train", "eval")
 
 
 def read_json(path: Path, default=None):
@@ -24,17 +27,43 @@ def numbers(report: dict) -> dict[str, float]:
     return {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def data_accounting(clean_report: Path, format_stats: Path) -> dict:
+    """Return the run's rows so far: raw -> clean (the clean report) -> formatted (the accounting block of format's
+    stats.json), the rows quarantined by either step (rows_dropped_format: by format, for length) and each rule's
+    count; formatted and the format rules only once format ran, {} before clean did."""
+    clean = read_json(clean_report)
+    if clean is None:
+        return {}
+    counts = {k: clean[k] for k in ("rows_raw", "rows_clean", "rows_quarantined", "dropped_by_rule")}
+    formatted = (read_json(format_stats) or {}).get("accounting")
+    if formatted is None:
+        return counts
+    rules = dict(counts["dropped_by_rule"])
+    for rule, rows in formatted["dropped_by_rule"].items():
+        rules[rule] = rules.get(rule, 0) + rows
+    return {**counts, "rows_raw": formatted["rows_raw"], "rows_formatted": formatted["rows_formatted"],
+            "rows_dropped_format": sum(formatted["dropped_by_rule"].values()),
+            "rows_quarantined": formatted["rows_quarantined"], "dropped_by_rule": rules}
+
+
+def rows_line(s: dict) -> str:
+    """Return the row accounting in words: `rows raw 936 -> clean 800 -> formatted 790 (+146 quarantined)`."""
+    formatted = f" -> formatted {s['rows_formatted']}" if "rows_formatted" in s else ""
+    return f"rows raw {s['rows_raw']} -> clean {s['rows_clean']}{formatted} (+{s['rows_quarantined']} quarantined)"
+
+
 def build_summary(run_id: str, clean_report: Path, eval_dir: Path, registered: dict, flow_run_id: str | None,
-                  started_at: float) -> dict:
-    """Return the run summary: data accounting, eval scores (headline metric first), the gate's decision,
-    registry coordinates and wall time."""
-    accounting = json.loads(clean_report.read_text(encoding="utf-8"))
+                  started_at: float, format_stats: Path | None = None) -> dict:
+    """Return the run summary: data accounting (format's drops included; `format_stats` defaults to the run's
+    formatted/stats.json beside `clean_report`), eval scores (headline metric first), the gate's decision, registry
+    coordinates and wall time."""
+    stats = format_stats or clean_report.parent / RUN_LAYOUT["formatted"] / "stats.json"
     evaluation = json.loads((eval_dir / "report.json").read_text(encoding="utf-8"))
     champion = evaluation.get("models", {}).get("champion")
     return {"run_id": run_id, "headline_metric": evaluation["metrics"][0], "heldout_rows": evaluation["heldout_rows"],
             **numbers(evaluation), **({"champion_version": str(champion["version"])} if champion else {}),
-            **{k: accounting[k] for k in ("rows_raw", "rows_clean", "rows_quarantined", "dropped_by_rule")},
-            **registered, "prefect_flow_run_id": str(flow_run_id) if flow_run_id else None,
+            **data_accounting(clean_report, stats), **registered,
+            "prefect_flow_run_id": str(flow_run_id) if flow_run_id else None,
             "wall_seconds": round(time.time() - started_at, 1)}
 
 
@@ -44,10 +73,27 @@ def human_summary(s: dict) -> str:
     champion = (f", champion v{s['champion_version']} {s[f'champion_{m}']:.3f}"
                 if f"champion_{m}" in s and "champion_version" in s else "")
     stops = f", stop rate {s['tuned_stop_rate']:.0%}" if "tuned_stop_rate" in s else ""
-    return (f"run {s['run_id']}: rows raw {s['rows_raw']} -> clean {s['rows_clean']} "
-            f"(+{s['rows_quarantined']} quarantined); {m} base {s[f'base_{m}']:.3f} -> tuned {s[f'tuned_{m}']:.3f}"
+    return (f"run {s['run_id']}: {rows_line(s)}; {m} base {s[f'base_{m}']:.3f} -> tuned {s[f'tuned_{m}']:.3f}"
             f"{champion}, eval loss {s['eval_loss']:.3f}{stops}; {s['registered_model']} v{s['model_version']} "
             f"@{s['alias']}; {s['wall_seconds']:.0f}s\ngate: {s['decision']}")
+
+
+def stopped_summary(run: RunPaths, until: str, resume: str, flow_run_id: str | None, started_at: float) -> dict:
+    """Return the summary of a run stopped after step `until` (`sftflow run --until`): its rows so far, what it
+    wrote, and the command that goes on from there."""
+    written = [f"{RUN_LAYOUT[k]}{'/' * getattr(run, k).is_dir()}" for k in STOPPED_OUTPUTS if getattr(run, k).exists()]
+    return {"run_id": run.run_id, "stopped_after": until, **data_accounting(run.clean_report,
+                                                                            run.formatted / "stats.json"),
+            "outputs": str(run.root), "written": written, "resume": resume,
+            "prefect_flow_run_id": str(flow_run_id) if flow_run_id else None,
+            "wall_seconds": round(time.time() - started_at, 1)}
+
+
+def human_stopped(s: dict) -> str:
+    """Return the lines of a stopped run: its rows so far, then where its outputs are and how to go on."""
+    rows = f"{rows_line(s)}; " if "rows_raw" in s else ""
+    return (f"run {s['run_id']}: {rows}stopped after {s['stopped_after']} (--until); {s['wall_seconds']:.0f}s\n"
+            f"outputs in {s['outputs']} ({', '.join(s['written']) or 'none yet'}); go on with: {s['resume']}")
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -57,19 +103,35 @@ def table(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
 
+def quarantine_example(quarantine: Path, rule: str) -> str:
+    """Return where the first row `rule` quarantined came from and why (`file:line (detail)`), or "" when none."""
+    import pyarrow.parquet as pq
+
+    if not quarantine.is_file():
+        return ""
+    rows = pq.read_table(quarantine, columns=["row_id", "source_file", "line_number", "detail"],
+                         filters=[("rule", "=", rule)]).sort_by("row_id").slice(0, 1).to_pylist()
+    return "".join(f"{r['source_file']}:{r['line_number']} ({r['detail']})" for r in rows)
+
+
 def card_data(run: RunPaths) -> list[str]:
-    """Return the model card's data part: rows by source and split, and the cleaning report (rules and counts)."""
+    """Return the model card's data part: rows by source and split, and the rows cleaning and formatting dropped
+    (rules and counts)."""
     stats, clean = read_json(run.formatted / "stats.json", {}), read_json(run.clean_report, {})
     train, held = stats.get("train", {}).get("rows_by_source", {}), stats.get("heldout", {}).get("rows_by_source", {})
     by_source = [[s, train.get(s, 0), held.get(s, 0)] for s in sorted(set(train) | set(held))]
     rules = ([[r["rule"], r["rows"], r.get("example", "")] for r in clean.get("rules", [])]
              or [[rule, n, ""] for rule, n in clean.get("dropped_by_rule", {}).items()])
-    accounting = (f"Rows raw {clean.get('rows_raw', '?')} -> clean {clean.get('rows_clean', '?')} "
-                  f"(+{clean.get('rows_quarantined', '?')} quarantined, each with its rule).")
+    rules += [[rule, n, quarantine_example(run.quarantine, rule)]
+              for rule, n in stats.get("accounting", {}).get("dropped_by_rule", {}).items()]  # format's: too long
+    counts = data_accounting(run.clean_report, run.formatted / "stats.json")
+    accounting = (f"Rows: {rows_line(counts).removeprefix('rows ')}; each quarantined row is kept with its rule."
+                  if counts else "Rows: no clean report.")
     edits = [f"{k}: {v} rows edited" for k, v in clean.get("edited_by_rule", {}).items() if v]
     warnings = [f"**Warning:** {w['message']}" for w in clean.get("source_warnings", [])]
-    return ["## Data", "", *table(["source", "training rows", "held-out rows"], by_source), "", "## Cleaning", "",
-            accounting, "", *table(["rule", "rows dropped", "example"], rules), *edits, *warnings]
+    return ["## Data", "", *table(["source", "training rows", "held-out rows"], by_source), "",
+            "## Cleaning and formatting", "", accounting, "", *table(["rule", "rows dropped", "example"], rules),
+            *edits, *warnings]
 
 
 def card_evaluation(report: dict) -> list[str]:
@@ -163,11 +225,12 @@ def publish_cleaning_report(clean_report: Path) -> None:
                      f"{report['rows_quarantined']} quarantined ({rules}); examples of each rule inside")
 
 
-def publish_artifacts(summary: dict) -> None:
-    """Create the Prefect artifact of the run summary: the run's last lines, then every field of summary.json."""
-    headline = human_summary(summary).splitlines()
-    publish_markdown("run-summary", "\n".join([f"# Run {summary['run_id']}", "", headline[0], "", f"**{headline[-1]}**", "",
-                                               *markdown_table(["field", "value"], list(summary.items()), 200)]),
+def publish_artifacts(summary: dict, text: str) -> None:
+    """Create the Prefect artifact of the run summary: the run's last lines (`text`), then every field of
+    summary.json."""
+    headline = text.splitlines()
+    publish_markdown("run-summary", "\n".join([f"# Run {summary['run_id']}", "", headline[0], "", f"**{headline[-1]}**",
+                                               "", *markdown_table(["field", "value"], list(summary.items()), 200)]),
                      headline[0])
 
 
@@ -186,6 +249,18 @@ def write_summary(run_id: str, clean_report: Path, eval_dir: Path, registered: d
     summary = build_summary(run_id, clean_report, eval_dir, registered, flow_run_id, started_at)
     out_file.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if in_prefect_run():
-        publish_artifacts(summary)
+        publish_artifacts(summary, human_summary(summary))
     stage_logger().info(human_summary(summary))
+    return summary
+
+
+@stage_task("summarize", cache=False)
+def write_stopped_summary(run: RunPaths, until: str, resume: str, flow_run_id: str | None, started_at: float) -> dict:
+    """Write summary.json of a run stopped after step `until`, publish it as the `run-summary` artifact, and return
+    it."""
+    summary = stopped_summary(run, until, resume, flow_run_id, started_at)
+    run.summary.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    if in_prefect_run():
+        publish_artifacts(summary, human_stopped(summary))
+    stage_logger().info(human_stopped(summary))
     return summary

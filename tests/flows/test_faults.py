@@ -103,7 +103,8 @@ def test_a_step_failing_every_time_stops_with_one_line_keeps_its_outputs_and_say
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("sftflow: error:")]
     assert errors == [(f"sftflow: error: step clean failed: ConnectionError: DuckDB spill file: connection to the "
-                       f"NFS server lost; outputs so far in {tmp_path / 'broken'}; rerun: sftflow task clean --run "
+                       f"NFS server lost; outputs so far in {tmp_path / 'broken'}; traceback in "
+                       f"{tmp_path / 'broken' / 'failure-traceback.txt'}; rerun: sftflow task clean --run "
                        f"broken --runs-dir {tmp_path}")], result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     run = tmp_path / "broken"

@@ -34,12 +34,14 @@ def test_the_flow_writes_a_summary_with_every_promised_field(finished_run):
     on_disk = json.loads((runs / "run-1" / "summary.json").read_text())
     assert on_disk == summary
     for field in ("headline_metric", "base_exact_match", "tuned_exact_match", "eval_loss", "tuned_stop_rate",
-                  "rows_raw", "rows_clean", "rows_quarantined", "registered_model", "model_version", "alias", "gate",
+                  "rows_raw", "rows_clean", "rows_formatted", "rows_dropped_format", "rows_quarantined",
+                  "registered_model", "model_version", "alias", "gate",
                   "decision", "mlflow_run_id", "mlflow_run_url", "model_version_url", "prefect_flow_run_id",
                   "wall_seconds"):
         assert field in summary, field
     assert summary["headline_metric"] == "exact_match"  # the first of evaluate.metrics
-    assert summary["rows_raw"] == summary["rows_clean"] + summary["rows_quarantined"]
+    assert summary["rows_raw"] == summary["rows_formatted"] + summary["rows_quarantined"]  # format's drops included
+    assert summary["rows_clean"] == summary["rows_formatted"] + summary["rows_dropped_format"]
     assert summary["rows_quarantined"] > 0 and summary["eval_loss"] > 0
     assert (summary["registered_model"], summary["model_version"], summary["alias"]) == ("sftflow-tiny", 1, "champion")
     assert summary["gate"]["against"] == "base" and summary["eval_loss"] < summary["base_eval_loss"]
@@ -51,7 +53,7 @@ def test_every_dropped_row_is_in_the_quarantine_with_its_rule(finished_run):
     runs, _, summary = finished_run
     with duckdb.connect(str(runs / "run-1" / "clean.duckdb"), read_only=True) as con:
         rules = dict(con.execute("SELECT rule, count(*) FROM quarantine GROUP BY rule").fetchall())
-    assert sum(rules.values()) == summary["rows_quarantined"]
+    assert sum(rules.values()) == summary["rows_quarantined"] - summary["rows_dropped_format"]  # clean's rules
     assert {"duplicate", "empty_turn", "missing_field", "too_long"} <= set(rules)
 
 
@@ -125,7 +127,7 @@ def test_the_prefect_run_shows_quarantined_examples_for_every_rule_that_dropped_
     runs, _, summary = finished_run
     cleaning = run_artifacts(summary["prefect_flow_run_id"])["cleaning-report"]
     assert cleaning.description.startswith(f"Cleaning: {summary['rows_raw']} raw rows -> {summary['rows_clean']} "
-                                           f"clean + {summary['rows_quarantined']} quarantined")
+                                           f"clean + {summary['rows_raw'] - summary['rows_clean']} quarantined")
     with duckdb.connect(str(runs / "run-1" / "clean.duckdb"), read_only=True) as con:
         first = con.execute("SELECT rule, count(*), arg_min(source_file, row_id), arg_min(line_number, row_id), "
                             "arg_min(detail, row_id) FROM quarantine GROUP BY rule").fetchall()
