@@ -109,28 +109,43 @@ def generation_kwargs(cfg: EvaluateConfig, stops: list[int], pad_id: int) -> dic
     return kw
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvaluateConfig, label: str = "") -> list[Generation]:
+def left_padded(batch: list[list[int]], pad_id: int, device) -> dict:
+    """Return input_ids and attention_mask tensors of token id lists, padded on the left to the longest."""
+    import torch
+
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for j, row in enumerate(batch):
+        ids[j, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[j, width - len(row):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvaluateConfig, label: str = "",
+             prompt_ids: list[list[int]] | None = None) -> list[Generation]:
     """Return the generations for chat prompts, in batches of similar length with left padding and a KV cache;
-    sampling is seeded with `cfg.seed` (the same seed, the same answers); log progress if labelled."""
+    sampling is seeded with `cfg.seed` (the same seed, the same answers); log progress if labelled. `prompt_ids`,
+    where given, are the prompts' tokens as format made them (held-out rows' first prompt_tokens ids, the prefix of
+    their training ids by construction); otherwise the tokenizer's template renders and tokenizes `prompts`."""
     import torch
     from transformers import set_seed
 
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     stops, headers = stop_ids(model, tokenizer), turn_markers(tokenizer)[1]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda k: -lengths[k])  # longest first: the largest batch fails first
-    results: list[Generation | None] = [None] * len(texts)
+    if prompt_ids is None:
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(prompt_ids)), key=lambda k: -len(prompt_ids[k]))  # longest first: the largest batch fails first
+    results: list[Generation | None] = [None] * len(prompt_ids)
     start = time.perf_counter()
     if cfg.do_sample:
         set_seed(cfg.seed)
     for i in range(0, len(order), cfg.batch_size):
         batch = order[i:i + cfg.batch_size]
-        enc = tokenizer([texts[k] for k in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(device)
-        what = f"evaluate: generating ({label}), prompts {i + 1}-{i + len(batch)} of {len(texts)}"
+        enc = left_padded([prompt_ids[k] for k in batch], pad_id, device)
+        what = f"evaluate: generating ({label}), prompts {i + 1}-{i + len(batch)} of {len(prompt_ids)}"
         progress = [token_progress(what, cfg.max_new_tokens, start)] if label else None
         if label:
             stage_logger().info("%s: reading the prompts", what)
@@ -177,7 +192,8 @@ def run_model(name: str, model, tokenizer, rows: list[dict], prompts: list[list[
               extractor: Extractor, with_loss: bool = True) -> Scored:
     """Generate for and score one model; return its summary (eval loss, perplexity, metrics, stop and runaway)."""
     start = time.perf_counter()
-    gens = generate(model, tokenizer, prompts, cfg, label=name)
+    own = [r["input_ids"][:r["prompt_tokens"]] for r in rows] if with_loss and "prompt_tokens" in rows[0] else None
+    gens = generate(model, tokenizer, prompts, cfg, label=name, prompt_ids=own)
     seconds = time.perf_counter() - start
     loss = supervised_loss(model, rows, cfg.loss_batch_size) if with_loss else None
     scores = score(cfg.metrics, [g.text for g in gens], [r["reference"] for r in rows], extractor)
@@ -300,10 +316,12 @@ def evaluate_model(formatted_dir: Path, model_dir: str, trained_dir: Path, out_d
     `trained_dir` holds a LoRA adapter (its base is the same model with the adapter disabled) or full weights (the
     base loads separately, after them: one model in memory at a time).
     """
-    rows = pq.read_table(Path(formatted_dir) / "heldout.parquet").to_pylist()[: cfg.max_samples]
+    # a row's last part holds its prompt; plain text rows have none (nothing to generate from)
+    rows = [r for r in pq.read_table(Path(formatted_dir) / "heldout.parquet").to_pylist()
+            if r["prompt"] is not None][: cfg.max_samples]
     if not rows:
-        raise DataValidationError(f"{formatted_dir}/heldout.parquet has no rows to evaluate on; raise "
-                                  f"clean.heldout_fraction")
+        raise DataValidationError(f"{formatted_dir}/heldout.parquet has no conversations to evaluate on (plain text "
+                                  "rows have no prompt); raise clean.heldout_fraction or add chat rows")
     extractor = Extractor.from_config(cfg)
     check_metrics(cfg.metrics, extractor, [r["reference"] for r in rows])  # before any model loads
     # the template the rows were formatted with

@@ -167,9 +167,11 @@ class Conversation:
 
     def history_cut(self, i: int, text: str) -> tuple[int, int]:
         """Return where assistant turn i's answer starts and ends (its end-of-turn marker included) in `text`."""
-        start = common_prefix(self.render(i, True), text)
-        c = common_prefix(self.render(i + 1, False), text)
+        start, done = common_prefix(self.render(i, True), text), self.render(i + 1, False)
+        c = common_prefix(done, text)
+        # where the two differ inside a control token of either (<|end|> / <|return|>), the turn ends before it
         inside = self.tokens.straddling(text, c)
+        inside = self.tokens.straddling(done, c) if inside is None else inside
         end = start + len(text[start:c if inside is None else inside].rstrip()) if c > start else start
         # the history ends the turn with another marker than a last turn does (gpt-oss: <|end|>, <|return|>)
         if inside is not None and end == inside and end > start and not self.tokens.ends_with_one(text[start:end]):

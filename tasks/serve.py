@@ -163,11 +163,15 @@ class Generator:
         self.stop_ids = stop_ids(model, tokenizer)  # what evaluate's stop_rate counts: end-of-turn and EOS ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.lock = threading.Lock()
+        from tasks.chat_format import chat_encoder
+
+        # the prompt is cut and tokenized as format cut the training rows (tasks/masks.py): the same ids
+        self.encoder = chat_encoder(tokenizer, tokenizer.chat_template, fast=False)
 
     def encode(self, request: GenerateRequest) -> list[int]:
-        """Return the prompt's token ids (chat template, generation prompt), or raise RequestProblem if too long."""
-        text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Return the prompt's token ids (chat template, generation prompt, cut as format cuts a training row), or
+        raise RequestProblem if too long."""
+        ids = self.encoder.encode_prompt(request.messages)
         if len(ids) > self.max_input_tokens:
             raise RequestProblem(f"the prompt is {len(ids)} tokens after the chat template; this server takes at most "
                                  f"{self.max_input_tokens} (--max-input-tokens)", status=413)
