@@ -63,9 +63,9 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
         start, cpu_start, children_start = time.perf_counter(), time.process_time(), children_cpu_s()
         chosen = {"fast": encoder, "hf": encoder.without_fast(),
                   "jinja": encoder.without_fast().without_skeletons()}[path]
-        out = encode_all(chosen, convos, [[1.0]] * n, check_prompts=False, num_proc=num_proc)
+        out = encode_all(chosen, convos, [[1.0]] * n, num_proc=num_proc)
         seconds = time.perf_counter() - start
-        how, workers = parallelism(chosen, convos, [[1.0]] * n, num_proc)
+        how, workers = parallelism(chosen, convos, [[1.0]] * n, [None] * n, num_proc)
         result[path] = {"tokenizer": out.tokenizer, "parallelism": f"{workers} {how}", "seconds": round(seconds, 2), "rows_per_s": round(n / seconds),
                         "tokens_per_row": round(sum(len(ids) for ids in out.ids) / n, 1),
                         "load_average_before": round(load, 2),

@@ -1,13 +1,14 @@
 """Format: render each clean conversation with its chat template and tokenize it with loss masks.
 
 The template is the model's own unless chat.template names one of sftflow's (tasks/templates.py) or
-chat.chat_template gives a file. Masks come from rendering prefixes (tasks/masks.py), so any template works, with
-or without `{% generation %}` markers: chat.mask picks every assistant turn, the last one, the completion of
-prompt–completion data, or the whole sequence; the end-of-turn token after a supervised turn is always supervised,
-and a turn whose loss weight is 0 is rendered but not supervised. Every held-out prompt, rendered with the
-generation prompt, must tokenize as a prefix of its training tokens. Conversations over chat.max_length tokens are
-dropped to the run's quarantine as too_many_tokens, or truncated (chat.too_long). The inference form of the
-template is saved as chat_template.jinja, for the adapter's tokenizer and for evaluation.
+chat.chat_template gives a file. Each conversation is cut into pieces tokenized one by one (tasks/masks.py), so
+every answer's inference prompt is a token prefix of its training ids by construction, for any template, with or
+without `{% generation %}` markers: chat.mask picks every assistant turn, the last one, everything after the last
+answer's prompt, or the whole sequence; the end-of-turn token after a supervised turn is always supervised, and a
+turn whose loss weight is 0 is rendered but not supervised. Held-out rows keep their prompt's length
+(prompt_tokens), which evaluate generates from. Conversations over chat.max_length tokens are dropped to the run's
+quarantine as too_many_tokens, or truncated (chat.too_long); more than chat.max_drop_share dropped stops the run.
+The inference form of the template is saved as chat_template.jinja, for the adapter's tokenizer and for evaluation.
 """
 
 from __future__ import annotations

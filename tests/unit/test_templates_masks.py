@@ -1,5 +1,5 @@
 """Masks from rendered prefixes, for the model's template and every named one: they supervise exactly the answers
-and their end-of-turn markers, agree with TRL's `{% generation %}` masks, and the prompts round-trip."""
+and their end-of-turn markers, agree with TRL's `{% generation %}` masks, and each prompt's ids are the ids before its answer."""
 
 import json
 
