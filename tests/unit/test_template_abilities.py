@@ -147,3 +147,30 @@ def test_a_source_weight_keeps_its_share_of_training_rows_and_the_accounting_hol
     assert stats["heldout"]["rows"] == held  # held-out rows are never dropped or repeated
     quarantine = pq.read_table(tmp_path / "q.parquet").to_pylist()
     assert sum(r["rule"] == "source_weight" for r in quarantine) == dropped
+
+
+@pytest.mark.parametrize(("share", "stops"), [(0.1, True), (0.6, False)])
+def test_a_run_that_drops_more_than_max_drop_share_for_length_stops_with_one_line(tiny_model_dir, tmp_path, share,
+                                                                                   stops):
+    from prefect.logging import disable_run_logger
+
+    from tasks.chat_format import format_chats
+    from tasks.errors import DataValidationError
+
+    records = [{"instruction": f"question {i}", "output": " ".join(["word"] * (5 if i % 2 else 80))}
+               for i in range(40)]
+    src = write_jsonl(tmp_path / "rows.jsonl", records)
+    ingest_rows(DataConfig(sources=[{"path": str(src)}]), tmp_path, tmp_path / "i.duckdb")
+    clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig(heldout_fraction=0.3))
+    cfg = ChatConfig(max_length=60, max_drop_share=share)
+    with disable_run_logger():
+        if not stops:
+            assert format_chats.fn(tmp_path / "c.duckdb", str(tiny_model_dir), tmp_path / "fmt", cfg,
+                                   tmp_path / "q.parquet") == tmp_path / "fmt"
+            return
+        with pytest.raises(DataValidationError) as e:
+            format_chats.fn(tmp_path / "c.duckdb", str(tiny_model_dir), tmp_path / "fmt", cfg, tmp_path / "q.parquet")
+    message = str(e.value)
+    assert "\n" not in message and "format dropped 50.0% of the clean rows (20 of 40)" in message
+    assert "chat.max_length=60" in message and "chat.max_drop_share=0.1" in message
+    assert sum(r["rule"] == "too_many_tokens" for r in pq.read_table(tmp_path / "q.parquet").to_pylist()) == 20
