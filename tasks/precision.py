@@ -3,6 +3,12 @@
 On a CPU, bf16 arithmetic is native only with AVX512-BF16 or AMX; on an AVX2-only CPU it is emulated, and one QLoRA
 step of SmolLM2-135M took over 100 s in bf16 against 9.6 s in fp32 (README). CUDA devices report bf16 support
 themselves; one without it (e.g. a T4 or V100) gets fp16 mixed precision. `train.compute_dtype` overrides the choice.
+
+SFTFLOW_COMPUTE_DTYPE=bf16|fp32 forces the dtype for the whole process (and the processes it starts: `sftflow task
+train`, accelerate's ranks) wherever `train.compute_dtype` is `auto`; an explicit `train.compute_dtype` still wins.
+It exists for tests: `make test` runs the model tests a second time with the dtype this CPU does not pick, so a test
+that passes in one dtype only is caught on any machine. Unset or empty means auto. Stage caches key on the config, not
+on this variable: use a fresh SFTFLOW_HOME (the tests do) when comparing dtypes through the flow.
 """
 
 from __future__ import annotations
@@ -12,7 +18,11 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.errors import ConfigError
+
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 /proc/cpuinfo flags; aarch64 calls its bf16 extension "bf16"
+COMPUTE_DTYPE_ENV = "SFTFLOW_COMPUTE_DTYPE"
+FORCEABLE = ("bf16", "fp32")  # fp16 is CUDA-only mixed precision: a CUDA user sets train.compute_dtype=fp16 instead
 
 
 @dataclass(frozen=True)
@@ -87,11 +97,32 @@ def auto_precision(cuda: bool) -> Precision:
                              "over 10x slower")
 
 
+def forced_dtype() -> str | None:
+    """Return the dtype SFTFLOW_COMPUTE_DTYPE forces (bf16 or fp32), or None when it is unset or empty."""
+    value = os.environ.get(COMPUTE_DTYPE_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in FORCEABLE:
+        raise ConfigError(f"{COMPUTE_DTYPE_ENV}={value!r} is not a dtype this variable can force: set it to "
+                          f"{' or '.join(FORCEABLE)}, or unset it to let the hardware decide")
+    return value
+
+
+def other_compute_dtype(cuda: bool) -> str:
+    """Return the dtype an `auto` run in this process does not compute in (bf16 after fp32, else fp32): the one
+    `make test` forces for its second run of the model tests, so that the two runs cover both."""
+    return "bf16" if choose_precision("auto", cuda).name == "fp32" else "fp32"
+
+
 def choose_precision(requested: str, cuda: bool) -> Precision:
-    """Return the configured precision (`train.compute_dtype`): auto-detected, or the one the config forces."""
+    """Return the configured precision (`train.compute_dtype`): the one the config sets, else the one
+    SFTFLOW_COMPUTE_DTYPE forces, else what the hardware does natively."""
+    source = f"set by train.compute_dtype={requested}"
     if requested == "auto":
-        return auto_precision(cuda)
+        requested = forced_dtype()
+        if requested is None:
+            return auto_precision(cuda)
+        source = f"forced by {COMPUTE_DTYPE_ENV}={requested} (train.compute_dtype is auto)"
     if requested == "bf16" and not cuda and not native_cpu_bf16(cpu_flags()):
-        return Precision("bf16", f"set by train.compute_dtype=bf16, although CPU {cpu_name()} emulates bf16 "
-                                 "(over 10x slower than fp32)")
-    return Precision(requested, f"set by train.compute_dtype={requested}")
+        return Precision("bf16", f"{source}, although CPU {cpu_name()} emulates bf16 (over 10x slower than fp32)")
+    return Precision(requested, source)

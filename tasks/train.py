@@ -81,12 +81,16 @@ def match_adapter_dtype(model, precision: Precision) -> None:
     TRL casts a quantized model's LoRA weights to bf16 (as the QLoRA paper does); on a CPU without native bf16 every
     LoRA matmul would then be emulated. fp16 runs keep fp32 master weights, as fp16 mixed precision needs.
     """
+    from tasks.trainer import cast_trainable
+
+    cast_trainable(model, trainable_dtype(precision))
+
+
+def trainable_dtype(precision: Precision):
+    """Return the dtype LoRA weights train in: bf16 when that is the compute dtype, else fp32 (see above)."""
     import torch
 
-    dtype = torch.bfloat16 if precision.name == "bf16" else torch.float32
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+    return torch.bfloat16 if precision.name == "bf16" else torch.float32
 
 
 def heldout_rows(formatted_dir: Path, cfg: TrainConfig):
@@ -122,7 +126,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
         model=model, args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
         eval_dataset=heldout_rows(formatted_dir, cfg), processing_class=load_tokenizer(model_dir, formatted_dir, cfg.trust_remote_code),
         peft_config=lora_config(cfg), callbacks=[*method_callbacks(model, cfg), *extra, *callbacks],
-        lean_loss=cfg.lean_loss)
+        lean_loss=cfg.lean_loss, trainable_dtype=trainable_dtype(precision) if cfg.uses_lora else None)
     if cfg.uses_lora:
         match_adapter_dtype(trainer.model, precision)
     if cfg.packing:

@@ -52,17 +52,32 @@ def lean_loss_sum(model, inputs: dict, lm_head):
     return loss_sum, keep.sum()
 
 
+def cast_trainable(model, dtype) -> None:
+    """Cast every trainable parameter of `model` to `dtype` (in place)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def sftflow_trainer_class():
     """Return the SFTTrainer subclass sftflow trains with (imported lazily: TRL is heavy)."""
     import torch
     from trl import SFTTrainer
 
     class SftflowTrainer(SFTTrainer):
-        """SFTTrainer with `lean_loss`: logits only at labelled positions, no full-vocabulary metrics."""
+        """SFTTrainer with `lean_loss`: logits only at labelled positions, no full-vocabulary metrics; trainable
+        weights kept in `trainable_dtype` across a resume."""
 
-        def __init__(self, *args, lean_loss: bool = False, **kwargs):
+        def __init__(self, *args, lean_loss: bool = False, trainable_dtype=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.lean_loss = lean_loss
+            self.lean_loss, self.trainable_dtype = lean_loss, trainable_dtype
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # PEFT's load_adapter casts the LoRA weights back to fp32 (autocast_adapter_dtype): a resumed bf16 run
+            # would train on in fp32 and drift from an uninterrupted one. Cast them back before the optimizer exists.
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if self.trainable_dtype is not None:
+                cast_trainable(self.model, self.trainable_dtype)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not self.lean_loss or return_outputs:

@@ -82,6 +82,7 @@ def test_the_trainer_keeps_lora_weights_and_4bit_compute_in_the_cpus_native_dtyp
     from tasks import precision
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.delenv(precision.COMPUTE_DTYPE_ENV, raising=False)  # what the CPU picks, not what make test forces
     trainer = build_trainer(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=1))
     trainable = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     assert trainable == {dtype}  # TRL alone casts a quantized model's adapters to bf16, emulated on AVX2

@@ -24,7 +24,7 @@ from tasks.ingest import fingerprint_data, ingest
 from tasks.modeling import prepare_base_model
 from tasks.report import save_config
 from tasks.train import train_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compute_dtype, tolerance
 
 # Few, cheap steps (tiny.yaml: packed rows of 256 tokens, 2 a micro-batch, 2 micro-batches a step), a checkpoint every 2.
 SETTINGS = ["train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
@@ -108,6 +108,7 @@ def copy_of(out_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(out_dir, tmp_path / out_dir.name))
 
 
+@pytest.mark.dtype_sensitive
 def test_a_checkpoint_holds_adapter_optimizer_scheduler_rng_and_step_and_a_resume_restores_all_of_them(
         run, straight, crashed, tmp_path):
     out = copy_of(crashed, tmp_path)
@@ -123,10 +124,30 @@ def test_a_checkpoint_holds_adapter_optimizer_scheduler_rng_and_step_and_a_resum
     resumed, reference = logged(out), logged(straight)
     assert sorted(resumed) == [1, 2, 3, 4]
     # Step 3 sees batch 3 (data position), at the scheduled rate (scheduler), from the same Adam moments (optimizer)
-    # and random state (RNG): the resumed curve is the uninterrupted one.
+    # and random state (RNG): the resumed curve is the uninterrupted one, to the roundings of the compute dtype (the
+    # fp32 test below asks for more). In bf16 it is not exact: Trainer reloads the checkpoint's adapter through PEFT's
+    # load_adapter, which upcasts bf16 LoRA weights to fp32, so from step 3 on the gradients are no longer rounded to
+    # bf16 (grad norm 0.05% apart at step 3, 0.1% at step 4).
+    rtol, _ = tolerance(compute_dtype())
     for step in (3, 4):
         for key in ("loss", "learning_rate", "grad_norm"):
-            assert resumed[step][key] == pytest.approx(reference[step][key], rel=1e-4), (step, key)
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=rtol), (step, key)
+
+
+def test_in_fp32_a_resumed_run_repeats_the_uninterrupted_curve_to_fp32s_roundings(run, tmp_path):
+    # Pinned to fp32, whatever this CPU or SFTFLOW_COMPUTE_DTYPE would pick: the same steps from a restored state are
+    # the same arithmetic, so the curves agree to fp32's few roundings (they were identical here), and a resume that
+    # restores a little less (a moment, a batch, an RNG draw) cannot hide inside bf16's 1.6%.
+    straight, out = tmp_path / "straight", tmp_path / "resumed"
+    assert train(run, straight, compute_dtype="fp32") == [1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="preemption"):
+        train(run, out, callbacks=[crash_at(3)], compute_dtype="fp32")
+    assert train(run, out, compute_dtype="fp32") == [3, 4]
+    resumed, reference = logged(out), logged(straight)
+    rtol, _ = tolerance(torch.float32)
+    for step in (1, 2, 3, 4):
+        for key in ("loss", "learning_rate", "grad_norm"):
+            assert resumed[step][key] == pytest.approx(reference[step][key], rel=rtol), (step, key)
 
 
 def test_a_rerun_with_other_logging_and_checkpoint_settings_still_resumes_and_follows_the_new_ones(
@@ -311,4 +332,5 @@ def test_a_sigkilled_train_step_reruns_from_its_checkpoint_to_the_same_steps_and
     train(run, reference, max_steps=steps)
     resumed, straight = logged(job.train), logged(reference)
     assert sorted(resumed) == sorted(straight) == list(range(1, steps + 1))
-    assert resumed[steps]["loss"] == pytest.approx(straight[steps]["loss"], rel=1e-3)
+    rtol, _ = tolerance(compute_dtype())  # fp32: identical here; bf16: 0.07% apart at step 8
+    assert resumed[steps]["loss"] == pytest.approx(straight[steps]["loss"], rel=rtol)

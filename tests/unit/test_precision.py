@@ -13,6 +13,12 @@ AMX = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16",
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_bf16"}
 
 
+@pytest.fixture(autouse=True)
+def unforced(monkeypatch):
+    """No SFTFLOW_COMPUTE_DTYPE from outside (a shell, a make test run): these tests decide it themselves."""
+    monkeypatch.delenv(precision.COMPUTE_DTYPE_ENV, raising=False)
+
+
 @pytest.fixture
 def cpu(monkeypatch):
     """Pretend to run on a CPU with the given flags and no CUDA device."""
@@ -54,6 +60,62 @@ def test_the_config_key_overrides_the_choice_and_names_the_cost_of_emulated_bf16
     cpu(AVX2_ONLY)
     forced = modeling.model_precision("bf16")
     assert forced.name == "bf16" and "emulates bf16 (over 10x slower than fp32)" in forced.reason
+
+
+@pytest.mark.parametrize("flags, forced", [(AMX, "fp32"), (AVX512_BF16, "fp32"), (AVX2_ONLY, "fp32"), (AMX, "bf16")])
+def test_sftflow_compute_dtype_forces_the_dtype_of_an_auto_config_and_says_so(cpu, monkeypatch, tmp_path, flags,
+                                                                               forced):
+    cpu(flags)
+    monkeypatch.setenv("SFTFLOW_COMPUTE_DTYPE", forced)
+    chosen = modeling.model_precision("auto")
+    assert (chosen.name, chosen.reason) == (forced, f"forced by SFTFLOW_COMPUTE_DTYPE={forced} "
+                                                    "(train.compute_dtype is auto)")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[forced]
+    assert modeling.quantization_config(chosen).bnb_4bit_compute_dtype == dtype  # what the trainer gets
+    assert sft_config(TrainConfig(), tmp_path, chosen).bf16 == (forced == "bf16")
+
+
+def test_forced_bf16_on_an_avx2_only_cpu_names_the_cost_of_emulation(cpu, monkeypatch):
+    cpu(AVX2_ONLY)
+    monkeypatch.setenv("SFTFLOW_COMPUTE_DTYPE", " BF16 ")  # case and spaces forgiven
+    chosen = modeling.model_precision("auto")
+    assert chosen.name == "bf16"
+    assert chosen.reason == ("forced by SFTFLOW_COMPUTE_DTYPE=bf16 (train.compute_dtype is auto), although CPU Test "
+                             "CPU emulates bf16 (over 10x slower than fp32)")
+
+
+@pytest.mark.parametrize("configured, forced", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_an_explicit_train_compute_dtype_wins_over_the_variable(cpu, monkeypatch, configured, forced):
+    cpu(AMX)
+    monkeypatch.setenv("SFTFLOW_COMPUTE_DTYPE", forced)
+    chosen = modeling.model_precision(configured)
+    assert (chosen.name, chosen.reason) == (configured, f"set by train.compute_dtype={configured}")
+
+
+def test_an_empty_variable_leaves_the_choice_to_the_hardware_and_a_bad_one_names_the_fix(cpu, monkeypatch):
+    cpu(AMX)
+    monkeypatch.setenv("SFTFLOW_COMPUTE_DTYPE", "")
+    assert modeling.model_precision("auto").name == "bf16"
+    for bad in ("fp16", "float32"):
+        monkeypatch.setenv("SFTFLOW_COMPUTE_DTYPE", bad)
+        with pytest.raises(ConfigError) as err:
+            modeling.model_precision("auto")
+        assert str(err.value) == (f"SFTFLOW_COMPUTE_DTYPE='{bad}' is not a dtype this variable can force: set it to "
+                                  "bf16 or fp32, or unset it to let the hardware decide")
+
+
+@pytest.mark.parametrize("flags, forced, other", [(AMX, "", "fp32"), (AVX512_BF16, "", "fp32"), (AVX2_ONLY, "", "bf16"),
+                                                 (AMX, "fp32", "bf16"), (AVX2_ONLY, "bf16", "fp32")])
+def test_make_tests_second_dtype_is_the_one_an_auto_run_does_not_compute_in(cpu, monkeypatch, flags, forced, other):
+    cpu(flags)
+    monkeypatch.setenv("SFTFLOW_COMPUTE_DTYPE", forced)  # the first run's dtype, forced or not, is covered already
+    assert precision.other_compute_dtype(cuda=False) == other != modeling.model_precision("auto").name
+
+
+def test_on_a_cuda_device_with_fp16_only_the_second_dtype_is_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    assert precision.other_compute_dtype(cuda=True) == "fp32"
 
 
 def test_fp16_on_a_cpu_stops_before_training_with_the_fix(cpu, monkeypatch):
