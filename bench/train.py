@@ -8,7 +8,7 @@ in its own process (so each peak RSS is its own):
 
 1. the anchor: `trl_anchor.py MODEL DATA ROWS STEPS padded qlora` (TRL's SFTTrainer with its defaults, batch 8);
 2. sftflow: the same rows through the pipeline's own ingest, clean and format steps (run as plain functions), then
-   the trainer the train task builds (tasks.train.build_trainer) with configs/default.yaml's train section and
+   the trainer the train task builds (tasks.trainer.build_trainer) with configs/default.yaml's train section and
    `train.max_steps` set so it sees as many supervised tokens as the anchor did.
 
 Each side counts the supervised tokens (labels != -100) its trainer was given and times `trainer.train()` alone.
@@ -88,7 +88,7 @@ def sftflow_side(rows: int, target_supervised: int) -> dict:
     """Format the rows with the pipeline's steps, train with the train task's trainer; return the measurements."""
     from flows.single_task import step_call
     from tasks.config import RunPaths, load_config
-    from tasks.train import build_trainer
+    from tasks.trainer import build_trainer
 
     work = Path(tempfile.mkdtemp(prefix="sftflow-bench-train-"))
     cfg = load_config(write_config(work, rows))

@@ -199,9 +199,9 @@ def run_worker(spec: dict) -> None:
     The same trainer, callbacks (each logs or stops on rank 0 only) and resume as tasks/train.py train_model; the
     launcher already cleared other jobs' checkpoints, so resuming here only reads.
     """
-    from tasks.chat_format import load_tokenizer
+    from tasks.tokenizer import load_tokenizer
     from tasks.checkpoints import resume_training
-    from tasks.train import build_trainer, training_callbacks
+    from tasks.trainer import build_trainer, training_callbacks
 
     cfg, out_dir, formatted = TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]), Path(spec["formatted_dir"])
     trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tasks.packing import PACKED_ATTENTION
-from tasks.train import build_trainer
+from tasks.trainer import build_trainer
 from tests.conftest import assert_same_value, compute_dtype
 from tests.model.test_qlora import ANSWER, formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
 

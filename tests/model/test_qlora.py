@@ -9,7 +9,8 @@ from tasks.chat_format import format_rows
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig, TrainConfig
 from tasks.ingest import ingest_rows
-from tasks.train import build_trainer, train_model
+from tasks.train import train_model
+from tasks.trainer import build_trainer
 from tests.conftest import write_jsonl
 
 ANSWER = '{"customer": "Ada", "item": "lamp", "quantity": 2, "city": "Oslo"}'
