@@ -49,7 +49,7 @@ def order_prompts(n: int, seed: int = 123) -> list[list[dict]]:
 def load_model(load: str):
     """Return (model, tokenizer) of the default base model, 4-bit NF4 or full precision."""
     from tasks.base_model import resolve_base_model
-    from tasks.chat_format import load_tokenizer
+    from tasks.tokenizer import load_tokenizer
     from tasks.config import DEFAULT_BASE_MODEL
     from tasks.modeling import load_base_model
 

@@ -48,7 +48,8 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
     """Return the rows/s of the format task's encode step on n GSM8K conversations per tokenizer path, with the
     tokenizer each path used, the CPU and the load."""
     from tasks.base_model import resolve_base_model
-    from tasks.chat_format import chat_encoder, load_tokenizer
+    from tasks.chat_format import chat_encoder
+    from tasks.tokenizer import load_tokenizer
     from tasks.config import DEFAULT_BASE_MODEL
     from tasks.encoding import encode_all, parallelism
     from tasks.precision import cpu_summary

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.settings import cache_root
 from tasks.common import stage_logger
 from tasks.errors import ConfigError
 
@@ -30,11 +31,6 @@ ACCEPTED = ("give a local model directory (config.json, *.safetensors, tokenizer
 
 class TransientHubError(ConnectionError):
     """The Hub failed in a way that may pass on a retry (timeout, 5xx, a connection lost while downloading)."""
-
-
-def cache_root() -> Path:
-    """Return the directory where converted base models are cached ($SFTFLOW_CACHE or ~/.cache/sftflow)."""
-    return Path(os.environ.get("SFTFLOW_CACHE", Path.home() / ".cache" / "sftflow"))
 
 
 def resolve_gguf(spec: str) -> Path | None:

@@ -33,9 +33,9 @@ from tasks.encoding import TEXT_ROLE, ChatEncoder, Encoded, Rows, encode_all, is
 from tasks.errors import ConfigError, DataValidationError
 from tasks.fast_tokenizer import fast_tokenizer
 from tasks.masks import marked_text
-from tasks.templates import TEMPLATE_FILE, TEMPLATES, ChatRenderer, inference_template, resolve_template, special_tokens
+from tasks.templates import TEMPLATES, ChatRenderer, inference_template, resolve_template, special_tokens
+from tasks.tokenizer import TEMPLATE_FILE, load_tokenizer
 
-__all__ = ["TEMPLATES", "TEMPLATE_FILE", "format_chats", "format_rows", "load_tokenizer", "tokenize_conversation"]
 # Inference template -> training variant with generation markers (the reference the prefix masks are tested against).
 KNOWN_TRAINING_TEMPLATES = {"smollm2.jinja": "smollm2_training.jinja"}
 FORMATTED_SCHEMA = pa.schema([
@@ -63,18 +63,6 @@ COPY (SELECT * FROM quarantine
       FROM clean c JOIN dropped d USING (row_id)
       ORDER BY row_id) TO $p (FORMAT parquet)
 """
-
-
-def load_tokenizer(model_dir: str, formatted_dir: Path | None = None, trust_remote_code: bool = False):
-    """Return the tokenizer of a local model directory or Hub id; given the format step's output directory, with
-    the (inference form of the) chat template the rows were formatted with, so training and prompting agree. A
-    tokenizer's own Python code runs only when `trust_remote_code` (train.trust_remote_code)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if formatted_dir is not None and (Path(formatted_dir) / TEMPLATE_FILE).is_file():
-        tokenizer.chat_template = (Path(formatted_dir) / TEMPLATE_FILE).read_text(encoding="utf-8")
-    return tokenizer
 
 
 def training_template(tokenizer, override: Path | None = None) -> str:
@@ -283,6 +271,7 @@ def format_split(rows: SplitRows, split: str, encoder: ChatEncoder, cfg: ChatCon
     try:
         enc = encode_all(encoder, rows.convos, rows.weights, rows.tools, num_proc=cfg.num_proc, sink=writer)
         lengths, dropped = writer.close()
+        enc.extra_parts = writer.extra_parts
         return lengths, dropped, enc
     finally:
         writer.abort()
@@ -306,7 +295,7 @@ class SplitWriter:
     def restart(self) -> None:
         """Forget every row taken and the file so far."""
         self.wait(raise_errors=False)
-        self.pending, self.lengths, self.dropped = [], [], []
+        self.pending, self.lengths, self.dropped, self.extra_parts = [], [], [], 0
         self.tmp.unlink(missing_ok=True)
 
     def add(self, part: Encoded, start: int) -> None:
@@ -339,6 +328,7 @@ class SplitWriter:
         prompt_tokens = np.asarray(part.prompt_tokens, dtype=np.int64).reshape(-1)[take]
         # a row's last part holds its reference answer, and (held-out rows) the prompt evaluate generates from
         is_last = np.append(row_of[1:] != row_of[:-1], True) if len(row_of) else np.zeros(0, dtype=bool)
+        self.extra_parts += int((~is_last[kept]).sum())
         prompts = {k: self.prompt_of(part, k, start) if is_last[k] else (None, None) for k in kept.tolist()}
         take_rows_of = row_of[take].tolist()
         take = take.tolist()
@@ -512,7 +502,7 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
     otherwise scan again and again (100k GSM8K rows: 9.5 s -> 8.5 s).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats, dropped, formatted, fallbacks, unthinking, parts = {}, [], 0, {}, 0, 0
+    stats, dropped, formatted, fallbacks, unthinking, parts = {}, [], 0, {}, 0, 0  # parts: rows split (masks.py)
     with (gc_paused(), duckdb.connect(str(clean_db), read_only=True) as con, closing(con.cursor()) as cursor,
           ThreadPoolExecutor(1) as reader):
         tables = {split: reader.submit(read_split, cursor, split) for split in ("train", "heldout")}
@@ -525,6 +515,7 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
             stats[split] = length_stats(lengths, len(split_dropped))
             dropped += split_dropped
             formatted += len(set(lengths.column("row_id").to_pylist()))
+            parts += enc.extra_parts
             for k, n in enc.fallbacks.items():
                 fallbacks[k] = fallbacks.get(k, 0) + n
             unthinking += sum(not any(m.get("reasoning") for m in c) for c in rows.convos if c[-1]["role"] != TEXT_ROLE)
@@ -532,7 +523,8 @@ def format_rows(clean_db: Path, model_dir: str, out_dir: Path, cfg: ChatConfig,
         if out_quarantine is not None:
             write_quarantine(con, dropped, out_quarantine)
     stats["template"] = {"fallbacks": fallbacks, "notes": template_notes(encoder, fallbacks, unthinking),
-                         "thinking_switch": encoder.renderer.features.thinking_switch}
+                         "thinking_switch": encoder.renderer.features.thinking_switch,
+                         "answers_in_rows_of_their_own": parts}
     for note in stats["template"]["notes"]:
         stage_logger().warning("format: %s", note)
     (out_dir / TEMPLATE_FILE).write_text(inference_template(template), encoding="utf-8")

@@ -123,7 +123,7 @@ def is_locked(err: BaseException) -> bool:
 
 def holders_dir() -> Path:
     """Return where this machine's training-slot holders are recorded: one file per held lease (pid, lease id)."""
-    from tasks.base_model import cache_root
+    from tasks.settings import cache_root
 
     return cache_root() / "train-slots"
 

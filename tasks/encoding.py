@@ -68,6 +68,7 @@ class Encoded:
     # (row of the run, what differs) where a shape plan's pieces differ from planning the row with Jinja
     render_mismatches: list[tuple[int, str]] = field(default_factory=list)
     fallbacks: Counter = field(default_factory=Counter)  # template fallbacks taken (templates.py), rows each
+    extra_parts: int = 0  # parts beyond one per row: answers trained after their own prompt (tasks/masks.py)
     tokenizer: str = "hf"  # which tokenizer gave the ids: tiktoken or hf
 
     def extend(self, other: Encoded, offset: int, rows: bool = True) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.chat_format import load_tokenizer
+from tasks.tokenizer import load_tokenizer
 from tasks.common import in_prefect_run, stage_logger, stage_task
 from tasks.config import EvaluateConfig, TrainConfig
 from tasks.errors import DataValidationError

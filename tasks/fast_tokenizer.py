@@ -277,7 +277,7 @@ def fast_tokenizer(backend) -> tuple[FastTokenizer | None, str | None]:
 
 def proof_file(tokenizer_json: str) -> Path:
     """Return the file that records a proof for this tokenizer JSON by this version of the proof."""
-    from tasks.base_model import cache_root
+    from tasks.settings import cache_root
 
     digest = hashlib.sha256(tokenizer_json.encode() + Path(__file__).read_bytes()).hexdigest()
     return cache_root() / "tokenizer-proofs" / f"{digest}.npz"

@@ -32,6 +32,12 @@ TELEMETRY_OFF = {
 }
 
 
+def cache_root() -> Path:
+    """Return sftflow's cache of work done once per machine ($SFTFLOW_CACHE or ~/.cache/sftflow): converted base
+    models, tokenizer proofs, training-slot holders."""
+    return Path(os.environ.get("SFTFLOW_CACHE", Path.home() / ".cache" / "sftflow"))
+
+
 def sftflow_home(environ: MutableMapping[str, str] | None = None, cwd: Path | None = None) -> Path:
     """Return where sftflow keeps its local state: $SFTFLOW_HOME, else .sftflow in the working directory."""
     environ = os.environ if environ is None else environ

@@ -26,7 +26,6 @@ from tasks.skeletons import Skeleton, prove_skeleton
 
 TEMPLATES = Path(__file__).parent / "templates"
 NAMED_TEMPLATES = ("chatml", "llama2", "llama3", "gemma", "mistral", "alpaca")
-TEMPLATE_FILE = "chat_template.jinja"  # the inference template saved next to the formatted rows
 GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 THINKING_SWITCHES = ("enable_thinking", "thinking")  # the variable a template reads to think or not
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # message keys templates read a trace from

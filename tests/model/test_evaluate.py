@@ -192,7 +192,7 @@ def test_answers_are_cut_at_the_end_of_turn_and_a_new_user_turn_is_flagged(tiny_
 
 
 def test_turn_markers_follow_the_template(tiny_model_dir):
-    from tasks.chat_format import load_tokenizer
+    from tasks.tokenizer import load_tokenizer
     from tasks.templates import TEMPLATES
 
     tokenizer = load_tokenizer(str(tiny_model_dir))

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import trl
 
-from tasks.chat_format import chat_encoder, format_rows, load_tokenizer
+from tasks.chat_format import chat_encoder, format_rows
+from tasks.tokenizer import load_tokenizer
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
 from tasks.ingest import ingest_rows

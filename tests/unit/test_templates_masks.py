@@ -8,20 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from tasks.chat_format import (
-    TEMPLATE_FILE,
-    chat_encoder,
-    format_rows,
-    load_tokenizer,
-    tokenize_conversation,
-    training_template,
-)
+from tasks.chat_format import chat_encoder, format_rows, tokenize_conversation, training_template
 from tasks.clean import clean_database
 from tasks.config import ChatConfig, CleanConfig, DataConfig
 from tasks.encoding import encode_all
 from tasks.errors import ConfigError
 from tasks.ingest import ingest_rows
 from tasks.masks import marked_text
+from tasks.tokenizer import TEMPLATE_FILE, load_tokenizer
 from tasks.templates import NAMED_TEMPLATES, ChatRenderer, named_template, special_tokens
 from tests.conftest import write_jsonl
 
