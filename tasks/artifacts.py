@@ -8,7 +8,6 @@ bare `|`, so every cell goes through `cell()`.
 from __future__ import annotations
 
 import json
-from urllib.parse import quote, urlencode
 
 from tasks.common import in_prefect_run
 
@@ -68,11 +67,3 @@ def publish_link(key: str, link: str, link_text: str, description: str) -> None:
         from prefect.artifacts import create_link_artifact
 
         create_link_artifact(link=link, link_text=link_text, key=key, description=description)
-
-
-def mlflow_file_url(tracking_uri: str, run_id: str, path: str) -> str:
-    """Return the address at which the MLflow UI's server hands out one file the run logged (an image shows in place:
-    `make ui-mlflow` for a local store, the server itself for a remote one)."""
-    from tasks.registry import mlflow_ui
-
-    return f"{mlflow_ui(tracking_uri)}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id}, quote_via=quote)}"

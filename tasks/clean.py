@@ -21,7 +21,7 @@ import pyarrow as pa
 from tasks.common import COMPRESSION_SQL, in_prefect_run, stage_logger, stage_task
 from tasks.config import CleanConfig, content_hash
 from tasks.dedup import near_duplicate_clusters
-from tasks.report import publish_cleaning_report
+from tasks.cleaning_report import publish_cleaning_report
 from tasks.source_check import enforce_source_checks, source_warnings
 
 CONTROL_CHARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]"

@@ -278,7 +278,7 @@ def report_training(out_dir: Path, tracking: Tracking | None, run_id: str | None
         stage_logger().warning("train: %s (step %s): %s", d["name"], d["step"], d["message"])
     image_url = None
     if run_id is not None:
-        from tasks.artifacts import mlflow_file_url
+        from tasks.links import mlflow_file_url
 
         image_url = mlflow_file_url(tracking.tracking_uri, run_id, f"train/{image.name}")  # logged just below
     publish_diagnoses(out_dir.parent.name, diagnoses, image, image_url)

@@ -19,6 +19,7 @@ from tasks.artifacts import markdown_table, publish_link, publish_markdown
 from tasks.common import stage_logger, stage_task
 from tasks.config import RegisterConfig, RunPaths, flatten
 from tasks.errors import ConfigError, QualityGateError, disk_full
+from tasks.links import run_url, version_url
 from tasks.monitoring import Tracking, mlflow_metrics, new_params, open_mlflow_run, param_values
 from tasks.registry import (
     CHALLENGER,
@@ -32,10 +33,8 @@ from tasks.registry import (
     decide_promotion,
     directory_digest,
     find_by_digest,
-    run_url,
-    version_url,
 )
-from tasks.report import model_card, numbers
+from tasks.card import model_card, numbers
 
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers"]
 MERGED_ARTIFACT = "merged"  # the adapter merged into its base, as safetensors (register.merged_export)

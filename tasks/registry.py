@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import quote
 
 from tasks.errors import SftflowError
 
@@ -359,20 +358,3 @@ def list_versions(tracking_uri: str, name: str) -> str:
 
 
 # ---- links to the MLflow UI ----
-
-MLFLOW_UI = "http://127.0.0.1:5000"  # `make ui-mlflow` serves a local (sqlite) store here
-
-
-def mlflow_ui(tracking_uri: str) -> str:
-    """Return the base URL of the MLflow UI for a store: the server itself, or `make ui-mlflow`'s address."""
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
-
-
-def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Return the MLflow UI address of a run."""
-    return f"{mlflow_ui(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def version_url(tracking_uri: str, name: str, version: str) -> str:
-    """Return the MLflow UI address of a model version."""
-    return f"{mlflow_ui(tracking_uri)}/#/models/{quote(name)}/versions/{version}"
