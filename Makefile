@@ -9,7 +9,7 @@ CONFIG ?= configs/default.yaml
 ARGS   ?=
 
 # Everything a run writes stays in the project: runs/ (data, adapters, MLflow store) and .sftflow/ (Prefect DB).
-# sftflow's environment (stores, telemetry off, Prefect's startup time) is decided in one place, tasks/settings.py:
+# sftflow's environment (stores, telemetry off, Prefect's startup time) is decided in one place, tasks/core/settings.py:
 # the CLI applies it itself, and targets that run prefect or mlflow directly take it from `sftflow env`.
 SFTFLOW_ENV = eval "$$($(BIN)/sftflow env)" &&
 
@@ -34,7 +34,7 @@ $(STAMP): requirements.txt pyproject.toml
 run: $(STAMP)
 	$(BIN)/sftflow run $(CONFIG) $(ARGS)
 
-# The suite in this machine's own compute dtype (tasks/precision.py: bf16 where the CPU has it natively, else fp32),
+# The suite in this machine's own compute dtype (tasks/model/precision.py: bf16 where the CPU has it natively, else fp32),
 # then the model tests marked dtype_sensitive (they compare two computations or depend on the loss curve) again with
 # the other dtype forced through SFTFLOW_COMPUTE_DTYPE: a tolerance or curve that holds in one dtype only fails on
 # every machine, not just on the other kind. ARGS (options, e.g. -x or -k lean) go to both runs; a -k that leaves the
@@ -42,7 +42,7 @@ run: $(STAMP)
 # AVX512-BF16 EPYC (fp32), and 105 s there with bf16 emulated as an AVX2-only CPU would run it.
 test: $(STAMP)
 	$(BIN)/python -m pytest tests $(ARGS)
-	other=$$($(BIN)/python -c "import torch; from tasks.precision import other_compute_dtype as other; \
+	other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
 	  print(other(torch.cuda.is_available()))") && echo "make test: dtype_sensitive, SFTFLOW_COMPUTE_DTYPE=$$other" && \
 	  { SFTFLOW_COMPUTE_DTYPE=$$other $(BIN)/python -m pytest tests/model $(ARGS) -m dtype_sensitive || [ $$? -eq 5 ]; }
 

@@ -36,10 +36,10 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 import duckdb
 
-import tasks.clean
-from tasks.clean import clean_database
-from tasks.config import CleanConfig, DataConfig
-from tasks.ingest import ingest_rows
+import tasks.data.clean
+from tasks.data.clean import clean_database
+from tasks.core.config import CleanConfig, DataConfig
+from tasks.data.ingest import ingest_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pandas_baseline import clean_pandas
@@ -205,7 +205,7 @@ def instrumented(log: dict[str, float]):
 
     Statements run inside near_duplicate_clusters are logged as "near_duplicate_clusters > <statement>".
     """
-    real_near, scope = tasks.clean.near_duplicate_clusters, []
+    real_near, scope = tasks.data.clean.near_duplicate_clusters, []
 
     def near(*args, **kwargs):
         scope.append(NEAR + " > ")
@@ -223,7 +223,7 @@ def instrumented(log: dict[str, float]):
         def connect(self, *a, **k):
             return TimedConnection(duckdb.connect(*a, **k), log, scope)
 
-    with mock.patch.object(tasks.clean, "duckdb", Shim()), mock.patch.object(tasks.clean, NEAR, near):
+    with mock.patch.object(tasks.data.clean, "duckdb", Shim()), mock.patch.object(tasks.data.clean, NEAR, near):
         yield
 
 

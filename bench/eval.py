@@ -5,8 +5,8 @@ Usage: .venv/bin/python bench/eval.py [--prompts 32] [--max-new-tokens 24] [--ba
 The model is the converted default base (SmolLM2-135M-Instruct from the packaged GGUF, cached locally), loaded as
 evaluate loads it (`--load full`, the default: fp32, as for the full/hft/lora methods; `--load 4bit`: the QLoRA
 base of the default run, 4-bit NF4). The prompts
-are held-out-style order-extraction requests from the synthetic data generator (tasks/synth.py), rendered with the
-model's chat template and `add_generation_prompt=True`. Both sides call evaluate's own `tasks.evaluate.generate`
+are held-out-style order-extraction requests from the synthetic data generator (tasks/data/synth.py), rendered with the
+model's chat template and `add_generation_prompt=True`. Both sides call evaluate's own `tasks.evaluate.evaluate.generate`
 with the same settings (greedy, `--max-new-tokens`, the template's end-of-turn as stop): once with batch size 1,
 once with `--batch-size` (left padding, KV cache, prompts of similar length batched together). A one-prompt warm-up
 runs first, untimed. The CPU and its load (1-minute load average before and after) are printed: the figures are
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 def order_prompts(n: int, seed: int = 123) -> list[list[dict]]:
     """Return `n` single-turn order-extraction prompts as the format step builds them from Alpaca rows."""
-    from tasks.synth import make_order
+    from tasks.data.synth import make_order
 
     rng = random.Random(seed)
     return [[{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}]
@@ -48,10 +48,10 @@ def order_prompts(n: int, seed: int = 123) -> list[list[dict]]:
 
 def load_model(load: str):
     """Return (model, tokenizer) of the default base model, 4-bit NF4 or full precision."""
-    from tasks.base_model import resolve_base_model
-    from tasks.tokenizer import load_tokenizer
-    from tasks.config import DEFAULT_BASE_MODEL
-    from tasks.modeling import load_base_model
+    from tasks.model.base_model import resolve_base_model
+    from tasks.model.tokenizer import load_tokenizer
+    from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.model.modeling import load_base_model
 
     model_dir = resolve_base_model(DEFAULT_BASE_MODEL)
     return load_base_model(model_dir, load == "4bit").eval(), load_tokenizer(model_dir)
@@ -59,8 +59,8 @@ def load_model(load: str):
 
 def timed_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
     """Return (generations, seconds) for greedy generation at `batch_size`."""
-    from tasks.config import EvaluateConfig
-    from tasks.evaluate import generate
+    from tasks.core.config import EvaluateConfig
+    from tasks.evaluate.evaluate import generate
 
     cfg = EvaluateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from tasks.precision import cpu_summary
+    from tasks.model.precision import cpu_summary
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)

@@ -59,27 +59,27 @@ DEFAULT_RUN_S = 937  # README: `make run` on configs/default.yaml, 2 shared core
 
 
 def tiny_random_model(out: Path) -> Path:
-    """Save the tests' 2-layer random llama with the SmolLM2 tokenizer to `out` (tasks/tiny_model.py)."""
-    from tasks.tiny_model import build_tiny_model
+    """Save the tests' 2-layer random llama with the SmolLM2 tokenizer to `out` (tasks/model/tiny_model.py)."""
+    from tasks.model.tiny_model import build_tiny_model
 
     return build_tiny_model(out)
 
 
 def direct_pipeline(config_path: Path, overrides: list[str], run_id: str) -> dict:
     """Run the flow's steps as plain functions (`task.fn`), same arguments and order as flows/sft_pipeline.py."""
-    from tasks.chat_format import format_chats
-    from tasks.clean import clean
-    from tasks.config import RunPaths, dump_config, load_config
-    from tasks.data_gate import config_digest
-    from tasks.evaluate import evaluate_adapter
-    from tasks.ingest import fingerprint_sources, ingest
-    from tasks.modeling import prepare_base_model
-    from tasks.monitoring import run_tracking
-    from tasks.register import pipeline_tags, register_model
-    from tasks.registry import champion_to_compare
-    from tasks.report import save_config, write_summary
-    from tasks.train import train_adapter
-    from tasks.validate import validate, validation_args
+    from tasks.formatting.chat_format import format_chats
+    from tasks.data.clean import clean
+    from tasks.core.config import RunPaths, dump_config, load_config
+    from tasks.data.data_gate import config_digest
+    from tasks.evaluate.evaluate import evaluate_adapter
+    from tasks.data.ingest import fingerprint_sources, ingest
+    from tasks.model.modeling import prepare_base_model
+    from tasks.train.monitoring import run_tracking
+    from tasks.registry.register import pipeline_tags, register_model
+    from tasks.registry.registry import champion_to_compare
+    from tasks.reporting.report import save_config, write_summary
+    from tasks.train.train import train_adapter
+    from tasks.data.validate import validate, validation_args
 
     started = time.time()
     cfg = load_config(config_path, overrides)
@@ -227,8 +227,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sftflow-bench-flow-"))
     os.environ["SFTFLOW_HOME"] = str(work / "home")  # a throwaway Prefect home and result store
-    from tasks.precision import cpu_summary
-    from tasks.settings import apply_defaults
+    from tasks.model.precision import cpu_summary
+    from tasks.core.settings import apply_defaults
 
     apply_defaults()
     env = dict(os.environ, PYTHONPATH=str(ROOT))

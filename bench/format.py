@@ -4,14 +4,14 @@ Usage: .venv/bin/python bench/format.py [--rows 100000] [--num-proc 0] [--paths 
 
 The conversations are GSM8K train rows (../shared/data/gsm8k_train.jsonl, or $GSM8K_JSONL) with a system turn,
 repeated to n rows and varied (each copy's question gets its own number), so no text repeats and a cache cannot
-help. Timed: the format task's encode step (tasks.encoding.encode_all: rendering with the spans the masks need,
+help. Timed: the format task's encode step (tasks.formatting.encoding.encode_all: rendering with the spans the masks need,
 tokenization, masks, the check of sampled rows against Jinja and HF) with the default base model's tokenizer and
 template, as the format task spreads it (chat.num_proc, 0 = auto: tokenizer threads where skeletons render the
 rows). Each path in --paths is timed in the same run, so their ratios hold even on a shared machine: fast (the
-format task's own choice: skeleton rendering, tasks/skeletons.py, and tiktoken where proved equal,
-tasks/fast_tokenizer.py), hf (skeletons, the HF tokenizer's batched Rust encode with offsets) and jinja (two
+format task's own choice: skeleton rendering, tasks/formatting/skeletons.py, and tiktoken where proved equal,
+tasks/formatting/fast_tokenizer.py), hf (skeletons, the HF tokenizer's batched Rust encode with offsets) and jinja (two
 Jinja renders per row and the HF tokenizer, in processes: the plain way). Then, unless --no-task, the whole
-format task (tasks.chat_format.format_rows: reading the clean DuckDB file, encoding, the too-long rule, writing
+format task (tasks.formatting.chat_format.format_rows: reading the clean DuckDB file, encoding, the too-long rule, writing
 both splits' Parquet files and the stats) on the same n rows, ingested and cleaned first (not timed; near-duplicate
 dropping off, as the copies only differ in their number). It prints rows/s per path, rows per CPU second (all threads and processes:
 what a busy machine does not halve), the CPU and the load average before each run; the last line is one JSON
@@ -47,12 +47,12 @@ def children_cpu_s() -> float:
 def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...] = ("fast", "hf")) -> dict:
     """Return the rows/s of the format task's encode step on n GSM8K conversations per tokenizer path, with the
     tokenizer each path used, the CPU and the load."""
-    from tasks.base_model import resolve_base_model
-    from tasks.chat_format import chat_encoder
-    from tasks.tokenizer import load_tokenizer
-    from tasks.config import DEFAULT_BASE_MODEL
-    from tasks.encoding import encode_all, parallelism
-    from tasks.precision import cpu_summary
+    from tasks.model.base_model import resolve_base_model
+    from tasks.formatting.chat_format import chat_encoder
+    from tasks.model.tokenizer import load_tokenizer
+    from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.formatting.encoding import encode_all, parallelism
+    from tasks.model.precision import cpu_summary
 
     tokenizer = load_tokenizer(resolve_base_model(DEFAULT_BASE_MODEL))
     encoder = chat_encoder(tokenizer, tokenizer.chat_template)
@@ -84,11 +84,11 @@ def format_task_rows_per_s(n: int, num_proc: int = 0) -> dict:
     """Return the rows/s of the whole format task (format_rows) on n GSM8K conversations, cleaned first."""
     import tempfile
 
-    from tasks.base_model import resolve_base_model
-    from tasks.chat_format import format_rows
-    from tasks.clean import clean_database
-    from tasks.config import DEFAULT_BASE_MODEL, ChatConfig, CleanConfig, DataConfig
-    from tasks.ingest import ingest_rows
+    from tasks.model.base_model import resolve_base_model
+    from tasks.formatting.chat_format import format_rows
+    from tasks.data.clean import clean_database
+    from tasks.core.config import DEFAULT_BASE_MODEL, ChatConfig, CleanConfig, DataConfig
+    from tasks.data.ingest import ingest_rows
 
     with tempfile.TemporaryDirectory(prefix="sftflow-bench-format-") as tmp:
         d = Path(tmp)

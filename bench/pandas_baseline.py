@@ -2,7 +2,7 @@
 
 It is the yardstick of bench/clean.py: the code a pandas user would write for the same rules, vectorised where
 pandas offers a string method, and one MinHash per row (datasketch) for the near duplicates. The rules follow
-tasks/ingest.py (prompt = instruction + blank line + input, placeholder inputs dropped) and tasks/clean.py, in
+tasks/data/ingest.py (prompt = instruction + blank line + input, placeholder inputs dropped) and tasks/data/clean.py, in
 its order: missing_field, empty_turn, too_long, duplicate, near_duplicate; then a hash split.
 """
 
@@ -16,7 +16,7 @@ from datasketch import MinHash, MinHashLSH
 
 CONTROL_CHARS = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F]"
 WHITESPACE = r"[ \t\n\f\r]+"  # RE2's \s, which DuckDB uses (Python's \s would also match \v and Unicode spaces)
-NO_INPUT = {"", "n/a", "none", "not applicable", "<noinput>", "no input"}  # as tasks/ingest.py
+NO_INPUT = {"", "n/a", "none", "not applicable", "<noinput>", "no input"}  # as tasks/data/ingest.py
 MAX_CHARS, THRESHOLD, NUM_PERM, HELDOUT = 4000, 0.8, 32, 0.1  # CleanConfig() defaults, dedup.NUM_PERM
 
 

@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/precision.py [--batch 4] [--tokens 256] [--steps 2]
 
-Both sides load the base exactly as the train task does (tasks.modeling.load_base_model: 4-bit NF4, double
+Both sides load the base exactly as the train task does (tasks.model.modeling.load_base_model: 4-bit NF4, double
 quantisation) with LoRA r=16 on all linear layers, adapters in the compute dtype, autocast as the trainer would
 set it, and time forward + backward + AdamW step on the same random token batch, in one process. It prints seconds
 per step for each, the ratio, what `train.compute_dtype=auto` picks here, and the CPU; the last line is one JSON
@@ -18,10 +18,10 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from tasks.base_model import resolve_base_model
-from tasks.config import DEFAULT_BASE_MODEL
-from tasks.modeling import load_base_model, model_precision
-from tasks.precision import cpu_summary
+from tasks.model.base_model import resolve_base_model
+from tasks.core.config import DEFAULT_BASE_MODEL
+from tasks.model.modeling import load_base_model, model_precision
+from tasks.model.precision import cpu_summary
 
 
 def seconds_per_step(model_dir: str, dtype: str, batch: int, tokens: int, steps: int) -> float:

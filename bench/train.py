@@ -8,7 +8,7 @@ in its own process (so each peak RSS is its own):
 
 1. the anchor: `trl_anchor.py MODEL DATA ROWS STEPS padded qlora` (TRL's SFTTrainer with its defaults, batch 8);
 2. sftflow: the same rows through the pipeline's own ingest, clean and format steps (run as plain functions), then
-   the trainer the train task builds (tasks.trainer.build_trainer) with configs/default.yaml's train section and
+   the trainer the train task builds (tasks.train.trainer.build_trainer) with configs/default.yaml's train section and
    `train.max_steps` set so it sees as many supervised tokens as the anchor did.
 
 Each side counts the supervised tokens (labels != -100) its trainer was given and times `trainer.train()` alone.
@@ -39,8 +39,8 @@ GSM8K = SHARED / "data" / "gsm8k_train.jsonl"
 
 def base_model_dir() -> str:
     """Return the converted default base model's directory (converting the packaged GGUF once if needed)."""
-    from tasks.base_model import resolve_base_model
-    from tasks.config import DEFAULT_BASE_MODEL
+    from tasks.model.base_model import resolve_base_model
+    from tasks.core.config import DEFAULT_BASE_MODEL
 
     return resolve_base_model(DEFAULT_BASE_MODEL)
 
@@ -87,8 +87,8 @@ def write_config(work: Path, rows: int) -> Path:
 def sftflow_side(rows: int, target_supervised: int) -> dict:
     """Format the rows with the pipeline's steps, train with the train task's trainer; return the measurements."""
     from flows.single_task import step_call
-    from tasks.config import RunPaths, load_config
-    from tasks.trainer import build_trainer
+    from tasks.core.config import RunPaths, load_config
+    from tasks.train.trainer import build_trainer
 
     work = Path(tempfile.mkdtemp(prefix="sftflow-bench-train-"))
     cfg = load_config(write_config(work, rows))
@@ -162,7 +162,7 @@ def main() -> None:
         print(json.dumps(sftflow_side(args.rows, args.target_supervised)))
         return
 
-    from tasks.precision import cpu_summary
+    from tasks.model.precision import cpu_summary
 
     model_dir = base_model_dir()
     if args.anchor_json:

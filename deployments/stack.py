@@ -12,7 +12,7 @@ idempotent: a server or worker that is still running is kept, not started twice.
 server with their whole process trees (the worker's flow-run subprocesses included: a run in progress is
 interrupted, and a rerun of its run id skips the steps it finished); with nothing running it says so.
 
-The processes get sftflow's environment (tasks/settings.py: PREFECT_HOME in $SFTFLOW_HOME, telemetry off, ...;
+The processes get sftflow's environment (tasks/core/settings.py: PREFECT_HOME in $SFTFLOW_HOME, telemetry off, ...;
 variables you set win) plus PREFECT_API_URL of this server, and the worker hands it to every flow run. The home is
 this checkout's .sftflow wherever the script is started from, and the deployments' pull step works in this checkout.
 """
@@ -32,7 +32,7 @@ from pathlib import Path
 import psutil
 
 from flows.temporary_server import healthy
-from tasks.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, sftflow_home
+from tasks.core.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, sftflow_home
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"

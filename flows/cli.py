@@ -10,9 +10,9 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from tasks.config import STEP_NAMES  # no Prefect import: settings are applied first
-from tasks.errors import ConfigError, SftflowError, StepFailed
-from tasks.settings import apply_defaults, shell_exports
+from tasks.core.config import STEP_NAMES  # no Prefect import: settings are applied first
+from tasks.core.errors import ConfigError, SftflowError, StepFailed
+from tasks.core.settings import apply_defaults, shell_exports
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 STEPS = STEP_NAMES
@@ -63,7 +63,7 @@ def store_uri(args: argparse.Namespace) -> str:
     uses with the config (configs/default.yaml: runs/mlflow.db, or MLFLOW_TRACKING_URI)."""
     import os
 
-    from tasks.config import load_config
+    from tasks.core.config import load_config
 
     if args.tracking_uri:
         return args.tracking_uri
@@ -76,7 +76,7 @@ def store_uri(args: argparse.Namespace) -> str:
 
 def registry_command(args: argparse.Namespace) -> str:
     """Run promote, rollback or models on the store; return what to print."""
-    from tasks import registry
+    from tasks.registry import registry
 
     uri = store_uri(args)
     if args.command == "promote":
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     diagnose.add_argument("--run", required=True, dest="run_id", help="run id (a directory under runs_dir)")
     diagnose.add_argument("--runs-dir", type=Path, default=Path("runs"))
     registry_commands(sub)
-    from tasks.serve import add_serve_arguments
+    from tasks.serving.serve import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="serve a registered version (NAME@champion or NAME/VERSION) "
                                                      "over HTTP, on 127.0.0.1 unless --host says otherwise"))
@@ -134,7 +134,7 @@ def open_mlflow(tracking_uri: str) -> None:
     A sqlite store that does not exist yet is left to the run to create (a run that stops at bad data makes none)."""
     from mlflow import MlflowClient
 
-    from tasks.config import absent_sqlite_store
+    from tasks.core.config import absent_sqlite_store
 
     if absent_sqlite_store(tracking_uri):
         return
@@ -146,8 +146,8 @@ def run_pipeline(args: argparse.Namespace, server) -> None:
     print its summary."""
     from flows.sft_pipeline import sft_pipeline
     from flows.temporary_server import serving
-    from tasks.config import load_config
-    from tasks.report import human_stopped, human_summary
+    from tasks.core.config import load_config
+    from tasks.reporting.report import human_stopped, human_summary
 
     cfg = load_config(args.config, args.overrides)  # fail fast, before any model starts
     try:
@@ -157,7 +157,7 @@ def run_pipeline(args: argparse.Namespace, server) -> None:
     except SftflowError:
         raise
     except Exception as e:  # not the user's: the failure hook said which step, why, and how to rerun it
-        from tasks.failure import failure_line
+        from tasks.reporting.failure import failure_line
 
         if (line := failure_line()) is None:
             raise
@@ -192,7 +192,7 @@ def dispatch(args: argparse.Namespace, server=None) -> None:
     if args.command == "env":
         print(shell_exports())
     elif args.command == "serve":
-        from tasks.serve import serve_command
+        from tasks.serving.serve import serve_command
 
         serve_command(args)  # blocks; Ctrl-C stops it cleanly
     elif args.command == "run":
@@ -200,7 +200,7 @@ def dispatch(args: argparse.Namespace, server=None) -> None:
     elif args.command in ("promote", "rollback", "models"):
         print(registry_command(args))
     elif args.command == "diagnose":
-        from tasks.diagnose import diagnose_run
+        from tasks.train.diagnose import diagnose_run
 
         print(diagnose_run(args.runs_dir, args.run_id))
     else:

@@ -1,9 +1,9 @@
 """The SFT pipeline flow: ingest → clean → validate → format → train → evaluate → register.
 
-Each step is a Prefect task with the run's options (tasks/common.py `configured`): the retries the config gives
+Each step is a Prefect task with the run's options (tasks/core/common.py `configured`): the retries the config gives
 it (orchestrate.retries), a run name that says what ran (`train[qlora r=16, 40 steps]`), and a refreshed cache
 when asked (`refresh`, or `refresh_from` a step on). Cached results are keyed on each task's arguments, input
-files and code version, so a rerun of the same run id only redoes what changed. The data gate (tasks/data_gate.py)
+files and code version, so a rerun of the same run id only redoes what changed. The data gate (tasks/data/data_gate.py)
 ends a run that has nothing new to learn from before any step runs. A run may stop after any step (`until`, as
 `sftflow run --until format` asks, like Axolotl's `preprocess`); the same run id then goes on from there.
 """
@@ -19,23 +19,23 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from tasks.chat_format import format_chats
-from tasks.clean import clean
-from tasks.common import configured
-from tasks.config import STEP_NAMES, PipelineConfig, RunPaths, dump_config, load_config
-from tasks.data_gate import NO_NEW_DATA, config_digest, data_gate, skipped_summary
-from tasks.errors import ConfigError
-from tasks.evaluate import evaluate_adapter
-from tasks.failure import report_failure, rerun_command
-from tasks.ingest import fingerprint_sources, ingest
-from tasks.modeling import prepare_base_model
-from tasks.monitoring import run_tracking
-from tasks.register import pipeline_tags, register_model
-from tasks.registry import champion_to_compare
-from tasks.report import human_stopped, save_config, write_stopped_summary, write_summary
-from tasks.settings import apply_defaults
-from tasks.train import train_adapter
-from tasks.validate import validate, validation_args
+from tasks.formatting.chat_format import format_chats
+from tasks.data.clean import clean
+from tasks.core.common import configured
+from tasks.core.config import STEP_NAMES, PipelineConfig, RunPaths, dump_config, load_config
+from tasks.data.data_gate import NO_NEW_DATA, config_digest, data_gate, skipped_summary
+from tasks.core.errors import ConfigError
+from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.reporting.failure import report_failure, rerun_command
+from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.model.modeling import prepare_base_model
+from tasks.train.monitoring import run_tracking
+from tasks.registry.register import pipeline_tags, register_model
+from tasks.registry.registry import champion_to_compare
+from tasks.reporting.report import human_stopped, save_config, write_stopped_summary, write_summary
+from tasks.core.settings import apply_defaults
+from tasks.train.train import train_adapter
+from tasks.data.validate import validate, validation_args
 
 
 def new_run_id() -> str:

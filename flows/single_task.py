@@ -5,21 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.chat_format import format_chats, inspect_rows
-from tasks.clean import clean
-from tasks.common import configured
-from tasks.config import RunPaths, load_config
-from tasks.data_gate import config_digest
-from tasks.errors import ConfigError, SftflowError, StepFailed
-from tasks.evaluate import evaluate_adapter
-from tasks.failure import step_failure
-from tasks.ingest import fingerprint_data, ingest
-from tasks.modeling import prepare_base_model, trained_model_dir
-from tasks.monitoring import run_tracking
-from tasks.register import pipeline_tags, register_model
-from tasks.registry import champion_to_compare
-from tasks.train import train_adapter
-from tasks.validate import validate, validation_args
+from tasks.formatting.chat_format import format_chats, inspect_rows
+from tasks.data.clean import clean
+from tasks.core.common import configured
+from tasks.core.config import RunPaths, load_config
+from tasks.data.data_gate import config_digest
+from tasks.core.errors import ConfigError, SftflowError, StepFailed
+from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.reporting.failure import step_failure
+from tasks.data.ingest import fingerprint_data, ingest
+from tasks.model.modeling import prepare_base_model, trained_model_dir
+from tasks.train.monitoring import run_tracking
+from tasks.registry.register import pipeline_tags, register_model
+from tasks.registry.registry import champion_to_compare
+from tasks.train.train import train_adapter
+from tasks.data.validate import validate, validation_args
 
 
 def step_call(step: str, cfg: Any, run: RunPaths) -> tuple[Any, tuple]:

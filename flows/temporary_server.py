@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.errors import SftflowError
+from tasks.core.errors import SftflowError
 
 PORT_IN_USE = 3  # uvicorn's exit code when it cannot start, a taken port included (Prefect respawns on another)
 LOG_KEEP_BYTES = 1 << 20

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import apply_defaults
+from tasks.core.settings import apply_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# sftflow's own environment (tasks/settings.py), with its state in a throwaway home rather than the project's
+# sftflow's own environment (tasks/core/settings.py), with its state in a throwaway home rather than the project's
 # .sftflow, and the Hub forbidden: tests are hermetic. Set before anything imports Prefect.
 os.environ["SFTFLOW_HOME"] = tempfile.mkdtemp(prefix="sftflow-tests-")
 os.environ.pop("PREFECT_HOME", None)
@@ -25,7 +25,7 @@ apply_defaults()
 def compute_dtype():
     """Return the torch dtype training and evaluation compute in when train.compute_dtype is auto: the one
     SFTFLOW_COMPUTE_DTYPE forces (`make test` runs the model tests in both), else this machine's native one."""
-    from tasks.modeling import model_precision
+    from tasks.model.modeling import model_precision
 
     return model_precision("auto").torch_dtype
 
@@ -61,8 +61,8 @@ def assert_same_value(actual, expected, dtype) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template (tasks/tiny_model.py)."""
-    from tasks.tiny_model import build_tiny_model
+    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template (tasks/model/tiny_model.py)."""
+    from tasks.model.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -85,11 +85,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def formatted_run(runs: Path, base_model_dir: Path, run_id: str = "run-a"):
     """Return (config, RunPaths) of a run of configs/tiny.yaml in `runs` taken up to its formatted rows, laid out as
     the flow lays it out (train.base_model = `base_model_dir`)."""
-    from tasks.chat_format import format_chats
-    from tasks.clean import clean
-    from tasks.config import RunPaths, dump_config, load_config
-    from tasks.ingest import fingerprint_sources, ingest
-    from tasks.report import save_config
+    from tasks.formatting.chat_format import format_chats
+    from tasks.data.clean import clean
+    from tasks.core.config import RunPaths, dump_config, load_config
+    from tasks.data.ingest import fingerprint_sources, ingest
+    from tasks.reporting.report import save_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={runs}", f"train.base_model={base_model_dir}"])
     run = RunPaths(runs, run_id)

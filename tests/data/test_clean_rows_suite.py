@@ -6,11 +6,11 @@ import duckdb
 import pytest
 from prefect.logging import disable_run_logger
 
-from tasks.clean import clean_database
-from tasks.config import CleanConfig, DataConfig, ValidateConfig
-from tasks.errors import DataValidationError
-from tasks.ingest import ingest_rows
-from tasks.validate import validate, validate_table
+from tasks.data.clean import clean_database
+from tasks.core.config import CleanConfig, DataConfig, ValidateConfig
+from tasks.core.errors import DataValidationError
+from tasks.data.ingest import ingest_rows
+from tasks.data.validate import validate, validate_table
 from tests.conftest import SHARED_DATA, write_jsonl
 
 GOOD = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(30)]

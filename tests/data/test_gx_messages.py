@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 from prefect.logging import disable_run_logger
 
-from tasks.chat_format import format_rows
-from tasks.clean import clean, clean_database
-from tasks.config import ChatConfig, CleanConfig, DataConfig, ValidateConfig
-from tasks.errors import DataValidationError
-from tasks.gx_messages import explain_failure, likely_cause
-from tasks.ingest import ingest_rows
-from tasks.validate import config_expectations, summarise_failures, validate, validate_table
+from tasks.formatting.chat_format import format_rows
+from tasks.data.clean import clean, clean_database
+from tasks.core.config import ChatConfig, CleanConfig, DataConfig, ValidateConfig
+from tasks.core.errors import DataValidationError
+from tasks.data.gx_messages import explain_failure, likely_cause
+from tasks.data.ingest import ingest_rows
+from tasks.data.validate import config_expectations, summarise_failures, validate, validate_table
 from tests.conftest import ROOT, write_jsonl
 
 CFG = ValidateConfig(min_rows=10)
@@ -45,7 +45,7 @@ def test_a_raw_schema_change_names_the_extra_column_and_the_suite_to_update(tmp_
         "expect_table_columns_to_match_set(table): expected exactly the columns ['content_hash', 'line_number', "
         "'n_turns', 'pinned_split', 'problem', 'problem_rule', 'row_id', 'source', 'source_cap', 'source_file', "
         "'source_weight', 'system', 'tools'], observed extra ['surprise'], missing [] (likely cause: the raw table's "
-        "schema (tasks/ingest.py RAW_SCHEMA) and expectations/raw_rows.json disagree: update the suite)")
+        "schema (tasks/data/ingest.py RAW_SCHEMA) and expectations/raw_rows.json disagree: update the suite)")
 
 
 def test_too_much_truncation_names_the_rate_its_bound_and_the_keys_to_change(tiny_model_dir, tmp_path):

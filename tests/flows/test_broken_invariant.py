@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter
 from prefect.settings import PREFECT_API_URL
 
-from tasks.failure import TRACEBACK_FILE, step_of
+from tasks.reporting.failure import TRACEBACK_FILE, step_of
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -22,7 +22,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 # one row too few: the invariant trips inside the real format code, with its DuckDB connection open in the frame.
 BROKEN_FORMAT = """
 import sys
-import tasks.chat_format as chat_format
+import tasks.formatting.chat_format as chat_format
 from flows.cli import main
 
 accounting = chat_format.accounting

@@ -128,8 +128,8 @@ def test_every_step_reruns_alone_on_a_finished_run(cli_run, step, tiny_model_dir
 def assert_registered_as_trained(project: Path, run: Path, stdout: str, tmp_path: Path) -> None:
     """The register step's version holds the run's current trained weights; after the train step retrained them in
     place a new version does, and version 1 still holds the weights it was registered with (in its own run)."""
-    from tasks.modeling import trained_model_dir
-    from tasks.registry import directory_digest, find_version
+    from tasks.model.modeling import trained_model_dir
+    from tasks.registry.registry import directory_digest, find_version
 
     uri = f"sqlite:///{project / 'runs' / 'mlflow.db'}"
     number = int(re.search(r"'model_version': (\d+)", stdout).group(1))
@@ -168,9 +168,9 @@ def test_with_quarantine_the_run_goes_on_and_the_cleaning_report_artifact_shows_
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from tasks.clean import clean
-    from tasks.config import CleanConfig, DataConfig
-    from tasks.ingest import ingest_rows
+    from tasks.data.clean import clean
+    from tasks.core.config import CleanConfig, DataConfig
+    from tasks.data.ingest import ingest_rows
 
     data = seed_tasks(tmp_path / "seed_tasks.jsonl", 10)
     cfg = DataConfig(sources=[{"path": str(finished_tiny_source)}, {"path": str(data)}], on_bad_rows="quarantine")
@@ -212,7 +212,7 @@ def store(tmp_path):
     v3 champion over v1 (the gate's decisions applied by the registry's own code)."""
     from mlflow import MlflowClient
 
-    from tasks.registry import GateDecision, apply_decision
+    from tasks.registry.registry import GateDecision, apply_decision
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     (tmp_path / "runs").mkdir()

@@ -14,7 +14,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
-from tasks.concurrency import train_limit_name
+from tasks.train.concurrency import train_limit_name
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -47,7 +47,7 @@ def two_runs(tiny_model_dir, tmp_path_factory):
     test let go of the slot it held until both runs waited for it (so both really compete for one slot)."""
     from prefect.concurrency.sync import concurrency
 
-    from tasks.concurrency import ensure_limit
+    from tasks.train.concurrency import ensure_limit
 
     runs = tmp_path_factory.mktemp("shared-runs")
     started = time.time()
@@ -124,7 +124,7 @@ def test_one_training_slot_makes_the_two_trainings_take_turns(two_runs):
 
 
 def test_slots_and_threads_follow_the_machine_one_slot_per_two_cores_unless_configured():
-    from tasks.concurrency import slot_threads, train_slots
+    from tasks.train.concurrency import slot_threads, train_slots
 
     assert [train_slots(0, cores) for cores in (1, 2, 3, 16)] == [1, 1, 1, 8]
     assert train_slots(3, cores=16) == 3 and train_slots(5, cores=2) == 5  # configured: as many as asked
@@ -134,7 +134,7 @@ def test_slots_and_threads_follow_the_machine_one_slot_per_two_cores_unless_conf
 def test_without_a_prefect_run_training_has_no_slot_limit_but_its_threads(tmp_path):
     import torch
 
-    from tasks.concurrency import machine_cores, training_slot
+    from tasks.train.concurrency import machine_cores, training_slot
 
     before = torch.get_num_threads()
     with training_slot(machine_cores() + 1, tmp_path) as threads:  # more slots than cores: one thread each
@@ -152,7 +152,7 @@ def dead_pid() -> int:
 
 
 def plant_holder(limit: str, limit_id, lease_id, pid: int) -> Path:
-    from tasks.concurrency import holders_dir
+    from tasks.train.concurrency import holders_dir
 
     record = holders_dir() / f"{lease_id}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def plant_holder(limit: str, limit_id, lease_id, pid: int) -> Path:
 @pytest.fixture
 def reclaim_limit(tmp_path, monkeypatch, request):
     """A fresh one-slot global concurrency limit on the harness's server, and an empty holders directory."""
-    from tasks.concurrency import ensure_limit
+    from tasks.train.concurrency import ensure_limit
 
     monkeypatch.setenv("SFTFLOW_CACHE", str(tmp_path))
     name = f"sftflow-test-{request.node.name[-40:]}"
@@ -189,7 +189,7 @@ def test_a_dead_holder_recorded_for_another_prefect_database_never_frees_a_live_
 
     from prefect.concurrency.sync import concurrency
 
-    from tasks.concurrency import reclaim_dead_slots
+    from tasks.train.concurrency import reclaim_dead_slots
 
     name, _ = reclaim_limit
     with concurrency(name, occupy=1, strict=True):
@@ -206,7 +206,7 @@ def test_a_dead_holders_slot_goes_back_by_its_lease_or_by_count_when_the_server_
 
     from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
 
-    from tasks.concurrency import reclaim_dead_slots
+    from tasks.train.concurrency import reclaim_dead_slots
 
     name, limit_id = reclaim_limit
     lease = acquire_concurrency_slots_with_lease([name], 1, lease_duration=300, strict=True)
@@ -227,7 +227,7 @@ def test_a_forgotten_lease_frees_no_slot_that_a_live_recorded_holder_has(reclaim
 
     from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
 
-    from tasks.concurrency import process_started, reclaim_dead_slots
+    from tasks.train.concurrency import process_started, reclaim_dead_slots
 
     name, limit_id = reclaim_limit
     live = acquire_concurrency_slots_with_lease([name], 1, lease_duration=300, strict=True)

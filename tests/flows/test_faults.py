@@ -21,7 +21,7 @@ from prefect.settings import PREFECT_API_URL
 
 import flows.sft_pipeline
 from flows.cli import main
-from tasks.failure import FailureReport, report_failure, rerun_command, step_of
+from tasks.reporting.failure import FailureReport, report_failure, rerun_command, step_of
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -46,8 +46,8 @@ FAULTY_CLEAN = """
 import functools, sys
 import flows.sft_pipeline
 from flows.cli import main
-from tasks.clean import clean
-from tasks.common import stage_task
+from tasks.data.clean import clean
+from tasks.core.common import stage_task
 
 FAILURES, calls = {failures}, []
 

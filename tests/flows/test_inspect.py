@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from tasks.clean import clean
-from tasks.config import RunPaths, dump_config, load_config
-from tasks.ingest import fingerprint_sources, ingest
-from tasks.report import save_config
+from tasks.data.clean import clean
+from tasks.core.config import RunPaths, dump_config, load_config
+from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.reporting.report import save_config
 from tests.conftest import ROOT
 
 ROW = re.compile(r"--- row (\d+) \((\w+)\): (\d+) tokens, (\d+) supervised\n(.*?)(?=\n--- row |\Z)", re.DOTALL)

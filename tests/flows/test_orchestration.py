@@ -11,7 +11,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from flows.cli import main
 from flows.sft_pipeline import sft_pipeline
-from tasks.config import load_config
+from tasks.core.config import load_config
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -10,13 +10,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tasks.config import RegisterConfig, RunPaths, TrainConfig
-from tasks.diagnose import write_diagnoses
-from tasks.errors import ConfigError, QualityGateError
-from tasks.modeling import load_trained_model
-from tasks.register import register_run
-from tasks.registry import GateDecision, decide_promotion, directory_digest, find_version
-from tasks.train import train_model
+from tasks.core.config import RegisterConfig, RunPaths, TrainConfig
+from tasks.train.diagnose import write_diagnoses
+from tasks.core.errors import ConfigError, QualityGateError
+from tasks.model.modeling import load_trained_model
+from tasks.registry.register import register_run
+from tasks.registry.registry import GateDecision, decide_promotion, directory_digest, find_version
+from tasks.train.train import train_model
 from tests.conftest import formatted_run
 
 NAME = "gate-test"

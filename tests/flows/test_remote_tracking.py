@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.chat_format import format_chats
-from tasks.clean import clean
-from tasks.config import RunPaths, dump_config, load_config
-from tasks.ingest import fingerprint_sources, ingest
-from tasks.register import register_run
-from tasks.report import save_config
-from tasks.train import train_model
+from tasks.formatting.chat_format import format_chats
+from tasks.data.clean import clean
+from tasks.core.config import RunPaths, dump_config, load_config
+from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.registry.register import register_run
+from tasks.reporting.report import save_config
+from tasks.train.train import train_model
 from tests.conftest import ROOT
 from tests.flows.test_registry import lora_config, scores, write_report
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main, parse_args
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -44,8 +44,8 @@ def model_with_own_code(tiny_model_dir: Path, out: Path, marker: Path) -> Path:
 
 
 def test_a_model_shipping_its_own_code_is_refused_unless_trusted_and_its_code_never_runs(tiny_model_dir, tmp_path):
-    from tasks.base_model import resolve_base_model
-    from tasks.modeling import load_base_model
+    from tasks.model.base_model import resolve_base_model
+    from tasks.model.modeling import load_base_model
 
     marker = tmp_path / "code-ran"
     model = model_with_own_code(tiny_model_dir, tmp_path / "custom", marker)
@@ -61,8 +61,8 @@ def test_a_model_shipping_its_own_code_is_refused_unless_trusted_and_its_code_ne
 
 
 def test_an_adapter_saved_as_a_pickle_is_refused_before_anything_loads(tmp_path):
-    from tasks.config import TrainConfig
-    from tasks.modeling import load_trained_model
+    from tasks.core.config import TrainConfig
+    from tasks.model.modeling import load_trained_model
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -115,8 +115,8 @@ def test_the_hub_token_comes_from_a_prefect_secret_block_or_hf_token_and_is_neve
     from prefect.client.schemas.filters import LogFilter
     from prefect.logging.handlers import APILogHandler
 
-    from tasks.modeling import prepare_base_model
-    from tasks.secrets import HF_TOKEN_BLOCK
+    from tasks.model.modeling import prepare_base_model
+    from tasks.core.secrets import HF_TOKEN_BLOCK
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     block_token, env_token = f"hf_{secrets.token_hex(12)}", f"hf_{secrets.token_hex(12)}"

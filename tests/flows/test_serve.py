@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import ConfigError
-from tasks.serve import ModelServer, add_serve_arguments, load_generator, serve_command, serving_method
+from tasks.core.errors import ConfigError
+from tasks.serving.serve import ModelServer, add_serve_arguments, load_generator, serve_command, serving_method
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "serve-test"
@@ -103,7 +103,7 @@ def greedy_text(model, tokenizer, messages: list[dict], max_new_tokens: int) -> 
 def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     """Start `main(args)` in its own process (stderr to `log`); return it and its URL once it says it serves."""
     # SIGINT ignored, as in a child of a process that ignores it (seen in the full suite): Ctrl-C must still stop it
-    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from tasks.serve import main; "
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from tasks.serving.serve import main; "
             "sys.exit(main(sys.argv[1:]))")
     with log.open("w") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
@@ -135,8 +135,8 @@ def test_served_champion_answers_both_request_shapes_as_the_model_does_refuses_b
         store, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from tasks.config import TrainConfig
-    from tasks.modeling import load_trained_model
+    from tasks.core.config import TrainConfig
+    from tasks.model.modeling import load_trained_model
 
     proc, url = start_server([f"{NAME}@champion", "--tracking-uri", store, "--runs-dir", str(tmp_path),
                               "--port", "0", *LIMITS], tmp_path / "server.log")
@@ -180,7 +180,7 @@ def test_served_champion_answers_both_request_shapes_as_the_model_does_refuses_b
 
 def test_an_unknown_model_ref_fails_the_command_with_one_line(store, tmp_path):
     # SIGINT ignored, as in a child of a process that ignores it (seen in the full suite): Ctrl-C must still stop it
-    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from tasks.serve import main; "
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from tasks.serving.serve import main; "
             "sys.exit(main(sys.argv[1:]))")
     result = subprocess.run([sys.executable, "-c", code, f"{NAME}@nope", "--tracking-uri", store, "--runs-dir",
                              str(tmp_path)], check=False, cwd=ROOT, capture_output=True, text=True, timeout=180)

@@ -11,9 +11,9 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
 from flows.sft_pipeline import sft_pipeline
-from tasks.config import load_config
-from tasks.ingest import fingerprint_data
-from tasks.report import human_summary
+from tasks.core.config import load_config
+from tasks.data.ingest import fingerprint_data
+from tasks.reporting.report import human_summary
 from tests.conftest import ROOT, write_jsonl
 
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -22,8 +22,8 @@ from prefect.client.schemas.filters import FlowRunFilter
 from prefect.settings import PREFECT_API_URL
 
 from flows.cli import main
-from tasks.config import STEP_NAMES
-from tasks.failure import step_of
+from tasks.core.config import STEP_NAMES
+from tasks.reporting.failure import step_of
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -7,14 +7,14 @@ import math
 import pytest
 import yaml
 
-from tasks.chat_format import format_chats
-from tasks.clean import clean
-from tasks.config import RunPaths, load_config
-from tasks.distributed import check_distributed_config, launch_env, prepare_launch, threads_per_process
-from tasks.errors import ConfigError
-from tasks.evaluate import evaluate_adapter
-from tasks.ingest import fingerprint_sources, ingest
-from tasks.train import train_model
+from tasks.formatting.chat_format import format_chats
+from tasks.data.clean import clean
+from tasks.core.config import RunPaths, load_config
+from tasks.train.distributed import check_distributed_config, launch_env, prepare_launch, threads_per_process
+from tasks.core.errors import ConfigError
+from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.train.train import train_model
 from tests.conftest import ROOT
 
 
@@ -86,7 +86,7 @@ def test_fsdp_launch_config_shards_transformer_blocks_and_cpu_or_qlora_fsdp_is_r
     assert written["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert written["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # rank 0 saves a whole adapter
     assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(config_file), "-m",
-                       "tasks.distributed", str(spec_file)]
+                       "tasks.train.distributed", str(spec_file)]
     assert "ACCELERATE_USE_CPU" not in env or env["ACCELERATE_USE_CPU"] != "true"
     spec = json.loads(spec_file.read_text())
     assert spec["cfg"]["distributed"] == "fsdp"

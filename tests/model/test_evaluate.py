@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks.config import EvaluateConfig
-from tasks.evaluate import (
+from tasks.core.config import EvaluateConfig
+from tasks.evaluate.evaluate import (
     decode_generation,
     evaluate_adapter,
     evaluate_model,
@@ -18,9 +18,9 @@ from tasks.evaluate import (
     supervised_loss,
     turn_markers,
 )
-from tasks.modeling import load_base_model, load_trained_model
-from tasks.registry import Champion
-from tasks.train import train_model
+from tasks.model.modeling import load_base_model, load_trained_model
+from tasks.registry.registry import Champion
+from tasks.train.train import train_model
 from tests.conftest import compute_dtype, tolerance
 from tests.model.test_qlora import ANSWER, formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
 
@@ -192,8 +192,8 @@ def test_answers_are_cut_at_the_end_of_turn_and_a_new_user_turn_is_flagged(tiny_
 
 
 def test_turn_markers_follow_the_template(tiny_model_dir):
-    from tasks.tokenizer import load_tokenizer
-    from tasks.templates import TEMPLATES
+    from tasks.model.tokenizer import load_tokenizer
+    from tasks.formatting.templates import TEMPLATES
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenizer.chat_template = (TEMPLATES / "alpaca.jinja").read_text(encoding="utf-8")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.config import EvaluateConfig
-from tasks.evaluate import evaluate_model
-from tasks.methods import hft_halves, transformer_blocks
-from tasks.modeling import load_base_model, load_trained_model, model_precision, trained_model_dir
-from tasks.train import train_model
-from tasks.trainer import build_trainer
+from tasks.core.config import EvaluateConfig
+from tasks.evaluate.evaluate import evaluate_model
+from tasks.train.methods import hft_halves, transformer_blocks
+from tasks.model.modeling import load_base_model, load_trained_model, model_precision, trained_model_dir
+from tasks.train.train import train_model
+from tasks.train.trainer import build_trainer
 from tests.conftest import assert_same_value
 from tests.model.test_qlora import formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
 

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tasks.packing import PACKED_ATTENTION
-from tasks.trainer import build_trainer
+from tasks.train.packing import PACKED_ATTENTION
+from tasks.train.trainer import build_trainer
 from tests.conftest import assert_same_value, compute_dtype
 from tests.model.test_qlora import ANSWER, formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from tasks.chat_format import format_rows
-from tasks.clean import clean_database
-from tasks.config import ChatConfig, CleanConfig, DataConfig, TrainConfig
-from tasks.ingest import ingest_rows
-from tasks.train import train_model
-from tasks.trainer import build_trainer
+from tasks.formatting.chat_format import format_rows
+from tasks.data.clean import clean_database
+from tasks.core.config import ChatConfig, CleanConfig, DataConfig, TrainConfig
+from tasks.data.ingest import ingest_rows
+from tasks.train.train import train_model
+from tasks.train.trainer import build_trainer
 from tests.conftest import write_jsonl
 
 ANSWER = '{"customer": "Ada", "item": "lamp", "quantity": 2, "city": "Oslo"}'
@@ -51,9 +51,9 @@ def test_qlora_lowers_the_loss_changes_only_lora_weights_and_learns_the_answer(f
                                                                                tiny_tokenizer, tmp_path):
     from peft import PeftModel
 
-    from tasks.config import EvaluateConfig
-    from tasks.evaluate import generate_answers
-    from tasks.modeling import load_base_model
+    from tasks.core.config import EvaluateConfig
+    from tasks.evaluate.evaluate import generate_answers
+    from tasks.model.modeling import load_base_model
 
     base_before = {k: v.detach().clone() for k, v in load_base_model(str(tiny_model_dir), True).state_dict().items()}
     adapter = train_model(formatted, str(tiny_model_dir), tmp_path, tiny_train_config())
@@ -80,7 +80,7 @@ def test_qlora_lowers_the_loss_changes_only_lora_weights_and_learns_the_answer(f
 @pytest.mark.parametrize("flags, dtype", [({"avx2"}, torch.float32), ({"avx2", "amx_bf16"}, torch.bfloat16)])
 def test_the_trainer_keeps_lora_weights_and_4bit_compute_in_the_cpus_native_dtype(formatted, tiny_model_dir, tmp_path,
                                                                                   monkeypatch, flags, dtype):
-    from tasks import precision
+    from tasks.model import precision
 
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.delenv(precision.COMPUTE_DTYPE_ENV, raising=False)  # what the CPU picks, not what make test forces

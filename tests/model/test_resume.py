@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.chat_format import format_chats
-from tasks.checkpoints import checkpoint_problem, resumable_checkpoint, training_key
-from tasks.clean import clean
-from tasks.config import RunPaths, TrainConfig, dump_config, load_config
-from tasks.ingest import fingerprint_data, ingest
-from tasks.modeling import prepare_base_model
-from tasks.report import save_config
-from tasks.train import train_model
+from tasks.formatting.chat_format import format_chats
+from tasks.train.checkpoints import checkpoint_problem, resumable_checkpoint, training_key
+from tasks.data.clean import clean
+from tasks.core.config import RunPaths, TrainConfig, dump_config, load_config
+from tasks.data.ingest import fingerprint_data, ingest
+from tasks.model.modeling import prepare_base_model
+from tasks.reporting.report import save_config
+from tasks.train.train import train_model
 from tests.conftest import ROOT, compute_dtype, tolerance
 
 # Few, cheap steps (tiny.yaml: packed rows of 256 tokens, 2 a micro-batch, 2 micro-batches a step), a checkpoint every 2.

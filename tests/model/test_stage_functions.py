@@ -5,16 +5,16 @@ import logging
 
 from prefect.context import FlowRunContext, TaskRunContext
 
-from tasks.chat_format import format_chats
-from tasks.clean import clean
-from tasks.config import RunPaths, dump_config, load_config
-from tasks.evaluate import evaluate_adapter
-from tasks.ingest import fingerprint_sources, ingest
-from tasks.modeling import prepare_base_model
-from tasks.register import register_model
-from tasks.report import save_config, write_summary
-from tasks.train import train_adapter
-from tasks.validate import validate, validation_args
+from tasks.formatting.chat_format import format_chats
+from tasks.data.clean import clean
+from tasks.core.config import RunPaths, dump_config, load_config
+from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.model.modeling import prepare_base_model
+from tasks.registry.register import register_model
+from tasks.reporting.report import save_config, write_summary
+from tasks.train.train import train_adapter
+from tasks.data.validate import validate, validation_args
 from tests.conftest import ROOT
 
 

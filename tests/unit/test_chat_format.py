@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.chat_format import (
+from tasks.formatting.chat_format import (
     TEMPLATES,
     conversations_of,
     format_rows,
@@ -12,9 +12,9 @@ from tasks.chat_format import (
     tokenize_conversation,
     training_template,
 )
-from tasks.clean import clean_database
-from tasks.config import ChatConfig, CleanConfig, DataConfig
-from tasks.ingest import ingest_rows
+from tasks.data.clean import clean_database
+from tasks.core.config import ChatConfig, CleanConfig, DataConfig
+from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
 CONVERSATIONS = [
@@ -53,7 +53,7 @@ def test_truncation_is_flagged_and_cuts_ids_and_masks_together(tiny_tokenizer):
 
 
 def test_an_unpatchable_template_without_markers_asks_for_chat_chat_template(tiny_tokenizer, tmp_path):
-    from tasks.errors import ConfigError
+    from tasks.core.errors import ConfigError
 
     original = tiny_tokenizer.chat_template
     try:
@@ -101,7 +101,7 @@ def test_thinking_traces_are_dropped_unless_kept():
 def test_rows_read_as_arrow_are_what_the_per_row_conversion_gives(tmp_path, keep_reasoning, monkeypatch):
     import duckdb
 
-    from tasks.chat_format import ROWS_SQL, Conversations, read_split, split_rows
+    from tasks.formatting.chat_format import ROWS_SQL, Conversations, read_split, split_rows
 
     def conversation(system, messages):  # the rule, one row at a time, from DuckDB's Python rows
         head = [{"role": "system", "content": system}] if system else []

@@ -2,9 +2,9 @@
 
 import duckdb
 
-from tasks.clean import clean_database
-from tasks.config import CleanConfig, DataConfig
-from tasks.ingest import ingest_rows
+from tasks.data.clean import clean_database
+from tasks.core.config import CleanConfig, DataConfig
+from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
 BASE = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat near the door"

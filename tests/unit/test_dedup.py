@@ -5,8 +5,8 @@ import random
 import duckdb
 import pytest
 
-from tasks import dedup
-from tasks.dedup import near_duplicate_clusters
+from tasks.data import dedup
+from tasks.data.dedup import near_duplicate_clusters
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from flows.cli import main
-from tasks.diagnose import diagnose_history, diagnosis_markdown, diagnosis_tags, write_diagnoses
+from tasks.train.diagnose import diagnose_history, diagnosis_markdown, diagnosis_tags, write_diagnoses
 
 
 def history(train: list[float], evals: dict[int, float] | None = None, every: int = 5) -> list[dict]:

@@ -4,8 +4,8 @@ import json
 
 import duckdb
 
-from tasks.config import DataConfig, SourceConfig
-from tasks.ingest import ingest_rows, iter_records, read_records
+from tasks.core.config import DataConfig, SourceConfig
+from tasks.data.ingest import ingest_rows, iter_records, read_records
 from tests.conftest import write_jsonl
 
 EDGE_CASES = [
@@ -64,7 +64,7 @@ def test_fast_and_general_paths_give_identical_content_hashes(tmp_path, monkeypa
     cfg = DataConfig(sources=[SourceConfig(path=str(src))], on_bad_rows="quarantine")
     hashes = "SELECT row_id, content_hash, messages FROM raw ORDER BY row_id"
     ingest_rows(cfg, tmp_path, tmp_path / "fast.duckdb")
-    monkeypatch.setattr("tasks.ingest.fast_path_applies", lambda source, path: False)
+    monkeypatch.setattr("tasks.data.ingest.fast_path_applies", lambda source, path: False)
     ingest_rows(cfg, tmp_path, tmp_path / "general.duckdb")
     with duckdb.connect(str(tmp_path / "fast.duckdb"), read_only=True) as fast, \
             duckdb.connect(str(tmp_path / "general.duckdb"), read_only=True) as general:

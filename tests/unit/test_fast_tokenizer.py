@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from tasks.chat_format import chat_encoder
-from tasks.encoding import encode_all
-from tasks.fast_tokenizer import ROW_SEPARATOR, FastTokenizer, fast_tokenizer
+from tasks.formatting.chat_format import chat_encoder
+from tasks.formatting.encoding import encode_all
+from tasks.formatting.fast_tokenizer import ROW_SEPARATOR, FastTokenizer, fast_tokenizer
 from tests.conftest import SHARED_DATA
 
 DATA = SHARED_DATA
@@ -104,13 +104,13 @@ def test_every_code_point_of_planes_0_to_3_and_14_tokenizes_as_hf_does(encoder):
 def test_white_space_is_unicodes_white_space_property():
     import regex
 
-    from tasks.fast_tokenizer import WHITE_SPACE
+    from tasks.formatting.fast_tokenizer import WHITE_SPACE
 
     assert set(WHITE_SPACE) == {c for c in range(0x110000) if regex.match(r"\p{White_Space}", chr(c))}
 
 
 def test_cut_plain_pattern_pieces_equal_the_gpt2_regex_around_every_whitespace_run(encoder):
-    from tasks.fast_tokenizer import PIECE_CUT, WHITE_SPACE
+    from tasks.formatting.fast_tokenizer import PIECE_CUT, WHITE_SPACE
 
     fast = encoder.fast
     assert fast.cuttable
@@ -176,7 +176,7 @@ def test_a_run_whose_checked_rows_differ_from_hf_is_encoded_by_hf_whole(tiny_tok
 def test_the_costly_part_of_the_proof_is_recorded_per_tokenizer_and_only_once_it_held(tiny_model_dir):
     from tokenizers import Tokenizer
 
-    from tasks.fast_tokenizer import fast_tokenizer, proof_file
+    from tasks.formatting.fast_tokenizer import fast_tokenizer, proof_file
 
     backend = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))  # not the shared fixture: others pad it
     text = backend.to_str()
@@ -205,8 +205,8 @@ def test_a_split_written_while_it_encodes_is_written_again_whole_when_its_checke
         tiny_tokenizer, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from tasks.chat_format import SplitRows, SplitWriter, format_split
-    from tasks.config import ChatConfig
+    from tasks.formatting.chat_format import SplitRows, SplitWriter, format_split
+    from tasks.core.config import ChatConfig
 
     monkeypatch.setattr(SplitWriter, "ROWS_PER_GROUP", 100)  # row groups on disk before the check finds the fault
     convos = chats([f"no question here {i}" for i in range(2100)] + ["a question?"])
@@ -228,9 +228,9 @@ def test_a_split_written_while_it_encodes_is_written_again_whole_when_its_checke
 def test_rows_encoded_in_worker_processes_are_written_as_the_threaded_path_writes_them(tiny_tokenizer, tmp_path):
     import pyarrow.parquet as pq
 
-    from tasks.chat_format import SplitRows, format_split
-    from tasks.config import ChatConfig
-    from tasks.encoding import parallelism
+    from tasks.formatting.chat_format import SplitRows, format_split
+    from tasks.core.config import ChatConfig
+    from tasks.formatting.encoding import parallelism
 
     convos = chats([f"row {i}: what is {i}" + " plus one" * (i % 4) for i in range(2100)])
     weights = [[1.0, 1.0]] * len(convos)

@@ -4,9 +4,9 @@ import duckdb
 import pytest
 from prefect.logging import disable_run_logger
 
-from tasks.config import DataConfig
-from tasks.errors import InputError
-from tasks.ingest import ingest, ingest_rows
+from tasks.core.config import DataConfig
+from tasks.core.errors import InputError
+from tasks.data.ingest import ingest, ingest_rows
 from tests.conftest import write_jsonl
 
 

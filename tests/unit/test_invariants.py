@@ -9,10 +9,10 @@ from prefect.states import Failed
 
 from flows.cli import main, release
 from flows.sft_pipeline import Stop, step_tasks, trains
-from tasks.common import retry_unless_user_error
-from tasks.config import STEP_NAMES, load_config
-from tasks.errors import ConfigError, DataValidationError
-from tasks.failure import TRACEBACK_FILE, FailureReport, rerun_command, step_failure
+from tasks.core.common import retry_unless_user_error
+from tasks.core.config import STEP_NAMES, load_config
+from tasks.core.errors import ConfigError, DataValidationError
+from tasks.reporting.failure import TRACEBACK_FILE, FailureReport, rerun_command, step_failure
 from tests.conftest import ROOT
 
 TINY = ROOT / "configs" / "tiny.yaml"

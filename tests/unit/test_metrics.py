@@ -2,9 +2,9 @@
 
 import pytest
 
-from tasks.config import EvaluateConfig
-from tasks.errors import ConfigError
-from tasks.metrics import Extractor, check_metrics, first_json_object, score, score_items
+from tasks.core.config import EvaluateConfig
+from tasks.core.errors import ConfigError
+from tasks.evaluate.metrics import Extractor, check_metrics, first_json_object, score, score_items
 
 NONE = Extractor()
 JSON = Extractor("json")

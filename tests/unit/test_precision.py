@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tasks import modeling, precision
-from tasks.config import TrainConfig
-from tasks.errors import ConfigError
-from tasks.trainer import check_train_config, sft_config
+from tasks.model import modeling, precision
+from tasks.core.config import TrainConfig
+from tasks.core.errors import ConfigError
+from tasks.train.trainer import check_train_config, sft_config
 
 AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # the AMD EPYC these timings come from
 AMX = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
@@ -120,7 +120,7 @@ def test_on_a_cuda_device_with_fp16_only_the_second_dtype_is_fp32(monkeypatch):
 
 def test_fp16_on_a_cpu_stops_before_training_with_the_fix(cpu, monkeypatch):
     cpu(AVX2_ONLY)
-    monkeypatch.setattr("tasks.trainer.has_cuda", lambda: False)
+    monkeypatch.setattr("tasks.train.trainer.has_cuda", lambda: False)
     with pytest.raises(ConfigError, match="train.compute_dtype=fp16 needs a CUDA device"):
         check_train_config(TrainConfig(compute_dtype="fp16"))
 

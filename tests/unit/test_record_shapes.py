@@ -9,10 +9,10 @@ import json
 import duckdb
 import pytest
 
-from tasks.clean import clean_database
-from tasks.config import CleanConfig, DataConfig
-from tasks.errors import InputError
-from tasks.ingest import ingest_rows
+from tasks.data.clean import clean_database
+from tasks.core.config import CleanConfig, DataConfig
+from tasks.core.errors import InputError
+from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -335,7 +335,7 @@ def test_the_columns_alternative_reads_a_pair_as_prompt_and_completion(tmp_path)
 
 
 def test_a_quarantined_turn_that_only_calls_tools_is_previewed_with_its_calls():
-    from tasks.clean import example_preview
+    from tasks.data.clean import example_preview
 
     calls = json.dumps([call("f", x=1)])
     preview = example_preview(None, [{"role": "user", "content": "Weather?"},

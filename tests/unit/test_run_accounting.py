@@ -7,9 +7,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import RunPaths
-from tasks.card import card_data
-from tasks.report import build_summary, human_stopped, human_summary, stopped_summary
+from tasks.core.config import RunPaths
+from tasks.registry.card import card_data
+from tasks.reporting.report import build_summary, human_stopped, human_summary, stopped_summary
 
 CLEAN_REPORT = {"rows_raw": 100, "rows_clean": 80, "rows_quarantined": 20, "dropped_by_rule": {"duplicate": 20},
                 "rules": [{"rule": "duplicate", "rows": 20, "example": "data.jsonl:7"}]}

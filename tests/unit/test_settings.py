@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tasks.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, shell_exports
+from tasks.core.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, shell_exports
 from tests.conftest import ROOT
 
 

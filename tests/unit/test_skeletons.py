@@ -1,4 +1,4 @@
-"""Skeleton rendering (tasks/skeletons.py) and shape plans (tasks/masks.py): proved only for templates that insert
+"""Skeleton rendering (tasks/formatting/skeletons.py) and shape plans (tasks/formatting/masks.py): proved only for templates that insert
 contents verbatim, equal to Jinja for every named template and mask mode, caught and undone at run time when a
 template fools the proof; and masks are exactly the supervised pieces' tokens."""
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tasks.chat_format import chat_encoder
-from tasks.encoding import ChatEncoder, encode_all
-from tasks.masks import MASK_MODES
-from tasks.skeletons import Marker, prove_skeleton
-from tasks.templates import ChatRenderer
+from tasks.formatting.chat_format import chat_encoder
+from tasks.formatting.encoding import ChatEncoder, encode_all
+from tasks.formatting.masks import MASK_MODES
+from tasks.formatting.skeletons import Marker, prove_skeleton
+from tasks.formatting.templates import ChatRenderer
 from tests.unit.test_templates_masks import FAMILIES, family
 
 ROLES = ("system", "user", "assistant", "user", "assistant")

@@ -7,11 +7,11 @@ import duckdb
 import pytest
 from prefect.logging import disable_run_logger
 
-from tasks.clean import clean, clean_database
-from tasks.config import CleanConfig, DataConfig
-from tasks.errors import InputError
-from tasks.ingest import ingest_rows
-from tasks.source_check import column_guess, guess_options
+from tasks.data.clean import clean, clean_database
+from tasks.core.config import CleanConfig, DataConfig
+from tasks.core.errors import InputError
+from tasks.data.ingest import ingest_rows
+from tasks.data.source_check import column_guess, guess_options
 from tests.conftest import write_jsonl
 
 SEED_TASKS = [

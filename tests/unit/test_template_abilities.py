@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import trl
 
-from tasks.chat_format import chat_encoder, format_rows
-from tasks.tokenizer import load_tokenizer
-from tasks.clean import clean_database
-from tasks.config import ChatConfig, CleanConfig, DataConfig
-from tasks.ingest import ingest_rows
+from tasks.formatting.chat_format import chat_encoder, format_rows
+from tasks.model.tokenizer import load_tokenizer
+from tasks.data.clean import clean_database
+from tasks.core.config import ChatConfig, CleanConfig, DataConfig
+from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
@@ -155,8 +155,8 @@ def test_a_run_that_drops_more_than_max_drop_share_for_length_stops_with_one_lin
                                                                                    stops):
     from prefect.logging import disable_run_logger
 
-    from tasks.chat_format import format_chats
-    from tasks.errors import DataValidationError
+    from tasks.formatting.chat_format import format_chats
+    from tasks.core.errors import DataValidationError
 
     records = [{"instruction": f"question {i}", "output": " ".join(["word"] * (5 if i % 2 else 80))}
                for i in range(40)]

@@ -8,15 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from tasks.chat_format import chat_encoder, format_rows, tokenize_conversation, training_template
-from tasks.clean import clean_database
-from tasks.config import ChatConfig, CleanConfig, DataConfig
-from tasks.encoding import encode_all
-from tasks.errors import ConfigError
-from tasks.ingest import ingest_rows
-from tasks.masks import marked_text
-from tasks.tokenizer import TEMPLATE_FILE, load_tokenizer
-from tasks.templates import NAMED_TEMPLATES, ChatRenderer, named_template, special_tokens
+from tasks.formatting.chat_format import chat_encoder, format_rows, tokenize_conversation, training_template
+from tasks.data.clean import clean_database
+from tasks.core.config import ChatConfig, CleanConfig, DataConfig
+from tasks.formatting.encoding import encode_all
+from tasks.core.errors import ConfigError
+from tasks.data.ingest import ingest_rows
+from tasks.formatting.masks import marked_text
+from tasks.model.tokenizer import TEMPLATE_FILE, load_tokenizer
+from tasks.formatting.templates import NAMED_TEMPLATES, ChatRenderer, named_template, special_tokens
 from tests.conftest import write_jsonl
 
 CHAT = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "a=1?"},

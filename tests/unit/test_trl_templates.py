@@ -1,7 +1,7 @@
 """Every chat template that ships in TRL's installed package, in two tokenizer families (SmolLM2's byte-level GPT-2
 BPE, and a BPE whose pre-tokenizer is a `Split` regex as Llama 3's and Qwen's are): the supervised tokens are each
 answer (its trace in thinking mode) plus the template's own end-of-turn text, no user or system text is supervised,
-every answer is supervised once, and each answer's inference prompt is exactly the ids before it (tasks/masks.py)."""
+every answer is supervised once, and each answer's inference prompt is exactly the ids before it (tasks/formatting/masks.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import trl
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tasks.chat_format import chat_encoder
+from tasks.formatting.chat_format import chat_encoder
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 INFERENCE_TEMPLATES = sorted(p.name for p in TRL_TEMPLATES.glob("*.jinja") if not p.stem.endswith("_training"))
@@ -136,7 +136,7 @@ def test_the_templates_under_test_are_every_one_trl_ships_with_the_ones_named_in
 
 
 def test_a_template_that_refuses_a_system_turn_stops_with_its_own_reason_in_one_line(families):
-    from tasks.errors import ConfigError
+    from tasks.core.errors import ConfigError
 
     template = (TRL_TEMPLATES / "gemma.jinja").read_text(encoding="utf-8")
     encoder = chat_encoder(tokenizer_for(families, "gpt2-bpe", template), template, fast=False)

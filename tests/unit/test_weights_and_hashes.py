@@ -6,9 +6,9 @@ import json
 import duckdb
 import pytest
 
-from tasks.clean import clean_database, export_report
-from tasks.config import CleanConfig, DataConfig
-from tasks.ingest import ingest_rows
+from tasks.data.clean import clean_database, export_report
+from tasks.core.config import CleanConfig, DataConfig
+from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
 

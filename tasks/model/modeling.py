@@ -1,0 +1,104 @@
+"""Model loading shared by train, evaluate and register: the base in 4-bit NF4 (QLoRA), 8-bit or full precision,
+and where a training run leaves what it trained (a LoRA adapter or full weights)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from tasks.model.base_model import PICKLE_SUFFIXES, resolve_base_model
+from tasks.core.common import stage_logger, stage_task
+from tasks.core.errors import ConfigError
+from tasks.model.precision import Precision, choose_precision
+
+
+def has_cuda() -> bool:
+    """Return True when a CUDA device is usable."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def model_precision(compute_dtype: str = "auto") -> Precision:
+    """Return the precision the model computes in: `train.compute_dtype`, or what this device does natively."""
+    return choose_precision(compute_dtype, has_cuda())
+
+
+def quantization_config(precision: Precision):
+    """Return the QLoRA 4-bit NF4 config (double quantization) computing in `precision`."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=precision.torch_dtype)
+
+
+def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "auto", load_in_8bit: bool = False,
+                    trust_remote_code: bool = False) -> Any:
+    """Return the causal LM at `model_dir`: 4-bit NF4 or 8-bit via bitsandbytes if asked (CPU or CUDA), else full
+    precision; safetensors weights only, and a model's own Python code only when `trust_remote_code`
+    (train.trust_remote_code).
+
+    The weights that stay unquantized load in the compute dtype on CUDA and in fp32 on a CPU (autocast, where bf16
+    is native, does the rest).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda, precision = has_cuda(), model_precision(compute_dtype)
+    # under accelerate launch each process loads onto its own GPU (LOCAL_RANK), never all onto GPU 0
+    device = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else "cpu"
+    kwargs: dict[str, Any] = {"device_map": device, "dtype": precision.torch_dtype if cuda else torch.float32,
+                              "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(precision)
+    elif load_in_8bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        # bitsandbytes' int8 matmul casts fp32 inputs to fp16 and says so on every call: thousands of lines a run
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Return True when `path` holds a PEFT adapter (to load over the base) rather than a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def trained_model_dir(train_dir: Path) -> Path:
+    """Return what a training run in `train_dir` produced: `model/` (full, hft) or `adapter/` (LoRA methods)."""
+    full = Path(train_dir) / "model"
+    return full if (full / "config.json").is_file() else Path(train_dir) / "adapter"
+
+
+def load_trained_model(model_dir: str, trained_dir: Path, cfg) -> Any:
+    """Return the trained model: the adapter in `trained_dir` over the base loaded as in training (`cfg`, a
+    TrainConfig), or the full weights in `trained_dir`. Safetensors only: an adapter saved as a pickle is refused."""
+    if not is_adapter_dir(trained_dir):
+        return load_base_model(str(trained_dir), False, cfg.compute_dtype, trust_remote_code=cfg.trust_remote_code)
+    from peft import PeftModel
+
+    check_adapter_weights(Path(trained_dir))
+    base = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit, cfg.trust_remote_code)
+    return PeftModel.from_pretrained(base, str(trained_dir))
+
+
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """Raise ConfigError unless `adapter_dir` holds its adapter as safetensors (PEFT would torch.load a .bin)."""
+    if (adapter_dir / "adapter_model.safetensors").is_file():
+        return
+    pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f"only {', '.join(pickles)}" if pickles else "no adapter weights"
+    raise ConfigError(f"{adapter_dir}: no adapter_model.safetensors ({found}); sftflow loads safetensors only, never "
+                      "pickle weights: re-save the adapter with PEFT's save_pretrained, which writes safetensors")
+
+
+# Short backoff, transient Hub errors only (a bad train.base_model is a ConfigError, never retried). Not cached: the
+# check is cheap once the files are on disk, and a cached path could point at a since-deleted directory.
+@stage_task("prepare-base-model", retries=2, retry_delay_seconds=[5, 20], cache=False)
+def prepare_base_model(spec: str, trust_remote_code: bool = False) -> str:
+    """Return the checked local directory later steps load the base model from (Hub id fetched, GGUF converted); a
+    model that ships its own Python code is refused unless `trust_remote_code` (train.trust_remote_code)."""
+    resolved = resolve_base_model(spec, trust_remote_code=trust_remote_code)
+    stage_logger().info("base model %s -> %s", spec, resolved)
+    return resolved

@@ -1,0 +1,230 @@
+"""Scale-out: run training in `train.num_processes` processes through `accelerate launch` (DDP or FSDP).
+
+The train task stays one Prefect task: `train_distributed` writes a job spec and an accelerate config into the run's
+train dir, starts `accelerate launch` (torch's elastic launcher underneath), forwards the workers' log lines to the
+task's log and turns a failed worker into one error line. Each worker (`python -m tasks.train.distributed <spec.json>`)
+builds the same trainer as the single-process path; rank 0 writes the adapter (or full model), the tokenizer and
+log_history.json to the same places, and every rank records what it trained in `ranks/rank<N>.json`.
+
+Why not `accelerate launch --cpu`: in accelerate 1.15 `--cpu` takes the simple launcher, which starts ONE process
+unless mpirun is installed (`--mpirun_hostfile`). The elastic launcher (`distributed_type: MULTI_GPU` or `FSDP`)
+starts N processes on any machine; on a CPU the workers' `use_cpu` makes accelerate choose MULTI_CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from tasks.core import errors
+from tasks.train.checkpoints import resumable_checkpoint, training_key
+from tasks.core.common import stage_logger
+from tasks.core.config import TrainConfig
+from tasks.core.errors import ConfigError
+from tasks.train.methods import save_trained, saved_name
+
+WORKER_LINE = "[rank "  # prefix of the lines the workers' sftflow logger writes; everything else is library noise
+
+
+def check_distributed_config(cfg: TrainConfig, cuda: bool) -> None:
+    """Fail before launching on combinations that cannot run in several processes."""
+    if cfg.distributed == "fsdp" and not cuda:
+        # accelerate 1.15 turns FSDP on only for GPU-like devices; a CPU job would silently run DDP instead
+        raise ConfigError("train.distributed=fsdp needs CUDA devices (accelerate has no FSDP for CPU processes); "
+                          "use train.distributed=ddp on a CPU")
+    if cfg.distributed == "fsdp" and cfg.method in ("qlora", "lora_8bit"):
+        raise ConfigError(f"train.distributed=fsdp cannot shard the bitsandbytes-quantized base of method "
+                          f"{cfg.method}; use train.distributed=ddp or train.method=lora/full")
+
+
+def threads_per_process(num_processes: int, cores: int | None = None) -> int:
+    """Return the torch (OpenMP) threads each process gets: the cores shared out, at least one."""
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // num_processes)
+
+
+def free_port() -> int:
+    """Return a TCP port nobody listens on now, for the rendezvous (so two jobs on one machine don't collide)."""
+    from accelerate.utils.other import get_free_port
+
+    return get_free_port()
+
+
+def accelerate_config(cfg: TrainConfig, port: int, cuda: bool) -> dict:
+    """Return the `accelerate launch` config: one machine, N processes, DDP or FSDP, nothing left to prompt for."""
+    config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP" if cfg.distributed == "fsdp"
+              else "MULTI_GPU", "num_processes": cfg.num_processes, "num_machines": 1, "machine_rank": 0,
+              "main_process_ip": "127.0.0.1", "main_process_port": port, "rdzv_backend": "static",
+              "same_network": True, "gpu_ids": "all", "use_cpu": not cuda, "debug": False,
+              "mixed_precision": "no",  # the trainer's bf16/fp16 flags (tasks/model/precision.py) decide autocast
+              "dynamo_config": {}, "enable_cpu_affinity": False}
+    if cfg.distributed == "fsdp":
+        # FSDP2 shards each transformer block (the model's _no_split_modules); frozen base weights and trainable
+        # LoRA weights may share a block; rank 0 gathers the full state dict when the adapter is saved.
+        config["fsdp_config"] = {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                 "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_reshard_after_forward": True,
+                                 "fsdp_offload_params": False, "fsdp_cpu_ram_efficient_loading": False,
+                                 "fsdp_activation_checkpointing": False}
+    return config
+
+
+def launch_command(config_file: Path, spec_file: Path) -> list[str]:
+    """Return the `accelerate launch` command line that runs this module's worker on the job spec."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+            "-m", "tasks.train.distributed", str(spec_file)]
+
+
+def launch_env(num_processes: int, cuda: bool, cores: int | None = None) -> dict[str, str]:
+    """Return the launcher's environment: this one, unbuffered output, the cores (`cores`, else all of this
+    process's) shared out among the processes, CPU forced if no GPU."""
+    root = str(Path(__file__).resolve().parents[2])  # the workers import this package wherever the task runs
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=str(threads_per_process(num_processes, cores)))
+    if not cuda:
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def prepare_launch(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
+                   cuda: bool, cores: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """Write the job spec and the accelerate config into out_dir; return the launch command and its environment
+    (the workers share `cores`, else all of this process's)."""
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"formatted_dir": str(formatted_dir), "model_dir": str(model_dir), "out_dir": str(out_dir),
+            "cfg": cfg.model_dump(mode="json")}
+    spec_file, config_file = out_dir / "distributed_job.json", out_dir / "accelerate_config.yaml"
+    spec_file.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    config_file.write_text(yaml.safe_dump(accelerate_config(cfg, free_port(), cuda)), encoding="utf-8")
+    return launch_command(config_file, spec_file), launch_env(cfg.num_processes, cuda, cores)
+
+
+def stream_launch(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run the launcher, forwarding worker lines to the stage log as they come; return its exit code and last lines."""
+    logger, tail = stage_logger(), deque(maxlen=40)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line.startswith(WORKER_LINE):
+                    logger.info("%s", line)
+                elif line:
+                    tail.append(line)
+                    logger.debug("%s", line)
+        except BaseException:
+            proc.terminate()  # a cancelled or killed task must not leave its workers training; torchrun stops them
+            raise
+    return proc.returncode, list(tail)
+
+
+def failure(out_dir: Path, code: int, tail: list[str]) -> Exception:
+    """Return the one-line error for a failed job: the first worker's own error, else the launcher's last line."""
+    reports = sorted((out_dir / "ranks").glob("rank*.error.json"), key=lambda p: p.stat().st_mtime)
+    if reports:
+        first = json.loads(reports[0].read_text(encoding="utf-8"))
+        kind = getattr(errors, first["type"], None)
+        if isinstance(kind, type) and issubclass(kind, errors.SftflowError):
+            return kind(first["message"])  # a bad config stays a user error: no retry repeats it
+        reason = f"rank {first['rank']}: {first['type']}: {first['message']}"
+    else:
+        reason = tail[-1] if tail else "no output"
+    return RuntimeError(f"train: distributed job failed (accelerate launch exited {code}); {reason}")
+
+
+def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
+                      cores: int | None = None) -> Path:
+    """Train in cfg.num_processes processes via `accelerate launch`, sharing `cores` (else all of this process's);
+    return what rank 0 saved (adapter or model)."""
+    from tasks.model.modeling import has_cuda
+
+    cuda = has_cuda()
+    check_distributed_config(cfg, cuda)
+    # once, here: a different job's checkpoints go and broken ones are removed before the ranks look at them
+    resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg))
+    for stale in (out_dir / "ranks").glob("rank*.json"):
+        stale.unlink()
+    cmd, env = prepare_launch(formatted_dir, model_dir, out_dir, cfg, cuda, cores)
+    stage_logger().info("train: accelerate launch, %d processes (%s, %s), %s threads each, config %s",
+                        cfg.num_processes, cfg.distributed, "nccl" if cuda else "gloo", env["OMP_NUM_THREADS"],
+                        out_dir / "accelerate_config.yaml")
+    code, tail = stream_launch(cmd, env)
+    if code != 0:
+        raise failure(out_dir, code, tail)
+    saved = out_dir / saved_name(cfg)
+    if not saved.is_dir():
+        raise RuntimeError(f"train: accelerate launch exited 0 but rank 0 wrote no {saved}; last line: "
+                           f"{tail[-1] if tail else 'no output'}")
+    return saved
+
+
+# ---- worker side: runs in every process that accelerate launch starts ----
+
+
+def rank_env() -> tuple[int, int]:
+    """Return this process's (rank, world size) as the launcher set them."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_worker_logging(rank: int) -> None:
+    """Send the sftflow logger to stdout with a rank prefix: rank 0 at INFO, the others only warnings and errors."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"{WORKER_LINE}{rank}] %(message)s"))
+    logger = logging.getLogger("sftflow")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+def record_rank(trainer, out_dir: Path, rank: int) -> None:
+    """Write what this rank trained: world size, backend, optimizer steps and its share of the batches per epoch."""
+    state = trainer.accelerator.state
+    record = {"rank": rank, "world_size": state.num_processes, "backend": state.backend,
+              "distributed_type": str(state.distributed_type).split(".")[-1], "global_step": trainer.state.global_step,
+              "batches_per_epoch": len(trainer.get_train_dataloader())}
+    (out_dir / "ranks" / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+def run_worker(spec: dict) -> None:
+    """Train this rank's share of the job described by `spec` (see prepare_launch) and save as rank 0.
+
+    The same trainer, callbacks (each logs or stops on rank 0 only) and resume as tasks/train/train.py train_model; the
+    launcher already cleared other jobs' checkpoints, so resuming here only reads.
+    """
+    from tasks.model.tokenizer import load_tokenizer
+    from tasks.train.checkpoints import resume_training
+    from tasks.train.trainer import build_trainer, training_callbacks
+
+    cfg, out_dir, formatted = TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]), Path(spec["formatted_dir"])
+    trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir))
+    resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg))
+    record_rank(trainer, out_dir, trainer.args.process_index)
+    save_trained(trainer, load_tokenizer(spec["model_dir"], formatted, cfg.trust_remote_code), out_dir, cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Worker entry point: `python -m tasks.train.distributed <spec.json>`, started by accelerate launch in each process."""
+    spec_file = Path((argv or sys.argv[1:])[0])
+    spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    rank, world = rank_env()
+    setup_worker_logging(rank)
+    (Path(spec["out_dir"]) / "ranks").mkdir(parents=True, exist_ok=True)
+    try:
+        run_worker(spec)
+    except BaseException as err:  # record the cause (the launcher only sees an exit code), then fail as before
+        report = {"rank": rank, "world_size": world, "type": type(err).__name__, "message": str(err).splitlines()[0]
+                  if str(err) else ""}
+        (Path(spec["out_dir"]) / "ranks" / f"rank{rank}.error.json").write_text(json.dumps(report), encoding="utf-8")
+        raise
+
+
+if __name__ == "__main__":
+    main()
