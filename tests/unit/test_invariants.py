@@ -8,9 +8,10 @@ import pytest
 from prefect.states import Failed
 
 from flows.cli import main, release
-from flows.sft_pipeline import Stop, step_tasks, trains
+from flows.sft_pipeline import step_tasks, trains
+from flows.steps import STEPS, RunContext, run_names
 from tasks.core.common import retry_unless_user_error
-from tasks.core.config import STEP_NAMES, load_config
+from tasks.core.config import RunPaths, STEP_NAMES, load_config
 from tasks.core.errors import ConfigError, DataValidationError
 from tasks.reporting.failure import TRACEBACK_FILE, FailureReport, rerun_command, step_failure
 from tests.conftest import ROOT
@@ -89,16 +90,27 @@ def test_pack_length_below_max_length_is_refused_at_load_naming_both_keys_and_th
     assert load_config(TINY, ["chat.max_length=512", "train.pack_length=512"]).train.pack_length == 512
 
 
-def test_until_stops_after_the_step_it_names_and_nothing_after_the_last_step_needs_stopping():
+def test_until_must_name_a_step_and_only_steps_from_train_on_pass_the_data_gate():
     cfg = load_config(TINY)
-    steps = step_tasks(cfg, False, None, "format")
-    assert not hasattr(steps["format"], "with_options")  # wrapped: raises Stop after the task
-    assert all(hasattr(steps[s], "with_options") for s in STEP_NAMES if s != "format")
-    assert all(hasattr(t, "with_options") for t in step_tasks(cfg, False, None, "register").values())
-    assert issubclass(Stop, Exception) and not issubclass(Stop, ConfigError)
+    assert list(step_tasks(cfg, False, None, "format")) == list(STEP_NAMES)
     assert [s for s in STEP_NAMES if trains(s)] == ["train", "evaluate", "register"] and trains(None)
     with pytest.raises(ConfigError, match=r"^until='trian' is not a step; use one of prepare-base-model, ingest, "):
         step_tasks(cfg, False, None, "trian")
+
+
+def test_the_flow_and_sftflow_task_read_one_table_of_steps_in_the_order_the_config_names_them(tmp_path):
+    assert tuple(STEPS) == STEP_NAMES
+    cfg = load_config(TINY, [f"runs_dir={tmp_path}"])
+    names = run_names(cfg)
+    assert names["train"] == "train[qlora r=16, 6 steps]" and all(names[s].startswith(f"{s}[") for s in STEP_NAMES)
+    # a step's arguments come from earlier results when the flow hands them over, else from the run's layout
+    run = RunPaths(tmp_path, "r1")
+    handed = RunContext(cfg, run, results={"clean_db": tmp_path / "x.duckdb", "base": "/models/b",
+                                           "fingerprint": "f"})
+    assert STEPS["format"].args(handed)[:2] == (tmp_path / "x.duckdb", "/models/b")
+    saved = RunContext(cfg, run, results={"base": "/models/b"})
+    assert STEPS["format"].args(saved)[:3] == (run.clean_db, "/models/b", run.formatted)
+    assert STEPS["validate-tokens"].args(saved)[1] == run.formatted and STEPS["evaluate"].returns == "evaluation"
 
 
 def test_an_unknown_until_step_is_one_line_listing_the_steps(capsys):
