@@ -40,11 +40,16 @@ run: $(STAMP)
 # every machine, not just on the other kind. ARGS (options, e.g. -x or -k lean) go to both runs; a -k that leaves the
 # second run nothing to select (pytest's exit code 5) is not a failure. The second run took 65 s on a 2-core
 # AVX512-BF16 EPYC (fp32), and 105 s there with bf16 emulated as an AVX2-only CPU would run it.
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest tests $(ARGS)
 	other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
 	  print(other(torch.cuda.is_available()))") && echo "make test: dtype_sensitive, SFTFLOW_COMPUTE_DTYPE=$$other" && \
 	  { SFTFLOW_COMPUTE_DTYPE=$$other $(BIN)/python -m pytest tests/model $(ARGS) -m dtype_sensitive || [ $$? -eq 5 ]; }
+
+# pyflakes, pycodestyle, import order and bugbear (pyproject.toml [tool.ruff.lint]); ruff is pinned in
+# requirements.txt. `make test` runs it first, so CI (.ci/run) lints too.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # Data-layer benchmark: 1M synthetic rows through ingest + clean + split vs a pandas baseline (bench/README.md).
 # ARGS passes options, e.g. make bench ARGS="--rows 100000 --pandas-rows 20000".
@@ -54,7 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/clean.py $(ARGS)
 
 # Training benchmark: the train task against ../shared/bench/trl_anchor.py (plain TRL QLoRA) in one run, plus the
-# format step's rows/s (README "Training benchmark"); about 20 minutes on 2 cores. ARGS e.g. "--anchor-steps 5".
+# format step's rows/s (docs/benchmarks.md, figures in bench/README.md); about 20 minutes on 2 cores. ARGS e.g. "--anchor-steps 5".
 .PHONY: bench-train
 bench-train: $(STAMP)
 	$(SFTFLOW_ENV) $(BIN)/python bench/train.py $(ARGS)

@@ -37,8 +37,8 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 import duckdb
 
 import tasks.data.clean
-from tasks.data.clean import clean_database
 from tasks.core.config import CleanConfig, DataConfig
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

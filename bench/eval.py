@@ -6,11 +6,11 @@ The model is the converted default base (SmolLM2-135M-Instruct from the packaged
 evaluate loads it (`--load full`, the default: fp32, as for the full/hft/lora methods; `--load 4bit`: the QLoRA
 base of the default run, 4-bit NF4). The prompts
 are held-out-style order-extraction requests from the synthetic data generator (tasks/data/synth.py), rendered with the
-model's chat template and `add_generation_prompt=True`. Both sides call evaluate's own `tasks.evaluate.evaluate.generate`
-with the same settings (greedy, `--max-new-tokens`, the template's end-of-turn as stop): once with batch size 1,
-once with `--batch-size` (left padding, KV cache, prompts of similar length batched together). A one-prompt warm-up
-runs first, untimed. The CPU and its load (1-minute load average before and after) are printed: the figures are
-wall-clock on a shared machine.
+model's chat template and `add_generation_prompt=True`. Both sides call evaluate's own
+`tasks.evaluate.evaluate.generate` with the same settings (greedy, `--max-new-tokens`, the template's end-of-turn as
+stop): once with batch size 1, once with `--batch-size` (left padding, KV cache, prompts of similar length batched
+together). A one-prompt warm-up runs first, untimed. The CPU and its load (1-minute load average before and after) are
+printed: the figures are wall-clock on a shared machine.
 
 The last line printed is one JSON object:
 {"speedup", "prompts_per_s", "one_by_one_prompts_per_s", "batched_s", "one_by_one_s", "answers_equal",
@@ -48,10 +48,10 @@ def order_prompts(n: int, seed: int = 123) -> list[list[dict]]:
 
 def load_model(load: str):
     """Return (model, tokenizer) of the default base model, 4-bit NF4 or full precision."""
-    from tasks.model.base_model import resolve_base_model
-    from tasks.model.tokenizer import load_tokenizer
     from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.model.base_model import resolve_base_model
     from tasks.model.modeling import load_base_model
+    from tasks.model.tokenizer import load_tokenizer
 
     model_dir = resolve_base_model(DEFAULT_BASE_MODEL)
     return load_base_model(model_dir, load == "4bit").eval(), load_tokenizer(model_dir)

@@ -67,19 +67,19 @@ def tiny_random_model(out: Path) -> Path:
 
 def direct_pipeline(config_path: Path, overrides: list[str], run_id: str) -> dict:
     """Run the flow's steps as plain functions (`task.fn`), same arguments and order as flows/sft_pipeline.py."""
-    from tasks.formatting.chat_format import format_chats
-    from tasks.data.clean import clean
     from tasks.core.config import RunPaths, dump_config, load_config
+    from tasks.data.clean import clean
     from tasks.data.data_gate import config_digest
-    from tasks.evaluate.evaluate import evaluate_adapter
     from tasks.data.ingest import fingerprint_sources, ingest
+    from tasks.data.validate import validate, validation_args
+    from tasks.evaluate.evaluate import evaluate_adapter
+    from tasks.formatting.chat_format import format_chats
     from tasks.model.modeling import prepare_base_model
-    from tasks.train.monitoring import run_tracking
     from tasks.registry.register import pipeline_tags, register_model
     from tasks.registry.registry import champion_to_compare
     from tasks.reporting.report import save_config, write_summary
+    from tasks.train.monitoring import run_tracking
     from tasks.train.train import train_adapter
-    from tasks.data.validate import validate, validation_args
 
     started = time.time()
     cfg = load_config(config_path, overrides)
@@ -227,8 +227,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sftflow-bench-flow-"))
     os.environ["SFTFLOW_HOME"] = str(work / "home")  # a throwaway Prefect home and result store
-    from tasks.model.precision import cpu_summary
     from tasks.core.settings import apply_defaults
+    from tasks.model.precision import cpu_summary
 
     apply_defaults()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -282,7 +282,8 @@ def main() -> None:
           f"{overhead / args.default_run_s:.1%} of the default run's {args.default_run_s:.0f} s; load "
           f"{load_before:.2f} -> {load_after:.2f}")
     result = {"overhead_share": round(overhead / flow_s, 4), "cached_rerun_s": round(cli_eph_s, 1),
-              "overhead_s": round(overhead, 1), "overhead_share_of_default_run": round(overhead / args.default_run_s, 4),
+              "overhead_s": round(overhead, 1),
+              "overhead_share_of_default_run": round(overhead / args.default_run_s, 4),
               "direct_s": round(direct_s, 1), "flow_s": round(flow_s, 1),
               "cached_rerun_in_process_s": round(cached_in_s, 1), "cached_rerun_ephemeral_s": round(cli_eph_s, 1),
               "cached_rerun_server_s": round(cli_server_s, 1), "outside_tasks_s": round(outside_s, 1),

@@ -4,18 +4,18 @@ Usage: .venv/bin/python bench/format.py [--rows 100000] [--num-proc 0] [--paths 
 
 The conversations are GSM8K train rows (../shared/data/gsm8k_train.jsonl, or $GSM8K_JSONL) with a system turn,
 repeated to n rows and varied (each copy's question gets its own number), so no text repeats and a cache cannot
-help. Timed: the format task's encode step (tasks.formatting.encoding.encode_all: rendering with the spans the masks need,
-tokenization, masks, the check of sampled rows against Jinja and HF) with the default base model's tokenizer and
+help. Timed: the format task's encode step (tasks.formatting.encoding.encode_all: rendering with the spans the masks
+need, tokenization, masks, the check of sampled rows against Jinja and HF) with the default base model's tokenizer and
 template, as the format task spreads it (chat.num_proc, 0 = auto: tokenizer threads where skeletons render the
 rows). Each path in --paths is timed in the same run, so their ratios hold even on a shared machine: fast (the
 format task's own choice: skeleton rendering, tasks/formatting/skeletons.py, and tiktoken where proved equal,
 tasks/formatting/fast_tokenizer.py), hf (skeletons, the HF tokenizer's batched Rust encode with offsets) and jinja (two
 Jinja renders per row and the HF tokenizer, in processes: the plain way). Then, unless --no-task, the whole
-format task (tasks.formatting.chat_format.format_rows: reading the clean DuckDB file, encoding, the too-long rule, writing
-both splits' Parquet files and the stats) on the same n rows, ingested and cleaned first (not timed; near-duplicate
-dropping off, as the copies only differ in their number). It prints rows/s per path, rows per CPU second (all threads and processes:
-what a busy machine does not halve), the CPU and the load average before each run; the last line is one JSON
-object.
+format task (tasks.formatting.chat_format.format_rows: reading the clean DuckDB file, encoding, the too-long rule,
+writing both splits' Parquet files and the stats) on the same n rows, ingested and cleaned first (not timed;
+near-duplicate dropping off, as the copies only differ in their number). It prints rows/s per path, rows per CPU second
+(all threads and processes: what a busy machine does not halve), the CPU and the load average before each run; the last
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import resource
 import time
 from pathlib import Path
 
-GSM8K = Path(os.environ.get("GSM8K_JSONL", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train.jsonl"))
+GSM8K = Path(os.environ.get("GSM8K_JSONL",
+                            Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train.jsonl"))
 
 
 def gsm8k_conversations(n: int) -> list[list[dict]]:
@@ -47,12 +48,12 @@ def children_cpu_s() -> float:
 def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...] = ("fast", "hf")) -> dict:
     """Return the rows/s of the format task's encode step on n GSM8K conversations per tokenizer path, with the
     tokenizer each path used, the CPU and the load."""
-    from tasks.model.base_model import resolve_base_model
-    from tasks.formatting.chat_format import chat_encoder
-    from tasks.model.tokenizer import load_tokenizer
     from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.formatting.chat_format import chat_encoder
     from tasks.formatting.encoding import encode_all, parallelism
+    from tasks.model.base_model import resolve_base_model
     from tasks.model.precision import cpu_summary
+    from tasks.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(resolve_base_model(DEFAULT_BASE_MODEL))
     encoder = chat_encoder(tokenizer, tokenizer.chat_template)
@@ -67,7 +68,8 @@ def format_rows_per_s(n: int = 100_000, num_proc: int = 0, paths: tuple[str, ...
         out = encode_all(chosen, convos, [[1.0]] * n, num_proc=num_proc)
         seconds = time.perf_counter() - start
         how, workers = parallelism(chosen, convos, [[1.0]] * n, [None] * n, num_proc)
-        result[path] = {"tokenizer": out.tokenizer, "parallelism": f"{workers} {how}", "seconds": round(seconds, 2), "rows_per_s": round(n / seconds),
+        result[path] = {"tokenizer": out.tokenizer, "parallelism": f"{workers} {how}", "seconds": round(seconds, 2),
+                        "rows_per_s": round(n / seconds),
                         "tokens_per_row": round(sum(len(ids) for ids in out.ids) / n, 1),
                         "load_average_before": round(load, 2),
                         "parent_cpu_s": round(time.process_time() - cpu_start, 2)}
@@ -84,11 +86,11 @@ def format_task_rows_per_s(n: int, num_proc: int = 0) -> dict:
     """Return the rows/s of the whole format task (format_rows) on n GSM8K conversations, cleaned first."""
     import tempfile
 
-    from tasks.model.base_model import resolve_base_model
-    from tasks.formatting.chat_format import format_rows
-    from tasks.data.clean import clean_database
     from tasks.core.config import DEFAULT_BASE_MODEL, ChatConfig, CleanConfig, DataConfig
+    from tasks.data.clean import clean_database
     from tasks.data.ingest import ingest_rows
+    from tasks.formatting.chat_format import format_rows
+    from tasks.model.base_model import resolve_base_model
 
     with tempfile.TemporaryDirectory(prefix="sftflow-bench-format-") as tmp:
         d = Path(tmp)

@@ -2,8 +2,8 @@
 
 Usage: .venv/bin/python bench/memory.py [--formatted runs/<id>/formatted] [--steps 1] [section.field=value ...]
 
-Each side runs in its own process: the train task's trainer (tasks.train.trainer.build_trainer) with the train section of
-configs/default.yaml (SmolLM2-135M, its method, packing and batch), `train.lean_loss` false or true, on the formatted
+Each side runs in its own process: the train task's trainer (tasks.train.trainer.build_trainer) with the train section
+of configs/default.yaml (SmolLM2-135M, its method, packing and batch), `train.lean_loss` false or true, on the formatted
 rows of a finished run (default: the newest under runs/). A thread samples the process RSS every 5 ms during
 `trainer.train()`; the peak minus the RSS just before training is what the steps themselves need. It prints both,
 seconds per step, supervised tokens per second and the ratio; the last line is one JSON object.
@@ -61,8 +61,8 @@ def one_side(formatted: Path, lean: bool, steps: int, overrides: list[str]) -> d
     """Train `steps` steps with lean_loss=`lean` in this process; return its memory and speed figures."""
     import psutil
 
-    from tasks.model.base_model import resolve_base_model
     from tasks.core.config import load_config
+    from tasks.model.base_model import resolve_base_model
     from tasks.train.trainer import build_trainer
 
     cfg = load_config(ROOT / "configs" / "default.yaml",

@@ -18,8 +18,8 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from tasks.model.base_model import resolve_base_model
 from tasks.core.config import DEFAULT_BASE_MODEL
+from tasks.model.base_model import resolve_base_model
 from tasks.model.modeling import load_base_model, model_precision
 from tasks.model.precision import cpu_summary
 
@@ -58,7 +58,8 @@ def main() -> None:
     result = {"cpu": cpu_summary(),
               "batch": args.batch, "tokens": args.tokens, "auto_picks": model_precision("auto").name}
     for dtype in ("fp32", "bf16"):
-        result[f"{dtype}_s_per_step"] = round(seconds_per_step(model_dir, dtype, args.batch, args.tokens, args.steps), 2)
+        result[f"{dtype}_s_per_step"] = round(seconds_per_step(model_dir, dtype, args.batch, args.tokens,
+                                                               args.steps), 2)
     result["bf16_over_fp32"] = round(result["bf16_s_per_step"] / result["fp32_s_per_step"], 2)
     print(f"fp32 {result['fp32_s_per_step']} s/step, bf16 {result['bf16_s_per_step']} s/step: bf16 takes "
           f"{result['bf16_over_fp32']}x as long; auto picks {result['auto_picks']} on {result['cpu']}")

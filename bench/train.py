@@ -39,8 +39,8 @@ GSM8K = SHARED / "data" / "gsm8k_train.jsonl"
 
 def base_model_dir() -> str:
     """Return the converted default base model's directory (converting the packaged GGUF once if needed)."""
-    from tasks.model.base_model import resolve_base_model
     from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.model.base_model import resolve_base_model
 
     return resolve_base_model(DEFAULT_BASE_MODEL)
 

@@ -61,7 +61,8 @@ def assert_same_value(actual, expected, dtype) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template (tasks/model/tiny_model.py)."""
+    """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template
+    (tasks/model/tiny_model.py)."""
     from tasks.model.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
@@ -85,10 +86,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def formatted_run(runs: Path, base_model_dir: Path, run_id: str = "run-a"):
     """Return (config, RunPaths) of a run of configs/tiny.yaml in `runs` taken up to its formatted rows, laid out as
     the flow lays it out (train.base_model = `base_model_dir`)."""
-    from tasks.formatting.chat_format import format_chats
-    from tasks.data.clean import clean
     from tasks.core.config import RunPaths, dump_config, load_config
+    from tasks.data.clean import clean
     from tasks.data.ingest import fingerprint_sources, ingest
+    from tasks.formatting.chat_format import format_chats
     from tasks.reporting.report import save_config
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"runs_dir={runs}", f"train.base_model={base_model_dir}"])

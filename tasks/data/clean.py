@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from tasks.core.common import COMPRESSION_SQL, in_prefect_run, stage_logger, stage_task
 from tasks.core.config import CleanConfig, content_hash
-from tasks.data.dedup import near_duplicate_clusters
 from tasks.data.cleaning_report import publish_cleaning_report
+from tasks.data.dedup import near_duplicate_clusters
 from tasks.data.source_check import enforce_source_checks, source_warnings
 
 CONTROL_CHARS = "[\\x00-\\x08\\x0B\\x0C\\x0E-\\x1F\\x7F]"
@@ -312,7 +312,10 @@ def example_preview(system: str | None, messages: list[dict] | None, record: str
     from tasks.core.artifacts import shorten, truncate
 
     turns = ([{"role": "system", "content": system}] if system else []) + list(messages or [])
-    text = lambda c: "(missing)" if c is None else shorten(c, TURN_CHARS) if c.strip() else "(empty)"
+
+    def text(c: str | None) -> str:
+        return "(missing)" if c is None else shorten(c, TURN_CHARS) if c.strip() else "(empty)"
+
     shown = [f"{t['role']}: {text(t.get('content'))}" if not t.get("tool_calls") or (t.get("content") or "").strip()
              else f"{t['role']}: (calls) {shorten(t['tool_calls'], TURN_CHARS)}" for t in turns]
     has_text = any(t.get("content") for t in turns)

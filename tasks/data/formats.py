@@ -2,9 +2,9 @@
 of a preference pair) to a canonical conversation: a system prompt, then role/content/reasoning/weight/tool_calls
 turns, and the row's tool definitions.
 
-A turn's content (text or typed parts), its tool calls and loss weight are read by tasks/data/turns.py. A record with media
-(an `images` column and its <image> placeholders) is an `unsupported_part` problem: sftflow trains text-only models.
-Plain text is one `text` turn (continued pre-training). Rows a KTO flag marks undesirable are told apart
+A turn's content (text or typed parts), its tool calls and loss weight are read by tasks/data/turns.py. A record with
+media (an `images` column and its <image> placeholders) is an `unsupported_part` problem: sftflow trains text-only
+models. Plain text is one `text` turn (continued pre-training). Rows a KTO flag marks undesirable are told apart
 (`desirable`); preference pairs stop the run in one line unless the source reads their chosen side (`format: chosen`).
 """
 

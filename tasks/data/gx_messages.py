@@ -24,7 +24,8 @@ FAILING_ROWS = {
 # Likely causes by (stage, column or "table", expectation type); the config-driven row count is worded apart.
 CAUSES = {
     ("raw", "table", "expect_table_columns_to_match_set"):
-        "the raw table's schema (tasks/data/ingest.py RAW_SCHEMA) and expectations/raw_rows.json disagree: update the suite",
+        "the raw table's schema (tasks/data/ingest.py RAW_SCHEMA) and expectations/raw_rows.json disagree: "
+        "update the suite",
     ("raw", "table", "expect_table_row_count_to_be_between"):
         "no record was read: the source files are empty or hold only blank lines (check data.sources[].path)",
     ("raw", "row_id", "expect_column_values_to_be_unique"): "an ingest bug (row ids are positions): please report it",

@@ -107,7 +107,8 @@ def run_suite(frame: pd.DataFrame, suite, docs_root: Path | None = None) -> tupl
 
 
 def summarise_failures(results: list[dict], stage: str = "", data: Path | None = None) -> str:
-    """Return one readable clause per failed expectation: expected, observed, likely cause (tasks/data/gx_messages.py)."""
+    """Return one readable clause per failed expectation: expected, observed, likely cause
+    (tasks/data/gx_messages.py)."""
     return "; ".join(explain_failure(stage, r, data) for r in results if not r["success"])
 
 

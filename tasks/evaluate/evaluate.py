@@ -1,6 +1,6 @@
 """Evaluate on the held-out split: eval loss and perplexity on supervised tokens, and the configured metrics of
-generations (tasks/evaluate/metrics.py) for the base model, the tuned model and the registry's @champion, all on the same
-frozen held-out prompts with the same settings; with the share of answers that stop, and of those that run on into
+generations (tasks/evaluate/metrics.py) for the base model, the tuned model and the registry's @champion, all on the
+same frozen held-out prompts with the same settings; with the share of answers that stop, and of those that run on into
 a new turn, and a table of sample generations."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.model.tokenizer import load_tokenizer
 from tasks.core.common import in_prefect_run, stage_logger, stage_task
 from tasks.core.config import EvaluateConfig, TrainConfig
 from tasks.core.errors import DataValidationError
 from tasks.evaluate.metrics import Extractor, check_metrics, score
 from tasks.model.modeling import is_adapter_dir, load_base_model, load_trained_model
+from tasks.model.tokenizer import load_tokenizer
 from tasks.registry.registry import Champion
 
 STOP_WARNING = 0.95  # below this stop rate a model is flagged (register refuses below register.min_stop_rate)
@@ -137,7 +137,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvaluateConfig, l
     if prompt_ids is None:
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
         prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(prompt_ids)), key=lambda k: -len(prompt_ids[k]))  # longest first: the largest batch fails first
+    # longest first: the largest batch fails first
+    order = sorted(range(len(prompt_ids)), key=lambda k: -len(prompt_ids[k]))
     results: list[Generation | None] = [None] * len(prompt_ids)
     start = time.perf_counter()
     if cfg.do_sample:
@@ -227,7 +228,8 @@ def score_trained(model_dir: str, trained_dir: Path, train_cfg: TrainConfig, *ar
 
 def score_base(model_dir: str, train_cfg: TrainConfig, *args) -> Scored:
     """Score the base model loaded on its own (full-weights runs), in full precision as the full methods train it."""
-    model = load_base_model(model_dir, False, train_cfg.compute_dtype, trust_remote_code=train_cfg.trust_remote_code).eval()
+    model = load_base_model(model_dir, False, train_cfg.compute_dtype,
+                            trust_remote_code=train_cfg.trust_remote_code).eval()
     return run_model("base", model, *args)
 
 
@@ -383,8 +385,11 @@ def samples_markdown(samples: list[dict], names: list[str], headline: str, shown
 def comparison_headline(report: dict) -> str:
     """Return one line: the headline metric and eval loss of base -> tuned (and the champion's)."""
     models, metric = report["models"], report["metrics"][0]
-    label = lambda n: f"champion v{models[n].get('version')}" if n == "champion" else n
-    show = lambda key: " -> ".join(f"{label(n)} {m[key]:.3f}" for n, m in models.items() if m.get(key) is not None)
+
+    def show(key: str) -> str:
+        label = {n: f"champion v{m.get('version')}" if n == "champion" else n for n, m in models.items()}
+        return " -> ".join(f"{label[n]} {m[key]:.3f}" for n, m in models.items() if m.get(key) is not None)
+
     return f"{report['heldout_rows']} held-out prompts: {metric} {show(metric)}; eval_loss {show('eval_loss')}"
 
 

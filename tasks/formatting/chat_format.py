@@ -1,8 +1,8 @@
 """Format: render each clean conversation with its chat template and tokenize it with loss masks.
 
 The template is the model's own unless chat.template names one of sftflow's (tasks/formatting/templates.py) or
-chat.chat_template gives a file. Each conversation is cut into pieces tokenized one by one (tasks/formatting/masks.py), so
-every answer's inference prompt is a token prefix of its training ids by construction, for any template, with or
+chat.chat_template gives a file. Each conversation is cut into pieces tokenized one by one (tasks/formatting/masks.py),
+so every answer's inference prompt is a token prefix of its training ids by construction, for any template, with or
 without `{% generation %}` markers: chat.mask picks every assistant turn, the last one, everything after the last
 answer's prompt, or the whole sequence; the end-of-turn token after a supervised turn is always supervised, and a
 turn whose loss weight is 0 is rendered but not supervised. Held-out rows keep their prompt's length
@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from tasks.core.artifacts import publish_table
 from tasks.core.common import stage_logger, stage_task
 from tasks.core.config import ChatConfig
-from tasks.formatting.encoding import TEXT_ROLE, ChatEncoder, Encoded, Rows, encode_all, is_checked
 from tasks.core.errors import ConfigError, DataValidationError
+from tasks.formatting.encoding import TEXT_ROLE, ChatEncoder, Encoded, Rows, encode_all, is_checked
 from tasks.formatting.fast_tokenizer import fast_tokenizer
 from tasks.formatting.masks import marked_text
 from tasks.formatting.templates import TEMPLATES, ChatRenderer, inference_template, resolve_template, special_tokens
@@ -220,8 +220,8 @@ class BlockColumn(Sequence):
 def conversations_of(table: pa.Table, keep_reasoning: bool) -> tuple[list[list[dict]], list[list[float]], list[int]]:
     """Return, for rows with `system` and `messages` columns: each conversation as canonical turns (the system turn
     if any, then role/content turns, with `reasoning` where a thinking trace is kept and `tool_calls` where the
-    assistant calls tools; tasks/formatting/templates.py turns them into the template's own messages), each one's assistant
-    turns' loss weights (1 where none is given), and the index in it of its reference: the last assistant turn
+    assistant calls tools; tasks/formatting/templates.py turns them into the template's own messages), each one's
+    assistant turns' loss weights (1 where none is given), and the index in it of its reference: the last assistant turn
     whose weight is not 0 (for a plain text row, its one turn)."""
     messages = table.column("messages").combine_chunks()
     offsets = messages.offsets.to_numpy()
@@ -264,8 +264,8 @@ def format_split(rows: SplitRows, split: str, encoder: ChatEncoder, cfg: ChatCon
     and the encoding's findings (fallbacks taken, which tokenizer).
 
     The reference is the last supervised assistant turn; the prompt is everything before it. Each held-out prompt's
-    tokens are its row's first `prompt_tokens` ids by construction (tasks/formatting/masks.py); sampled held-out rows are
-    checked against `ChatEncoder.encode_prompt` all the same, as an internal invariant.
+    tokens are its row's first `prompt_tokens` ids by construction (tasks/formatting/masks.py); sampled held-out rows
+    are checked against `ChatEncoder.encode_prompt` all the same, as an internal invariant.
     """
     writer = SplitWriter(path, rows, cfg, with_prompts=split == "heldout", encoder=encoder)
     try:
@@ -362,7 +362,8 @@ class SplitWriter:
         if self.with_prompts and self.encoder is not None and is_checked(r):
             thinking = any(m.get("reasoning") for m in convo)
             ids = self.encoder.encode_prompt(convo[:ref], self.rows.tools[r], thinking)
-            if ids != part.ids[k][:part.prompt_tokens[k]].tolist():  # an internal invariant: see tasks/formatting/masks.py
+            # an internal invariant: see tasks/formatting/masks.py
+            if ids != part.ids[k][:part.prompt_tokens[k]].tolist():
                 raise AssertionError(f"held-out row {self.rows.row_ids[r]}: its prompt's ids are not its training "
                                      "ids' prefix (a bug in tasks/formatting/masks.py)")
         return prompt, reference
@@ -469,7 +470,8 @@ def accounting(con: duckdb.DuckDBPyConnection, formatted: int, dropped: int) -> 
             "dropped_by_rule": {"too_many_tokens": dropped} if dropped else {}}
 
 
-FALLBACK_NOTES = {  # one line each when a run takes a template fallback (tasks/formatting/templates.py), with its row count
+# one line each when a run takes a template fallback (tasks/formatting/templates.py), with its row count
+FALLBACK_NOTES = {
     "inline-reasoning": "the chat template has no field for thinking traces (reasoning_content, thinking): {n} rows "
                         "keep theirs inline as <think>…</think> before the answer",
     "tool-calls-as-text": "the chat template does not render an assistant's tool_calls: {n} rows have the calls as "

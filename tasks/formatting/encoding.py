@@ -1,12 +1,12 @@
-"""Encode conversations: plan their pieces (tasks/formatting/masks.py), tokenize each piece, mask, in batches, checked, spread
-over the cores.
+"""Encode conversations: plan their pieces (tasks/formatting/masks.py), tokenize each piece, mask, in batches, checked,
+spread over the cores.
 
-`ChatEncoder` plans with shape plans where they are proved (tasks/formatting/masks.py, tasks/formatting/skeletons.py) and tokenizes with
-tiktoken where it is proved to give the HF tokenizer's ids (tasks/formatting/fast_tokenizer.py); a sample of each run's rows is
-also done the plain way (Jinja for every row, the HF tokenizer) and compared, and any difference sends the whole run
-the plain way. A row is one or more parts (tasks/formatting/masks.py); each part is one training row of ids, masked by piece.
-`encode_all` spreads the rows: tokenizer threads in this process where shape plans cover them (the tokenizers release
-the GIL), processes where Jinja must render.
+`ChatEncoder` plans with shape plans where they are proved (tasks/formatting/masks.py, tasks/formatting/skeletons.py)
+and tokenizes with tiktoken where it is proved to give the HF tokenizer's ids (tasks/formatting/fast_tokenizer.py); a
+sample of each run's rows is also done the plain way (Jinja for every row, the HF tokenizer) and compared, and any
+difference sends the whole run the plain way. A row is one or more parts (tasks/formatting/masks.py); each part is one
+training row of ids, masked by piece. `encode_all` spreads the rows: tokenizer threads in this process where shape plans
+cover them (the tokenizers release the GIL), processes where Jinja must render.
 """
 
 from __future__ import annotations
@@ -240,8 +240,8 @@ class ChatEncoder:
     def encode_prompt(self, convo: list[dict], tools: list | None = None, thinking: bool | None = None
                       ) -> list[int]:
         """Return the ids of the inference prompt after canonical turns `convo`: the same pieces a training row of
-        the conversation has before the next answer, so they are its prefix (tasks/formatting/masks.py). `thinking` sets a
-        template's thinking switch (default: on when a turn has a trace)."""
+        the conversation has before the next answer, so they are its prefix (tasks/formatting/masks.py). `thinking` sets
+        a template's thinking switch (default: on when a turn has a trace)."""
         messages, kwargs, _ = self.renderer.messages_for(convo, tools, thinking)
         pieces = prompt_pieces(self.renderer, messages, kwargs, self.tokens)
         return self.hf_tokenize(pieces).ids.tolist()
@@ -305,7 +305,8 @@ def encode_all(encoder: ChatEncoder, convos: Sequence[list[dict]], weights: Sequ
         out = encode_threaded(encoder, convos, weights, tools, workers, chunk, sink)
     else:
         out = encode_chunks(encoder, convos, weights, tools, workers, chunk, sink)
-    for found, what, slower in ((out.render_mismatches, "shape plan's {} differ from Jinja's", encoder.without_skeletons),
+    for found, what, slower in ((out.render_mismatches, "shape plan's {} differ from Jinja's",
+                                 encoder.without_skeletons),
                                 (out.fast_mismatches, "fast tokenizer's {} differ from the HF tokenizer's",
                                  encoder.without_fast)):
         if found:
@@ -351,8 +352,8 @@ def encode_chunks(encoder: ChatEncoder, convos: Sequence[list[dict]], weights: S
     # spawn, not fork: the parent may run other threads (Prefect's). Each worker gets the encoder once.
     with ProcessPoolExecutor(procs, mp_context=get_context("spawn"), initializer=start_worker,
                              initargs=(encoder,)) as pool:
-        parts = pool.map(encode_in_worker, [convos[s:s + chunk] for s in starts], [weights[s:s + chunk] for s in starts],
-                         [tools[s:s + chunk] for s in starts], starts)
+        parts = pool.map(encode_in_worker, [convos[s:s + chunk] for s in starts],
+                         [weights[s:s + chunk] for s in starts], [tools[s:s + chunk] for s in starts], starts)
         out, progress = Encoded(), Progress(len(convos))
         for s, part in zip(starts, parts):
             taken(out, part, s, sink)

@@ -26,7 +26,8 @@ ways, each closed here before the encoder is used:
    tokens without whitespace, else the GPT-2 regex is used. `\s` is Unicode's White_Space (`WHITE_SPACE`).
 The pre-tokenizer must be ByteLevel with the GPT-2 regex (given to tiktoken as is), no normalizer, no dropout, no
 byte fallback, no word prefix/suffix. tests/unit/test_fast_tokenizer.py checks the ids on real data, strings chosen
-to break it and every code point of planes 0-3; the format step also re-checks a sample of each run (tasks/formatting/encoding.py).
+to break it and every code point of planes 0-3; the format step also re-checks a sample of each run
+(tasks/formatting/encoding.py).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ markers). A template that renders an earlier answer differently once later turns
 thinking traces; a non-thinking generation prompt adds an empty `<think></think>` the history lacks) gets a part of
 its own for that answer, so every supervised answer is still trained after its true prompt.
 
-`ShapePlan` computes the same pieces for every conversation of one shape without Jinja per row (tasks/formatting/skeletons.py):
-the rule runs once on marker contents, three marker variants must give the same pieces, and sampled rows of each run
-are also done row by row and compared (tasks/formatting/encoding.py).
+`ShapePlan` computes the same pieces for every conversation of one shape without Jinja per row
+(tasks/formatting/skeletons.py): the rule runs once on marker contents, three marker variants must give the same pieces,
+and sampled rows of each run are also done row by row and compared (tasks/formatting/encoding.py).
 """
 
 from __future__ import annotations
@@ -306,8 +306,8 @@ class ShapePlan:
 
 def shape_plan(renderer: ChatRenderer, shape: tuple, mode: str, tokens: Tokens) -> ShapePlan | None:
     """Return the plan of a shape, or None when it cannot be proved (its rows are then done one by one): the rule
-    run on three marker variants (tasks/formatting/skeletons.py) gives the same pieces, no marker is used but verbatim, and
-    every content appears whole in its piece."""
+    run on three marker variants (tasks/formatting/skeletons.py) gives the same pieces, no marker is used but verbatim,
+    and every content appears whole in its piece."""
     roles, supervised = shape
     if any(r.__class__ is not str for r in roles) or not any(supervised) or "text" in roles:
         return None

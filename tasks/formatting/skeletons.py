@@ -13,7 +13,8 @@ decides nothing on it, which is proved for each shape before its skeleton is use
 3. Stable: three renderings with different markers (other lengths and characters) give the same literal pieces, so
    nothing depends on the content's length or characters.
 A shape that fails any check keeps per-row rendering. On top of the proof, the format step renders a sample of each
-run's rows for real and compares (tasks/formatting/encoding.py), falling back to per-row rendering for the run on any difference.
+run's rows for real and compares (tasks/formatting/encoding.py), falling back to per-row rendering for the run on any
+difference.
 """
 
 from __future__ import annotations

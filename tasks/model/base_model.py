@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.core.settings import cache_root
 from tasks.core.common import stage_logger
 from tasks.core.errors import ConfigError
+from tasks.core.settings import cache_root
 
 PACKAGE_SCHEME = "pkg://"
 # huggingface_hub's own repo_info call has no timeout at all: a Hub whose packets are dropped would hang for minutes.

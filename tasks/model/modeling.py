@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.model.base_model import PICKLE_SUFFIXES, resolve_base_model
 from tasks.core.common import stage_logger, stage_task
 from tasks.core.errors import ConfigError
+from tasks.model.base_model import PICKLE_SUFFIXES, resolve_base_model
 from tasks.model.precision import Precision, choose_precision
 
 

@@ -75,7 +75,8 @@ def native_cpu_bf16(flags: set[str]) -> str | None:
 
 
 def cpu_summary() -> str:
-    """Return the CPU model and the flags that decide its speed here, for benchmark records ("…; native bf16: no; avx2")."""
+    """Return the CPU model and the flags that decide its speed here, for benchmark records
+    ("…; native bf16: no; avx2")."""
     flags = cpu_flags()
     vector = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
     return f"{cpu_name()}; native bf16: {native_cpu_bf16(flags) or 'no'}; {vector}; {os.cpu_count()} cores"

@@ -13,8 +13,8 @@ def build_tiny_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.model.base_model import resolve_gguf
     from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.model.base_model import resolve_gguf
 
     gguf = resolve_gguf(DEFAULT_BASE_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -49,7 +49,9 @@ def rows_line(s: dict) -> str:
 
 def table(header: list[str], rows: list[list]) -> list[str]:
     """Return a markdown table's lines."""
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")
+    def cell(v) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "/")
+
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
@@ -96,7 +98,8 @@ def card_evaluation(report: dict) -> list[str]:
     intro = (f"{report.get('heldout_rows', '?')} held-out rows (fingerprint "
              f"`{str(report.get('heldout_fingerprint', '?'))[:16]}`), every model on the same prompts with the same "
              f"settings ({generation}). The first metric, {report.get('metrics', ['?'])[0]}, is the headline.")
-    return ["## Evaluation", "", intro, "", *table(header, [[k, *[models[n].get(k, "-") for n in names]] for k in keys])]
+    return ["## Evaluation", "", intro, "",
+            *table(header, [[k, *[models[n].get(k, "-") for n in names]] for k in keys])]
 
 
 def card_limitations(report: dict, diagnoses: list[dict], method: str) -> list[str]:

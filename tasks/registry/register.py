@@ -20,7 +20,7 @@ from tasks.core.common import stage_logger, stage_task
 from tasks.core.config import RegisterConfig, RunPaths, flatten
 from tasks.core.errors import ConfigError, QualityGateError, disk_full
 from tasks.core.links import run_url, version_url
-from tasks.train.monitoring import Tracking, mlflow_metrics, new_params, open_mlflow_run, param_values
+from tasks.registry.card import model_card, numbers
 from tasks.registry.registry import (
     CHALLENGER,
     CHAMPION,
@@ -34,7 +34,7 @@ from tasks.registry.registry import (
     directory_digest,
     find_by_digest,
 )
-from tasks.registry.card import model_card, numbers
+from tasks.train.monitoring import Tracking, mlflow_metrics, new_params, open_mlflow_run, param_values
 
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers"]
 MERGED_ARTIFACT = "merged"  # the adapter merged into its base, as safetensors (register.merged_export)

@@ -321,7 +321,8 @@ def rollback_champion(tracking_uri: str, name: str, reason: str = "", who: str |
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
     for key, value in stamp("demoted", who, f"rolled back to v{previous}: {why}").items():
         client.set_model_version_tag(name, current, key, value)
-    for key, value in {"promotion": "rollback", **stamp("promoted", who, f"rolled back from v{current}: {why}")}.items():
+    for key, value in {"promotion": "rollback",
+                       **stamp("promoted", who, f"rolled back from v{current}: {why}")}.items():
         client.set_model_version_tag(name, previous, key, value)
     return f"{name} @champion rolled back from v{current} to v{previous}"
 

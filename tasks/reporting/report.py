@@ -7,11 +7,10 @@ import json
 import time
 from pathlib import Path
 
-
 from tasks.core.artifacts import markdown_table, publish_markdown
-from tasks.registry.card import data_accounting, numbers, rows_line
 from tasks.core.common import in_prefect_run, stage_logger, stage_task
 from tasks.core.config import RUN_LAYOUT, RunPaths
+from tasks.registry.card import data_accounting, numbers, rows_line
 
 # what a run stopped early (--until) lists of its directory, in pipeline order, when it is there
 STOPPED_OUTPUTS = ("ingest_db", "clean_db", "clean_report", "quarantine", "validation", "formatted", "train", "eval")

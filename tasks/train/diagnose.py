@@ -212,7 +212,8 @@ def publish_diagnoses(run_name: str, diagnoses: list[dict], image: Path, image_u
 
 
 def diagnose_run(runs_dir: Path, run_id: str) -> str:
-    """Diagnose an earlier run's saved history (`sftflow diagnose`), rewrite its diagnoses and curve; return a report."""
+    """Diagnose an earlier run's saved history (`sftflow diagnose`), rewrite its diagnoses and curve; return a
+    report."""
     from tasks.core.config import RunPaths
     from tasks.core.errors import ConfigError
 
@@ -221,6 +222,6 @@ def diagnose_run(runs_dir: Path, run_id: str) -> str:
         raise ConfigError(f"{train_dir / 'log_history.json'}: no training history (has run {run_id} trained?)")
     diagnoses, json_path, image = write_diagnoses(train_dir)
     lines = [f"{d['name']} (step {d['step'] if d['step'] is not None else '-'}): {d['message']}" for d in diagnoses]
-    return "\n".join([f"run {run_id}: " + (f"{len(diagnoses)} diagnos{'is' if len(diagnoses) == 1 else 'es'}" if diagnoses
-                                               else "no diagnosis"), *lines,
+    return "\n".join([f"run {run_id}: " + (f"{len(diagnoses)} diagnos{'is' if len(diagnoses) == 1 else 'es'}"
+                                           if diagnoses else "no diagnosis"), *lines,
                       f"written: {json_path}, {image}"])

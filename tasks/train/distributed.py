@@ -21,10 +21,10 @@ from collections import deque
 from pathlib import Path
 
 from tasks.core import errors
-from tasks.train.checkpoints import resumable_checkpoint, training_key
 from tasks.core.common import stage_logger
 from tasks.core.config import TrainConfig
 from tasks.core.errors import ConfigError
+from tasks.train.checkpoints import resumable_checkpoint, training_key
 from tasks.train.methods import save_trained, saved_name
 
 WORKER_LINE = "[rank "  # prefix of the lines the workers' sftflow logger writes; everything else is library noise
@@ -203,7 +203,8 @@ def run_worker(spec: dict) -> None:
     from tasks.train.checkpoints import resume_training
     from tasks.train.trainer import build_trainer, training_callbacks
 
-    cfg, out_dir, formatted = TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]), Path(spec["formatted_dir"])
+    cfg, out_dir, formatted = (TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]),
+                               Path(spec["formatted_dir"]))
     trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir))
     resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg))
     record_rank(trainer, out_dir, trainer.args.process_index)
@@ -211,7 +212,8 @@ def run_worker(spec: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Worker entry point: `python -m tasks.train.distributed <spec.json>`, started by accelerate launch in each process."""
+    """Worker entry point: `python -m tasks.train.distributed <spec.json>`, started by accelerate launch in each
+    process."""
     spec_file = Path((argv or sys.argv[1:])[0])
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
     rank, world = rank_env()

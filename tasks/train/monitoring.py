@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tasks.core.common import stage_logger
 from tasks.core.config import PipelineConfig, TrainConfig, flatten
-from tasks.train.diagnose import diagnosis_tags, publish_diagnoses, write_diagnoses
 from tasks.core.errors import TrainingDiverged
+from tasks.train.diagnose import diagnosis_tags, publish_diagnoses, write_diagnoses
 
 RUN_FILE = "mlflow_run.json"  # in the run's train dir: the MLflow run of this sftflow run
 WATCHED = ("loss", "grad_norm", "eval_loss")  # logged values that stop training when not finite
@@ -104,7 +104,8 @@ def recorded_run(train_dir: Path) -> dict | None:
 
 
 def param_values(flat: dict) -> dict[str, str]:
-    """Return flattened config values as MLflow params (lists and dicts as JSON), the one form train and register use."""
+    """Return flattened config values as MLflow params (lists and dicts as JSON), the one form train and register
+    use."""
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flat.items()}
 
 

@@ -1,6 +1,7 @@
 """Train: the Prefect task. It takes a training slot, opens the MLflow run, trains in this process or through
-`accelerate launch` (tasks/train/distributed.py) with the trainer tasks/train/trainer.py builds, resumes from the last valid
-checkpoint (tasks/train/checkpoints.py), saves the adapter or weights (tasks/train/methods.py) and diagnoses the curve.
+`accelerate launch` (tasks/train/distributed.py) with the trainer tasks/train/trainer.py builds, resumes from the last
+valid checkpoint (tasks/train/checkpoints.py), saves the adapter or weights (tasks/train/methods.py) and diagnoses the
+curve.
 
 Labels come from the format step's `assistant_masks` (TRL folds them into `labels`). Warmup then linear decay,
 gradient accumulation, periodic adapter checkpoints; a retry resumes from the last checkpoint.
@@ -10,15 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.core.common import STAGE_CACHE, stage_logger, stage_task
+from tasks.core.config import TrainConfig
+from tasks.core.errors import TrainingDiverged
+from tasks.model.modeling import model_precision
 from tasks.model.tokenizer import load_tokenizer
 from tasks.train.checkpoints import resume_training, training_key
-from tasks.core.common import STAGE_CACHE, stage_logger, stage_task
 from tasks.train.concurrency import training_slot
-from tasks.core.config import TrainConfig
 from tasks.train.distributed import train_distributed
-from tasks.core.errors import TrainingDiverged
 from tasks.train.methods import save_trained
-from tasks.model.modeling import model_precision
 from tasks.train.monitoring import Tracking, log_outcome, open_training_run, report_training
 from tasks.train.trainer import build_trainer, training_callbacks
 

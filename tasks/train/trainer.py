@@ -17,13 +17,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.model.tokenizer import load_tokenizer
 from tasks.core.common import stage_logger
 from tasks.core.config import TrainConfig
 from tasks.core.errors import ConfigError
 from tasks.model.modeling import has_cuda, load_base_model, model_precision
-from tasks.train.monitoring import monitoring_callbacks
 from tasks.model.precision import Precision
+from tasks.model.tokenizer import load_tokenizer
+from tasks.train.monitoring import monitoring_callbacks
 
 
 def next_token_labels(labels):
@@ -101,7 +101,8 @@ def sftflow_trainer_class():
                 loss = loss * self.accelerator.num_processes  # as TRL: DDP averages, the count spans every rank
             if self.model.training:  # TRL's running token count, cheap: no logits involved
                 mask = inputs.get("attention_mask")
-                local = inputs["input_ids"].new_tensor(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
+                local = inputs["input_ids"].new_tensor(int(mask.sum()) if mask is not None
+                                                       else inputs["input_ids"].numel())
                 self._total_train_tokens += int(self.accelerator.gather_for_metrics(local).sum())
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
@@ -209,7 +210,8 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = sftflow_trainer_class()(
         model=model, args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
-        eval_dataset=heldout_rows(formatted_dir, cfg), processing_class=load_tokenizer(model_dir, formatted_dir, cfg.trust_remote_code),
+        eval_dataset=heldout_rows(formatted_dir, cfg),
+        processing_class=load_tokenizer(model_dir, formatted_dir, cfg.trust_remote_code),
         peft_config=lora_config(cfg), callbacks=[*method_callbacks(model, cfg), *extra, *callbacks],
         lean_loss=cfg.lean_loss, trainable_dtype=trainable_dtype(precision) if cfg.uses_lora else None)
     if cfg.uses_lora:

@@ -6,9 +6,9 @@ import duckdb
 import pytest
 from prefect.logging import disable_run_logger
 
-from tasks.data.clean import clean_database
 from tasks.core.config import CleanConfig, DataConfig, ValidateConfig
 from tasks.core.errors import DataValidationError
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
 from tasks.data.validate import validate, validate_table
 from tests.conftest import SHARED_DATA, write_jsonl
@@ -52,7 +52,8 @@ BREAKERS = {
                    ("expect_column_values_to_be_between", "min_turn_chars")),
     "huge": ("UPDATE clean SET n_chars = 200000 WHERE row_id = 0", ("expect_column_values_to_be_between", "n_chars")),
     "ends on user": ("UPDATE clean SET messages = [messages[2], messages[1]] WHERE row_id = 0",
-                     ("expect_column_values_to_be_in_set", "last_role"), ("expect_column_values_to_match_regex", "roles")),
+                     ("expect_column_values_to_be_in_set", "last_role"),
+                     ("expect_column_values_to_match_regex", "roles")),
     "odd role": ("UPDATE clean SET messages = [{'role': 'narrator', 'content': 'x'}, messages[2]] WHERE row_id = 0",
                  ("expect_column_values_to_match_regex", "roles")),
     "role order": ("UPDATE clean SET messages = [messages[1], messages[1], messages[2]] WHERE row_id = 0",
@@ -77,7 +78,8 @@ def test_a_failed_suite_stops_with_a_readable_summary_and_keeps_the_details(tmp_
     with duckdb.connect(str(db)) as con:
         con.execute(BREAKERS["bad split"][0])
     with disable_run_logger(), pytest.raises(DataValidationError) as err:
-        validate.fn("clean", db, ValidateConfig().clean_suite, tmp_path / "v.json", tmp_path, ValidateConfig(min_rows=30))
+        validate.fn("clean", db, ValidateConfig().clean_suite, tmp_path / "v.json", tmp_path,
+                    ValidateConfig(min_rows=30))
     assert ("expect_column_values_to_be_in_set(split): expected split in ['train', 'heldout'], observed 1 of 30 rows "
             "outside that set, e.g. ['test'] (likely cause: a clean bug (rows are split into train and heldout))") \
         in str(err.value)

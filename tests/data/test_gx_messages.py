@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 from prefect.logging import disable_run_logger
 
-from tasks.formatting.chat_format import format_rows
-from tasks.data.clean import clean, clean_database
 from tasks.core.config import ChatConfig, CleanConfig, DataConfig, ValidateConfig
 from tasks.core.errors import DataValidationError
+from tasks.data.clean import clean, clean_database
 from tasks.data.gx_messages import explain_failure, likely_cause
 from tasks.data.ingest import ingest_rows
 from tasks.data.validate import config_expectations, summarise_failures, validate, validate_table
+from tasks.formatting.chat_format import format_rows
 from tests.conftest import ROOT, write_jsonl
 
 CFG = ValidateConfig(min_rows=10)

@@ -5,11 +5,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.formatting.chat_format import format_rows
-from tasks.data.clean import clean_database
 from tasks.core.config import ChatConfig, CleanConfig, DataConfig, ValidateConfig
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
 from tasks.data.validate import validate_table
+from tasks.formatting.chat_format import format_rows
 from tests.conftest import write_jsonl
 
 CFG = ValidateConfig(min_rows=10)

@@ -168,8 +168,8 @@ def test_with_quarantine_the_run_goes_on_and_the_cleaning_report_artifact_shows_
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from tasks.data.clean import clean
     from tasks.core.config import CleanConfig, DataConfig
+    from tasks.data.clean import clean
     from tasks.data.ingest import ingest_rows
 
     data = seed_tasks(tmp_path / "seed_tasks.jsonl", 10)

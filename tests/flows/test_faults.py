@@ -188,8 +188,8 @@ def test_a_planted_hugging_face_token_is_in_no_output_of_the_run(flaky_run):
         logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [flow_run_id]}))
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id={"any_": [flow_run_id]}))
     assert len(logs) > 20 and artifacts  # the API has the run's logs and artifacts, and none holds the token
-    seen = json.dumps([flow_run.parameters, [r.task_inputs for r in task_runs(flow_run_id)], [log.message for log in logs],
-                       [a.data for a in artifacts]], default=str)
+    seen = json.dumps([flow_run.parameters, [r.task_inputs for r in task_runs(flow_run_id)],
+                       [log.message for log in logs], [a.data for a in artifacts]], default=str)
     assert token not in seen
 
 

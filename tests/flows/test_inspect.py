@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from tasks.data.clean import clean
 from tasks.core.config import RunPaths, dump_config, load_config
+from tasks.data.clean import clean
 from tasks.data.ingest import fingerprint_sources, ingest
 from tasks.reporting.report import save_config
 from tests.conftest import ROOT

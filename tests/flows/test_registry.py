@@ -11,11 +11,11 @@ import torch
 from mlflow import MlflowClient
 
 from tasks.core.config import RegisterConfig, RunPaths, TrainConfig
-from tasks.train.diagnose import write_diagnoses
 from tasks.core.errors import ConfigError, QualityGateError
 from tasks.model.modeling import load_trained_model
 from tasks.registry.register import register_run
 from tasks.registry.registry import GateDecision, decide_promotion, directory_digest, find_version
+from tasks.train.diagnose import write_diagnoses
 from tasks.train.train import train_model
 from tests.conftest import formatted_run
 

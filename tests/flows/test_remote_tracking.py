@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.formatting.chat_format import format_chats
-from tasks.data.clean import clean
 from tasks.core.config import RunPaths, dump_config, load_config
+from tasks.data.clean import clean
 from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.formatting.chat_format import format_chats
 from tasks.registry.register import register_run
 from tasks.reporting.report import save_config
 from tasks.train.train import train_model

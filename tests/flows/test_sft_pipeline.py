@@ -207,8 +207,9 @@ def test_the_prefect_run_logs_the_progress_of_cleaning_training_and_evaluation(f
     _, _, summary = finished_run
     messages, offset = [], 0
     with get_client(sync_client=True) as client:
-        while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["prefect_flow_run_id"]])),
-                                        limit=200, offset=offset):
+        while batch := client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["prefect_flow_run_id"]])),
+                limit=200, offset=offset):
             messages += [log.message for log in batch]
             offset += len(batch)
     for rule, rows in summary["dropped_by_rule"].items():

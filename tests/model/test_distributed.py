@@ -7,13 +7,13 @@ import math
 import pytest
 import yaml
 
-from tasks.formatting.chat_format import format_chats
-from tasks.data.clean import clean
 from tasks.core.config import RunPaths, load_config
-from tasks.train.distributed import check_distributed_config, launch_env, prepare_launch, threads_per_process
 from tasks.core.errors import ConfigError
-from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.data.clean import clean
 from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.formatting.chat_format import format_chats
+from tasks.train.distributed import check_distributed_config, launch_env, prepare_launch, threads_per_process
 from tasks.train.train import train_model
 from tests.conftest import ROOT
 

@@ -45,7 +45,8 @@ def can_stop_dir(tiny_model_dir, tmp_path_factory) -> str:
     model = load_base_model(str(tiny_model_dir), False)
     weight = model.get_input_embeddings().weight
     with torch.no_grad():
-        weight[model.config.eos_token_id] = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0)) * 0.4
+        weight[model.config.eos_token_id] = torch.randn(weight.shape[1],
+                                                        generator=torch.Generator().manual_seed(0)) * 0.4
     model.save_pretrained(out)
     return str(out)
 
@@ -192,8 +193,8 @@ def test_answers_are_cut_at_the_end_of_turn_and_a_new_user_turn_is_flagged(tiny_
 
 
 def test_turn_markers_follow_the_template(tiny_model_dir):
-    from tasks.model.tokenizer import load_tokenizer
     from tasks.formatting.templates import TEMPLATES
+    from tasks.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     tokenizer.chat_template = (TEMPLATES / "alpaca.jinja").read_text(encoding="utf-8")

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from tasks.core.config import EvaluateConfig
 from tasks.evaluate.evaluate import evaluate_model
-from tasks.train.methods import hft_halves, transformer_blocks
 from tasks.model.modeling import load_base_model, load_trained_model, model_precision, trained_model_dir
+from tasks.train.methods import hft_halves, transformer_blocks
 from tasks.train.train import train_model
 from tasks.train.trainer import build_trainer
 from tests.conftest import assert_same_value

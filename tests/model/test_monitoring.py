@@ -11,8 +11,8 @@ from transformers import TrainerCallback
 from tasks.core.common import retry_unless_user_error
 from tasks.core.config import RegisterConfig, TrainConfig
 from tasks.core.errors import SftflowError, TrainingDiverged
-from tasks.train.monitoring import Tracking, open_mlflow_run, open_training_run, report_training
 from tasks.registry.register import register_run
+from tasks.train.monitoring import Tracking, open_mlflow_run, open_training_run, report_training
 from tasks.train.train import train_adapter, train_model
 from tests.conftest import formatted_run
 

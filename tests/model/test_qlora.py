@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from tasks.formatting.chat_format import format_rows
-from tasks.data.clean import clean_database
 from tasks.core.config import ChatConfig, CleanConfig, DataConfig, TrainConfig
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
+from tasks.formatting.chat_format import format_rows
 from tasks.train.train import train_model
 from tasks.train.trainer import build_trainer
 from tests.conftest import write_jsonl
@@ -42,7 +42,7 @@ def test_trl_labels_are_exactly_the_assistant_turns_plus_end_of_turn(formatted, 
     decoded = {tiny_tokenizer.decode([t for t in row["labels"] if t != -100]) for row in trainer.train_dataset}
     assert decoded == {ANSWER + "<|im_end|>", "first<|im_end|>second<|im_end|>"}
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):  # padding never carries a label
+    for labels in batch["labels"]:  # padding never carries a label
         kept = labels[labels != -100]
         assert tiny_tokenizer.decode(kept) in decoded
 

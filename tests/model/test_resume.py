@@ -16,17 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks.formatting.chat_format import format_chats
-from tasks.train.checkpoints import checkpoint_problem, resumable_checkpoint, training_key
-from tasks.data.clean import clean
 from tasks.core.config import RunPaths, TrainConfig, dump_config, load_config
+from tasks.data.clean import clean
 from tasks.data.ingest import fingerprint_data, ingest
+from tasks.formatting.chat_format import format_chats
 from tasks.model.modeling import prepare_base_model
 from tasks.reporting.report import save_config
+from tasks.train.checkpoints import checkpoint_problem, resumable_checkpoint, training_key
 from tasks.train.train import train_model
 from tests.conftest import ROOT, compute_dtype, tolerance
 
-# Few, cheap steps (tiny.yaml: packed rows of 256 tokens, 2 a micro-batch, 2 micro-batches a step), a checkpoint every 2.
+# Few, cheap steps (tiny.yaml: packed rows of 256 tokens, 2 a micro-batch, 2 micro-batches a step), a checkpoint
+# every 2.
 SETTINGS = ["train.max_steps=4", "train.save_steps=2", "train.logging_steps=1"]
 
 
@@ -191,7 +192,9 @@ def test_a_checkpoint_where_training_was_told_to_stop_early_is_the_end_of_its_jo
 
 
 def test_the_training_key_ignores_only_settings_that_do_not_change_what_is_learned(run):
-    key = lambda **changes: training_key(run.formatted, base(run), train_config(run, **changes))
+    def key(**changes):
+        return training_key(run.formatted, base(run), train_config(run, **changes))
+
     assert key() == key(logging_steps=3, save_steps=5, save_total_limit=7, eval_steps=2, eval_rows=4)
     cfg = train_config(run)
     for changes in ({"learning_rate": cfg.learning_rate / 2}, {"max_steps": cfg.max_steps + 1}, {"seed": cfg.seed + 1},

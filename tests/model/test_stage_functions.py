@@ -5,16 +5,16 @@ import logging
 
 from prefect.context import FlowRunContext, TaskRunContext
 
-from tasks.formatting.chat_format import format_chats
-from tasks.data.clean import clean
 from tasks.core.config import RunPaths, dump_config, load_config
-from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.data.clean import clean
 from tasks.data.ingest import fingerprint_sources, ingest
+from tasks.data.validate import validate, validation_args
+from tasks.evaluate.evaluate import evaluate_adapter
+from tasks.formatting.chat_format import format_chats
 from tasks.model.modeling import prepare_base_model
 from tasks.registry.register import register_model
 from tasks.reporting.report import save_config, write_summary
 from tasks.train.train import train_adapter
-from tasks.data.validate import validate, validation_args
 from tests.conftest import ROOT
 
 
@@ -43,5 +43,6 @@ def test_each_stage_function_runs_without_prefect_and_logs_to_the_standard_logge
     for prefix in ("base model ", "ingest read ", "clean kept ", "validate raw: ", "validate clean: ",
                    "validate tokenized: ", "format: ", "train: compute dtype ", "train step 2/2  loss ",
                    "evaluate: 4 held-out prompts",
-                   "evaluate: generating (base), prompts 1-4 of 4: token 8/12  elapsed ", "register: ", "run plain: rows raw "):
+                   "evaluate: generating (base), prompts 1-4 of 4: token 8/12  elapsed ", "register: ",
+                   "run plain: rows raw "):
         assert any(m.startswith(prefix) for m in messages), (prefix, messages)

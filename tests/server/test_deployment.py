@@ -231,5 +231,6 @@ def test_up_on_a_port_another_process_holds_is_one_error_line_and_starts_nothing
         done = stack_command(env, "up", "--port", str(port))
     assert done.returncode == 2
     assert done.stderr.strip() == (f"prefect-up: error: port {port} on 127.0.0.1 is in use by a process this script "
-                                   f"did not start: stop it, or pass --port (make prefect-up ARGS=\"--port {port + 1}\")")
+                                   "did not start: stop it, or pass --port "
+                                   f"(make prefect-up ARGS=\"--port {port + 1}\")")
     assert not (tmp_path / "stack" / "server.pid").exists()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model.base_model import resolve_base_model
 from tasks.core.errors import ConfigError
+from tasks.model.base_model import resolve_base_model
 
 ROOT = Path(__file__).resolve().parents[2]
 HUB_ID = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -152,7 +152,8 @@ def test_hf_endpoint_on_a_closed_port_fails_in_seconds_in_a_fresh_process(tmp_pa
     endpoint = closed_port_url()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(tmp_path), HF_HOME=str(tmp_path / "home"))
-    script = ("import time; from tasks.model.base_model import resolve_base_model; from tasks.core.errors import ConfigError\n"
+    script = ("import time; from tasks.model.base_model import resolve_base_model; "
+              "from tasks.core.errors import ConfigError\n"
               f"t = time.monotonic()\ntry:\n    resolve_base_model({HUB_ID!r})\nexcept ConfigError as e:\n"
               "    print(f'{time.monotonic() - t:.2f}'); print(e)\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -212,8 +213,8 @@ print("->", resolve_base_model(sys.argv[1]))
 
 def test_two_processes_converting_the_packaged_gguf_at_once_both_get_the_one_complete_copy(tmp_path):
     # two scheduled runs on a fresh machine: both find no conversion and convert; neither may fail or see half a copy
-    from tasks.model.base_model import missing_parts
     from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.model.base_model import missing_parts
 
     env = dict(os.environ, SFTFLOW_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", CONVERT, DEFAULT_BASE_MODEL], env=env, cwd=ROOT, text=True,

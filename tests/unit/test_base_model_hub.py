@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model.base_model import TransientHubError, hub_failure, resolve_base_model
 from tasks.core.errors import ConfigError, SftflowError
+from tasks.model.base_model import TransientHubError, hub_failure, resolve_base_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

@@ -4,6 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tasks.core.config import ChatConfig, CleanConfig, DataConfig
+from tasks.data.clean import clean_database
+from tasks.data.ingest import ingest_rows
 from tasks.formatting.chat_format import (
     TEMPLATES,
     conversations_of,
@@ -12,9 +15,6 @@ from tasks.formatting.chat_format import (
     tokenize_conversation,
     training_template,
 )
-from tasks.data.clean import clean_database
-from tasks.core.config import ChatConfig, CleanConfig, DataConfig
-from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
 CONVERSATIONS = [
@@ -77,7 +77,8 @@ def test_format_writes_both_splits_with_prompts_references_and_length_stats(tiny
     train = pq.read_table(tmp_path / "fmt" / "train.parquet").to_pylist()
     heldout = pq.read_table(tmp_path / "fmt" / "heldout.parquet").to_pylist()
     rows = train + heldout
-    multi = next(r for r in rows if r["reference"] == "def f():\n    return 2")  # the last answer of the multi-turn chat
+    # the last answer of the multi-turn chat
+    multi = next(r for r in rows if r["reference"] == "def f():\n    return 2")
     assert multi["prompt"] is None or json.loads(multi["prompt"]) == CONVERSATIONS[1][:4]
     prompt, reference = prompt_at(CONVERSATIONS[1], 4)  # what a held-out copy of it would hold
     assert json.loads(prompt) == CONVERSATIONS[1][:4] and reference == multi["reference"]

@@ -4,8 +4,8 @@ import unicodedata
 import duckdb
 from prefect.logging import disable_run_logger
 
-from tasks.data.clean import CONTROL_CHARS, MACROS_SQL, MAYBE_CHANGED, clean, clean_database, read_accounting
 from tasks.core.config import CleanConfig, DataConfig
+from tasks.data.clean import CONTROL_CHARS, MACROS_SQL, MAYBE_CHANGED, clean, clean_database, read_accounting
 from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 

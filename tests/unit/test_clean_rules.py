@@ -2,8 +2,8 @@
 
 import duckdb
 
-from tasks.data.clean import clean_database
 from tasks.core.config import CleanConfig, DataConfig
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
@@ -97,6 +97,6 @@ def test_every_raw_row_is_either_clean_or_quarantined_exactly_once(tmp_path):
     assert counts["dropped_by_rule"] == {"duplicate": 1, "empty_turn": 1, "malformed": 1, "missing_field": 1,
                                          "near_duplicate": 1, "no_assistant_turn": 1, "too_long": 1}
     # every quarantined row keeps its provenance and its content: the canonical turns, or the raw malformed record
-    assert query(tmp_path / "c.duckdb", "SELECT count(*) FROM quarantine WHERE source_file IS NULL OR line_number IS NULL"
-                                        " OR (messages IS NULL AND record IS NULL)") == [(0,)]
+    assert query(tmp_path / "c.duckdb", "SELECT count(*) FROM quarantine WHERE source_file IS NULL"
+                                        " OR line_number IS NULL OR (messages IS NULL AND record IS NULL)") == [(0,)]
     assert query(tmp_path / "c.duckdb", "SELECT record FROM quarantine WHERE rule = 'malformed'") == [("oops",)]

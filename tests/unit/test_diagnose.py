@@ -105,7 +105,8 @@ def test_sftflow_diagnose_reports_a_saved_run_and_names_a_missing_history(tmp_pa
     (train / "log_history.json").write_text(json.dumps(history([2.5, 2.45, 2.48, 2.4, 2.42, 2.39, 2.41, 2.38])))
     assert main(["diagnose", "--run", "r1", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "run r1: 1 diagnosis" and out[1].startswith("underfitting (step 40): train loss went 2.5000 -> 2.3800")
+    assert out[0] == "run r1: 1 diagnosis" and out[1].startswith("underfitting (step 40): train loss went "
+                                                                 "2.5000 -> 2.3800")
     assert json.loads((train / "diagnoses.json").read_text())[0]["name"] == "underfitting"
     assert (train / "loss_curve.png").is_file()
     assert main(["diagnose", "--run", "nope", "--runs-dir", str(tmp_path)]) == 2

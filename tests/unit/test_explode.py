@@ -6,9 +6,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tasks.data.clean import clean_database
 from tasks.core.config import CleanConfig, DataConfig, SourceConfig
 from tasks.core.errors import InputError
+from tasks.data.clean import clean_database
 from tasks.data.fast_ingest import fast_path_applies
 from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl

@@ -18,7 +18,8 @@ DATA = SHARED_DATA
 ADVERSARIAL = [
     "", " ", "  ", "\n", "\n\n\n", "\t\t x", "a  b   c    d", "  leading", "trailing  ", " \n \n", "x\r\ny\rz",
     "1234567890 12 3.14159 1,000,000 ١٢٣ ½ Ⅷ", "it's they're we've I'm you'll he'd 'S 'T ''s", "don't'll 'dd",
-    "Ünïcödé naïve café", "日本語のテキスト 中文 한국어", "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷", "e\u0301 a\u0308 \u200b\u200d x\u00a0y",
+    "Ünïcödé naïve café", "日本語のテキスト 中文 한국어", "emoji 😀👍🏽 👨‍👩‍👧 🇫🇷",
+    "e\u0301 a\u0308 \u200b\u200d x\u00a0y",
     "<|im_start|>", "x<|im_end|>y", "<|im_end|><|im_start|>", "<|im_start|<|im_end|>>", "<|endoftext|> <|im_end|>\n",
     "<repo_name><reponame>", "< |im_end| >", "\x00\x01\x7f", "tab\tnew\nline\x0bvt\x0cff", "\u2028\u2029\u0085",
     "ﬁ ﬀ ＡＢＣ ｶﾞ", "ab" * 300, " " * 50 + "x", "\n" * 40, "$$\\frac{1}{2}$$ <<48/2=24>>24 #### 72",
@@ -205,8 +206,8 @@ def test_a_split_written_while_it_encodes_is_written_again_whole_when_its_checke
         tiny_tokenizer, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
-    from tasks.formatting.chat_format import SplitRows, SplitWriter, format_split
     from tasks.core.config import ChatConfig
+    from tasks.formatting.chat_format import SplitRows, SplitWriter, format_split
 
     monkeypatch.setattr(SplitWriter, "ROWS_PER_GROUP", 100)  # row groups on disk before the check finds the fault
     convos = chats([f"no question here {i}" for i in range(2100)] + ["a question?"])
@@ -228,8 +229,8 @@ def test_a_split_written_while_it_encodes_is_written_again_whole_when_its_checke
 def test_rows_encoded_in_worker_processes_are_written_as_the_threaded_path_writes_them(tiny_tokenizer, tmp_path):
     import pyarrow.parquet as pq
 
-    from tasks.formatting.chat_format import SplitRows, format_split
     from tasks.core.config import ChatConfig
+    from tasks.formatting.chat_format import SplitRows, format_split
     from tasks.formatting.encoding import parallelism
 
     convos = chats([f"row {i}: what is {i}" + " plus one" * (i % 4) for i in range(2100)])

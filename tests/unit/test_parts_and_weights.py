@@ -4,11 +4,11 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.formatting.chat_format import conversations_of, format_rows, tokenize_conversation, training_template
-from tasks.data.clean import clean_database
 from tasks.core.config import ChatConfig, CleanConfig, DataConfig
 from tasks.core.errors import InputError
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
+from tasks.formatting.chat_format import conversations_of, format_rows, tokenize_conversation, training_template
 from tests.conftest import write_jsonl
 
 

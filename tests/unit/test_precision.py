@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tasks.model import modeling, precision
 from tasks.core.config import TrainConfig
 from tasks.core.errors import ConfigError
+from tasks.model import modeling, precision
 from tasks.train.trainer import check_train_config, sft_config
 
 AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # the AMD EPYC these timings come from

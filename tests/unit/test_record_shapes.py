@@ -9,9 +9,9 @@ import json
 import duckdb
 import pytest
 
-from tasks.data.clean import clean_database
 from tasks.core.config import CleanConfig, DataConfig
 from tasks.core.errors import InputError
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 

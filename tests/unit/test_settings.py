@@ -22,7 +22,8 @@ def test_a_value_the_user_set_wins(tmp_path):
     env = apply_defaults(environ, cwd=tmp_path)
     assert env["PREFECT_HOME"] == str(tmp_path / "mine")
     assert env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "600"
-    assert apply_defaults({"SFTFLOW_HOME": str(tmp_path / "h")}, cwd=ROOT)["PREFECT_HOME"] == str(tmp_path / "h/prefect")
+    assert apply_defaults({"SFTFLOW_HOME": str(tmp_path / "h")},
+                          cwd=ROOT)["PREFECT_HOME"] == str(tmp_path / "h/prefect")
 
 
 def test_sftflow_env_prints_exports_a_shell_can_eval(tmp_path):

@@ -1,6 +1,6 @@
-"""Skeleton rendering (tasks/formatting/skeletons.py) and shape plans (tasks/formatting/masks.py): proved only for templates that insert
-contents verbatim, equal to Jinja for every named template and mask mode, caught and undone at run time when a
-template fools the proof; and masks are exactly the supervised pieces' tokens."""
+"""Skeleton rendering (tasks/formatting/skeletons.py) and shape plans (tasks/formatting/masks.py): proved only for
+templates that insert contents verbatim, equal to Jinja for every named template and mask mode, caught and undone at run
+time when a template fools the proof; and masks are exactly the supervised pieces' tokens."""
 
 import random
 
@@ -42,7 +42,8 @@ def test_a_template_that_does_anything_but_insert_the_content_gets_no_skeleton(b
 def test_a_template_that_inserts_the_content_verbatim_gets_a_skeleton(body):
     skeleton = prove_skeleton(jinja(body).render, ("user", "assistant"), False)
     assert skeleton is not None and skeleton.slots == (0, 1)
-    assert skeleton.fill(["Hi", " there\n"]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n there\n<|im_end|>\n"
+    assert skeleton.fill(["Hi", " there\n"]) == ("<|im_start|>user\nHi<|im_end|>\n"
+                                                 "<|im_start|>assistant\n there\n<|im_end|>\n")
 
 
 def test_a_marker_records_each_use_that_is_not_output_or_concatenation():

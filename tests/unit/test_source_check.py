@@ -7,9 +7,9 @@ import duckdb
 import pytest
 from prefect.logging import disable_run_logger
 
-from tasks.data.clean import clean, clean_database
 from tasks.core.config import CleanConfig, DataConfig
 from tasks.core.errors import InputError
+from tasks.data.clean import clean, clean_database
 from tasks.data.ingest import ingest_rows
 from tasks.data.source_check import column_guess, guess_options
 from tests.conftest import write_jsonl

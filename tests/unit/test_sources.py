@@ -4,11 +4,11 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.formatting.chat_format import format_rows
-from tasks.data.clean import clean_database
 from tasks.core.config import ChatConfig, CleanConfig, DataConfig
 from tasks.core.errors import InputError
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
+from tasks.formatting.chat_format import format_rows
 from tests.conftest import write_jsonl
 
 
@@ -38,7 +38,8 @@ def test_sources_mix_with_caps_quarantined_and_weights_repeating_training_rows(t
     assert counts["dropped_by_rule"] == {"source_cap": 30}
     stats = format_rows(tmp_path / "c.duckdb", str(tiny_model_dir), tmp_path / "fmt", ChatConfig())
     with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
-        clean_train = dict(con.execute("SELECT source, count(*) FROM clean WHERE split = 'train' GROUP BY 1").fetchall())
+        clean_train = dict(con.execute("SELECT source, count(*) FROM clean WHERE split = 'train' "
+                                       "GROUP BY 1").fetchall())
     assert stats["train"]["rows_by_source"] == {"a": clean_train["a"], "bee": 2 * clean_train["bee"]}
     heldout = pq.read_table(tmp_path / "fmt" / "heldout.parquet").column("row_id").to_pylist()
     assert len(heldout) == len(set(heldout))  # weights never repeat held-out rows

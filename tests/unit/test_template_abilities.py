@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import trl
 
+from tasks.core.config import ChatConfig, CleanConfig, DataConfig
+from tasks.data.clean import clean_database
+from tasks.data.ingest import ingest_rows
 from tasks.formatting.chat_format import chat_encoder, format_rows
 from tasks.model.tokenizer import load_tokenizer
-from tasks.data.clean import clean_database
-from tasks.core.config import ChatConfig, CleanConfig, DataConfig
-from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
@@ -68,7 +68,8 @@ def test_rows_with_a_trace_train_in_thinking_mode_and_rows_without_in_non_thinki
 
 def test_a_held_out_prompt_keeps_its_rows_thinking_mode_for_evaluate(tiny_model_dir, tmp_path):
     records = [{"messages": [{"role": "user", "content": f"q{i}"},
-                             {"role": "assistant", "content": f"a{i}", **({"reasoning_content": f"r{i}"} if i % 2 else {})}]}
+                             {"role": "assistant", "content": f"a{i}",
+                              **({"reasoning_content": f"r{i}"} if i % 2 else {})}]}
                for i in range(30)]
     _, held, _ = formatted(tmp_path, tiny_model_dir, records, keep_reasoning=True,
                            chat_template=template_file(tmp_path, "qwen3.jinja"))
@@ -155,8 +156,8 @@ def test_a_run_that_drops_more_than_max_drop_share_for_length_stops_with_one_lin
                                                                                    stops):
     from prefect.logging import disable_run_logger
 
-    from tasks.formatting.chat_format import format_chats
     from tasks.core.errors import DataValidationError
+    from tasks.formatting.chat_format import format_chats
 
     records = [{"instruction": f"question {i}", "output": " ".join(["word"] * (5 if i % 2 else 80))}
                for i in range(40)]

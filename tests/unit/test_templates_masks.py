@@ -1,5 +1,6 @@
 """Masks from rendered prefixes, for the model's template and every named one: they supervise exactly the answers
-and their end-of-turn markers, agree with TRL's `{% generation %}` masks, and each prompt's ids are the ids before its answer."""
+and their end-of-turn markers, agree with TRL's `{% generation %}` masks, and each prompt's ids are the ids before its
+answer."""
 
 import json
 
@@ -8,15 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from tasks.formatting.chat_format import chat_encoder, format_rows, tokenize_conversation, training_template
-from tasks.data.clean import clean_database
 from tasks.core.config import ChatConfig, CleanConfig, DataConfig
-from tasks.formatting.encoding import encode_all
 from tasks.core.errors import ConfigError
+from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
+from tasks.formatting.chat_format import chat_encoder, format_rows, tokenize_conversation, training_template
+from tasks.formatting.encoding import encode_all
 from tasks.formatting.masks import marked_text
-from tasks.model.tokenizer import TEMPLATE_FILE, load_tokenizer
 from tasks.formatting.templates import NAMED_TEMPLATES, ChatRenderer, named_template, special_tokens
+from tasks.model.tokenizer import TEMPLATE_FILE, load_tokenizer
 from tests.conftest import write_jsonl
 
 CHAT = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "a=1?"},

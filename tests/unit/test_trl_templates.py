@@ -1,7 +1,8 @@
 """Every chat template that ships in TRL's installed package, in two tokenizer families (SmolLM2's byte-level GPT-2
 BPE, and a BPE whose pre-tokenizer is a `Split` regex as Llama 3's and Qwen's are): the supervised tokens are each
 answer (its trace in thinking mode) plus the template's own end-of-turn text, no user or system text is supervised,
-every answer is supervised once, and each answer's inference prompt is exactly the ids before it (tasks/formatting/masks.py)."""
+every answer is supervised once, and each answer's inference prompt is exactly the ids before it
+(tasks/formatting/masks.py)."""
 
 from __future__ import annotations
 

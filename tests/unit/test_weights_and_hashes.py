@@ -6,8 +6,8 @@ import json
 import duckdb
 import pytest
 
-from tasks.data.clean import clean_database, export_report
 from tasks.core.config import CleanConfig, DataConfig
+from tasks.data.clean import clean_database, export_report
 from tasks.data.ingest import ingest_rows
 from tests.conftest import write_jsonl
 
