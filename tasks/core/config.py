@@ -174,6 +174,9 @@ class TrainConfig(StageConfig):
     seed: int = Field(0, description="Training seed.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a Hub model (its own modeling "
                                                        "files). Off unless you trust that repository.")
+    price_per_hour: float | None = Field(None, ge=0, description="What one device-hour of the training machine "
+                                                                 "costs (any currency): the run's cost goes to MLflow "
+                                                                 "and the model card beside its MFU and device-hours.")
 
     @property
     def load_in_4bit(self) -> bool:

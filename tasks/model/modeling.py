@@ -35,7 +35,7 @@ def quantization_config(precision: Precision):
 
 
 def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "auto", load_in_8bit: bool = False,
-                    trust_remote_code: bool = False) -> Any:
+                    trust_remote_code: bool = False, attn_implementation: str | None = None) -> Any:
     """Return the causal LM at `model_dir`: 4-bit NF4 or 8-bit via bitsandbytes if asked (CPU or CUDA), else full
     precision; safetensors weights only, and a model's own Python code only when `trust_remote_code`
     (train.trust_remote_code).
@@ -51,6 +51,8 @@ def load_base_model(model_dir: str, load_in_4bit: bool, compute_dtype: str = "au
     device = {"": int(os.environ.get("LOCAL_RANK", "0"))} if cuda else "cpu"
     kwargs: dict[str, Any] = {"device_map": device, "dtype": precision.torch_dtype if cuda else torch.float32,
                               "use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:  # a GPU kernel tasks/train/fast_paths.py chose
+        kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(precision)
     elif load_in_8bit:

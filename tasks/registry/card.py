@@ -139,8 +139,10 @@ def model_card(run: RunPaths, report: dict, decision: str, about: dict) -> str:
              f"{tuned.get('runaway_rate', 0):.0%}.")
     hyper_rows = [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in sorted(hyper.items())]
     curve = [f"- {d['name']} (step {d['step']}): {d['message']}" for d in diagnoses] or ["None."]
+    ledger = read_json(run.train / "ledger.json", {}).get("line")  # tasks/train/utilisation.py
+    cost = [f"Training: {ledger}." if ledger else "Training: no cost ledger (trained before it was kept)."]
     sections = [[f"# {about['name']}: sftflow run {run.run_id}", "", model], ["## Intended use", "", use],
-                card_data(run), ["## Hyperparameters", "", *table(["train", "value"], hyper_rows)],
+                card_data(run), ["## Hyperparameters", "", *table(["train", "value"], hyper_rows), "", *cost],
                 card_evaluation(report), ["## Stop check", "", stops], ["## Curve diagnoses", "", *curve],
                 ["## Promotion gate", "", decision],
                 ["## Known limitations", "", *card_limitations(report, diagnoses, about["method"])]]

@@ -37,7 +37,7 @@ def train_model(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainCo
     steps = f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.num_epochs:g} epochs"
     stage_logger().info("train: compute dtype %s (%s); method %s, %s of %d x %d %s", precision.name, precision.reason,
                         cfg.method, steps, cfg.batch_size, cfg.gradient_accumulation_steps, rows)
-    trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, [*training_callbacks(out_dir), *callbacks])
+    trainer = build_trainer(formatted_dir, model_dir, out_dir, cfg, [*training_callbacks(out_dir, cfg), *callbacks])
     resume_training(trainer, out_dir, training_key(formatted_dir, model_dir, cfg))  # from a checkpoint if any
     # adapter/ (LoRA methods) or model/ (full, hft), with the chat template the rows were formatted with
     return save_trained(trainer, load_tokenizer(model_dir, formatted_dir, cfg.trust_remote_code), out_dir, cfg)

@@ -23,7 +23,9 @@ from tasks.core.errors import ConfigError
 from tasks.model.modeling import has_cuda, load_base_model, model_precision
 from tasks.model.precision import Precision
 from tasks.model.tokenizer import load_tokenizer
+from tasks.train.fast_paths import device_kernels
 from tasks.train.monitoring import monitoring_callbacks
+from tasks.train.utilisation import ledger_callback
 
 
 def next_token_labels(labels):
@@ -129,7 +131,7 @@ def check_train_config(cfg: TrainConfig) -> None:
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # all warm up first
 
 
-def sft_config(cfg: TrainConfig, out_dir: Path, precision: Precision):
+def sft_config(cfg: TrainConfig, out_dir: Path, precision: Precision, liger: bool = False):
     """Return TRL's SFTConfig for this run; autocast follows `precision` (TRL's own default is bf16 everywhere).
 
     No gradient checkpointing on a CPU (TRL turns it on by default): it recomputes every block's forward, and the
@@ -150,7 +152,7 @@ def sft_config(cfg: TrainConfig, out_dir: Path, precision: Precision):
         seed=cfg.seed, report_to=[], use_cpu=not cuda, bf16=precision.name == "bf16", fp16=precision.name == "fp16",
         dataloader_num_workers=0, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
         max_length=cfg.pack_length if cfg.packing else None,
-        gradient_checkpointing=cuda, disable_tqdm=True,
+        gradient_checkpointing=cuda, disable_tqdm=True, use_liger_kernel=liger,
     )
 
 
@@ -201,19 +203,23 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
 
     check_train_config(cfg)
     precision = model_precision(cfg.compute_dtype)
+    kernels = device_kernels(cfg.packing, cfg.lean_loss)  # the libraries' GPU fast paths on CUDA, ours on a CPU
+    stage_logger().info("train: kernels: %s", kernels.reason)
     rows = Dataset.from_parquet(str(formatted_dir / "train.parquet")).select_columns(["input_ids", "assistant_masks"])
-    model = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit, cfg.trust_remote_code)
+    model = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit, cfg.trust_remote_code,
+                            attn_implementation=kernels.attention)
     if not cfg.uses_lora:
         model = model.float()  # full weights train in fp32 master weights; autocast gives the compute dtype
-    if cfg.packing:
+    if cfg.packing and kernels.attention is None:
         use_packed_attention(model)  # attention within each conversation only, no flattened-batch-sized scores
     extra = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = sftflow_trainer_class()(
-        model=model, args=sft_config(cfg, out_dir / "checkpoints", precision), train_dataset=rows,
+        model=model, args=sft_config(cfg, out_dir / "checkpoints", precision, kernels.liger), train_dataset=rows,
         eval_dataset=heldout_rows(formatted_dir, cfg),
         processing_class=load_tokenizer(model_dir, formatted_dir, cfg.trust_remote_code),
         peft_config=lora_config(cfg), callbacks=[*method_callbacks(model, cfg), *extra, *callbacks],
-        lean_loss=cfg.lean_loss, trainable_dtype=trainable_dtype(precision) if cfg.uses_lora else None)
+        lean_loss=cfg.lean_loss and not kernels.liger,
+        trainable_dtype=trainable_dtype(precision) if cfg.uses_lora else None)
     if cfg.uses_lora:
         match_adapter_dtype(trainer.model, precision)
     if cfg.packing:
@@ -264,8 +270,11 @@ def progress_callback():
     return StepProgress()
 
 
-def training_callbacks(out_dir: Path) -> list:
-    """Return the callbacks every training process runs: tokens/s and peak memory in each log, live MLflow logging
-    when the train task opened a run (out_dir/mlflow_run.json), the per-step progress line, the nan/inf stop."""
-    *measure, stop = monitoring_callbacks(out_dir)
-    return [*measure, progress_callback(), stop]
+def training_callbacks(out_dir: Path, cfg: TrainConfig | None = None) -> list:
+    """Return the callbacks every training process runs: tokens/s and peak memory in each log, MFU and the cost
+    ledger (tasks/train/utilisation.py), live MLflow logging when the train task opened a run
+    (out_dir/mlflow_run.json), the per-step progress line, the nan/inf stop."""
+    throughput, *measure, stop = monitoring_callbacks(out_dir)
+    precision = model_precision(cfg.compute_dtype if cfg else "auto").name
+    book = ledger_callback(out_dir, precision, cfg.price_per_hour if cfg else None)
+    return [throughput, book, *measure, progress_callback(), stop]

@@ -66,11 +66,15 @@ def test_metrics_reach_the_mlflow_run_while_training_and_register_attaches_to_th
     assert logged.info.status == "FINISHED" and logged.data.tags["diagnoses"] == "underfitting"
     assert logged.data.params["train.learning_rate"] == "1e-05" and logged.data.params["train.method"] == "lora"
     for key in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second",
-                "train/peak_memory_mb"):
+                "train/peak_memory_mb", "train/mfu", "train/achieved_gflops"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4, 5, 6], key
     assert [m.step for m in client.get_metric_history(run_id, "eval/loss")] == [3, 6]
     assert all(m.value > 0 for m in client.get_metric_history(run_id, "train/tokens_per_second"))
     assert all(m.value > 50 for m in client.get_metric_history(run_id, "train/peak_memory_mb"))  # MiB of RSS
+    assert all(0 < m.value < 1 for m in client.get_metric_history(run_id, "train/mfu"))  # a share of the peak
+    ledger = json.loads((run.train / "ledger.json").read_text())  # the whole run's cost ledger, for the model card
+    assert ledger["tokens"] > 0 and 0 < ledger["mfu"] < 1 and ledger["device_hours"] > 0 and ledger["cost"] is None
+    assert ledger["params"] > ledger["trainable_params"] > 0 and "MFU" in ledger["line"]
     assert {f.path for f in client.list_artifacts(run_id, "train")} == {
         "train/diagnoses.json", "train/loss_curve.png", "train/log_history.json"}
     history = json.loads((run.train / "log_history.json").read_text())
