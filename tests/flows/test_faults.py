@@ -43,8 +43,8 @@ def task_runs(flow_run_id: str) -> list:
 # The real `sftflow run` in its own process (so its output is what a user sees), on the test harness's Prefect API,
 # with the flow's clean swapped for a real Prefect task whose first FAILURES calls raise before doing clean's work.
 FAULTY_CLEAN = """
-import functools, sys
-import flows.sft_pipeline
+import dataclasses, functools, sys
+import flows.steps
 from flows.cli import main
 from tasks.data.clean import clean
 from tasks.core.common import stage_task
@@ -58,7 +58,8 @@ def clean_with_faults(*args, **kwargs):
         raise ConnectionError("DuckDB spill file: connection to the NFS server lost")
     return clean.fn(*args, **kwargs)
 
-flows.sft_pipeline.clean = stage_task("clean", cache=False)(clean_with_faults)
+flows.steps.STEPS["clean"] = dataclasses.replace(flows.steps.STEPS["clean"],
+                                               task=stage_task("clean", cache=False)(clean_with_faults))
 sys.exit(main(sys.argv[1:]))
 """
 
