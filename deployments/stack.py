@@ -1,16 +1,24 @@
 """sftflow's local Prefect stack, up and down in one command each (`make prefect-up`, `make prefect-down`).
 
-    python deployments/stack.py up [--port 4200] [--pool cpu]   # server, process work pool, deployments, worker
+    python deployments/stack.py up [--port 4200] [--pool cpu] [--gpu-pool] [--zombie-after 90]
     python deployments/stack.py status
-    python deployments/stack.py down                            # worker, then server: no process left behind
+    python deployments/stack.py down        # the workers, then the server: no process left behind
 
 `up` starts `prefect server start` on 127.0.0.1 in the background and waits until its API answers, creates the
-process work pool unless it exists, deploys deployments/prefect.yaml (every `up` deploys again, so an edited file
-takes effect) and starts a worker on the pool. Each background process gets a PID file (JSON: pid, start time,
-command) and a log in $SFTFLOW_HOME/stack/ (default .sftflow/stack/), in a process group of its own. `up` is
-idempotent: a server or worker that is still running is kept, not started twice. `down` stops the worker and the
-server with their whole process trees (the worker's flow-run subprocesses included: a run in progress is
-interrupted, and a rerun of its run id skips the steps it finished); with nothing running it says so.
+process work pools `cpu` and `gpu` unless they exist, deploys deployments/prefect.yaml (every `up` deploys again, so
+an edited file takes effect) and starts a worker on the `cpu` pool; with `--gpu-pool` a second worker on the `gpu` pool
+as well (a GPU on this machine: the steps `orchestrate.placement` sends to `gpu` run there). On two machines, run `up`
+on the first and `prefect worker start --pool gpu` on the GPU machine instead (docs/scale-out.md).
+
+A lost worker: the workers' flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (30 unless
+set), and `up` creates Prefect's zombie-run automation (as Prefect's docs give it): a flow run that misses its
+heartbeats for `--zombie-after` seconds is marked Crashed, so the pipeline that placed it retries it.
+
+Each background process gets a PID file (JSON: pid, start time, command) and a log in $SFTFLOW_HOME/stack/ (default
+.sftflow/stack/), in a process group of its own. `up` is idempotent: a server or worker that is still running is kept,
+not started twice. `down` stops the workers and the server with their whole process trees (the workers' flow-run
+subprocesses included: a run in progress is interrupted, and a rerun of its run id skips the steps it finished); with
+nothing running it says so.
 
 The processes get sftflow's environment (tasks/core/settings.py: PREFECT_HOME in $SFTFLOW_HOME, telemetry off, ...;
 variables you set win) plus PREFECT_API_URL of this server, and the worker hands it to every flow run. The home is
@@ -30,6 +38,7 @@ import time
 from pathlib import Path
 
 import psutil
+from zombies import ZOMBIE_AFTER_S, ensure_zombie_automation  # deployments/zombies.py, beside this script
 
 from flows.temporary_server import healthy
 from tasks.core.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, sftflow_home
@@ -39,7 +48,10 @@ PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 DEFAULT_POOL = "cpu"  # the work pool deployments/prefect.yaml names
+GPU_POOL = "gpu"  # where the deployment sft-step/gpu runs the steps orchestrate.placement sends there
 WORKER_NAME = "sftflow-worker"
+WORKERS = {"worker": WORKER_NAME, "gpu-worker": "sftflow-gpu-worker"}  # PID record name -> Prefect worker name
+HEARTBEAT_S = "30"  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY for the workers' flow runs (Prefect's minimum)
 STOP_GRACE_S = 20
 
 
@@ -160,23 +172,24 @@ def deploy(env: dict[str, str]) -> None:
     print(f"deployed {PREFECT_FILE.relative_to(ROOT)} (log {log}; {elapsed(started)})")
 
 
-def start_worker(pool: str, env: dict[str, str]) -> dict:
-    """Return the PID record of the worker polling `pool`, starting a process worker unless one runs."""
-    record = read_record("worker")
+def start_worker(pool: str, env: dict[str, str], name: str = "worker") -> dict:
+    """Return the PID record of worker `name` ("worker" or "gpu-worker") polling `pool`, starting a process worker
+    unless one runs."""
+    record = read_record(name)
     if running(record):
-        print(f"worker already running on pool {record['pool']!r} (pid {record['pid']})")
+        print(f"{name} already running on pool {record['pool']!r} (pid {record['pid']})")
         return record
-    command = [prefect_cli(), "worker", "start", "--pool", pool, "--type", "process", "--name", WORKER_NAME]
-    return spawn("worker", command, env, pool=pool)
+    command = [prefect_cli(), "worker", "start", "--pool", pool, "--type", "process", "--name", WORKERS[name]]
+    return spawn(name, command, env, pool=pool, worker=WORKERS[name])
 
 
 def wait_worker_online(record: dict, timeout_s: float = 120) -> None:
     """Return once the worker of `record` has sent the server a heartbeat since it started."""
     from prefect.client.orchestration import get_client
 
-    deadline = time.monotonic() + timeout_s
+    deadline, name = time.monotonic() + timeout_s, record.get("worker", WORKER_NAME)
     with get_client(sync_client=True) as client:
-        while not any(w.name == WORKER_NAME and w.status == "ONLINE" and w.last_heartbeat_time.timestamp() >=
+        while not any(w.name == name and w.status == "ONLINE" and w.last_heartbeat_time.timestamp() >=
                       record["create_time"] for w in client.read_workers_for_work_pool(record["pool"])):
             if not running(record):
                 raise StackError(f"the worker exited while starting; {record['log']} ends:\n{log_tail(record)}")
@@ -196,19 +209,27 @@ def prefect_cli() -> str:
     return str(Path(sys.executable).parent / "prefect")
 
 
-def up(port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL) -> dict:
-    """Start (or keep) the server, create the pool, start (or keep) a worker and deploy; return the server record."""
+def up(port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, gpu_pool: bool = False,
+       zombie_after_s: float = ZOMBIE_AFTER_S) -> dict:
+    """Start (or keep) the server, create the pools and the zombie-run automation, start (or keep) the worker (and
+    with `gpu_pool` the gpu pool's) and deploy; return the server record."""
     started = time.monotonic()
     apply_defaults(cwd=ROOT)
     server = read_record("server")
-    # set before prefect is imported here, and handed to the server, the worker and each flow run
+    # set before prefect is imported here, and handed to the server, the workers and each flow run
     os.environ["PREFECT_API_URL"] = server["url"] if running(server) else f"http://{HOST}:{port}/api"
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_S)  # the zombie automation's signal
     env = dict(os.environ)
     server = start_server(port, env)
-    ensure_pool(pool)
-    worker = start_worker(pool, env)  # it starts up while deploy runs
+    for name in dict.fromkeys((pool, GPU_POOL)):  # the gpu pool exists even without a worker: sft-step/gpu needs it
+        ensure_pool(name)
+    ensure_zombie_automation(zombie_after_s)
+    workers = [start_worker(pool, env)]  # the workers start up while deploy runs
+    if gpu_pool:
+        workers.append(start_worker(GPU_POOL, env, "gpu-worker"))
     deploy(env)
-    wait_worker_online(worker)
+    for worker in workers:
+        wait_worker_online(worker)
     print(f"ready in {elapsed(started)}. UI {server['url'][:-4]}; run the manual deployment with\n"
           f"  PREFECT_API_URL={server['url']} {prefect_cli()} deployment run sft-pipeline/sft-pipeline-manual "
           f"-p config_path=configs/tiny.yaml --watch")
@@ -251,22 +272,23 @@ class _gone_ok:
 
 
 def down() -> None:
-    """Stop the worker, then the server; fine when nothing runs."""
-    for name in ("worker", "server"):
+    """Stop the workers, then the server; fine when nothing runs."""
+    for name in ("gpu-worker", "worker", "server"):
         stopped = stop(name)
-        print(f"{name} stopped (pids {', '.join(map(str, stopped))})" if stopped else f"no {name} running")
+        if stopped or name != "gpu-worker":  # a gpu worker only runs when asked for: no line for its absence
+            print(f"{name} stopped (pids {', '.join(map(str, stopped))})" if stopped else f"no {name} running")
 
 
 def status() -> int:
-    """Print whether the server and the worker run; return 0 when both do, else 1."""
+    """Print whether the server and the worker(s) run; return 0 when the server and the cpu worker do, else 1."""
     alive = 0
-    for name in ("server", "worker"):
+    for name in ("server", "worker", "gpu-worker"):
         record = read_record(name)
         if running(record):
-            alive += 1
+            alive += name != "gpu-worker"
             where = record.get("url") or f"pool {record.get('pool')!r}"
             print(f"{name}: running, pid {record['pid']}, {where}, log {record['log']}")
-        else:
+        elif name != "gpu-worker":
             print(f"{name}: not running")
     return 0 if alive == 2 else 1
 
@@ -275,15 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: up / down / status."""
     parser = argparse.ArgumentParser(prog="deployments/stack.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("up", help="server on 127.0.0.1, process work pool, deploy, worker (idempotent)")
+    start = sub.add_parser("up", help="server on 127.0.0.1, process work pools, deploy, worker(s) (idempotent)")
     start.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
     start.add_argument("--pool", default=DEFAULT_POOL, help=f"work pool the worker polls (default {DEFAULT_POOL})")
+    start.add_argument("--gpu-pool", action="store_true", help=f"also a worker on pool {GPU_POOL!r} on this machine")
+    start.add_argument("--zombie-after", type=float, default=ZOMBIE_AFTER_S,
+                       help=f"seconds without a heartbeat before a flow run is marked Crashed (default "
+                            f"{ZOMBIE_AFTER_S}; more than PREFECT_FLOWS_HEARTBEAT_FREQUENCY, {HEARTBEAT_S} here)")
     sub.add_parser("down", help="stop the worker and the server, with their process trees")
     sub.add_parser("status", help="say whether the server and the worker run")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            up(args.port, args.pool)
+            up(args.port, args.pool, args.gpu_pool, args.zombie_after)
         elif args.command == "down":
             down()
         else:

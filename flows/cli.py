@@ -116,7 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from tasks.serving.serve import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="serve a registered version (NAME@champion or NAME/VERSION) "
-                                                     "over HTTP, on 127.0.0.1 unless --host says otherwise"))
+                                                     "through the OpenAI chat-completions API (/v1/chat/completions), "
+                                                     "on 127.0.0.1 unless --host says otherwise"))
     sub.add_parser("env", help="print sftflow's environment as shell exports: eval \"$(sftflow env)\" before running "
                                "prefect or mlflow commands by hand, so they use the same stores")
     for p in (run, task):

@@ -5,7 +5,8 @@ it (orchestrate.retries), a run name that says what ran (`train[qlora r=16, 40 s
 when asked (`refresh`, or `refresh_from` a step on). Cached results are keyed on each task's arguments, input
 files and code version, so a rerun of the same run id only redoes what changed. The data gate (tasks/data/data_gate.py)
 ends a run that has nothing new to learn from before any step runs. A run may stop after any step (`until`, as
-`sftflow run --until format` asks, like Axolotl's `preprocess`); the same run id then goes on from there.
+`sftflow run --until format` asks, like Axolotl's `preprocess`); the same run id then goes on from there. A step
+in `orchestrate.placement` runs as a child flow run on another work pool's worker (flows/placement.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from flows.placement import run_placed
 from flows.steps import STEPS, RunContext, run_names
 from tasks.core.common import configured
 from tasks.core.config import STEP_NAMES, PipelineConfig, RunPaths, dump_config, load_config
 from tasks.core.errors import ConfigError
+from tasks.core.redact import install_log_redaction
 from tasks.core.settings import apply_defaults
 from tasks.data.data_gate import NO_NEW_DATA, data_gate, skipped_summary
 from tasks.data.ingest import fingerprint_sources
@@ -46,8 +49,8 @@ def step_tasks(cfg: PipelineConfig, refresh: bool, refresh_from: str | None, unt
         if value is not None and value not in STEP_NAMES:
             raise ConfigError(f"{option}={value!r} is not a step; use one of {', '.join(STEP_NAMES)}")
     first = STEP_NAMES.index(refresh_from) if refresh_from else len(STEP_NAMES)
-    names = run_names(cfg)
-    return {name: configured(step.task, cfg.orchestrate.retry(name), names[name],
+    names, placed = run_names(cfg), cfg.orchestrate.placement  # a placed step: a child flow run on another pool
+    return {name: configured(run_placed if name in placed else step.task, cfg.orchestrate.retry(name), names[name],
                              refresh or STEP_NAMES.index(name) >= first) for name, step in STEPS.items()}
 
 
@@ -64,6 +67,7 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
     """
     started = time.time()
     apply_defaults()  # a deployment's worker may not have sftflow's environment; the user's values still win
+    install_log_redaction()  # no credentials (a tracking URI's user info or token) in the run's logs
     cfg = load_config(config_path, overrides or [])
     step = step_tasks(cfg, refresh, refresh_from, until)
     run = RunPaths(cfg.runs_dir, run_id or new_run_id())
@@ -75,12 +79,10 @@ def sft_pipeline(config_path: Path = Path("configs/default.yaml"), overrides: li
         return Completed(name=NO_NEW_DATA, message=reason, data=skipped_summary(run, reason, flow_run.id))
     # in order (prepare-base-model first: a model that cannot be had costs seconds, not a data pass); each validate
     # step raises DataValidationError, so bad data never reaches training; register's gate gives @champion only on a
-    # win; each result is handed to the steps after it (flows/steps.py)
+    # win; each result is handed to the steps after it (flows/steps.py), a placed step's read from the run's layout
     context = RunContext(cfg, run, flow_run.id, {"fingerprint": data_fingerprint})
     for name, task in step.items():
-        result = task(*STEPS[name].args(context))
-        if STEPS[name].returns:
-            context.results[STEPS[name].returns] = result
+        context.hand_over(name, task(*context.step_args(name)))
         if name == until and until != STEP_NAMES[-1]:  # stopped: say where the outputs are and how to go on
             resume = rerun_command(None, cfg.runs_dir, run.root, {"config_path": config_path, "overrides": overrides,
                                                                    "force": force})

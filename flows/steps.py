@@ -1,7 +1,8 @@
 """The pipeline's steps, wired once: each step's task, how its arguments come from the run (config, paths, earlier
 steps' results) and what it returns. The flow (flows/sft_pipeline.py) runs them in order, handing each result on;
 `sftflow task STEP` (flows/single_task.py) runs one, taking what earlier steps returned from the run's saved
-layout instead. A new step is one entry in STEPS (and its name in tasks.core.config.STEP_NAMES)."""
+layout instead, and so does a step placed on another work pool (flows/placement.py). A new step is one entry in STEPS
+(and its name in tasks.core.config.STEP_NAMES)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.config import PipelineConfig, RunPaths
+from tasks.core.redact import redact
 from tasks.data.clean import clean
 from tasks.data.data_gate import config_digest
 from tasks.data.ingest import fingerprint_data, ingest
@@ -20,6 +22,7 @@ from tasks.formatting.chat_format import format_chats
 from tasks.model.modeling import prepare_base_model, trained_model_dir
 from tasks.registry.register import pipeline_tags, register_model
 from tasks.registry.registry import champion_to_compare
+from tasks.serving.serve import served_answers
 from tasks.train.monitoring import run_tracking
 from tasks.train.train import train_adapter
 
@@ -48,6 +51,25 @@ class RunContext:
             "raw_db": lambda: run.ingest_db, "clean_db": lambda: run.clean_db, "formatted": lambda: run.formatted,
             "adapter": lambda: trained_model_dir(run.train), "evaluation": lambda: run.eval,
         }[name]()
+
+    def step_args(self, name: str) -> tuple:
+        """Return step `name`'s arguments: from this context, or, for a step placed on another work pool, where its
+        run is (flows/placement.py `run_placed`: it reads its inputs from the run's layout on that pool's machine)."""
+        pool = self.cfg.orchestrate.placement.get(name)
+        return (name, pool, self.placed_parameters(name)) if pool else STEPS[name].args(self)
+
+    def placed_parameters(self, name: str) -> dict[str, Any]:
+        """Return a placed step's flow run parameters: the run's address on the shared runs_dir, the MLflow URI with
+        its credentials masked, and the data fingerprint this run was gated on. Paths and names, nothing large."""
+        return {"step": name, "runs_dir": str(self.cfg.runs_dir.resolve()), "run_id": self.run.run_id,
+                "tracking_uri": redact(self.cfg.tracking_uri()),
+                "pipeline_flow_run_id": str(self.flow_run_id) if self.flow_run_id else None,
+                "fingerprint": self.results.get("fingerprint")}
+
+    def hand_over(self, name: str, result: Any) -> None:
+        """Keep step `name`'s result for the steps after it; a placed step's is read from the run's layout."""
+        if STEPS[name].returns and name not in self.cfg.orchestrate.placement:
+            self.results[STEPS[name].returns] = result
 
     def champion(self):
         """Return the registry's @champion to score beside the new model (None when not compared)."""
@@ -108,7 +130,8 @@ STEPS = {step.name: step for step in (
     Step("register", register_model,
          lambda c: (c.cfg.tracking_uri(), c.cfg.artifact_root(), c.run, c["base"], c["adapter"], c["evaluation"],
                     pipeline_tags(c["fingerprint"], c.flow_run_id, c.run.config, config_digest(c.cfg)),
-                    c.cfg.registry, c.cfg.train.method), "registered",
+                    c.cfg.registry, c.cfg.train.method, {"served": served_answers}),  # parity: as served too
+         "registered",
          lambda cfg: f"{cfg.registry.model_name}, gate {cfg.registry.gate_metric}"),
 )}
 def run_names(cfg: PipelineConfig) -> dict[str, str]:

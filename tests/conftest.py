@@ -69,6 +69,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """The tiny llama as a GGUF file with the packaged GGUF's tokenizer and template: a base given by a GGUF spec,
+    converted as the default one is, in seconds (tasks/model/tiny_model.py `build_tiny_gguf`)."""
+    from tasks.model.tiny_model import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -99,3 +108,82 @@ def formatted_run(runs: Path, base_model_dir: Path, run_id: str = "run-a"):
     clean_db = clean.fn(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean)
     format_chats.fn(clean_db, str(base_model_dir), run.formatted, cfg.chat)
     return cfg, run
+
+
+SERVED = "serve-test"  # the registered model `served_store` holds
+
+
+@pytest.fixture(scope="session")
+def served_store(tmp_path_factory, tiny_model_dir) -> str:
+    """Return the tracking URI of a sqlite MLflow store holding SERVED, three versions of the tiny llama:
+    1 (@champion) a LoRA adapter over it (a random B too, so the adapter changes what it says); 2 full weights whose
+    final norm is zero, so every logit ties, greedy picks token 0, and token 0 is an EOS of its generation config: it
+    stops at once; 3 the same weights with token 0 no EOS and 8192 positions: it never stops before its budget."""
+    import torch
+    from mlflow import MlflowClient
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("served-store")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    lora.save_pretrained(root / "adapter")
+    for out, eos, positions in ((root / "stops", [tokenizer.eos_token_id, 0], None),
+                                (root / "endless", tokenizer.eos_token_id, 8192)):
+        full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():
+            full.model.norm.weight.zero_()
+        full.generation_config.eos_token_id = eos
+        if positions:
+            full.config.max_position_embeddings = positions
+        full.save_pretrained(out)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = client.create_experiment("serve", artifact_location=(root / "artifacts").as_uri())
+    client.create_registered_model(SERVED)
+    for trained, method in ((root / "adapter", "lora"), (root / "stops", "full"), (root / "endless", "full")):
+        tokenizer.save_pretrained(trained)
+        run_id = client.create_run(experiment).info.run_id
+        client.log_artifacts(run_id, str(trained), "trained")
+        client.set_terminated(run_id)
+        client.create_model_version(SERVED, f"runs:/{run_id}/trained", run_id=run_id,
+                                    tags={"base_model": str(tiny_model_dir), "train_method": method})
+    client.set_registered_model_alias(SERVED, "champion", "1")
+    return uri
+
+
+def free_port() -> int:
+    """Return a TCP port free on the loopback interface now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_hosts(port: int) -> set[str]:
+    """Return the addresses a process on this machine listens on at TCP `port`."""
+    import psutil
+
+    return {c.laddr.ip for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def wait_for_http(url: str, proc, timeout: float = 180) -> None:
+    """Wait until `url` answers 200, or raise when the process `proc` serving it exits first or `timeout` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")

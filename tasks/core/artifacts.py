@@ -2,7 +2,8 @@
 MLflow UI, and publishing that happens only inside a Prefect run (a plain `task.fn()` call has no run to attach to).
 
 Prefect renders markdown artifacts with GitHub-flavoured tables; a cell must stay on one line and must not hold a
-bare `|`, so every cell goes through `cell()`.
+bare `|`, so every cell goes through `cell()`. Every artifact is redacted (tasks/core/redact.py) on its way out: the
+Prefect database keeps no credentials.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 
 from tasks.core.common import in_prefect_run
+from tasks.core.redact import redact, redact_value
 
 CELL_CHARS = 120  # a quarantined record or a generation cut to this many characters still shows what it was
 
@@ -50,7 +52,7 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
     if in_prefect_run():
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(markdown=markdown, key=key, description=description)
+        create_markdown_artifact(markdown=redact(markdown), key=key, description=redact(description))
 
 
 def publish_table(key: str, table: list[dict], description: str) -> None:
@@ -58,7 +60,7 @@ def publish_table(key: str, table: list[dict], description: str) -> None:
     if in_prefect_run():
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(table=table, key=key, description=description)
+        create_table_artifact(table=redact_value(table), key=key, description=redact(description))
 
 
 def publish_link(key: str, link: str, link_text: str, description: str) -> None:
@@ -66,4 +68,5 @@ def publish_link(key: str, link: str, link_text: str, description: str) -> None:
     if in_prefect_run():
         from prefect.artifacts import create_link_artifact
 
-        create_link_artifact(link=link, link_text=link_text, key=key, description=description)
+        create_link_artifact(link=redact(link), link_text=redact(link_text), key=key,
+                             description=redact(description))

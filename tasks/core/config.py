@@ -169,8 +169,22 @@ class TrainConfig(StageConfig):
         "eval_steps).")
     save_steps: int = Field(20, gt=0, description="Checkpoint every N steps (a retry or rerun resumes there).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept: the newest K.")
-    num_processes: int = Field(1, gt=0, description="Training processes; above 1 runs `accelerate launch`.")
-    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="With num_processes > 1: DDP or FSDP.")
+    num_processes: int = Field(1, gt=0, description="Training processes in all, over every machine (accelerate's "
+                                                    "num_processes); above 1 runs `accelerate launch`.")
+    distributed: Literal["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "ddp", description="With num_processes > 1: DDP (gloo on CPUs, NCCL on GPUs), or, on GPUs only, FSDP or "
+        "DeepSpeed ZeRO-2/3 through accelerate's config (docs/scale-out.md).")
+    num_machines: int = Field(1, gt=0, description="Machines the training spans (accelerate's num_machines), each "
+                                                   "running num_processes / num_machines of the processes.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank (accelerate's machine_rank). The train step "
+                                                   "runs machine 0; every other machine joins with "
+                                                   "`python -m tasks.train.join TRAIN_DIR --machine-rank N` "
+                                                   "(docs/scale-out.md).")
+    main_process_ip: str | None = Field(None, description="With num_machines > 1: machine 0's address, reachable "
+                                                          "from every machine (accelerate's main_process_ip).")
+    main_process_port: int | None = Field(None, ge=1, le=65535,
+                                          description="With num_machines > 1: machine 0's rendezvous port "
+                                                      "(accelerate's main_process_port); one machine picks a free one.")
     seed: int = Field(0, description="Training seed.")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a Hub model (its own modeling "
                                                        "files). Off unless you trust that repository.")
@@ -199,8 +213,21 @@ class TrainConfig(StageConfig):
             raise ValueError("early_stopping_patience needs eval_steps")
         return self
 
+    @model_validator(mode="after")
+    def _machines_can_meet(self) -> TrainConfig:
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"train.num_processes={self.num_processes} counts every machine's processes: use a "
+                             f"multiple of train.num_machines={self.num_machines}")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"train.machine_rank={self.machine_rank} must be below train.num_machines="
+                             f"{self.num_machines}")
+        if self.num_machines > 1 and (self.main_process_ip is None or self.main_process_port is None):
+            raise ValueError(f"train.num_machines={self.num_machines} needs train.main_process_ip and "
+                             "train.main_process_port: machine 0's address and a port every machine reaches")
+        return self
 
-METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "accuracy", "field_match", "json_valid")
+
+METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "accuracy", "field_match", "json_valid", "extracted")
 EXTRACTORS = ("none", "gsm8k", "json", "regex", "label")
 
 
@@ -247,9 +274,22 @@ class RegisterConfig(StageConfig):
                                                         "evaluate.metrics, or eval_loss: lower wins).")
     gate_margin: float = Field(0.0, ge=0, description="A challenger takes @champion only when it beats the champion "
                                                       "(or, for the first version, the base) by more than this.")
+    gate_confidence: float | None = Field(
+        0.95, gt=0, lt=1,
+        description="Also require a paired bootstrap over the held-out items to put the gain above gate_margin at this "
+                    "confidence, so a difference inside the noise does not promote (64 items: one item won is noise, "
+                    "three with none lost pass at 0.95). null compares the means only.")
     min_stop_rate: float = Field(0.95, ge=0, le=1, description="Registration is refused when fewer tuned answers end "
                                                                "with end-of-turn/EOS before max_new_tokens.")
-    merged_export: bool = Field(False, description="Also log the adapter merged into the base as safetensors.")
+    merged_export: bool = Field(False, description="Also log the adapter merged into the base as safetensors "
+                                                   "(`merged/`; the MLflow model itself is always the merged copy).")
+    parity_min_identical: float = Field(
+        0.9, ge=0, le=1,
+        description="Serving parity before @champion: the share of held-out answers the logged MLflow model, "
+                    "the merged export and `sftflow serve` must each give exactly as evaluate's tuned model gave "
+                    "them, greedily; below it the version stays @challenger, the reason naming the first prompt and "
+                    "token that diverge. 0 records the comparison without blocking "
+                    "(docs/evaluation-and-registry.md has the measured differences).")
 
 
 # Every Prefect task of the pipeline, by the name `sftflow task` and the UI use (orchestrate.retries keys).
@@ -280,12 +320,21 @@ class OrchestrateConfig(StageConfig):
                                               "Completed 'no new data' without training (`--force` overrides).")
     train_slots: int = Field(0, ge=0, description="Training runs allowed at once on this machine (a Prefect global "
                                                   "concurrency limit): 0 = one per 2 cores, at least 1.")
+    placement: dict[str, str] = Field(
+        default_factory=dict,
+        description="Steps that run on another Prefect work pool, e.g. {train: gpu, evaluate: gpu}: each runs as a "
+                    "child flow run of the deployment `sft-step/<pool>` on that pool's worker, reading its inputs "
+                    "from the shared runs_dir; every other step runs where the flow runs (docs/scale-out.md).")
 
     @model_validator(mode="after")
     def _known_steps(self) -> OrchestrateConfig:
         unknown = sorted(set(self.retries) - {"default", *STEP_NAMES})
         if unknown:
             raise ValueError(f"orchestrate.retries: unknown step {', '.join(unknown)}; use default or one of "
+                             f"{', '.join(STEP_NAMES)}")
+        unplaced = sorted(set(self.placement) - set(STEP_NAMES))
+        if unplaced:
+            raise ValueError(f"orchestrate.placement: unknown step {', '.join(unplaced)}; use one of "
                              f"{', '.join(STEP_NAMES)}")
         return self
 
@@ -325,11 +374,19 @@ class PipelineConfig(StageConfig):
         return self
 
     def tracking_uri(self) -> str:
-        """Return the MLflow tracking URI: the configured one or a sqlite store in runs_dir."""
+        """Return the MLflow tracking URI: the configured one or a sqlite store in runs_dir. A configured URI whose
+        credentials a run's saved config shows as `***` is revealed from MLFLOW_TRACKING_URI (tasks/core/redact.py)."""
         import os
 
-        return (self.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                or f"sqlite:///{self.runs_dir.resolve() / 'mlflow.db'}")
+        from tasks.core.redact import remember, reveal
+
+        configured = self.registry.tracking_uri
+        if configured is not None and (configured := reveal(configured)) is None:
+            raise ConfigError(f"register.tracking_uri={self.registry.tracking_uri!r}: its credentials were redacted "
+                              "when the run's config was saved; set MLFLOW_TRACKING_URI to the full URI (or use "
+                              "MLFLOW_TRACKING_TOKEN / MLFLOW_TRACKING_USERNAME and _PASSWORD)")
+        return remember(configured or os.environ.get("MLFLOW_TRACKING_URI")
+                        or f"sqlite:///{self.runs_dir.resolve() / 'mlflow.db'}")
 
     def artifact_root(self) -> Path:
         """Return where MLflow stores the artifacts of experiments sftflow creates."""

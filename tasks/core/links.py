@@ -1,15 +1,23 @@
-"""Addresses of MLflow pages (runs, model versions, logged files), for Prefect artifacts, logs and model cards."""
+"""Addresses of MLflow pages (runs, model versions, logged files), for Prefect artifacts, logs and model cards.
+
+Every address is built from the tracking URI with its credentials dropped (tasks/core/redact.py `public_url`): a
+link is written to summary.json, the Prefect database and logs, and a browser asks for credentials itself."""
 
 from __future__ import annotations
 
 from urllib.parse import quote, urlencode
 
+from tasks.core.redact import public_url
+
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make ui-mlflow` serves a local (sqlite) store here
 
 
 def mlflow_ui(tracking_uri: str) -> str:
-    """Return the base URL of the MLflow UI for a store: the server itself, or `make ui-mlflow`'s address."""
-    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
+    """Return the base URL of the MLflow UI for a store: the server itself (without user info or a token), or
+    `make ui-mlflow`'s address."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return public_url(tracking_uri).rstrip("/")
+    return MLFLOW_UI
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:

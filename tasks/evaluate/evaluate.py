@@ -6,7 +6,6 @@ a new turn, and a table of sample generations."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import time
@@ -18,8 +17,10 @@ import pyarrow.parquet as pq
 from tasks.core.common import in_prefect_run, stage_logger, stage_task
 from tasks.core.config import EvaluateConfig, TrainConfig
 from tasks.core.errors import DataValidationError
+from tasks.evaluate.eval_artifacts import publish_artifacts
+from tasks.evaluate.heldout import heldout_fingerprint, scoring_settings, select_rows
 from tasks.evaluate.metrics import Extractor, check_metrics, score
-from tasks.model.modeling import is_adapter_dir, load_base_model, load_trained_model
+from tasks.model.modeling import is_adapter_dir, load_base_model, load_trained_model, resolve_version_base
 from tasks.model.tokenizer import load_tokenizer
 from tasks.registry.registry import Champion
 
@@ -37,18 +38,25 @@ class Generation:
 
 
 def supervised_loss(model, rows: list[dict], batch_size: int = 16) -> float:
-    """Return the mean cross-entropy over supervised (assistant) tokens of the given tokenized rows.
+    """Return the mean cross-entropy over supervised (assistant) tokens of the given tokenized rows."""
+    sums, counts = supervised_row_losses(model, rows, batch_size)
+    return sum(sums) / max(sum(counts), 1)
+
+
+def supervised_row_losses(model, rows: list[dict], batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Return each row's summed cross-entropy over its supervised (assistant) tokens and its count of them, in the
+    rows' order (the gate's paired bootstrap resamples rows, weighing each by its tokens).
 
     Rows go in right-padded batches of similar length: under causal attention a real token never sees the padding
     after it, and padding carries no label, so the per-token sum is the one-row-at-a-time sum (a test checks it).
     """
     import torch
 
-    total, count = 0.0, 0
+    sums, counts = [0.0] * len(rows), [0] * len(rows)
     device = next(model.parameters()).device
-    order = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; the sum does not depend on the order
+    order = sorted(range(len(rows)), key=lambda k: len(rows[k]["input_ids"]))  # less padding
     for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
+        chunk = [rows[k] for k in order[i:i + batch_size]]
         width = max(len(r["input_ids"]) for r in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
@@ -62,9 +70,12 @@ def supervised_loss(model, rows: list[dict], batch_size: int = 16) -> float:
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
         shifted = labels[:, 1:].to(device)
         keep = shifted != -100  # only supervised positions go through the softmax
-        total += torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), shifted[keep], reduction="sum").item()
-        count += int(keep.sum())
-    return total / max(count, 1)
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), shifted[keep], reduction="none")
+        per_row = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(
+            0, keep.nonzero()[:, 0], losses.double())
+        for j, k in enumerate(order[i:i + batch_size]):
+            sums[k], counts[k] = per_row[j].item(), int(keep[j].sum())
+    return sums, counts
 
 
 def turn_markers(tokenizer) -> tuple[set[int], list[str]]:
@@ -186,7 +197,8 @@ class Scored:
 
     summary: dict
     generations: list[Generation]
-    items: dict[str, list[float]]
+    items: dict[str, list[float]]  # per item: each metric, and eval_loss (the row's mean) when scored with loss
+    tokens: list[int] | None = None  # per item: supervised tokens (eval_loss's weight), when scored with loss
 
 
 def run_model(name: str, model, tokenizer, rows: list[dict], prompts: list[list[dict]], cfg: EvaluateConfig,
@@ -196,7 +208,8 @@ def run_model(name: str, model, tokenizer, rows: list[dict], prompts: list[list[
     own = [r["input_ids"][:r["prompt_tokens"]] for r in rows] if with_loss and "prompt_tokens" in rows[0] else None
     gens = generate(model, tokenizer, prompts, cfg, label=name, prompt_ids=own)
     seconds = time.perf_counter() - start
-    loss = supervised_loss(model, rows, cfg.loss_batch_size) if with_loss else None
+    sums, counts = supervised_row_losses(model, rows, cfg.loss_batch_size) if with_loss else (None, None)
+    loss = sum(sums) / max(sum(counts), 1) if with_loss else None
     scores = score(cfg.metrics, [g.text for g in gens], [r["reference"] for r in rows], extractor)
     summary = {"eval_loss": loss, "perplexity": math.exp(min(loss, 700)) if loss is not None else None,
                **{m: s[0] for m, s in scores.items()},
@@ -204,7 +217,10 @@ def run_model(name: str, model, tokenizer, rows: list[dict], prompts: list[list[
                "runaway_rate": sum(g.runaway for g in gens) / len(gens)}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if v is not None)
     stage_logger().info("evaluate: %s: %s; %.2f prompts/s", name, shown, len(gens) / max(seconds, 1e-9))
-    return Scored(summary, gens, {m: s[1] for m, s in scores.items()})
+    items = {m: s[1] for m, s in scores.items()}
+    if with_loss:
+        items["eval_loss"] = [t / n if n else 0.0 for t, n in zip(sums, counts)]
+    return Scored(summary, gens, items, counts)
 
 
 def free_memory() -> None:
@@ -238,31 +254,27 @@ def score_champion(champion: Champion, model_dir: str, tokenizer, rows, prompts,
     """Load the champion over its own base with its own method and score it like the others.
 
     Its prompts render with this run's template when its vocabulary is this tokenizer's (the usual case: the same
-    base); otherwise with its own tokenizer and template, and without eval loss (token ids would not match). A
-    version registered without a `base_model` tag goes over this run's base (`model_dir`), with a warning.
+    base); otherwise with its own tokenizer and template, and without eval loss (token ids would not match). Its base
+    is its spec resolved on this machine (the local directory it was registered with only when that is still here:
+    `resolve_version_base`); a version registered without a `base_model` tag goes over this run's base (`model_dir`),
+    with a warning.
     """
-    base = champion.base_model
-    if not base:
+    trust = train_cfg.trust_remote_code
+    own_tokenizer = (champion.trained_dir / "tokenizer_config.json").is_file()
+    needs_base = is_adapter_dir(champion.trained_dir) or not own_tokenizer  # full weights with a tokenizer do not
+    base = resolve_version_base(champion.base_model, champion.base_path, trust) \
+        if needs_base and (champion.base_model or champion.base_path) else ""
+    if needs_base and not base:
         base = model_dir
         stage_logger().warning("evaluate: champion v%s has no base_model tag; loading it over this run's base %s",
                                champion.version, model_dir)
-    trust = train_cfg.trust_remote_code
-    own = load_tokenizer(str(champion.trained_dir), trust_remote_code=trust) \
-        if (champion.trained_dir / "tokenizer_config.json").is_file() else load_tokenizer(base, trust_remote_code=trust)
+    own = load_tokenizer(str(champion.trained_dir) if own_tokenizer else base, trust_remote_code=trust)
     same = own.get_vocab() == tokenizer.get_vocab()
     method_cfg = train_cfg.model_copy(update={"method": champion.method})
     model = load_trained_model(base, champion.trained_dir, method_cfg).eval()
     scored = run_model("champion", model, tokenizer if same else own, rows, prompts, cfg, extractor, with_loss=same)
     scored.summary["version"] = champion.version
     return scored
-
-
-def heldout_fingerprint(rows: list[dict]) -> str:
-    """Return the sha256 over the scored rows' [prompt, reference] (one JSON line each, in order)."""
-    digest = hashlib.sha256()
-    for r in rows:
-        digest.update(json.dumps([r["prompt"], r["reference"]], ensure_ascii=False).encode() + b"\n")
-    return digest.hexdigest()
 
 
 def stop_warnings(results: dict[str, Scored], cfg: EvaluateConfig) -> list[str]:
@@ -283,11 +295,13 @@ def stop_warnings(results: dict[str, Scored], cfg: EvaluateConfig) -> list[str]:
 def build_report(rows: list[dict], cfg: EvaluateConfig, results: dict[str, Scored]) -> dict:
     """Return report.json: the held-out set, the settings, each model's summary, warnings, and flat numeric copies."""
     models = {name: results[name].summary for name in ("base", "tuned", "champion") if name in results}
-    report = {"heldout_rows": len(rows), "heldout_fingerprint": heldout_fingerprint(rows), "metrics": cfg.metrics,
-              "generation": {k: getattr(cfg, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p",
-                                                          "seed", "batch_size")},
+    settings = scoring_settings(cfg)
+    report = {"heldout_rows": len(rows), "heldout_fingerprint": heldout_fingerprint(rows, cfg), "metrics": cfg.metrics,
+              "generation": settings["generation"], "scoring": {k: settings[k] for k in ("extractor", "metrics_code")},
               "models": models, "warnings": stop_warnings(results, cfg),
-              "eval_loss": models["tuned"]["eval_loss"], "base_eval_loss": models["base"]["eval_loss"]}
+              "eval_loss": models["tuned"]["eval_loss"], "base_eval_loss": models["base"]["eval_loss"],
+              # per-item scores, paired by position (the gate's bootstrap), and each item's supervised tokens
+              "items": {name: results[name].items for name in models}, "item_tokens": results["tuned"].tokens}
     for name, summary in models.items():
         report.update({f"{name}_{k}": v for k, v in summary.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -318,9 +332,8 @@ def evaluate_model(formatted_dir: Path, model_dir: str, trained_dir: Path, out_d
     `trained_dir` holds a LoRA adapter (its base is the same model with the adapter disabled) or full weights (the
     base loads separately, after them: one model in memory at a time).
     """
-    # a row's last part holds its prompt; plain text rows have none (nothing to generate from)
-    rows = [r for r in pq.read_table(Path(formatted_dir) / "heldout.parquet").to_pylist()
-            if r["prompt"] is not None][: cfg.max_samples]
+    # chosen by hash across every source; a row's last part holds its prompt, plain text rows have none
+    rows = select_rows(pq.read_table(Path(formatted_dir) / "heldout.parquet").to_pylist(), cfg.max_samples)
     if not rows:
         raise DataValidationError(f"{formatted_dir}/heldout.parquet has no conversations to evaluate on (plain text "
                                   "rows have no prompt); raise clean.heldout_fraction or add chat rows")
@@ -353,69 +366,14 @@ def evaluate_model(formatted_dir: Path, model_dir: str, trained_dir: Path, out_d
     return report
 
 
-SAMPLES_SHOWN = 5  # held-out samples shown in the `evaluation` artifact
-
-
-def comparison_markdown(report: dict) -> str:
-    """Return the Prefect markdown artifact: base / tuned / champion per metric, with the held-out set and settings."""
-    models = report["models"]
-    names = [f"champion v{m['version']}" if n == "champion" else n for n, m in models.items()]
-    lines = [f"# Evaluation on {report['heldout_rows']} held-out rows (`{report['heldout_fingerprint'][:12]}`)", "",
-             f"Generation: {json.dumps(report['generation'])}; headline metric `{report['metrics'][0]}`.", "",
-             "| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for key in (*report["metrics"], "eval_loss", "perplexity", "stop_rate", "runaway_rate"):
-        cells = [f"{m[key]:.4f}" if m.get(key) is not None else "n/a" for m in models.values()]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"- {w}" for w in report["warnings"]]
-    return "\n".join(lines) + "\n"
-
-
-def samples_markdown(samples: list[dict], names: list[str], headline: str, shown: int = SAMPLES_SHOWN) -> list[str]:
-    """Return the first `shown` held-out samples as a markdown list: the prompt, then the reference and each model's
-    answer with its headline score (a list, since Prefect's tables do not wrap; the `eval-samples` table holds all)."""
-    from tasks.core.artifacts import cell
-
-    lines = [f"## Samples: {min(shown, len(samples))} of {len(samples)} (all in the `eval-samples` table)", ""]
-    for i, s in enumerate(samples[:shown], 1):
-        lines += [f"{i}. {cell(s['prompt'], 300)}", f"   - reference: {cell(s['reference'], 300)}"]
-        lines += [f"   - {n} ({headline} {s[f'{n}_score']:.2f}): {cell(s[n], 300)}" for n in names]
-    return lines
-
-
-def comparison_headline(report: dict) -> str:
-    """Return one line: the headline metric and eval loss of base -> tuned (and the champion's)."""
-    models, metric = report["models"], report["metrics"][0]
-
-    def show(key: str) -> str:
-        label = {n: f"champion v{m.get('version')}" if n == "champion" else n for n, m in models.items()}
-        return " -> ".join(f"{label[n]} {m[key]:.3f}" for n, m in models.items() if m.get(key) is not None)
-
-    return f"{report['heldout_rows']} held-out prompts: {metric} {show(metric)}; eval_loss {show('eval_loss')}"
-
-
-def publish_artifacts(out_dir: Path, report: dict) -> None:
-    """Create the Prefect table artifact `eval-samples` and the markdown artifact `evaluation` (the comparison and
-    the first samples) for this run."""
-    from tasks.core.artifacts import publish_markdown, publish_table
-
-    samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
-    names = list(report["models"])
-    # answers first, the long prompt last: Prefect's table does not wrap, so the first columns are what shows
-    table = [{"row_id": s["row_id"], "scores": " | ".join(f"{n} {s[f'{n}_score']:.2f}" for n in names),
-              "reference": s["reference"], **{n: s[n] for n in names}, "prompt": s["prompt"]} for s in samples]
-    publish_table("eval-samples", table, f"Held-out generations of {', '.join(names)}, scored by "
-                                         f"{report['metrics'][0]}")
-    markdown = comparison_markdown(report) + "\n" + "\n".join(samples_markdown(samples, names, report["metrics"][0]))
-    publish_markdown("evaluation", markdown + "\n", comparison_headline(report))
-
-
 @stage_task("evaluate")
 def evaluate_adapter(formatted_dir: Path, model_dir: str, trained_dir: Path, out_dir: Path, cfg: EvaluateConfig,
                      train_cfg: TrainConfig, champion: Champion | None = None) -> Path:
     """Evaluate base vs tuned (an adapter or full weights) and the champion if given, on the held-out split; return
     the directory holding report.json and samples.jsonl."""
     report = evaluate_model(formatted_dir, model_dir, trained_dir, out_dir, cfg, train_cfg, champion)
-    stage_logger().info("evaluate: %s -> %s", json.dumps({k: v for k, v in report.items() if k != "models"}),
+    stage_logger().info("evaluate: %s -> %s", json.dumps({k: v for k, v in report.items()
+                                                           if k not in ("models", "items", "item_tokens")}),
                         out_dir)
     if in_prefect_run():
         publish_artifacts(out_dir, report)

@@ -104,3 +104,22 @@ def prepare_base_model(spec: str, trust_remote_code: bool = False) -> str:
     resolved = resolve_base_model(spec, trust_remote_code=trust_remote_code)
     stage_logger().info("base model %s -> %s", spec, resolved)
     return resolved
+
+
+def resolve_version_base(spec: str, hint: str = "", trust_remote_code: bool = False) -> str:
+    """Return the local directory a registered version's base loads from on this machine: `hint` (the directory it
+    resolved to where the version was registered) when it is still a complete model directory here, else `spec`
+    (its train.base_model: a Hub id, pkg://… or a GGUF path, or a directory) resolved again as prepare-base-model
+    resolves it (a GGUF converted into this machine's cache, a Hub id fetched or found in the Hugging Face cache)."""
+    from tasks.model.base_model import missing_parts, refuse_remote_code
+
+    local = Path(hint).expanduser() if hint else None
+    if local is not None and local.is_dir() and not missing_parts(local):
+        refuse_remote_code(spec or hint, local, trust_remote_code)
+        return str(local.resolve())
+    if not spec:
+        raise ConfigError(f"the registered version names no base model spec (tag base_model), and its base directory "
+                          f"hint {hint!r} is not on this machine; re-register it with a current sftflow")
+    if local is not None:
+        stage_logger().info("base model %s: %s is not on this machine; resolving the spec again", spec, hint)
+    return prepare_base_model.fn(spec, trust_remote_code)

@@ -26,3 +26,53 @@ def build_tiny_model(out: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_tiny_gguf(out: Path) -> Path:
+    """Write the tiny llama of `build_tiny_model` as a GGUF file `out` (F32 tensors, the packaged GGUF's tokenizer,
+    chat template and metadata otherwise) and return it: a base model given by a GGUF spec, converted as the default
+    one is, in seconds rather than a minute (the tests of a version that loads on another machine)."""
+    import tempfile
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.model.base_model import resolve_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        import json
+
+        model_dir = build_tiny_model(Path(tmp))
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        weights = load_file(model_dir / "model.safetensors")
+    source = gguf.GGUFReader(resolve_gguf(DEFAULT_BASE_MODEL))
+    writer = gguf.GGUFWriter(str(out), "llama")
+    dims = {"llama.block_count": config["num_hidden_layers"], "llama.context_length": config["max_position_embeddings"],
+            "llama.embedding_length": config["hidden_size"], "llama.feed_forward_length": config["intermediate_size"],
+            "llama.attention.head_count": config["num_attention_heads"],
+            "llama.attention.head_count_kv": config["num_key_value_heads"],
+            "llama.rope.dimension_count": config["hidden_size"] // config["num_attention_heads"],
+            "general.file_type": 0}  # all F32
+    for key, field in source.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer's own
+        kind = field.types[0]
+        value = dims.get(key, field.contents())
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, kind)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for layer in range(config["num_hidden_layers"]):
+        names |= {f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{g}.weight" for hf, g in per_layer.items()}
+    for hf_name, tensor in weights.items():
+        writer.add_tensor(names[hf_name], tensor.astype("float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

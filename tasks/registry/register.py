@@ -20,14 +20,18 @@ from tasks.core.common import stage_logger, stage_task
 from tasks.core.config import RegisterConfig, RunPaths, flatten
 from tasks.core.errors import ConfigError, QualityGateError, disk_full
 from tasks.core.links import run_url, version_url
+from tasks.core.redact import install_log_redaction, redact, redact_value, redacted_errors, remember
 from tasks.registry.card import model_card, numbers
+from tasks.registry.gate import item_tags
+from tasks.registry.parity import Parity, check_parity, example_request, generation_budget, guard_decision
 from tasks.registry.registry import (
     CHALLENGER,
     CHAMPION,
     TRAINED_ARTIFACT,
     GateDecision,
+    RegisteredVersion,
     aliases,
-    apply_decision,
+    apply_gate,
     current_champion,
     current_user,
     decide_promotion,
@@ -36,8 +40,8 @@ from tasks.registry.registry import (
 )
 from tasks.train.monitoring import Tracking, mlflow_metrics, new_params, open_mlflow_run, param_values
 
-PIP_REQUIREMENTS = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers"]
 MERGED_ARTIFACT = "merged"  # the adapter merged into its base, as safetensors (register.merged_export)
+DEFAULT_MAX_NEW_TOKENS = 256  # the logged model's answer budget when report.json records none
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PREFECT_UI = "http://127.0.0.1:4200"  # `make ui-prefect` serves the project's Prefect database here
 
@@ -124,56 +128,62 @@ def log_run_data(run: RunPaths, eval_dir: Path, report: dict) -> None:
         mlflow.log_table(pd.read_json(eval_dir / "samples.jsonl", lines=True), artifact_file="eval/samples.json")
 
 
-def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_remote_code: bool = False):
-    """Log the trained weights (`trained/`, as they are), the model with tokenizer and chat template through
-    mlflow.transformers, and, if asked, the adapter merged into its base (`merged/`); return the model info.
-
-    A LoRA adapter goes on a full-precision base (a 4-bit model cannot be serialised, mlflow#10878); a local base is
-    referenced by path (not copied), a Hub base by its id. Full weights (full, hft) are logged as they are.
-    """
+def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_remote_code: bool = False,
+                      example: dict | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, method: str = "lora",
+                      source: str = "sftflow model"):
+    """Log the trained weights (`trained/`, as they are) and the MLflow chat model (tasks/registry/mlflow_model.py:
+    the adapter merged into its base as train.method `method` trained it, dequantized to full precision, or the full
+    weights, with tokenizer, chat template, `llm/v1/chat` signature and input `example`); with `merged`, the same
+    merged weights as plain safetensors too (`merged/`); return the model info. `source` names it in its answers."""
     import mlflow
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.model.modeling import is_adapter_dir
+    from tasks.registry.mlflow_model import input_example, log_trained_chat_model
 
     mlflow.log_artifacts(str(trained_dir), artifact_path=TRAINED_ARTIFACT)
-    tokenizer = AutoTokenizer.from_pretrained(str(trained_dir), trust_remote_code=trust_remote_code)
-    adapter = is_adapter_dir(trained_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir if adapter else str(trained_dir), dtype=torch.float32,
-                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
-    if adapter:
-        from peft import PeftModel
+    example = example or input_example([{"role": "user", "content": "Hello"}], max_new_tokens)
+    return log_trained_chat_model(model_dir, trained_dir, example, max_new_tokens, method, trust_remote_code,
+                                  MERGED_ARTIFACT if merged else None, source)
 
-        from tasks.model.modeling import check_adapter_weights
 
-        check_adapter_weights(trained_dir)
-        model = PeftModel.from_pretrained(model, str(trained_dir))
-    local_base = adapter and Path(model_dir).is_dir()
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
-        base_model_path=str(Path(model_dir).resolve()) if local_base else None, pip_requirements=PIP_REQUIREMENTS)
-    if merged and adapter:
-        with tempfile.TemporaryDirectory() as tmp:
-            model.merge_and_unload().save_pretrained(tmp)  # safetensors
-            tokenizer.save_pretrained(tmp)
-            mlflow.log_artifacts(tmp, artifact_path=MERGED_ARTIFACT)
-    return info
+def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir: Path, report: dict,
+                      cfg: RegisterConfig, method: str, trust_remote_code: bool = False, base_spec: str | None = None,
+                      answer_paths: dict | None = None):
+    """Log the trained model (`log_trained_model`, a held-out prompt as its input example) and check its serving
+    parity against evaluate's answers (tasks/registry/parity.py), on `answer_paths` too; return (model info, parity
+    verdict). `base_spec` is train.base_model (the base's spec; `model_dir` where it resolved here)."""
+    from tasks.model.modeling import is_adapter_dir
+
+    budget = generation_budget(report, DEFAULT_MAX_NEW_TOKENS)
+    merged = cfg.merged_export and is_adapter_dir(trained_dir)
+    info = log_trained_model(model_dir, trained_dir, merged, trust_remote_code,
+                             example_request(run.formatted, eval_dir, budget), budget, method,
+                             f"{cfg.model_name} (sftflow run {run.run_id})")
+    candidate = RegisteredVersion(cfg.model_name, "candidate", Path(trained_dir), base_spec or model_dir, method,
+                                  model_dir)
+    parity = check_parity(run.formatted, eval_dir, report, info, MERGED_ARTIFACT if merged else None, candidate,
+                          cfg.parity_min_identical, answer_paths)
+    return info, parity
 
 
 def version_tags(report: dict, decision: GateDecision, digest: str, about: dict, run_tags: dict) -> dict[str, str]:
-    """Return a new version's tags: where it came from, its held-out scores and set, and the gate's decision."""
+    """Return a new version's tags: where it came from, its held-out scores (means and per item) and set, and the
+    gate's decision as first made (apply_gate rewrites it with the decision made at the move)."""
     tuned = {f"score.{k}": repr(v) for k, v in numbers(report["models"]["tuned"]).items()}
-    return {"trained_sha256": digest, "base_model": about["base_dir"], "base_model_spec": about["base_model"],
-            "train_method": about["method"], "sftflow_run_id": about["run_id"],
+    tuned |= item_tags(report)
+    # the base by its spec (train.base_model), resolved again wherever the version loads; the local directory it
+    # resolved to here is only a hint (tasks/model/modeling.py resolve_version_base)
+    return {"trained_sha256": digest, "base_model": about["base_model"], "base_model_spec": about["base_model"],
+            "base_model_path": about["base_dir"], "train_method": about["method"], "sftflow_run_id": about["run_id"],
             "heldout_fingerprint": str(report.get("heldout_fingerprint", "")),
             "heldout_rows": str(report.get("heldout_rows", "")), **tuned, **decision.tags(),
             **{k: run_tags[k] for k in ("dataset_fingerprint", "config_digest", "git_sha") if run_tags.get(k)}}
 
 
 def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, report: dict, run_tags: dict,
-                     cfg: RegisterConfig, method: str, digest: str) -> dict:
-    """Log the model and its card, register a new version with the gate's decision, alias it; return the result."""
+                     cfg: RegisterConfig, method: str, digest: str, eval_dir: Path | None = None,
+                     answer_paths: dict | None = None) -> dict:
+    """Log the model and its card, register a new version with the gate's decision (and the serving parity's:
+    tasks/registry/parity.py), alias it; return the result."""
     import mlflow
 
     try:
@@ -182,38 +192,58 @@ def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, r
         mlflow.set_tag("registration_refused", str(refused))  # the run shows why it has no model version
         publish_markdown("promotion", f"# Promotion gate: registration refused\n\n{refused}\n", str(refused))
         raise
-    decision = decide_promotion(report, cfg.gate_metric, cfg.gate_margin, current_champion(client, cfg.model_name))
+    def decide(champion: tuple[str, dict] | None) -> GateDecision:
+        return decide_promotion(report, cfg.gate_metric, cfg.gate_margin, champion, cfg.gate_confidence)
+
+    decision = decide(current_champion(client, cfg.model_name))  # for the card; decided again at the move
     saved = yaml.safe_load(run.config.read_text(encoding="utf-8"))
     about = {"name": cfg.model_name, "base_model": saved["train"]["base_model"], "base_dir": model_dir,
              "method": method, "trained_sha256": digest, "min_stop_rate": cfg.min_stop_rate, "run_id": run.run_id}
     verdict = ("takes @champion" if decision.promoted else "stays @challenger") + f": {decision.reason}"
-    card = model_card(run, report, f"{'Promoted' if decision.promoted else 'Not promoted'}: {decision.reason}", about)
+    card = redact(model_card(run, report, f"{'Promoted' if decision.promoted else 'Not promoted'}: {decision.reason}",
+                             about))
     held = client.get_run(mlflow.active_run().info.run_id).data.tags.get("trained_sha256")
     # retrained in place (sftflow task train): the older version keeps its own trained/ in this run; a child run
     # holds the new one
     child = mlflow.start_run(nested=True, run_name=f"{run.run_id}-retrained") if held and held != digest else None
     with child or contextlib.nullcontext():
-        info = log_trained_model(model_dir, trained_dir, cfg.merged_export,
-                                 bool(saved["train"].get("trust_remote_code", False)))
+        info, parity = log_checked_model(model_dir, trained_dir, run, eval_dir or run.eval, report, cfg, method,
+                                         bool(saved["train"].get("trust_remote_code", False)),
+                                         saved["train"]["base_model"], answer_paths)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             client.log_model_artifact(info.model_id, str(Path(tmp) / "README.md"))
         mlflow.set_tag("trained_sha256", digest)
         registered = mlflow.register_model(info.model_uri, cfg.model_name,
-                                           tags=version_tags(report, decision, digest, about, run_tags))
+                                           tags=version_tags(report, decision, digest, about, run_tags)
+                                           | parity.tags())
     version = str(registered.version)
     client.update_model_version(cfg.model_name, version, description=card)
-    apply_decision(client, cfg.model_name, version, decision, current_user())
+    # decided again against the champion current at the move (another run may have moved it meanwhile)
+    final = apply_gate(client, cfg.model_name, version, guard_decision(decide, parity), current_user())
+    if final.reason != decision.reason:
+        decision = final
+        verdict = ("takes @champion" if decision.promoted else "stays @challenger") + f": {decision.reason}"
+        card = redact(model_card(run, report, f"{'Promoted' if decision.promoted else 'Not promoted'}: "
+                                              f"{decision.reason}", about))
+        client.update_model_version(cfg.model_name, version, description=card)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+            client.log_model_artifact(info.model_id, str(Path(tmp) / "README.md"))
     return {"registered_model": cfg.model_name, "model_version": int(version),
             "alias": CHAMPION if decision.promoted else CHALLENGER, "new_version": True,
             "gate": asdict(decision), "decision": f"v{version} {verdict}"}
 
 
-def reuse_version(client, name: str, existing) -> dict:
-    """Report the registered version holding byte-identical weights (completing its aliases if a crash left them)."""
+def reuse_version(client, name: str, existing, report: dict, cfg: RegisterConfig) -> dict:
+    """Report the registered version holding byte-identical weights. A retry after a crash that left its decision
+    unapplied decides again against the champion current now (a stored decision was made against the champion of
+    its time: applying it could demote a newer champion)."""
     decision = GateDecision.from_tags(existing.tags)
     if decision is not None and existing.tags.get("gate.applied") != "true":
-        apply_decision(client, name, existing.version, decision, current_user())
+        decision = apply_gate(client, name, existing.version, guard_decision(lambda champion: decide_promotion(
+            report, cfg.gate_metric, cfg.gate_margin, champion, cfg.gate_confidence), Parity.from_tags(existing.tags)),
+            current_user())
     held = sorted(a for a, v in aliases(client, name).items() if v == str(existing.version))
     alias = CHAMPION if CHAMPION in held else CHALLENGER if CHALLENGER in held else "none"
     return {"registered_model": name, "model_version": int(existing.version), "alias": alias, "new_version": False,
@@ -256,7 +286,8 @@ def use_experiment(tracking_uri: str, artifact_root: Path, name: str) -> None:
     # mlflow also exports the URIs as MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which sftflow reads as the user's
     # choice of store: keep the user's values, or a second run in this process (another runs_dir) would write here
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(tracking_uri)
+    install_log_redaction()
+    mlflow.set_tracking_uri(remember(tracking_uri))
     mlflow.set_registry_uri(tracking_uri)
     for key, value in saved.items():
         if value is None:
@@ -269,11 +300,13 @@ def use_experiment(tracking_uri: str, artifact_root: Path, name: str) -> None:
 
 
 def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_dir: str, trained_dir: Path,
-                 eval_dir: Path, tags: dict, cfg: RegisterConfig, method: str | None = None) -> dict:
+                 eval_dir: Path, tags: dict, cfg: RegisterConfig, method: str | None = None,
+                 answer_paths: dict | None = None) -> dict:
     """Log everything about one run to its MLflow run (the one training opened, else found by tag or created) and
     register its model unless byte-identical weights already are; return the registry coordinates and decision.
 
-    `method` is train.method (default: the run's saved config's).
+    `method` is train.method (default: the run's saved config's). `answer_paths` are more ways the model is
+    served, compared by the parity check (tasks/registry/parity.py `check_parity`).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -284,12 +317,13 @@ def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_di
     method = method or yaml.safe_load(run.config.read_text(encoding="utf-8"))["train"]["method"]
     run_id = open_mlflow_run(Tracking(tracking_uri, artifact_root, cfg.experiment, run.run_id), run.train)
     with mlflow.start_run(run_id=run_id) as active:  # the run training created and logged its curve to
-        run_tags = {"sftflow_run_id": run.run_id, "git_sha": git_sha(), **tags}
+        run_tags = redact_value({"sftflow_run_id": run.run_id, "git_sha": git_sha(), **tags})
         mlflow.set_tags(run_tags)
         log_run_data(run, eval_dir, report)
         existing = find_by_digest(client, cfg.model_name, digest)
-        result = (reuse_version(client, cfg.model_name, existing) if existing is not None else
-                  register_version(client, run, model_dir, trained_dir, report, run_tags, cfg, method, digest))
+        result = (reuse_version(client, cfg.model_name, existing, report, cfg) if existing is not None else
+                  register_version(client, run, model_dir, trained_dir, report, run_tags, cfg, method, digest,
+                                   eval_dir, answer_paths))
         mlflow.set_tags({"registered_model": cfg.model_name, "model_version": str(result["model_version"]),
                          "alias": result["alias"], "gate_decision": result["decision"][:5000]})
     result |= {"mlflow_run_id": active.info.run_id,
@@ -301,12 +335,15 @@ def register_run(tracking_uri: str, artifact_root: Path, run: RunPaths, model_di
 
 @stage_task("register", retries=3, retry_delay_seconds=[10, 60, 300], cache=False)
 def register_model(tracking_uri: str, artifact_root: Path, run: RunPaths, model_dir: str, adapter_dir: Path,
-                   eval_dir: Path, tags: dict, cfg: RegisterConfig, method: str | None = None) -> dict:
+                   eval_dir: Path, tags: dict, cfg: RegisterConfig, method: str | None = None,
+                   answer_paths: dict | None = None) -> dict:
     """Log the run and register the trained model in the MLflow registry behind the promotion gate; return name,
-    version, alias, the gate's decision and the run id. A full disk is one line naming the artifact root (not
-    retried: it stays full)."""
+    version, alias, the gate's decision and the run id; `answer_paths` (name -> answers function) are compared by
+    the serving-parity check too. A full disk is one line naming the artifact root (not retried: it stays full)."""
     try:
-        result = register_run(tracking_uri, artifact_root, run, model_dir, adapter_dir, eval_dir, tags, cfg, method)
+        with redacted_errors():  # a failed MLflow call's message quotes the store's URI
+            result = register_run(tracking_uri, artifact_root, run, model_dir, adapter_dir, eval_dir, tags, cfg,
+                                  method, answer_paths)
     except OSError as e:
         if (full := disk_full(e, artifact_root.resolve(), "register.artifact_root")) is None:
             raise

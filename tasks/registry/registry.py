@@ -2,186 +2,64 @@
 
 Register logs each run's trained directory (a LoRA adapter or full weights, as `trained_model_dir` gives it) under
 the run's artifact path `trained/`, and tags the version with where it came from (`base_model`, `train_method`).
-Evaluate scores the champion found here on the same held-out prompts as the new model.
+Evaluate scores the champion found here on the same held-out prompts as the new model. The gate's decision is
+tasks/registry/gate.py (pure); @champion moves by compare-and-set on the champion record (tasks/registry/ledger.py);
+this module is the I/O around both and the registry commands (`sftflow models`, `promote`, `rollback`).
 """
 
 from __future__ import annotations
 
 import getpass
-import hashlib
-import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.core.errors import SftflowError
-
-TRAINED_ARTIFACT = "trained"  # artifact path, in the version's MLflow run, of its adapter or full weights
-CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-@dataclass(frozen=True)
-class RegisteredVersion:
-    """A registered version with its trained directory downloaded, and how to load it."""
-
-    name: str
-    version: str
-    trained_dir: Path  # an adapter (adapter_config.json) or full weights (config.json)
-    base_model: str  # the local base directory (or Hub id) the adapter goes over
-    method: str  # train.method it was trained with: decides how its base loads (4-bit, 8-bit, full)
-
-
-Champion = RegisteredVersion  # what evaluate compares against: the version holding @champion
-
-
-def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """Split `NAME@alias` or `NAME/VERSION` (or `models:/…` of either) into (name, alias, version)."""
-    ref = ref.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.rsplit("@", 1)
-        return name, alias, None
-    if "/" in ref:
-        name, version = ref.rsplit("/", 1)
-        return name, None, version
-    return ref, CHAMPION, None
-
-
-def find_version(tracking_uri: str, ref: str, cache_dir: Path) -> RegisteredVersion | None:
-    """Return the version `ref` names (NAME@alias or NAME/VERSION) with its trained directory downloaded under
-    `cache_dir`, or None when the model, alias or version does not exist (or it has no trained weights logged)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    name, alias, number = parse_model_ref(ref)
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    try:
-        version = (client.get_model_version_by_alias(name, alias) if alias
-                   else client.get_model_version(name, number))
-    except MlflowException:
-        return None
-    if not version.run_id:
-        return None
-    target = Path(cache_dir) / f"{name}-v{version.version}"
-    trained = target / TRAINED_ARTIFACT
-    if not trained.is_dir():
-        try:
-            client.download_artifacts(version.run_id, TRAINED_ARTIFACT, str(target))
-        except (MlflowException, OSError):
-            return None
-    return RegisteredVersion(name, str(version.version), trained, version.tags.get("base_model", ""),
-                             version.tags.get("train_method", "qlora"))
+from tasks.registry.gate import LOWER_IS_BETTER, GateDecision, decide_promotion, improvement  # noqa: F401 (API)
+from tasks.registry.ledger import (
+    CHALLENGER,
+    CHAMPION,
+    HISTORY_TAG,  # noqa: F401 (API)
+    MAX_ATTEMPTS,
+    ChampionState,
+    Move,
+    RegistryError,
+    is_claim,
+    move_champion,
+    read_state,
+    upsert,
+)
+from tasks.registry.weights import (  # noqa: F401 (API: evaluate, serve and the tests import them from here)
+    TRAINED_ARTIFACT,
+    Champion,
+    RegisteredVersion,
+    directory_digest,
+    find_version,
+    parse_model_ref,
+)
 
 
 def find_champion(tracking_uri: str, model_name: str, cache_dir: Path) -> Champion | None:
-    """Return `model_name`'s @champion with its trained directory downloaded, or None when there is none yet."""
-    return find_version(tracking_uri, f"{model_name}@{CHAMPION}", cache_dir)
+    """Return `model_name`'s champion (the record's: tasks/registry/ledger.py) with its trained directory
+    downloaded, or None when there is none yet."""
+    from mlflow import MlflowClient
+
+    held = current_champion(MlflowClient(tracking_uri, registry_uri=tracking_uri), model_name)
+    return None if held is None else find_version(tracking_uri, f"{model_name}/{held[0]}", cache_dir)
 
 
 def champion_to_compare(tracking_uri: str, model_name: str, cache_dir: Path, trained_dir: Path) -> Champion | None:
-    """Return the @champion evaluate should also score, downloaded: None when there is none, or when it holds the
+    """Return the champion evaluate should also score, downloaded: None when there is none, or when it holds the
     very weights in `trained_dir` (a cached rerun: scoring them against themselves decides nothing)."""
     from mlflow import MlflowClient
 
     held = current_champion(MlflowClient(tracking_uri, registry_uri=tracking_uri), model_name)
     if held is None or held[1].get("trained_sha256") == directory_digest(trained_dir):
         return None
-    return find_champion(tracking_uri, model_name, cache_dir)
+    return find_version(tracking_uri, f"{model_name}/{held[0]}", cache_dir)
 
 
-def directory_digest(path: Path) -> str:
-    """Return the sha256 over a directory's files (relative names and bytes, in sorted order): equal digests mean
-    byte-identical weights."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-class RegistryError(SftflowError):
-    """A registry command names a model, version or store that does not exist, or has nothing to act on."""
-
-
-# ---- the promotion gate: a pure decision over report.json (evaluate's scores on one held-out set) ----
-
-LOWER_IS_BETTER = ("eval_loss", "perplexity")
-HISTORY_TAG = "champion_history"  # registered-model tag: the versions that held @champion, oldest first (a stack)
-
-
-@dataclass(frozen=True)
-class GateDecision:
-    """What the promotion gate decided for a new version, and why (recorded as its `gate.*` tags)."""
-
-    metric: str
-    tuned: float
-    against: str  # "champion vN" or "base"
-    against_score: float | None  # None: no score of the champion on this held-out set
-    margin: float
-    promoted: bool
-    reason: str
-
-    def tags(self) -> dict[str, str]:
-        """Return the decision as model-version tags."""
-        return {"gate.metric": self.metric, "gate.tuned": repr(self.tuned), "gate.against": self.against,
-                "gate.against_score": "" if self.against_score is None else repr(self.against_score),
-                "gate.margin": repr(self.margin), "gate.promoted": str(self.promoted).lower(),
-                "gate.reason": self.reason}
-
-    @classmethod
-    def from_tags(cls, tags: dict[str, str]) -> GateDecision | None:
-        """Return the decision recorded in a version's tags, or None when it has none (e.g. an older version)."""
-        if "gate.metric" not in tags:
-            return None
-        score = tags.get("gate.against_score", "")
-        return cls(tags["gate.metric"], float(tags["gate.tuned"]), tags.get("gate.against", ""),
-                   float(score) if score else None, float(tags.get("gate.margin", "0")),
-                   tags.get("gate.promoted") == "true", tags.get("gate.reason", ""))
-
-
-def improvement(metric: str, new: float, old: float) -> float:
-    """Return how much `new` beats `old` on `metric` (positive is better; eval_loss and perplexity fall)."""
-    return old - new if metric in LOWER_IS_BETTER else new - old
-
-
-def champion_score(report: dict, metric: str, version: str, tags: dict[str, str]) -> float | None:
-    """Return the champion's `metric` on this report's held-out set: scored in this evaluate, or recorded at its
-    registration on the same held-out set (same heldout_fingerprint); None when neither holds."""
-    scored = report.get("models", {}).get("champion")
-    if scored and str(scored.get("version")) == str(version) and metric in scored:
-        return float(scored[metric])
-    same_set = tags.get("heldout_fingerprint") and tags["heldout_fingerprint"] == report.get("heldout_fingerprint")
-    if same_set and f"score.{metric}" in tags:
-        return float(tags[f"score.{metric}"])
-    return None
-
-
-def decide_promotion(report: dict, metric: str, margin: float, champion: tuple[str, dict] | None) -> GateDecision:
-    """Return the gate's decision: promote when the tuned model beats the champion (version, tags), or the base
-    model when there is no champion, on `metric` by more than `margin`."""
-    tuned = float(report["models"]["tuned"][metric])
-    if champion is None:
-        against, old = "base", float(report["models"]["base"][metric])
-    else:
-        against, old = f"champion v{champion[0]}", champion_score(report, metric, *champion)
-    if old is None:
-        return GateDecision(metric, tuned, against, None, margin, False, (
-            f"{against} has no {metric} on this held-out set (evaluate did not score it: evaluate.compare_champion "
-            "is false, or the champion changed after evaluate ran); rerun evaluate to compare"))
-    gain = improvement(metric, tuned, old)
-    direction = " (lower is better)" if metric in LOWER_IS_BETTER else ""
-    if gain > margin:
-        why = f"{metric} {tuned:.4g} beats {against}'s {old:.4g} by {gain:.4g} > margin {margin:g}{direction}"
-    else:
-        why = (f"{metric} {tuned:.4g} does not beat {against}'s {old:.4g} by more than margin {margin:g} "
-               f"(difference {gain:+.4g}){direction}")
-    return GateDecision(metric, tuned, against, old, margin, gain > margin, why)
-
-
-# ---- the registry as the commands see it: versions, aliases, the champion's history ----
+# ---- the registry as the commands see it: versions, aliases, the champion's record ----
 
 def registry_client(tracking_uri: str):
     """Return an MlflowClient on the store, which must exist (a sqlite path that is not there is an error, not a
@@ -203,8 +81,8 @@ def get_model(client, name: str):
     try:
         return client.get_registered_model(name)
     except MlflowException:
-        known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
-        raise RegistryError(f"no registered model {name!r} in this store (models: {known})") from None
+        known = ", ".join(sorted(m.name for m in client.search_registered_models() if not is_claim(m.name)))
+        raise RegistryError(f"no registered model {name!r} in this store (models: {known or 'none'})") from None
 
 
 def get_version(client, name: str, version: str):
@@ -241,12 +119,25 @@ def alias_holder(client, name: str, alias: str) -> str | None:
 
 
 def champion_history(client, name: str) -> list[str]:
-    """Return the versions that held @champion, oldest first, ending with the current champion."""
-    history = json.loads(get_model(client, name).tags.get(HISTORY_TAG, "[]"))
-    current = alias_holder(client, name, CHAMPION)
-    if current is not None and (not history or history[-1] != current):  # moved outside sftflow: keep it true
-        history.append(current)
-    return history
+    """Return the versions that held @champion, oldest first, ending with the current champion (the record's)."""
+    get_model(client, name)
+    return list(read_state(client, name).history)
+
+
+def current_champion(client, name: str) -> tuple[str, dict] | None:
+    """Return (version, tags) of `name`'s champion as the record has it, or None when the model or a champion does
+    not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        state = read_state(client, name)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")):
+            return None
+        raise
+    if state.champion is None:
+        return None
+    return state.champion, dict(client.get_model_version(name, state.champion).tags)
 
 
 def stamp(prefix: str, who: str, reason: str) -> dict[str, str]:
@@ -255,35 +146,64 @@ def stamp(prefix: str, who: str, reason: str) -> dict[str, str]:
             f"{prefix}_reason": reason}
 
 
-def set_champion(client, name: str, version: str, how: str, who: str, reason: str) -> None:
-    """Give `version` @champion, recording how (gate, manual, rollback), who and why, and push it on the history."""
-    history = champion_history(client, name)
-    if history and history[-1] == str(version):
-        return
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, str(version)][-1000:]))
-    for key, value in {"promotion": how, **stamp("promoted", who, reason)}.items():
-        client.set_model_version_tag(name, str(version), key, value)
+def tag_version(client, name: str, version: str, tags: dict[str, str]) -> None:
+    """Set tags on a model version."""
+    for key, value in tags.items():
+        upsert(client.set_model_version_tag, name, str(version), key, value)
 
 
-def current_champion(client, name: str) -> tuple[str, dict] | None:
-    """Return (version, tags) of `name`'s @champion, or None when the model or the alias does not exist yet."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    return str(version.version), dict(version.tags)
+def new_move(state: ChampionState, version: str, how: str, who: str, reason: str) -> Move:
+    """Return the move of `version` to @champion from `state` (the first move keeps the store's older history)."""
+    return Move(str(version), state.champion, how, who, reason, before=state.history if state.seq == 0 else ())
 
 
-def apply_decision(client, name: str, version: str, decision: GateDecision, who: str) -> None:
-    """Give a new version @challenger, and @champion when the gate promoted it; mark the decision applied (a retry
-    that finds the version already registered completes an unapplied one)."""
-    client.set_registered_model_alias(name, CHALLENGER, str(version))
-    if decision.promoted:
-        set_champion(client, name, str(version), "gate", who, decision.reason)
-    client.set_model_version_tag(name, str(version), "gate.applied", "true")
+def settle_challenger(client, name: str) -> str:
+    """Give @challenger to the newest version, rewriting it while a newer one appeared meanwhile (two registrations
+    at once: the alias ends on the newest whichever writes last); return that version."""
+    newest = str(all_versions(client, name)[-1].version)
+    for _ in range(MAX_ATTEMPTS):
+        upsert(client.set_registered_model_alias, name, CHALLENGER, newest)
+        latest = str(all_versions(client, name)[-1].version)
+        if latest == newest:
+            break
+        newest = latest
+    return newest
+
+
+def apply_gate(client, name: str, version: str, decide: Callable[[tuple[str, dict] | None], GateDecision],
+               who: str) -> GateDecision:
+    """Decide with `decide` against the champion current at the moment @champion would move, and move it by
+    compare-and-set (tasks/registry/ledger.py): a champion that changed since evaluate is decided against anew, never
+    against the one evaluate saw. Record the decision in the version's `gate.*` tags, mark it applied, give the
+    newest version @challenger; return the decision."""
+    made: list[GateDecision] = []
+
+    def propose(state: ChampionState) -> Move | None:
+        if state.champion == str(version):  # a retry after its move: it holds @champion already
+            recorded = GateDecision.from_tags(dict(client.get_model_version(name, str(version)).tags))
+            made.append(recorded if recorded is not None and recorded.promoted else GateDecision(
+                "", None, f"v{version}", None, 0.0, True, f"v{version} already holds @champion (move {state.seq})"))
+            return None
+        champion = None if state.champion is None else (
+            state.champion, dict(client.get_model_version(name, state.champion).tags))
+        made.append(decide(champion))
+        return new_move(state, version, "gate", who, made[-1].reason) if made[-1].promoted else None
+
+    _, move = move_champion(client, name, propose)
+    decision = made[-1]
+    if move is not None:
+        tag_version(client, name, version, {"promotion": "gate", **stamp("promoted", who, decision.reason)})
+    if decision.metric:
+        tag_version(client, name, version, decision.tags())
+    tag_version(client, name, version, {"gate.applied": "true"})
+    settle_challenger(client, name)
+    return decision
+
+
+def apply_decision(client, name: str, version: str, decision: GateDecision, who: str) -> GateDecision:
+    """Apply a decision made by the caller as it is (tests and tools that build a history); register decides
+    against the champion current at the move instead (`apply_gate`)."""
+    return apply_gate(client, name, version, lambda champion: decision, who)
 
 
 def current_user() -> str:
@@ -298,32 +218,41 @@ def promote_version(tracking_uri: str, name: str, version: str, reason: str, who
     """Give `version` @champion by hand (who and why recorded; the previous champion stays in the history, so
     rollback returns to it); return a line saying what happened."""
     client = registry_client(tracking_uri)
-    number = str(get_version(client, name, version).version)
-    previous = alias_holder(client, name, CHAMPION)
-    if previous == number:
+    number, who = str(get_version(client, name, version).version), who or current_user()
+    state, move = move_champion(client, name, lambda s: None if s.champion == number else
+                                new_move(s, number, "manual", who, reason))
+    if move is None:
         return f"{name} v{number} is already @champion; nothing changed"
-    set_champion(client, name, number, "manual", who or current_user(), reason)
-    return f"{name} v{number} is now @champion (was {f'v{previous}' if previous else 'none'}): {reason}"
+    tag_version(client, name, number, {"promotion": "manual", **stamp("promoted", who, reason)})
+    return f"{name} v{number} is now @champion (was {f'v{move.previous}' if move.previous else 'none'}): {reason}"
+
+
+def rollback_move(name: str, who: str, why: str) -> Callable[[ChampionState], Move]:
+    """Return the proposal that moves @champion back to the version before the current one."""
+    def propose(state: ChampionState) -> Move:
+        if not state.history:
+            raise RegistryError(f"{name} has no @champion to roll back")
+        if len(state.history) < 2:
+            raise RegistryError(f"{name} v{state.history[-1]} is its first champion: there is no previous one to "
+                                "roll back to")
+        return new_move(state, state.history[-2], "rollback", who, why)
+
+    return propose
 
 
 def rollback_champion(tracking_uri: str, name: str, reason: str = "", who: str | None = None) -> str:
     """Move @champion back to the version that held it before the current one (recorded on both); return a line."""
     client = registry_client(tracking_uri)
-    history = champion_history(client, name)
-    if not history:
-        raise RegistryError(f"{name} has no @champion to roll back")
-    if len(history) < 2:
-        raise RegistryError(f"{name} v{history[-1]} is its first champion: there is no previous one to roll back to")
-    current, previous = history[-1], history[-2]
-    get_version(client, name, previous)  # still there (not deleted)
+    get_model(client, name)
     who, why = who or current_user(), reason or "rollback"
-    client.set_registered_model_alias(name, CHAMPION, previous)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
-    for key, value in stamp("demoted", who, f"rolled back to v{previous}: {why}").items():
-        client.set_model_version_tag(name, current, key, value)
-    for key, value in {"promotion": "rollback",
-                       **stamp("promoted", who, f"rolled back from v{current}: {why}")}.items():
-        client.set_model_version_tag(name, previous, key, value)
+    history = read_state(client, name).history
+    if len(history) >= 2:
+        get_version(client, name, history[-2])  # still there (not deleted)
+    _, move = move_champion(client, name, rollback_move(name, who, why))
+    current, previous = move.previous, move.version
+    tag_version(client, name, current, stamp("demoted", who, f"rolled back to v{previous}: {why}"))
+    tag_version(client, name, previous, {"promotion": "rollback",
+                                         **stamp("promoted", who, f"rolled back from v{current}: {why}")})
     return f"{name} @champion rolled back from v{current} to v{previous}"
 
 
@@ -354,8 +283,9 @@ def list_versions(tracking_uri: str, name: str) -> str:
     versions = all_versions(client, name)
     lines = [f"{name}: {len(versions)} version{'s' if len(versions) != 1 else ''}, @champion "
              + (f"v{held[CHAMPION]}" if CHAMPION in held else "none")]
+    state = read_state(client, name)
+    if state.seq and state.champion != held.get(CHAMPION):
+        lines.append(f"note: the champion record says v{state.champion} (move {state.seq}); @champion was moved "
+                     "outside sftflow: the gate compares against the record's (sftflow promote records a move)")
     lines += [version_line(v, by_version.get(str(v.version), [])) for v in reversed(versions)]
     return "\n".join(lines)
-
-
-# ---- links to the MLflow UI ----

@@ -20,6 +20,7 @@ from typing import Any
 
 from tasks.core.config import STEP_NAMES
 from tasks.core.errors import SftflowError
+from tasks.core.redact import redact
 
 FAILURE_FILE = "failure.md"
 TRACEBACK_FILE = "failure-traceback.txt"  # the full traceback, for debugging: failure.md and the CLI show one line
@@ -47,7 +48,7 @@ class FailureReport:
         kept = f"; outputs so far in {self.run_dir}" if self.run_dir else ""
         trace = f"; traceback in {self.run_dir / TRACEBACK_FILE}" if self.traceback and self.run_dir else ""
         rerun = f"; rerun: {self.command}" if self.command else ""
-        return f"{where}: {self.reason}{kept}{trace}{rerun}"
+        return redact(f"{where}: {self.reason}{kept}{trace}{rerun}")  # an error may quote a URI with credentials
 
     def markdown(self) -> str:
         """Return failure.md's text (also the artifact's)."""
@@ -63,7 +64,7 @@ class FailureReport:
             lines += ["| path | size |", "|---|---|", *(f"| `{name}` | {human_size(size)} |"
                                                      for name, size in self.produced)] if self.produced else \
                 ["nothing yet"]
-        return "\n".join(lines) + "\n"
+        return redact("\n".join(lines) + "\n")
 
 
 LAST: dict[str, FailureReport] = {}  # by flow run id, in this process: the CLI prints the line of the one it ran
@@ -201,7 +202,7 @@ def step_failure(step: str, runs_dir: Path, run_dir: Path, error: BaseException)
     the retries), its traceback saved to the run directory's failure-traceback.txt; the line is what the CLI prints."""
     report = FailureReport("", step, one_line(error, ""), run_dir, [], rerun_command(step, runs_dir, run_dir, {}),
                            "".join(traceback.format_exception(error)))
-    (run_dir / TRACEBACK_FILE).write_text(report.traceback, encoding="utf-8")
+    (run_dir / TRACEBACK_FILE).write_text(redact(report.traceback), encoding="utf-8")
     return report
 
 
@@ -211,7 +212,7 @@ def publish(report: FailureReport) -> None:
     if report.run_dir is not None and report.run_dir.is_dir():
         (report.run_dir / FAILURE_FILE).write_text(text, encoding="utf-8")
         if report.traceback:
-            (report.run_dir / TRACEBACK_FILE).write_text(report.traceback, encoding="utf-8")
+            (report.run_dir / TRACEBACK_FILE).write_text(redact(report.traceback), encoding="utf-8")
     create_failure_artifact(report.flow_run_id, text, report)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from tasks.core.artifacts import markdown_table, publish_markdown
 from tasks.core.common import in_prefect_run, stage_logger, stage_task
 from tasks.core.config import RUN_LAYOUT, RunPaths
+from tasks.core.redact import redact, redact_value
 from tasks.registry.card import data_accounting, numbers, rows_line
 
 # what a run stopped early (--until) lists of its directory, in pipeline order, when it is there
@@ -71,9 +72,10 @@ def publish_artifacts(summary: dict, text: str) -> None:
 
 @stage_task("save-config", cache=False)
 def save_config(config_yaml: str, out_file: Path) -> Path:
-    """Write the resolved config of a run (what `sftflow task` and MLflow params read back) and return its path."""
+    """Write the resolved config of a run (what `sftflow task` and MLflow params read back) and return its path; a
+    tracking URI's credentials are written as `***` (PipelineConfig.tracking_uri reveals them from the environment)."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(config_yaml, encoding="utf-8")
+    out_file.write_text(redact(config_yaml), encoding="utf-8")
     return out_file
 
 
@@ -81,7 +83,7 @@ def save_config(config_yaml: str, out_file: Path) -> Path:
 def write_summary(run_id: str, clean_report: Path, eval_dir: Path, registered: dict, flow_run_id: str | None,
                   started_at: float, out_file: Path) -> dict:
     """Write summary.json, publish the run's artifacts, and return the summary."""
-    summary = build_summary(run_id, clean_report, eval_dir, registered, flow_run_id, started_at)
+    summary = redact_value(build_summary(run_id, clean_report, eval_dir, registered, flow_run_id, started_at))
     out_file.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if in_prefect_run():
         publish_artifacts(summary, human_summary(summary))
@@ -93,7 +95,7 @@ def write_summary(run_id: str, clean_report: Path, eval_dir: Path, registered: d
 def write_stopped_summary(run: RunPaths, until: str, resume: str, flow_run_id: str | None, started_at: float) -> dict:
     """Write summary.json of a run stopped after step `until`, publish it as the `run-summary` artifact, and return
     it."""
-    summary = stopped_summary(run, until, resume, flow_run_id, started_at)
+    summary = redact_value(stopped_summary(run, until, resume, flow_run_id, started_at))
     run.summary.write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if in_prefect_run():
         publish_artifacts(summary, human_stopped(summary))

@@ -1,117 +1,34 @@
-"""Serve a registered version (`NAME@champion`, `NAME/3`) over HTTP: POST a prompt, get the model's answer.
+"""Serve a registered version (`NAME@champion`, `NAME/3`) through the OpenAI chat-completions API.
 
     sftflow serve sftflow-orders@champion --port 8080
-    curl -s http://127.0.0.1:8080/ -d '{"instruction": "Extract the order as JSON.", "input": "2 lamps to Oslo"}'
-    curl -s http://127.0.0.1:8080/ -d '{"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 32,
-                                         "temperature": 0.7, "seed": 1}'
-    curl -s http://127.0.0.1:8080/health
+    curl -s http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "sftflow-orders@champion", "messages": [{"role": "user", "content": "..."}]}'
 
-A request is a JSON object: `instruction` (+ optional `input`: one user turn "instruction\\n\\ninput", as the Alpaca
-format trains it) or `messages` ([{role, content}, ...], the user's last); optional `max_new_tokens` (1 to
---max-new-tokens, its default), `temperature` (0, the default: greedy; above 0 samples) and `seed`. The prompt is
-rendered with the chat template in the version's trained directory, the one it was trained with. The answer:
-{"text", "model": "NAME/VERSION", "tokens": new tokens, "stopped": it ended with EOS/end-of-turn, not at
-max_new_tokens}. Bad JSON, a missing, unknown or invalid field, or a prompt over --max-input-tokens gets a 4xx with
-{"error": reason}. GET /health names the model. No authentication: keep --host on loopback unless a proxy guards it.
-
-The server is the standard library's ThreadingHTTPServer: one model answers one request at a time (a lock), so an
-async framework gains nothing; this keeps serving free of a dependency whose version only Prefect pins (fastapi and
-uvicorn are installed as Prefect's), and Ctrl-C or SIGTERM shut it down cleanly.
+Any OpenAI client works against base_url http://127.0.0.1:8080/v1 (docs/serving.md has the protocol, the options and
+the `openai` package example). The version is found in the MLflow registry and loaded as evaluate loads it; prompts are
+rendered and cut by the chat encoder exactly as format cut the training rows (tasks/formatting/masks.py), with the
+version's own tokenizer and chat template; an answer ends at the template's end of turn (the stop ids evaluate counts),
+a `stop` string, or its token budget. Requests share batches on the model's one thread (tasks/serving/batcher.py,
+tasks/serving/decode.py); FastAPI and uvicorn do the HTTP (tasks/serving/app.py). No authentication: keep --host on
+loopback unless a proxy guards it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
-import traceback
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from tasks.core.errors import ConfigError, SftflowError
-from tasks.data.formats import NO_INPUT
 from tasks.registry.registry import RegisteredVersion, find_version
 
-MAX_BODY_BYTES = 1 << 20
-ROLES = ("system", "user", "assistant")
-FIELDS = ("instruction", "input", "messages", "max_new_tokens", "temperature", "seed")
-MAX_TEMPERATURE = 5.0
-
-
-class RequestProblem(ValueError):
-    """A request the server refuses: `status` is the 4xx it answers with, the message its reason."""
-
-    def __init__(self, reason: str, status: int = 400):
-        super().__init__(reason)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    messages: list[dict]
-    max_new_tokens: int
-    temperature: float
-    seed: int | None
-
-
-def request_messages(body: dict) -> list[dict]:
-    """Return the chat messages a request asks about: its `messages`, or one user turn from instruction + input."""
-    if "messages" in body and "instruction" in body:
-        raise RequestProblem("send 'instruction' or 'messages', not both")
-    if "messages" not in body and "instruction" not in body:
-        raise RequestProblem("missing field: send 'instruction' (with an optional 'input') or 'messages'")
-    if "instruction" in body:
-        instruction, extra = body["instruction"], body.get("input", "")
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise RequestProblem("'instruction' must be a non-empty string")
-        if not isinstance(extra, str):
-            raise RequestProblem("'input' must be a string")
-        text = f"{instruction}\n\n{extra}" if extra.strip().lower() not in NO_INPUT else instruction
-        return [{"role": "user", "content": text}]
-    if "input" in body:
-        raise RequestProblem("'input' goes with 'instruction'; put it in the messages instead")
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise RequestProblem("'messages' must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise RequestProblem(f"messages[{i}] must be an object with exactly 'role' and 'content'")
-        if m["role"] not in ROLES or not isinstance(m["content"], str):
-            raise RequestProblem(f"messages[{i}]: role must be one of {', '.join(ROLES)} and content a string")
-    if messages[-1]["role"] != "user":
-        raise RequestProblem(f"the last message must be the user's (got {messages[-1]['role']!r})")
-    return messages
-
-
-def bounded(body: dict, field: str, default, low, high, kind, note: str = ""):
-    """Return `body[field]` (or `default` when absent) if it is a `kind` from `low` to `high`; else RequestProblem."""
-    value = body.get(field, default)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high):
-        what = "an integer" if kind is int else "a number"
-        raise RequestProblem(f"'{field}' must be {what} from {low}{note} to {high} (got {value!r})")
-    return value
-
-
-def parse_request(raw: bytes, max_new_tokens: int) -> GenerateRequest:
-    """Return the request in a POST body, or raise RequestProblem saying what is wrong with it."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestProblem(f"the body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestProblem("the body must be a JSON object")
-    if unknown := sorted(set(body) - set(FIELDS)):
-        raise RequestProblem(f"unknown field {unknown[0]!r} (expected some of {', '.join(FIELDS)})")
-    messages = request_messages(body)
-    budget = bounded(body, "max_new_tokens", max_new_tokens, 1, max_new_tokens, int)
-    temperature = bounded(body, "temperature", 0, 0, MAX_TEMPERATURE, int | float, " (0: greedy)")
-    seed = bounded(body, "seed", None, 0, 2**32 - 1, int)
-    return GenerateRequest(messages, budget, float(temperature), seed)
+GRACEFUL_SHUTDOWN_S = 5  # in-flight answers get this long to finish after Ctrl-C or SIGTERM
 
 
 def serving_method(method: str, cuda: bool, as_trained: bool = False) -> str:
@@ -128,121 +45,32 @@ def serving_method(method: str, cuda: bool, as_trained: bool = False) -> str:
     return method
 
 
-def load_serving_model(version: RegisteredVersion, as_trained: bool = False) -> Any:
+def load_serving_model(version: RegisteredVersion, as_trained: bool = False, dtype: str = "fp32") -> Any:
     """Return the version's model ready for inference: full weights, or its adapter over the base (merged into a
-    full-precision base, see `serving_method`)."""
+    full-precision base, see `serving_method`). On a CPU its full-precision weights then take `dtype`: fp32, bf16,
+    or auto, the dtype the CPU computes natively (tasks/model/precision.py: bf16 with AVX512-BF16 or AMX, else fp32);
+    a base kept quantized (`as_trained`) computes in its own dtype, and on CUDA the weights load as trained."""
     from pydantic import ValidationError
 
     from tasks.core.config import TrainConfig
-    from tasks.model.modeling import has_cuda, is_adapter_dir, load_trained_model
+    from tasks.model.modeling import has_cuda, is_adapter_dir, load_trained_model, resolve_version_base
+    from tasks.model.precision import choose_precision
 
     adapter = is_adapter_dir(version.trained_dir)
-    if adapter and (not version.base_model or version.base_model.startswith((".", "/"))
-                    and not Path(version.base_model).is_dir()):
-        raise ConfigError(f"{version.name}/{version.version} is a LoRA adapter over base_model tag "
-                          f"{version.base_model!r}, which is no directory on this machine")
+    # the base by its spec, resolved on this machine (a GGUF converted, a Hub id fetched), or its registered
+    # directory where that is still here
+    base = resolve_version_base(version.base_model, version.base_path) if adapter else ""
     try:
         cfg = TrainConfig(method=serving_method(version.method, has_cuda(), as_trained))
     except ValidationError:
         raise ConfigError(f"{version.name}/{version.version}: unknown train_method tag {version.method!r}") from None
-    model = load_trained_model(version.base_model, version.trained_dir, cfg)
+    model = load_trained_model(base, version.trained_dir, cfg)
     if adapter and cfg.method == "lora":
         model = model.merge_and_unload()
+    precision = choose_precision(dtype, has_cuda())
+    if not has_cuda() and cfg.method not in ("qlora", "lora_8bit") and precision.name != "fp32":
+        model = model.to(precision.torch_dtype)
     return model.eval()
-
-
-class Generator:
-    """One model and its tokenizer, answering one request at a time."""
-
-    def __init__(self, version: RegisteredVersion, model, tokenizer, max_input_tokens: int, max_new_tokens: int):
-        self.version, self.model, self.tokenizer = version, model, tokenizer
-        self.max_input_tokens, self.max_new_tokens = max_input_tokens, max_new_tokens
-        self.model_id = f"{version.name}/{version.version}"
-        from tasks.evaluate.evaluate import stop_ids
-
-        self.stop_ids = stop_ids(model, tokenizer)  # what evaluate's stop_rate counts: end-of-turn and EOS ids
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        self.lock = threading.Lock()
-        from tasks.formatting.chat_format import chat_encoder
-
-        # the prompt is cut and tokenized as format cut the training rows (tasks/formatting/masks.py): the same ids
-        self.encoder = chat_encoder(tokenizer, tokenizer.chat_template, fast=False)
-
-    def encode(self, request: GenerateRequest) -> list[int]:
-        """Return the prompt's token ids (chat template, generation prompt, cut as format cuts a training row), or
-        raise RequestProblem if too long."""
-        ids = self.encoder.encode_prompt(request.messages)
-        if len(ids) > self.max_input_tokens:
-            raise RequestProblem(f"the prompt is {len(ids)} tokens after the chat template; this server takes at most "
-                                 f"{self.max_input_tokens} (--max-input-tokens)", status=413)
-        return ids
-
-    def generate(self, ids: list[int], request: GenerateRequest) -> dict:
-        """Return the answer to an encoded prompt: text, model, new tokens and whether it stopped by itself."""
-        import torch
-
-        device = next(self.model.parameters()).device
-        # do_sample=False always said: a generation_config.json may default to sampling (Qwen's does)
-        sampling = {"do_sample": bool(request.temperature)} | ({"temperature": request.temperature}
-                                                                if request.temperature else {})
-        with self.lock, torch.no_grad():
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            out = self.model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(
-                1, len(ids), dtype=torch.long, device=device), max_new_tokens=request.max_new_tokens,
-                eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **sampling)
-        new = out[0, len(ids):].tolist()
-        return {"text": self.tokenizer.decode(new, skip_special_tokens=True).strip(), "model": self.model_id,
-                "tokens": len(new), "stopped": bool(new) and new[-1] in self.stop_ids}
-
-
-class ModelServer(ThreadingHTTPServer):
-    """The HTTP server around one Generator."""
-
-    daemon_threads = True  # an open keep-alive connection never holds up shutdown
-
-    def __init__(self, address: tuple[str, int], generator: Generator, ref: str):
-        super().__init__(address, GenerateHandler)
-        self.generator, self.ref = generator, ref
-
-
-class GenerateHandler(BaseHTTPRequestHandler):
-    server: ModelServer
-
-    def reply(self, status: int, payload: dict) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        if self.path.split("?")[0] != "/health":
-            return self.reply(404, {"error": f"no such path {self.path}: POST / to generate, GET /health"})
-        self.reply(200, {"status": "ok", "model": self.server.generator.model_id, "ref": self.server.ref})
-
-    def do_POST(self) -> None:
-        if self.path.split("?")[0] not in ("/", "/generate"):
-            return self.reply(404, {"error": f"no such path {self.path}: POST / (or /generate) to generate"})
-        generator = self.server.generator
-        try:
-            request = parse_request(self.read_body(), generator.max_new_tokens)
-            ids = generator.encode(request)
-        except RequestProblem as e:
-            return self.reply(e.status, {"error": str(e)})
-        try:
-            answer = generator.generate(ids, request)
-        except Exception as e:  # noqa: BLE001 - answer 500 and keep serving; the traceback goes to the log
-            self.log_error("generation failed:\n%s", traceback.format_exc())
-            return self.reply(500, {"error": f"generation failed: {type(e).__name__}: {e}"})
-        self.reply(200, answer)
-
-    def read_body(self) -> bytes:
-        length = self.headers.get("Content-Length", "")
-        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-            raise RequestProblem(f"send a body of at most {MAX_BODY_BYTES} bytes, with a Content-Length header", 413)
-        return self.rfile.read(int(length))
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -250,10 +78,8 @@ def default_tracking_uri(runs_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
-def load_generator(args: argparse.Namespace) -> Generator:
-    """Return the Generator for the version `args.model` names, or raise ConfigError (one line) if there is none."""
-    from transformers import AutoTokenizer
-
+def find_served_version(args: argparse.Namespace) -> RegisteredVersion:
+    """Return the version `args.model` names, downloaded, or raise ConfigError (one line) if there is none."""
     from tasks.core.config import absent_sqlite_store
 
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
@@ -264,17 +90,119 @@ def load_generator(args: argparse.Namespace) -> Generator:
     if version is None:
         raise ConfigError(f"no registered version {args.model!r} with trained weights in {uri}: check the model "
                           "name, the alias (e.g. NAME@champion) or the version number (NAME/3)")
-    model = load_serving_model(version, args.as_trained)
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if positions and args.max_input_tokens + args.max_new_tokens > positions:
-        raise ConfigError(f"--max-input-tokens {args.max_input_tokens} + --max-new-tokens {args.max_new_tokens} is "
-                          f"more than the {positions} positions {version.name}/{version.version} has; lower them")
+    return version
+
+
+def serving_parts(version: RegisteredVersion, as_trained: bool = False, dtype: str = "auto"):
+    """Return (model, tokenizer, prompt encoder, decoder) answering for `version` as `sftflow serve` does: the model
+    loaded for serving (`load_serving_model`), its trained/ tokenizer and chat template, the prompt cut and tokenized
+    as format cut the training rows, and the batched decoder stopping where evaluate's stop_rate counts a stop."""
+    from transformers import AutoTokenizer
+
+    from tasks.evaluate.evaluate import stop_ids
+    from tasks.formatting.chat_format import chat_encoder
+    from tasks.serving.decode import Decoder
+
+    model = load_serving_model(version, as_trained, dtype)
     # with the chat template it was trained with; never the repository's own code
     tokenizer = AutoTokenizer.from_pretrained(version.trained_dir, trust_remote_code=False)
     if not tokenizer.chat_template:
         raise ConfigError(f"{version.name}/{version.version}: its trained/ tokenizer has no chat template to render "
                           "prompts with")
-    return Generator(version, model, tokenizer, args.max_input_tokens, args.max_new_tokens)
+    stops = stop_ids(model, tokenizer)  # what evaluate's stop_rate counts: end-of-turn and EOS ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    # the prompt is cut and tokenized as format cut the training rows (tasks/formatting/masks.py): the same ids
+    encoder = chat_encoder(tokenizer, tokenizer.chat_template, fast=False)
+    return model, tokenizer, encoder, Decoder(model, tokenizer, stops, pad)
+
+
+def served_answers(version: RegisteredVersion, prompts: list[list[dict]], max_new_tokens: int,
+                   batch_size: int) -> list[str]:
+    """Return the greedy answers `sftflow serve` (its defaults) gives to chat `prompts`: the same loading, prompt
+    ids and batched decoder, `batch_size` rows at a time, without the HTTP around them (which moves text, not
+    tokens). The serving-parity check's `served` path (tasks/registry/parity.py)."""
+    import torch
+
+    from tasks.serving.decode import Event, Row, Sampling
+
+    _, _, encoder, decoder = serving_parts(version)
+    answers: list[list[str]] = [[] for _ in prompts]
+
+    def collect(k: int):
+        def emit(event: Event) -> None:
+            if event.error:
+                raise RuntimeError(event.error)
+            answers[k].append(event.text)
+        return emit
+
+    waiting = [Row(encoder.encode_prompt(p), Sampling(max_new_tokens), collect(k)) for k, p in enumerate(prompts)]
+    batch = None
+    with torch.inference_mode():
+        while waiting or batch is not None:
+            room = batch_size - (len(batch.rows) if batch else 0)
+            newcomers, waiting = waiting[:room], waiting[room:]
+            batch = decoder.advance(batch, newcomers)
+    return ["".join(parts).strip() for parts in answers]
+
+
+def load_service(args: argparse.Namespace):
+    """Return the Service (tasks/serving/app.py) answering for the version `args.model` names, its batcher not yet
+    started; raise ConfigError (one line) if the version cannot be found or served within the limits asked."""
+    from tasks.serving.app import Service
+    from tasks.serving.batcher import Batcher
+
+    version = find_served_version(args)
+    model, _, encoder, decoder = serving_parts(version, args.as_trained, args.dtype)
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if positions and args.max_input_tokens + args.max_new_tokens > positions:
+        raise ConfigError(f"--max-input-tokens {args.max_input_tokens} + --max-new-tokens {args.max_new_tokens} is "
+                          f"more than the {positions} positions {version.name}/{version.version} has; lower them")
+    batcher = Batcher(decoder, args.max_batch, args.max_waiting, args.batch_window_ms / 1000)
+    model_id = f"{version.name}/{version.version}"
+    return Service(model_id, tuple(dict.fromkeys((model_id, args.model, version.name))), batcher,
+                   encoder.encode_prompt, args.max_input_tokens, args.max_new_tokens, args.read_timeout, args.model,
+                   str(next(model.parameters()).dtype).removeprefix("torch."))
+
+
+def header_deadline(timeout_s: float) -> type:
+    """Return uvicorn's h11 protocol with a deadline for each request's line and headers, from the connection's
+    start or the previous answer's end. uvicorn times an idle keep-alive connection only until its first byte, so a
+    client that sends headers a byte at a time would hold its connection forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        deadline = None
+
+        def arm(self) -> None:
+            self.disarm()
+            self.deadline = self.loop.call_later(timeout_s, self.transport.close)
+
+        def disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def data_received(self, data: bytes) -> None:
+            cycle = self.cycle
+            super().data_received(data)
+            if self.cycle is not cycle:  # the headers are in: the app's own deadline times the body
+                self.disarm()
+
+        def on_response_complete(self) -> None:
+            cycle = self.cycle
+            super().on_response_complete()
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.arm()
+
+        def connection_lost(self, exc) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,39 +215,83 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs_dir: its mlflow.db is the default store; downloads go to <runs_dir>/served")
     parser.add_argument("--max-input-tokens", type=int, default=1024, help="longest prompt, after the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=256,
-                        help="default and largest max_new_tokens a request may ask for")
+                        help="default and largest max_tokens a request may ask for")
+    parser.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one batch")
+    parser.add_argument("--max-waiting", type=int, default=32,
+                        help="most requests waiting behind a full batch; one more is answered 503 at once")
+    parser.add_argument("--batch-window-ms", type=float, default=10,
+                        help="how long an idle model waits for more requests to batch with the first")
+    parser.add_argument("--read-timeout", type=float, default=30,
+                        help="seconds a client has to send its request's headers, and again its body (408 after)")
+    parser.add_argument("--keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="CPU weights and compute: auto (bf16 where the CPU has it natively, else fp32), fp32 "
+                             "(as evaluate computes a lora or full version), bf16")
     parser.add_argument("--as-trained", action="store_true",
                         help="load a qlora/lora_8bit base quantized as in training, also on a CPU (slower)")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise ConfigError (one line) for a limit that cannot work."""
+    for name in ("max_input_tokens", "max_new_tokens", "max_batch", "read_timeout", "keep_alive"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be above 0 (got {getattr(args, name)})")
+    if args.max_waiting < 0 or args.batch_window_ms < 0:
+        raise ConfigError("--max-waiting and --batch-window-ms must be 0 or more")
+
+
+def log_to_stderr() -> None:
+    """Send the server's own, uvicorn's and its access log lines to stderr (one format, INFO and up)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("sftflow.serve", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_command(args: argparse.Namespace) -> None:
-    """Serve `args.model` until Ctrl-C or SIGTERM; raise ConfigError if it cannot be found or loaded."""
-    if min(args.max_input_tokens, args.max_new_tokens) < 1:
-        raise ConfigError("--max-input-tokens and --max-new-tokens must be at least 1")
-    generator = load_generator(args)
+    """Serve `args.model` until Ctrl-C or SIGTERM; raise ConfigError if it cannot be found, loaded or listened for."""
+    import uvicorn
+
+    from tasks.serving.app import build_app
+
+    check_arguments(args)
+    service = load_service(args)
     try:
-        server = ModelServer((args.host, args.port), generator, args.model)
+        sock = socket.create_server((args.host, args.port))
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick another --port") from None
-    host, port = server.server_address[:2]
-    print(f"serving {generator.model_id} ({args.model}) on http://{host}:{port}: POST / with JSON, GET /health; "
-          "Ctrl-C stops", flush=True)
+    log_to_stderr()
+    # connections beyond what the batch and the line can use, plus room for /health and idle keep-alives, get 503
+    limit = 2 * (args.max_batch + args.max_waiting) + 16
+    config = uvicorn.Config(build_app(service), log_config=None, lifespan="off", ws="none",
+                            http=header_deadline(args.read_timeout), timeout_keep_alive=args.keep_alive,
+                            limit_concurrency=limit, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    host, port = sock.getsockname()[:2]
+    service.batcher.start()
+    print(f"serving {service.model_id} ({args.model}) on http://{host}:{port}/v1: POST /v1/chat/completions, "
+          "GET /v1/models, GET /health; Ctrl-C stops", flush=True)
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
+    # uvicorn catches SIGINT/SIGTERM while it runs and raises them again once it has shut down: these handlers turn
+    # that into a clean return. SIGINT too: a process started by one that ignores SIGINT inherits that.
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live only there
-    # SIGINT too: a process started by one that ignores SIGINT inherits that, and Python then never raises
-    # KeyboardInterrupt, so Ctrl-C would not stop the server
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
-        server.serve_forever()
+        uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
-        print(f"stopped serving {generator.model_id}", flush=True)
+        pass
     finally:
-        server.server_close()
+        service.batcher.stop()
+        service.encoder_pool.shutdown(wait=False)
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    print(f"stopped serving {service.model_id}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

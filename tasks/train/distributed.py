@@ -6,6 +6,13 @@ task's log and turns a failed worker into one error line. Each worker (`python -
 builds the same trainer as the single-process path; rank 0 writes the adapter (or full model), the tokenizer and
 log_history.json to the same places, and every rank records what it trained in `ranks/rank<N>.json`.
 
+Across machines (`train.num_machines` > 1, accelerate's num_machines, machine_rank, main_process_ip and
+main_process_port): the train step runs machine 0, which owns the train dir (clears another job's checkpoints, checks
+the saved outputs) and writes the job there; every other machine joins the same job with `python -m
+tasks.train.join TRAIN_DIR --machine-rank N` (tasks/train/join.py), which reads machine 0's job spec from the shared
+train dir and launches its own share of the processes. The processes meet at machine 0's address over gloo (CPUs) or
+NCCL (GPUs); rank 0 alone writes the outputs, and each rank its RNG state into the shared checkpoints.
+
 Why not `accelerate launch --cpu`: in accelerate 1.15 `--cpu` takes the simple launcher, which starts ONE process
 unless mpirun is installed (`--mpirun_hostfile`). The elastic launcher (`distributed_type: MULTI_GPU` or `FSDP`)
 starts N processes on any machine; on a CPU the workers' `use_cpu` makes accelerate choose MULTI_CPU with gloo.
@@ -30,15 +37,28 @@ from tasks.train.methods import save_trained, saved_name
 WORKER_LINE = "[rank "  # prefix of the lines the workers' sftflow logger writes; everything else is library noise
 
 
+ZERO_STAGE = {"deepspeed_zero2": 2, "deepspeed_zero3": 3}  # train.distributed -> DeepSpeed's ZeRO stage
+
+
 def check_distributed_config(cfg: TrainConfig, cuda: bool) -> None:
     """Fail before launching on combinations that cannot run in several processes."""
     if cfg.distributed == "fsdp" and not cuda:
         # accelerate 1.15 turns FSDP on only for GPU-like devices; a CPU job would silently run DDP instead
         raise ConfigError("train.distributed=fsdp needs CUDA devices (accelerate has no FSDP for CPU processes); "
                           "use train.distributed=ddp on a CPU")
-    if cfg.distributed == "fsdp" and cfg.method in ("qlora", "lora_8bit"):
-        raise ConfigError(f"train.distributed=fsdp cannot shard the bitsandbytes-quantized base of method "
-                          f"{cfg.method}; use train.distributed=ddp or train.method=lora/full")
+    if cfg.distributed in ZERO_STAGE and not cuda:
+        raise ConfigError(f"train.distributed={cfg.distributed} needs CUDA devices (DeepSpeed's ZeRO shards over "
+                          "GPUs with NCCL); use train.distributed=ddp on a CPU")
+    if cfg.distributed in ("fsdp", "deepspeed_zero3") and cfg.method in ("qlora", "lora_8bit"):
+        raise ConfigError(f"train.distributed={cfg.distributed} cannot shard the bitsandbytes-quantized base of "
+                          f"method {cfg.method}; use train.distributed=ddp or deepspeed_zero2, or "
+                          "train.method=lora/full")
+    if cfg.distributed in ZERO_STAGE:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"train.distributed={cfg.distributed} needs the deepspeed package: pip install "
+                              "deepspeed (on the GPU machines), or use train.distributed=ddp or fsdp")
 
 
 def threads_per_process(num_processes: int, cores: int | None = None) -> int:
@@ -55,13 +75,25 @@ def free_port() -> int:
 
 
 def accelerate_config(cfg: TrainConfig, port: int, cuda: bool) -> dict:
-    """Return the `accelerate launch` config: one machine, N processes, DDP or FSDP, nothing left to prompt for."""
-    config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP" if cfg.distributed == "fsdp"
-              else "MULTI_GPU", "num_processes": cfg.num_processes, "num_machines": 1, "machine_rank": 0,
-              "main_process_ip": "127.0.0.1", "main_process_port": port, "rdzv_backend": "static",
-              "same_network": True, "gpu_ids": "all", "use_cpu": not cuda, "debug": False,
+    """Return the `accelerate launch` config of this machine: num_processes in all over num_machines, this machine's
+    rank, DDP, FSDP or DeepSpeed ZeRO, nothing left to prompt for."""
+    kind = {"fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED"}.get(cfg.distributed,
+                                                                                             "MULTI_GPU")
+    config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": kind, "num_processes": cfg.num_processes,
+              "num_machines": cfg.num_machines, "machine_rank": cfg.machine_rank,
+              "main_process_ip": cfg.main_process_ip or "127.0.0.1", "main_process_port": port,
+              "rdzv_backend": "static", "same_network": True, "gpu_ids": "all", "use_cpu": not cuda, "debug": False,
               "mixed_precision": "no",  # the trainer's bf16/fp16 flags (tasks/model/precision.py) decide autocast
               "dynamo_config": {}, "enable_cpu_affinity": False}
+    if cfg.distributed in ZERO_STAGE:
+        # ZeRO-2 shards optimizer state and gradients, ZeRO-3 the weights too; "auto"-free values that must match the
+        # trainer's (accumulation, clipping); stage 3 gathers a 16-bit copy so rank 0 can save whole weights
+        config["deepspeed_config"] = {"zero_stage": ZERO_STAGE[cfg.distributed],
+                                      "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                                      "gradient_clipping": cfg.max_grad_norm, "offload_optimizer_device": "none",
+                                      "offload_param_device": "none",
+                                      "zero3_init_flag": cfg.distributed == "deepspeed_zero3",
+                                      "zero3_save_16bit_model": cfg.distributed == "deepspeed_zero3"}
     if cfg.distributed == "fsdp":
         # FSDP2 shards each transformer block (the model's _no_split_modules); frozen base weights and trainable
         # LoRA weights may share a block; rank 0 gathers the full state dict when the adapter is saved.
@@ -80,7 +112,7 @@ def launch_command(config_file: Path, spec_file: Path) -> list[str]:
 
 def launch_env(num_processes: int, cuda: bool, cores: int | None = None) -> dict[str, str]:
     """Return the launcher's environment: this one, unbuffered output, the cores (`cores`, else all of this
-    process's) shared out among the processes, CPU forced if no GPU."""
+    process's) shared out among this machine's `num_processes` processes, CPU forced if no GPU."""
     root = str(Path(__file__).resolve().parents[2])  # the workers import this package wherever the task runs
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1",
@@ -90,19 +122,37 @@ def launch_env(num_processes: int, cuda: bool, cores: int | None = None) -> dict
     return env
 
 
+def launch_files(out_dir: Path, machine_rank: int) -> tuple[Path, Path]:
+    """Return the job spec and accelerate config files of one machine's launch: machine 0's are the job's
+    (distributed_job.json, accelerate_config.yaml), a joining machine's carry its rank."""
+    suffix = f"-machine{machine_rank}" if machine_rank else ""
+    return out_dir / f"distributed_job{suffix}.json", out_dir / f"accelerate_config{suffix}.yaml"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a machine joining the job may read it the moment it appears."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def prepare_launch(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
                    cuda: bool, cores: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """Write the job spec and the accelerate config into out_dir; return the launch command and its environment
-    (the workers share `cores`, else all of this process's)."""
+    """Write the job spec and this machine's accelerate config into out_dir; return the launch command and its
+    environment (this machine's workers share `cores`, else all of this process's)."""
     import yaml
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the job is the same on every machine (machine_rank 0): its workers compute one checkpoint key, so a joining
+    # machine never takes machine 0's checkpoints for another job's; the rank goes to the accelerate config alone
+    job = cfg.model_copy(update={"machine_rank": 0})
     spec = {"formatted_dir": str(formatted_dir), "model_dir": str(model_dir), "out_dir": str(out_dir),
-            "cfg": cfg.model_dump(mode="json")}
-    spec_file, config_file = out_dir / "distributed_job.json", out_dir / "accelerate_config.yaml"
-    spec_file.write_text(json.dumps(spec, indent=1), encoding="utf-8")
-    config_file.write_text(yaml.safe_dump(accelerate_config(cfg, free_port(), cuda)), encoding="utf-8")
-    return launch_command(config_file, spec_file), launch_env(cfg.num_processes, cuda, cores)
+            "cfg": job.model_dump(mode="json")}
+    spec_file, config_file = launch_files(out_dir, cfg.machine_rank)
+    port = cfg.main_process_port or free_port()  # several machines meet at the configured one
+    write_atomically(spec_file, json.dumps(spec, indent=1))
+    write_atomically(config_file, yaml.safe_dump(accelerate_config(cfg, port, cuda)))
+    return launch_command(config_file, spec_file), launch_env(cfg.num_processes // cfg.num_machines, cuda, cores)
 
 
 def stream_launch(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
@@ -140,25 +190,28 @@ def failure(out_dir: Path, code: int, tail: list[str]) -> Exception:
 
 def train_distributed(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: TrainConfig,
                       cores: int | None = None) -> Path:
-    """Train in cfg.num_processes processes via `accelerate launch`, sharing `cores` (else all of this process's);
-    return what rank 0 saved (adapter or model)."""
+    """Train this machine's share of cfg.num_processes processes via `accelerate launch`, sharing `cores` (else all
+    of this process's); return what rank 0 saved (adapter or model; on a machine > 0, where machine 0 saves it)."""
     from tasks.model.modeling import has_cuda
 
     cuda = has_cuda()
     check_distributed_config(cfg, cuda)
-    # once, here: a different job's checkpoints go and broken ones are removed before the ranks look at them
-    resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg))
-    for stale in (out_dir / "ranks").glob("rank*.json"):
-        stale.unlink()
+    if cfg.machine_rank == 0:  # machine 0 owns the train dir; a joining machine only adds its processes
+        # once, here: a different job's checkpoints go and broken ones are removed before the ranks look at them
+        resumable_checkpoint(out_dir, training_key(formatted_dir, model_dir, cfg))
+        for stale in (out_dir / "ranks").glob("rank*.json"):
+            stale.unlink()
     cmd, env = prepare_launch(formatted_dir, model_dir, out_dir, cfg, cuda, cores)
-    stage_logger().info("train: accelerate launch, %d processes (%s, %s), %s threads each, config %s",
-                        cfg.num_processes, cfg.distributed, "nccl" if cuda else "gloo", env["OMP_NUM_THREADS"],
-                        out_dir / "accelerate_config.yaml")
+    machines = (f" over {cfg.num_machines} machines (this one rank {cfg.machine_rank}, meeting at "
+                f"{cfg.main_process_ip}:{cfg.main_process_port})" if cfg.num_machines > 1 else "")
+    stage_logger().info("train: accelerate launch, %d processes%s (%s, %s), %s threads each, config %s",
+                        cfg.num_processes, machines, cfg.distributed, "nccl" if cuda else "gloo",
+                        env["OMP_NUM_THREADS"], launch_files(out_dir, cfg.machine_rank)[1])
     code, tail = stream_launch(cmd, env)
     if code != 0:
         raise failure(out_dir, code, tail)
     saved = out_dir / saved_name(cfg)
-    if not saved.is_dir():
+    if cfg.machine_rank == 0 and not saved.is_dir():
         raise RuntimeError(f"train: accelerate launch exited 0 but rank 0 wrote no {saved}; last line: "
                            f"{tail[-1] if tail else 'no output'}")
     return saved

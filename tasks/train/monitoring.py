@@ -22,6 +22,7 @@ from pathlib import Path
 from tasks.core.common import stage_logger
 from tasks.core.config import PipelineConfig, TrainConfig, flatten
 from tasks.core.errors import TrainingDiverged
+from tasks.core.redact import install_log_redaction, redact, remember, reveal
 from tasks.train.diagnose import diagnosis_tags, publish_diagnoses, write_diagnoses
 
 RUN_FILE = "mlflow_run.json"  # in the run's train dir: the MLflow run of this sftflow run
@@ -59,7 +60,7 @@ def saved_run_id(client, train_dir: Path, tracking: Tracking) -> str | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("tracking_uri") != tracking.tracking_uri:
+    if saved.get("tracking_uri") != redact(tracking.tracking_uri):  # the file keeps the URI without credentials
         return None
     try:
         run = client.get_run(saved["run_id"])
@@ -82,7 +83,8 @@ def open_mlflow_run(tracking: Tracking, train_dir: Path) -> str:
     """Return the MLflow run of this sftflow run (reused on a retry or rerun, else created); record it in train_dir."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking.tracking_uri)
+    install_log_redaction()
+    client = MlflowClient(remember(tracking.tracking_uri))
     exp_id = experiment_id(client, tracking)
     run_id = saved_run_id(client, train_dir, tracking) or tagged_run_id(client, exp_id, tracking.run_name)
     if run_id is None:
@@ -91,7 +93,7 @@ def open_mlflow_run(tracking: Tracking, train_dir: Path) -> str:
     else:
         client.update_run(run_id, status="RUNNING")
     train_dir.mkdir(parents=True, exist_ok=True)
-    record = {"run_id": run_id, "tracking_uri": tracking.tracking_uri, "experiment_id": exp_id,
+    record = {"run_id": run_id, "tracking_uri": redact(tracking.tracking_uri), "experiment_id": exp_id,
               "run_name": tracking.run_name}
     (train_dir / RUN_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     return run_id
@@ -104,9 +106,9 @@ def recorded_run(train_dir: Path) -> dict | None:
 
 
 def param_values(flat: dict) -> dict[str, str]:
-    """Return flattened config values as MLflow params (lists and dicts as JSON), the one form train and register
-    use."""
-    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flat.items()}
+    """Return flattened config values as MLflow params (lists and dicts as JSON, credentials redacted), the one form
+    train and register use."""
+    return {k: redact(json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat.items()}
 
 
 def new_params(client, run_id: str, params: dict[str, str]) -> dict[str, str]:
@@ -259,8 +261,11 @@ def monitoring_callbacks(out_dir: Path) -> list:
     """Return [tokens/s + peak memory, live MLflow metrics (if out_dir records a run), the nan/inf stop], in the
     order they must run: the measures join each log before it is sent, the stop comes last."""
     callbacks = [throughput_callback()]
-    if (record := recorded_run(out_dir)) is not None:
-        callbacks.append(live_metrics_callback(record["tracking_uri"], record["run_id"]))
+    record = recorded_run(out_dir)
+    # the record keeps the URI without credentials: the real one comes from this process or MLFLOW_TRACKING_URI; a
+    # worker process that cannot have it logs no live metrics (register logs the curve from the saved history)
+    if record is not None and (uri := reveal(record["tracking_uri"])) is not None:
+        callbacks.append(live_metrics_callback(uri, record["run_id"]))
     return [*callbacks, divergence_callback(out_dir / "log_history.json")]
 
 

@@ -54,9 +54,10 @@ def test_a_bare_environment_run_succeeds_without_a_traceback_and_lands_where_the
     assert "Traceback" not in output and "database is locked" not in output
     assert "run cli-1: rows raw" in result.stdout and "exact_match base 0.000 -> tuned " in result.stdout
     # the last line: what the gate decided and why (configs/tiny.yaml gates on the held-out loss, which training
-    # lowers below the base's)
+    # lowers below the base's on every held-out row: the paired bootstrap's lower bound is above the margin too)
     assert re.fullmatch(r"gate: v1 takes @champion: eval_loss [\d.]+ beats base's [\d.]+ by [\d.e-]+ > margin 0 "
-                        r"\(lower is better\)", result.stdout.strip().splitlines()[-1]), result.stdout[-500:]
+                        r"\(lower is better\); 0\.95 paired-bootstrap lower bound [\d.e-]+ over 8 items",
+                        result.stdout.strip().splitlines()[-1]), result.stdout[-500:]
     # the database `make ui-prefect` serves: PREFECT_HOME from `sftflow env`, run from the same directory
     exports = sftflow("env", cwd=project, env=bare_env(home)).stdout
     prefect_home = next(line.split("=", 1)[1] for line in exports.splitlines() if "PREFECT_HOME=" in line)

@@ -1,6 +1,10 @@
 """Two pipeline runs at once on one machine: `sftflow run` twice, started together, against the test harness's
 Prefect API, each with its own run directory, sharing one runs_dir (MLflow sqlite store, registry, champions cache)
-and one base model. With one training slot they take turns at training, and the shared stores stay whole."""
+and one base model. With one training slot they take turns at training, and the shared stores stay whole.
+
+And two registrations at once, against a sqlite store and a real `mlflow server`: @champion moves by compare-and-set
+on the champion record (tasks/registry/ledger.py), so the better version holds it whichever writes last, and no move
+of many writers in several processes is lost."""
 
 import json
 import os
@@ -16,6 +20,7 @@ from prefect.settings import PREFECT_API_URL
 
 from tasks.train.concurrency import train_limit_name
 from tests.conftest import ROOT
+from tests.flows.test_remote_tracking import mlflow_server  # noqa: F401 (a fixture: a real `mlflow server`)
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -76,7 +81,7 @@ def test_both_runs_register_their_own_version(two_runs):
     assert summaries["a"]["mlflow_run_id"] != summaries["b"]["mlflow_run_id"]
 
 
-def test_the_aliases_agree_one_champion_and_the_challenger_on_the_latest(two_runs):
+def test_the_aliases_agree_with_the_champion_record_each_move_decided_against_the_one_before(two_runs):
     from mlflow import MlflowClient
 
     runs, summaries = two_runs["runs"], two_runs["summaries"]
@@ -84,11 +89,17 @@ def test_the_aliases_agree_one_champion_and_the_challenger_on_the_latest(two_run
     model = client.get_registered_model("sftflow-tiny")
     aliases = {alias: str(version) for alias, version in model.aliases.items()}
     assert set(aliases) == {"champion", "challenger"}
-    assert aliases["challenger"] == "2"  # every new version is the challenger: the last one holds it
-    champion = aliases["champion"]
-    # the champion is the version whose own run said it took @champion (the later run, on the current champion)
+    assert aliases["challenger"] == "2"  # every new version is the challenger: the newest holds it
+    moves = [json.loads(model.tags[k]) for k in sorted(model.tags) if k.startswith("champion.move.")]
+    assert moves and aliases["champion"] == moves[-1]["version"]  # the alias shows the record's last move
+    # not last-writer-wins: each move was decided against the champion the move before it left
+    assert [m["previous"] for m in moves] == [None, *(m["version"] for m in moves[:-1])]
+    for move in moves:
+        tags = client.get_model_version("sftflow-tiny", move["version"]).tags
+        against = "base" if move["previous"] is None else f"champion v{move['previous']}"
+        assert (tags["gate.promoted"], tags["gate.against"], tags["gate.reason"]) == ("true", against, move["reason"])
     said = {str(s["model_version"]) for s in summaries.values() if s["alias"] == "champion"}
-    assert champion in said and (said == {champion} or said == {"1", "2"} and champion == "2")
+    assert said == {m["version"] for m in moves}
     for version in ("1", "2"):
         tags = client.get_model_version("sftflow-tiny", version).tags
         assert tags["gate.applied"] == "true" and tags["sftflow_run_id"] in ("a", "b")
@@ -236,3 +247,137 @@ def test_a_forgotten_lease_frees_no_slot_that_a_live_recorded_holder_has(reclaim
     pid = dead_pid()
     plant_holder(name, limit_id, uuid.uuid4(), pid)
     assert reclaim_dead_slots(name) == [pid] and active_slots(name) == 1  # its record goes, the live slot stays
+
+
+# ---- two registrations at once: the gate decides against the champion current at the move ----
+
+ITEMS = 40  # held-out items of the prepared reports
+
+
+def items(score: float) -> list[float]:
+    """Per-item exact match with `score` of the items right, nested (a better model gets the same items right)."""
+    right = round(score * ITEMS)
+    return [1.0] * right + [0.0] * (ITEMS - right)
+
+
+def prepared_report(tuned: float) -> dict:
+    """An eval report of a run that scored `tuned` against champion v1's 0.5, on held-out set `set-1`."""
+    return {"heldout_fingerprint": "set-1",
+            "models": {"base": {"exact_match": 0.1}, "tuned": {"exact_match": tuned},
+                       "champion": {"exact_match": 0.5, "version": "1"}},
+            "items": {"base": {"exact_match": items(0.1)}, "tuned": {"exact_match": items(tuned)},
+                      "champion": {"exact_match": items(0.5)}}}
+
+
+def registered(client, scores: list[float]) -> None:
+    """Model `race` with one version per score, tagged as register tags them (score, items, held-out set); v1
+    champion."""
+    from tasks.registry.gate import item_tags
+    from tasks.registry.registry import GateDecision, apply_decision
+
+    client.create_registered_model("race")
+    for score in scores:
+        report = prepared_report(score)
+        client.create_model_version("race", "s3://sftflow-test/nowhere", tags={
+            "heldout_fingerprint": "set-1", "score.exact_match": repr(score), **item_tags(report)})
+    apply_decision(client, "race", "1", GateDecision("exact_match", 0.5, "base", 0.1, 0.0, True, "v1 over base"), "t")
+
+
+@pytest.fixture(params=["sqlite", "mlflow-server"])
+def store(request, tmp_path):
+    """A registry store: a sqlite file, or a real `mlflow server` on a loopback port (many processes, one database)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return request.getfixturevalue("mlflow_server")[0]
+
+
+@pytest.mark.parametrize("held", ["0.9", "0.8"])
+def test_two_registrations_at_once_the_better_holds_champion_whichever_writes_last(store, held, monkeypatch):
+    import threading
+
+    from mlflow import MlflowClient
+
+    from tasks.registry import ledger
+    from tasks.registry.registry import apply_gate, decide_promotion
+
+    registered(MlflowClient(store, registry_uri=store), [0.5, 0.9, 0.8])
+    versions = {"0.9": "2", "0.8": "3"}
+    other_done, decided = threading.Event(), {"0.9": [], "0.8": []}
+    claim = ledger.claim_move
+
+    def held_claim(client, name, seq, move):  # hold one writer between its decision and its write
+        if move.version == versions[held] and not other_done.is_set():
+            assert other_done.wait(120), "the other registration did not finish"
+        return claim(client, name, seq, move)
+
+    monkeypatch.setattr(ledger, "claim_move", held_claim)
+    results, errors = {}, []
+
+    def register(label: str) -> None:
+        def decide(champion):
+            decision = decide_promotion(prepared_report(float(label)), "exact_match", 0.0, champion, 0.95)
+            decided[label].append(decision.against)
+            return decision
+
+        try:
+            results[label] = apply_gate(MlflowClient(store, registry_uri=store), "race", versions[label], decide, label)
+        except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+        finally:
+            if label != held:
+                other_done.set()
+
+    threads = [threading.Thread(target=register, args=(label,)) for label in ("0.9", "0.8")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert errors == []
+    client = MlflowClient(store, registry_uri=store)
+    model = client.get_registered_model("race")
+    assert str(model.aliases["champion"]) == "2"  # 0.9 holds @champion
+    assert decided[held][0] == "champion v1"  # the held one decided against v1, then waited: a real race
+    moves = [json.loads(model.tags[k]) for k in sorted(model.tags) if k.startswith("champion.move.")]
+    if held == "0.9":  # 0.8 moved first; 0.9's claim was lost, and it decided again against 0.8 (v3)
+        assert decided["0.9"] == ["champion v1", "champion v3"]
+        assert [(m["version"], m["previous"]) for m in moves] == [("1", None), ("3", "1"), ("2", "3")]
+        assert results["0.9"].promoted and results["0.9"].against_score == 0.8
+    else:  # 0.9 moved first; 0.8 lost its claim and, against 0.9, does not promote
+        assert decided["0.8"] == ["champion v1", "champion v2"]
+        assert [(m["version"], m["previous"]) for m in moves] == [("1", None), ("2", "1")]
+        assert not results["0.8"].promoted and "does not beat champion v2's 0.9" in results["0.8"].reason
+    v3 = client.get_model_version("race", "3").tags
+    assert v3["gate.applied"] == "true" and v3["gate.against"] == ("champion v1" if held == "0.9" else "champion v2")
+    assert json.loads(model.tags["champion_history"]) == [m["version"] for m in moves]
+    assert str(model.aliases["challenger"]) == "3"  # the newest version
+
+
+MOVER = """
+import sys
+from tasks.registry.registry import promote_version
+uri, versions = sys.argv[1], sys.argv[2:]
+for v in versions:
+    print(promote_version(uri, "race", v, "stress", who="p"), flush=True)
+"""
+
+
+def test_many_moves_from_two_processes_at_once_lose_none(tmp_path):
+    from mlflow import MlflowClient
+
+    from tasks.registry.ledger import read_state
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registered(MlflowClient(uri, registry_uri=uri), [0.5, 0.6, 0.7, 0.8])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", MOVER, uri, *versions], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for versions in (["2", "3", "4"] * 4, ["3", "4", "2"] * 4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    moved = sum(line.endswith(": stress") for out, _ in outputs for line in out.splitlines())
+    client = MlflowClient(uri, registry_uri=uri)
+    model = client.get_registered_model("race")
+    state = read_state(client, "race")
+    assert state.seq == moved + 1 and len(state.history) == state.seq  # every move recorded, none lost
+    assert str(model.aliases["champion"]) == state.champion  # the alias shows the last move
+    assert [m.name for m in client.search_registered_models()] == ["race"]  # no claim left behind

@@ -1,5 +1,7 @@
 """A remote MLflow store: a real `mlflow server` on a loopback port, found through MLFLOW_TRACKING_URI, receives the
-run, the model version and its aliases; the server is stopped with nothing left running."""
+run, the model version and its aliases; the server is stopped with nothing left running. With credentials in that
+URI (`http://user:TOKEN@host:port`), a whole pipeline run writes the token nowhere: not under runs/, the sftflow
+home, the server's store and artifacts, Prefect's database and result storage, nor the console."""
 
 import os
 import signal
@@ -114,3 +116,50 @@ def test_register_honours_a_remote_tracking_uri_and_the_server_keeps_version_and
     while live_processes(server.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert live_processes(server.pid) == []  # no server or worker process left behind
+
+
+def files_holding(secret: bytes, *roots: Path) -> list[str]:
+    """Return every file under `roots` whose bytes hold `secret` (databases and their -wal files included)."""
+    found = []
+    for root in roots:
+        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            try:
+                if secret in path.read_bytes():
+                    found.append(str(path))
+            except OSError:  # removed meanwhile (a temporary file)
+                continue
+    return found
+
+
+def test_a_pipeline_run_with_credentials_in_the_tracking_uri_writes_them_nowhere(
+        mlflow_server, tiny_model_dir, tmp_path, monkeypatch, capfd):
+    import json
+    import uuid
+
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    from flows.sft_pipeline import sft_pipeline
+
+    url, _ = mlflow_server
+    token = f"TOKEN{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("http://", f"http://user:{token}@"))
+    runs = tmp_path / "runs"
+    summary = sft_pipeline(ROOT / "configs" / "tiny.yaml", [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}",
+                                                            "evaluate.max_samples=4"], "secret-1")
+    APILogHandler().flush()  # the run's logs, into Prefect's database
+    assert summary["model_version"] == 1 and summary["mlflow_run_url"].startswith(f"{url}/#/experiments/")
+    client = MlflowClient(url, registry_uri=url)  # the run really went to the server
+    assert client.get_run(summary["mlflow_run_id"]).data.tags["model_version"] == "1"
+    record = json.loads((runs / "secret-1" / "train" / "mlflow_run.json").read_text())
+    assert record["tracking_uri"] == url.replace("http://", "http://***@")
+    prefect_db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]).parent
+    roots = [runs, Path(os.environ["SFTFLOW_HOME"]), tmp_path / "server.db", tmp_path / "server-artifacts",
+             prefect_db, Path(PREFECT_LOCAL_STORAGE_PATH.value())]
+    assert all(root.exists() for root in (*roots[:3], prefect_db)), roots  # server-artifacts only if it was used
+    assert (runs / "secret-1" / "summary.json").is_file() and (prefect_db / "prefect-test.db").is_file()
+    # what is searched holds what would leak: the run's logs and its link artifacts (the server's address) are there
+    assert files_holding(b"register: v1 ", prefect_db) and files_holding(url.encode(), prefect_db)
+    assert files_holding(token.encode(), *roots) == []
+    out, err = capfd.readouterr()
+    assert token not in out + err  # the console: sftflow's logs, and no "View run at" line of MLflow's with it

@@ -1,5 +1,6 @@
 """Evaluate on the tiny model: the report's contract keys, batched loss, stop and runaway checks, the champion, seeded
-sampling, and the Prefect artifacts inside a run."""
+sampling, the Prefect artifacts inside a run; the rows chosen by hash across sources, the fingerprint that says when
+scores compare, and the per-item scores the gate's bootstrap pairs."""
 
 import json
 import shutil
@@ -16,8 +17,10 @@ from tasks.evaluate.evaluate import (
     generate,
     heldout_fingerprint,
     supervised_loss,
+    supervised_row_losses,
     turn_markers,
 )
+from tasks.evaluate.heldout import select_rows
 from tasks.model.modeling import load_base_model, load_trained_model
 from tasks.registry.registry import Champion
 from tasks.train.train import train_model
@@ -71,9 +74,12 @@ def report(formatted, can_stop_dir, adapters, tmp_path_factory):  # noqa: F811
 
 def test_the_report_has_every_contract_key_for_base_tuned_and_champion(report, formatted):  # noqa: F811
     result, out = report
-    rows = pq.read_table(formatted / "heldout.parquet").to_pylist()
+    cfg = EvaluateConfig(**JSON_EVAL)
+    rows = select_rows(pq.read_table(formatted / "heldout.parquet").to_pylist(), cfg.max_samples)
     assert result["heldout_rows"] == len(rows) > 0
-    assert result["heldout_fingerprint"] == heldout_fingerprint(rows)
+    assert result["heldout_fingerprint"] == heldout_fingerprint(rows, cfg)
+    assert result["scoring"]["extractor"] == {"name": "json", "pattern": None, "labels": None}
+    assert len(result["scoring"]["metrics_code"]) == 64
     assert result["metrics"] == ["field_match", "exact_match", "json_valid"]
     assert result["generation"] == {"max_new_tokens": 40, "do_sample": False, "temperature": 1.0, "top_p": 1.0,
                                     "seed": 0, "batch_size": 4}
@@ -102,7 +108,7 @@ def test_the_tuned_model_answers_stops_and_beats_base_and_the_weaker_champion(re
 def test_samples_hold_each_models_answer_headline_score_and_stop_flag(report, formatted):  # noqa: F811
     result, out = report
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    rows = pq.read_table(formatted / "heldout.parquet").to_pylist()
+    rows = select_rows(pq.read_table(formatted / "heldout.parquet").to_pylist(), EvaluateConfig().max_samples)
     assert [s["row_id"] for s in samples] == [r["row_id"] for r in rows]
     for sample, row in zip(samples, rows):
         assert sample["prompt"] == json.loads(row["prompt"])[-1]["content"] and sample["reference"] == ANSWER
@@ -137,6 +143,64 @@ def test_the_batched_eval_loss_equals_one_row_at_a_time(formatted, can_stop_dir,
         count += int((labels[1:] != -100).sum())
     rtol, _ = tolerance(compute_dtype())
     assert supervised_loss(model, rows, batch_size=4) == pytest.approx(total / count, rel=rtol)
+
+
+def test_the_report_holds_per_item_scores_paired_by_position_that_average_to_the_summary(report):
+    result, out = report
+    items, tokens = result["items"], result["item_tokens"]
+    assert set(items) == {"base", "tuned", "champion"} and len(tokens) == result["heldout_rows"]
+    for name, summary in result["models"].items():
+        assert set(items[name]) == {"field_match", "exact_match", "json_valid", "eval_loss"}
+        assert sum(items[name]["exact_match"]) / len(tokens) == pytest.approx(summary["exact_match"])
+        weighted = sum(x * n for x, n in zip(items[name]["eval_loss"], tokens)) / sum(tokens)
+        assert weighted == pytest.approx(summary["eval_loss"], rel=1e-6)  # the token-weighted mean the gate resamples
+
+
+def test_row_losses_sum_to_the_batched_mean(formatted, can_stop_dir, adapters):  # noqa: F811
+    model = load_trained_model(can_stop_dir, adapters[0], lora_config()).eval()
+    rows = pq.read_table(formatted / "heldout.parquet").to_pylist()
+    sums, counts = supervised_row_losses(model, rows, batch_size=3)
+    assert len(sums) == len(rows) and all(n > 0 for n in counts)
+    assert counts == [sum(r["assistant_masks"][1:]) for r in rows]  # in the rows' order, not the batches'
+    rtol, _ = tolerance(compute_dtype())
+    assert sum(sums) / sum(counts) == pytest.approx(supervised_loss(model, rows, batch_size=16), rel=rtol)
+
+
+def heldout_rows(source: str, n: int) -> list[dict]:
+    return [{"row_id": i, "source": source, "prompt": json.dumps([{"role": "user", "content": f"{source} {i}"}]),
+             "reference": f"answer {source} {i}", "input_ids": [1, 2, i], "assistant_masks": [0, 1, 1]}
+            for i in range(n)]
+
+
+def test_samples_are_chosen_by_hash_across_every_source_not_the_first_rows():
+    first, second = heldout_rows("orders", 60), heldout_rows("chats", 60)
+    text_rows = [{**r, "prompt": None} for r in heldout_rows("text", 30)]  # no prompt: never chosen
+    rows = first + text_rows + second
+    chosen = select_rows(rows, 16)
+    assert len(chosen) == 16 and {r["source"] for r in chosen} == {"orders", "chats"}  # not 16 of the first source
+    assert 3 <= sum(r["source"] == "chats" for r in chosen) <= 13
+    assert [r for r in rows if r in chosen] == chosen  # in held-out order
+    reordered = select_rows(second + first, 16)  # the same rows whatever their order
+    assert sorted(r["reference"] for r in reordered) == sorted(r["reference"] for r in chosen)
+    assert len(select_rows(rows, 1000)) == 120
+
+
+def test_the_fingerprint_covers_generation_settings_extractor_metrics_tokens_and_metric_code(monkeypatch):
+    rows = heldout_rows("orders", 4)
+    cfg = EvaluateConfig()
+    base = heldout_fingerprint(rows, cfg)
+    assert heldout_fingerprint(rows, cfg) == base
+    for change in ({"max_new_tokens": 65}, {"do_sample": True}, {"temperature": 0.7}, {"top_p": 0.9}, {"seed": 1},
+                   {"batch_size": 8}, {"extractor": "gsm8k"}, {"extractor": "regex", "pattern": "(\\d+)"},
+                   {"metrics": ["token_f1", "exact_match"]}):
+        assert heldout_fingerprint(rows, cfg.model_copy(update=change)) != base, change
+    assert heldout_fingerprint(rows, cfg.model_copy(update={"loss_batch_size": 3})) == base  # the same loss
+    assert heldout_fingerprint([{**rows[0], "input_ids": [1, 2, 9]}, *rows[1:]], cfg) != base  # other tokens
+    assert heldout_fingerprint(rows[::-1], cfg) != base
+    import tasks.evaluate.heldout as heldout
+
+    monkeypatch.setattr(heldout, "metrics_code_version", lambda: "other metric code")
+    assert heldout_fingerprint(rows, cfg) != base
 
 
 def test_batched_greedy_answers_equal_one_prompt_at_a_time(formatted, tiny_model_dir, tiny_tokenizer):  # noqa: F811
