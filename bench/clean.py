@@ -1,23 +1,28 @@
-"""Benchmark of the data layer: ingest + clean + split of synthetic Alpaca rows, against a pandas baseline.
+"""Benchmark of the data layer: ingest + clean + split of synthetic Alpaca rows, against two pandas baselines.
 
-    python bench/clean.py [--rows 1000000] [--pandas-rows 100000] [--seed 0] [--profile]
+    python bench/clean.py [--rows 1000000] [--repeats 3] [--seed 0] [--profile]
 
 Writes a seeded JSONL file (about 90% unique rows, 5% exact duplicates after normalisation, 5% near duplicates,
-0.5% dirt) to a temporary directory, then times sftflow's `ingest_rows` + `clean_database` (the split is part of
-clean) on all of it, and bench/pandas_baseline.py on its first --pandas-rows rows; the pandas time for the full
-row count is extrapolated linearly from that. Generation is not timed. The last line printed is one JSON object:
-{"rows", "sftflow_s", "pandas_s", "speedup", "pandas_rows", "pandas_measured_s", ...}. Exits 1 when the two
-implementations disagree on a deterministic rule (dirt or exact duplicates).
+0.5% dirt) to a temporary directory (not timed), then times on all of its rows, --repeats times each, interleaved:
+- sftflow: `ingest_rows` + `clean_database` (the split is part of clean), default CleanConfig;
+- pandas: bench/pandas_baseline.py with sftflow's own MinHash parameters (16 permutations built once, 8 bands of 2,
+  exact Jaccard verification);
+- pandas + datasketch: the same pandas rules, near duplicates by datasketch's MinHashLSH as its docs show.
+Each side's median and spread (min-max) are printed, and the near-duplicate step's own seconds. The last line printed
+is one JSON object: {"rows", "sftflow_s", "pandas_s", "datasketch_s", "speedup", "speedup_datasketch",
+"near_speedup", ..., "cpu"}; `speedup` = pandas_s / sftflow_s (medians). Exits 1 when sftflow and the pandas
+baseline disagree on a deterministic rule (dirt or exact duplicates).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import itertools
 import json
 import os
 import pstats
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -271,17 +276,46 @@ def compare(sft: dict, pds: dict) -> list[str]:
     return [r for r in DETERMINISTIC_RULES if sft["dropped_by_rule"].get(r, 0) != pds["dropped_by_rule"].get(r, 0)]
 
 
+def median_spread(values: list[float]) -> tuple[float, list[float]]:
+    """Return the median and [min, max] of `values`, rounded."""
+    return round(statistics.median(values), 2), [round(min(values), 2), round(max(values), 2)]
+
+
+def timed_repeats(src: Path, tmp: Path, repeats: int) -> dict[str, list]:
+    """Time sftflow and both pandas baselines `repeats` times each, interleaved (a load change hits all three);
+    return {side: [(seconds, accounting or (ingest_s, clean_s, accounting), phase seconds), ...]}."""
+    runs: dict[str, list] = {"sftflow": [], "pandas": [], "datasketch": []}
+    for k in range(repeats):
+        log: dict[str, float] = defaultdict(float)
+        load = os.getloadavg()[0]
+        shutil.rmtree(tmp / "sftflow", ignore_errors=True)
+        ingest_s, clean_s, sft = run_sftflow(src, tmp / "sftflow", log)
+        runs["sftflow"].append({"s": ingest_s + clean_s, "ingest_s": ingest_s, "clean_s": clean_s,
+                                "near_s": log[NEAR], "log": dict(log), "counts": sft, "load": load})
+        print(f"[{k + 1}/{repeats}] sftflow {ingest_s + clean_s:.2f}s (ingest {ingest_s:.2f}s, clean + split "
+              f"{clean_s:.2f}s, of which near duplicates {log[NEAR]:.2f}s); load before {load:.2f}", flush=True)
+        for near in ("pandas", "datasketch"):
+            load = os.getloadavg()[0]
+            t = time.perf_counter()
+            counts = clean_pandas(src, near="same" if near == "pandas" else "datasketch")
+            seconds = time.perf_counter() - t
+            runs[near].append({"s": seconds, "near_s": counts["near_s"], "counts": counts, "load": load})
+            print(f"[{k + 1}/{repeats}] {near} {seconds:.2f}s (near duplicates {counts['near_s']:.2f}s); load before "
+                  f"{load:.2f}", flush=True)
+    return runs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows (default 1,000,000)")
-    ap.add_argument("--pandas-rows", type=int, default=100_000,
-                    help="rows the pandas baseline runs on (the first N); its time is scaled to --rows")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each side (default 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
-                    help="after the timed run, profile a second, untimed sftflow run with cProfile")
+                    help="after the timed runs, profile a further, untimed sftflow run with cProfile")
     args = ap.parse_args()
-    pandas_rows = min(args.pandas_rows, args.rows)
+    from tasks.model.precision import cpu_summary
 
+    print(f"CPU: {cpu_summary()}; load {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="sftflow-bench-") as tmp:
         tmp = Path(tmp)
         src = tmp / "bench.jsonl"
@@ -289,54 +323,51 @@ def main() -> int:
         kinds = generate(src, args.rows, args.seed)
         print(f"generated {args.rows:,} rows in {time.perf_counter() - t:.1f}s ({src.stat().st_size / 2**20:,.0f} "
               f"MiB, not timed): {kinds}", flush=True)
-
-        log: dict[str, float] = defaultdict(float)
-        ingest_s, clean_s, sft = run_sftflow(src, tmp / "sftflow", log)
-        sftflow_s = ingest_s + clean_s
-        print(f"\nsftflow: {args.rows:,} rows in {sftflow_s:.2f}s = {args.rows / sftflow_s:,.0f} rows/s "
-              f"(ingest {ingest_s:.2f}s, clean + split {clean_s:.2f}s)")
-        print("  clean + split, by statement (s):")
-        print_breakdown(log, clean_s)
-        print(f"  kept {sft['rows_clean']:,}; dropped {sft['dropped_by_rule']}; split {sft['split']}", flush=True)
-
-        t = time.perf_counter()
-        pds = clean_pandas(src, nrows=pandas_rows if pandas_rows < args.rows else None)
-        pandas_measured_s = time.perf_counter() - t
-        pandas_s = pandas_measured_s * args.rows / pandas_rows
-        scaled = "" if pandas_rows == args.rows else (
-            f"; scaled linearly to {args.rows:,} rows: {pandas_s:.1f}s (extrapolated, not measured)")
-        print(f"\npandas: {pandas_rows:,} rows in {pandas_measured_s:.2f}s = "
-              f"{pandas_rows / pandas_measured_s:,.0f} rows/s{scaled}", flush=True)
-
-        if pandas_rows < args.rows:  # same rows on both sides for the cross-check
-            prefix = tmp / "prefix.jsonl"
-            with open(src, encoding="utf-8") as f, open(prefix, "w", encoding="utf-8") as g:
-                g.writelines(itertools.islice(f, pandas_rows))
-            _, _, sft_prefix = run_sftflow(prefix, tmp / "sftflow-prefix")
-        else:
-            sft_prefix = sft
-        print(f"\ncross-check on the first {pandas_rows:,} rows (near duplicates are MinHash estimates on both "
-              "sides; the other rules must agree):")
-        mismatched = compare(sft_prefix, pds)
-
+        runs = timed_repeats(src, tmp, args.repeats)
+        print("\nsftflow's clean + split by statement (s), first run:")
+        first = runs["sftflow"][0]
+        print_breakdown(defaultdict(float, first["log"]), first["clean_s"])
+        print(f"\naccounting of all {args.rows:,} rows (near duplicates are MinHash estimates on every side; the other "
+              "rules must agree):")
+        mismatched = compare(first["counts"], runs["pandas"][0]["counts"])
+        sketched = runs["datasketch"][0]["counts"]["dropped_by_rule"].get("near_duplicate", 0)
+        print(f"  {'near_duplicate, datasketch':24} {sketched:>21,}")
         if args.profile:
-            print("\ncProfile of a second sftflow run (untimed; profiler overhead inflates Python-heavy code):")
+            print("\ncProfile of a further sftflow run (untimed; profiler overhead inflates Python-heavy code):")
             prof = cProfile.Profile()
             prof.runcall(run_sftflow, src, tmp / "sftflow-profile")
             pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    return report(args, runs, mismatched, cpu_summary())
 
-    speedup = pandas_s / sftflow_s
-    print(f"\nsftflow {sftflow_s:.2f}s for {args.rows:,} rows (goal <= {GOAL_S * args.rows / 1e6:.0f}s: "
-          f"{'met' if sftflow_s <= GOAL_S * args.rows / 1e6 else 'MISSED'}); speedup over pandas {speedup:.1f}x "
-          f"(goal >= {GOAL_SPEEDUP:.0f}x: {'met' if speedup >= GOAL_SPEEDUP else 'MISSED'}); {os.cpu_count()} cores")
+
+def report(args, runs: dict[str, list], mismatched: list[str], cpu: str) -> int:
+    """Print the medians, spreads, ratios and goals; print the JSON line; return the exit code."""
+    result = {"rows": args.rows, "repeats": args.repeats}
+    for side, label in (("sftflow", "sftflow"), ("pandas", "pandas"), ("datasketch", "datasketch")):
+        result[f"{label}_s"], result[f"{label}_spread_s"] = median_spread([r["s"] for r in runs[side]])
+        result[f"{label}_near_s"], _ = median_spread([r["near_s"] for r in runs[side]])
+        result[f"{label}_rows_per_s"] = round(args.rows / result[f"{label}_s"])
+        result[f"{label}_near_duplicates"] = runs[side][0]["counts"]["dropped_by_rule"].get("near_duplicate", 0)
+    result["speedup"] = round(result["pandas_s"] / result["sftflow_s"], 2)
+    result["speedup_datasketch"] = round(result["datasketch_s"] / result["sftflow_s"], 2)
+    result["near_speedup"] = round(result["pandas_near_s"] / result["sftflow_near_s"], 2)
+    result["near_speedup_datasketch"] = round(result["datasketch_near_s"] / result["sftflow_near_s"], 2)
+    result.update(ingest_s=median_spread([r["ingest_s"] for r in runs["sftflow"]])[0],
+                  clean_s=median_spread([r["clean_s"] for r in runs["sftflow"]])[0],
+                  rows_clean=runs["sftflow"][0]["counts"]["rows_clean"], cpu=cpu,
+                  load_before=[round(r["load"], 2) for side in runs.values() for r in side])
+    goal_s = GOAL_S * args.rows / 1e6
+    print(f"\nmedians of {args.repeats} (spread min-max): sftflow {result['sftflow_s']}s {result['sftflow_spread_s']} "
+          f"(goal <= {goal_s:.0f}s: {'met' if result['sftflow_s'] <= goal_s else 'NOT met'}); pandas "
+          f"{result['pandas_s']}s {result['pandas_spread_s']}: {result['speedup']}x (goal >= {GOAL_SPEEDUP:.0f}x: "
+          f"{'met' if result['speedup'] >= GOAL_SPEEDUP else 'NOT met'}); pandas + datasketch "
+          f"{result['datasketch_s']}s {result['datasketch_spread_s']}: {result['speedup_datasketch']}x; "
+          f"near duplicates alone: sftflow "
+          f"{result['sftflow_near_s']}s, pandas {result['pandas_near_s']}s ({result['near_speedup']}x), datasketch "
+          f"{result['datasketch_near_s']}s ({result['near_speedup_datasketch']}x); {cpu}")
     if mismatched:
         print(f"MISMATCH between sftflow and pandas on {', '.join(mismatched)}")
-    print(json.dumps({
-        "rows": args.rows, "sftflow_s": round(sftflow_s, 3), "pandas_s": round(pandas_s, 3),
-        "speedup": round(speedup, 2), "pandas_rows": pandas_rows, "pandas_measured_s": round(pandas_measured_s, 3),
-        "sftflow_rows_per_s": round(args.rows / sftflow_s), "pandas_rows_per_s": round(pandas_rows / pandas_measured_s),
-        "ingest_s": round(ingest_s, 3), "clean_s": round(clean_s, 3), "rows_clean": sft["rows_clean"],
-    }))
+    print(json.dumps(result))
     return 1 if mismatched else 0
 
 

@@ -1,26 +1,23 @@
-"""Evaluation benchmark: batched against one-by-one greedy generation, on the same prompts, in one run.
+"""Evaluation benchmark: batched against one-by-one greedy generation, on the same prompts, in one run, in two cases.
 
-Usage: .venv/bin/python bench/eval.py [--prompts 32] [--max-new-tokens 24] [--batch-size 32] [--load 4bit|full]
+Usage: .venv/bin/python bench/eval.py [--cases default,base] [--repeats 3] [--run runs/<id>]
 
-The model is the converted default base (SmolLM2-135M-Instruct from the packaged GGUF, cached locally), loaded as
-evaluate loads it (`--load full`, the default: fp32, as for the full/hft/lora methods; `--load 4bit`: the QLoRA
-base of the default run, 4-bit NF4). The prompts
-are held-out-style order-extraction requests from the synthetic data generator (tasks/data/synth.py), rendered with the
-model's chat template and `add_generation_prompt=True`. Both sides call evaluate's own
-`tasks.evaluate.evaluate.generate` with the same settings (greedy, `--max-new-tokens`, the template's end-of-turn as
-stop): once with batch size 1, once with `--batch-size` (left padding, KV cache, prompts of similar length batched
-together). A one-prompt warm-up runs first, untimed. The CPU and its load (1-minute load average before and after) are
-printed: the figures are wall-clock on a shared machine.
-
-The last line printed is one JSON object:
-{"speedup", "prompts_per_s", "one_by_one_prompts_per_s", "batched_s", "one_by_one_s", "answers_equal",
- "stop_rate", "prompts", "batch_size", "max_new_tokens", "load", "cpu", "load_avg"}
-`speedup` = batched prompts/s over one-by-one prompts/s; `answers_equal` is the share of prompts whose greedy
-answer is the same both ways (left padding changes float rounding, which can flip a near-tie).
-
-Measured (default run, 2 min wall, AMD EPYC 2 cores AVX2, shared with other jobs, load average 1.6 -> 2.0):
-speedup 4.86x, 1.77 prompts/s batched against 0.36 one by one, answers_equal 1.0. An earlier run at 32 new tokens
-under more load (1.9 -> 3.1) gave 4.46x, 0.48 prompts/s; `--load 4bit` (8 prompts, 16 tokens, load 4.6) 4.63x.
+Both sides call evaluate's own `tasks.evaluate.evaluate.generate` with the same settings (greedy, the template's
+end-of-turn as stop): once with batch size 1, once batched (left padding, KV cache, prompts of similar length
+together). A one-prompt warm-up runs first, untimed; each side is then timed --repeats times, alternating.
+- `default`: the case evaluate runs in the default pipeline. The 4-bit tuned model (the default run's QLoRA adapter
+  over the 4-bit NF4 base, loaded by tasks.model.modeling.load_trained_model as evaluate loads it) on the default
+  run's held-out prompts (64, with the token ids format cut for them, as evaluate prompts), at configs/default.yaml's
+  evaluate settings: max_new_tokens 48, batch 64. The adapter is --run's (a finished `make run`: runs/<id>), else the
+  newest under runs/, else one trained here first with the default config (untimed; a few minutes).
+- `base`: the earlier benchmark's case: the converted default base in fp32 (as the full/hft/lora methods load it) on
+  32 synthetic order prompts rendered with the chat template, 24 new tokens, batch 32.
+The CPU and its load (1-minute load average before each timed run) are printed: the figures are wall-clock on a
+shared machine. The last line printed is one JSON object: {"speedup" (the default case's), "cases": {case:
+{"speedup", "prompts_per_s", "one_by_one_prompts_per_s", "batched_s", "one_by_one_s", spreads, "answers_equal",
+"stop_rate", "prompts", "batch_size", "max_new_tokens", "load"}}, "cpu"}. `answers_equal` is the share of prompts
+whose greedy answer is the same both ways (left padding changes float rounding, which can flip a near-tie).
+Goal: >= 4x.
 """
 
 from __future__ import annotations
@@ -29,12 +26,15 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+GOAL = 4.0
 
 
 def order_prompts(n: int, seed: int = 123) -> list[list[dict]]:
@@ -46,67 +46,133 @@ def order_prompts(n: int, seed: int = 123) -> list[list[dict]]:
             for row in (make_order(rng) for _ in range(n))]
 
 
-def load_model(load: str):
-    """Return (model, tokenizer) of the default base model, 4-bit NF4 or full precision."""
-    from tasks.core.config import DEFAULT_BASE_MODEL
-    from tasks.model.base_model import resolve_base_model
+def default_run(run: Path | None) -> Path:
+    """Return a finished default run's directory: `run`, else the newest under runs/ with an adapter, else one
+    trained now (ingest to train, the default config, untimed)."""
+    if run is not None:
+        return run
+    done = sorted((p.parent.parent for p in (ROOT / "runs").glob("*/train/adapter/adapter_config.json")),
+                  key=lambda p: p.stat().st_mtime)
+    if done:
+        return done[-1]
+    from flows.steps import STEPS, RunContext
+    from tasks.core.config import RunPaths, load_config
+
+    cfg = load_config(ROOT / "configs" / "default.yaml",
+                      [f"runs_dir={tempfile.mkdtemp(prefix='sftflow-bench-eval-')}", "train.eval_steps=null"])
+    context = RunContext(cfg, RunPaths(cfg.runs_dir, "bench"))
+    print("no finished default run: training one with configs/default.yaml (untimed)", flush=True)
+    for name in ("prepare-base-model", "ingest", "clean", "format", "train"):
+        context.hand_over(name, STEPS[name].task.fn(*STEPS[name].args(context)))
+    return context.run.root
+
+
+def default_case(run: Path | None):
+    """Return (model, tokenizer, prompts, prompt ids, EvaluateConfig, label) of the default pipeline's evaluate."""
+    import pyarrow.parquet as pq
+
+    from tasks.core.config import load_config
+    from tasks.evaluate.heldout import select_rows
+    from tasks.model.modeling import load_trained_model
+    from tasks.model.tokenizer import load_tokenizer
+
+    root = default_run(run)
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    model_dir = base_model_dir()
+    rows = select_rows(pq.read_table(root / "formatted" / "heldout.parquet").to_pylist(), cfg.evaluate.max_samples)
+    model = load_trained_model(model_dir, root / "train" / "adapter", cfg.train).eval()
+    tokenizer = load_tokenizer(model_dir, root / "formatted")  # the base's, with the template format used
+    prompts = [json.loads(r["prompt"]) for r in rows]
+    ids = [r["input_ids"][:r["prompt_tokens"]] for r in rows]
+    return model, tokenizer, prompts, ids, cfg.evaluate, f"4-bit tuned ({root.name}), held-out prompts"
+
+
+def base_case():
+    """Return the earlier benchmark's case: the fp32 base, 32 order prompts, 24 new tokens, batch 32."""
+    from tasks.core.config import EvaluateConfig
     from tasks.model.modeling import load_base_model
     from tasks.model.tokenizer import load_tokenizer
 
-    model_dir = resolve_base_model(DEFAULT_BASE_MODEL)
-    return load_base_model(model_dir, load == "4bit").eval(), load_tokenizer(model_dir)
+    model_dir = base_model_dir()
+    cfg = EvaluateConfig(max_samples=32, max_new_tokens=24, batch_size=32)
+    return (load_base_model(model_dir, False).eval(), load_tokenizer(model_dir), order_prompts(32), None, cfg,
+            "fp32 base, order prompts")
 
 
-def timed_generate(model, tokenizer, prompts, batch_size: int, max_new_tokens: int):
+def base_model_dir() -> str:
+    """Return the converted default base model's directory."""
+    from tasks.core.config import DEFAULT_BASE_MODEL
+    from tasks.model.base_model import resolve_base_model
+
+    return resolve_base_model(DEFAULT_BASE_MODEL)
+
+
+def timed_generate(model, tokenizer, prompts, ids, cfg, batch_size: int):
     """Return (generations, seconds) for greedy generation at `batch_size`."""
-    from tasks.core.config import EvaluateConfig
     from tasks.evaluate.evaluate import generate
 
-    cfg = EvaluateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
     start = time.perf_counter()
-    gens = generate(model, tokenizer, prompts, cfg)
+    gens = generate(model, tokenizer, prompts, cfg.model_copy(update={"batch_size": batch_size}), prompt_ids=ids)
     return gens, time.perf_counter() - start
+
+
+def measure(case: str, run: Path | None, repeats: int) -> dict:
+    """Time one-by-one and batched generation of one case, alternating, `repeats` each; return the figures."""
+    model, tokenizer, prompts, ids, cfg, label = default_case(run) if case == "default" else base_case()
+    timed_generate(model, tokenizer, prompts[:1], ids[:1] if ids else None,
+                   cfg.model_copy(update={"max_new_tokens": 4}), 1)  # warm-up: first-call allocations, kernels
+    single_s, batched_s, loads = [], [], []
+    for k in range(repeats):
+        loads.append(round(os.getloadavg()[0], 2))
+        single, seconds = timed_generate(model, tokenizer, prompts, ids, cfg, 1)
+        single_s.append(seconds)
+        batched, seconds = timed_generate(model, tokenizer, prompts, ids, cfg, cfg.batch_size)
+        batched_s.append(seconds)
+        print(f"[{case} {k + 1}/{repeats}] one by one {single_s[-1]:.1f} s, batched {batched_s[-1]:.1f} s "
+              f"(load before {loads[-1]})", flush=True)
+    n, one, many = len(prompts), statistics.median(single_s), statistics.median(batched_s)
+    return {"what": label, "speedup": round(one / many, 2), "prompts_per_s": round(n / many, 3),
+            "one_by_one_prompts_per_s": round(n / one, 3), "batched_s": round(many, 2), "one_by_one_s": round(one, 2),
+            "batched_spread_s": [round(min(batched_s), 2), round(max(batched_s), 2)],
+            "one_by_one_spread_s": [round(min(single_s), 2), round(max(single_s), 2)],
+            "answers_equal": sum(a.text == b.text for a, b in zip(single, batched)) / n,
+            "stop_rate": sum(g.stopped for g in batched) / n, "prompts": n, "batch_size": cfg.batch_size,
+            "max_new_tokens": cfg.max_new_tokens, "load_before": loads}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32, help="prompts generated for, on each side")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="generation budget (default.yaml: 48)")
-    parser.add_argument("--batch-size", type=int, default=32, help="the batched side's batch size")
-    parser.add_argument("--load", choices=("full", "4bit"), default="full", help="fp32, or 4-bit NF4 (the default "
-                        "run's QLoRA base; bitsandbytes on a CPU is ~20x slower per token, so use few prompts)")
+    parser.add_argument("--cases", default="default,base", help="comma-separated: default (4-bit tuned, default "
+                        "settings), base (fp32 base, 24 tokens)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--run", type=Path, help="a finished default run (runs/<id>) whose adapter and held-out "
+                                                  "prompts the default case uses")
     args = parser.parse_args()
+    from tasks.core.settings import apply_defaults
+
+    apply_defaults()  # sftflow's environment: OpenMP threads sleep while they wait (a shared machine)
 
     import torch
     from transformers.utils import logging as hf_logging
 
+    from tasks.model.modeling import model_precision
     from tasks.model.precision import cpu_summary
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
-    load_before = os.getloadavg()[0]
-    print(f"CPU: {cpu_summary()}; torch threads {torch.get_num_threads()}; 1-min load average {load_before:.2f}",
-          flush=True)
-    model, tokenizer = load_model(args.load)
-    prompts = order_prompts(args.prompts)
-    timed_generate(model, tokenizer, prompts[:1], 1, 4)  # warm-up: first-call allocations, kernels
-    single, single_s = timed_generate(model, tokenizer, prompts, 1, args.max_new_tokens)
-    print(f"one by one: {len(prompts)} prompts in {single_s:.1f} s ({len(prompts) / single_s:.2f} prompts/s)",
-          flush=True)
-    batched, batched_s = timed_generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
-    print(f"batched ({args.batch_size}): {len(prompts)} prompts in {batched_s:.1f} s "
-          f"({len(prompts) / batched_s:.2f} prompts/s)", flush=True)
-    load_after = os.getloadavg()[0]
-    result = {"speedup": round(single_s / batched_s, 2), "prompts_per_s": round(len(prompts) / batched_s, 3),
-              "one_by_one_prompts_per_s": round(len(prompts) / single_s, 3), "batched_s": round(batched_s, 2),
-              "one_by_one_s": round(single_s, 2),
-              "answers_equal": sum(a.text == b.text for a, b in zip(single, batched)) / len(prompts),
-              "stop_rate": sum(g.stopped for g in batched) / len(prompts), "prompts": len(prompts),
-              "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "load": args.load,
-              "cpu": cpu_summary(), "load_avg": [round(load_before, 2), round(load_after, 2)]}
-    print(f"speedup {result['speedup']}x (goal >= 4), {result['prompts_per_s']} prompts/s batched; "
-          f"1-min load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
-    print(json.dumps(result))
+    print(f"CPU: {cpu_summary()}; torch threads {torch.get_num_threads()}; compute dtype (4-bit) "
+          f"{model_precision('auto').name}; 1-min load average {os.getloadavg()[0]:.2f}", flush=True)
+    cases = {case: measure(case, args.run, args.repeats) for case in args.cases.split(",")}
+    for case, r in cases.items():
+        met = "met" if r["speedup"] >= GOAL else "NOT met"
+        print(f"{case} ({r['what']}, {r['prompts']} prompts, {r['max_new_tokens']} new tokens, batch "
+              f"{r['batch_size']}): speedup {r['speedup']}x (goal >= {GOAL:g}: {met})"
+              f", {r['prompts_per_s']} prompts/s batched (spread {r['batched_spread_s']} s) against "
+              f"{r['one_by_one_prompts_per_s']} one by one (spread {r['one_by_one_spread_s']} s); answers equal "
+              f"{r['answers_equal']:.0%}; stop rate {r['stop_rate']:.0%}")
+    headline = cases.get("default") or next(iter(cases.values()))
+    print(json.dumps({"speedup": headline["speedup"], "cases": cases, "cpu": cpu_summary(),
+                      "compute_dtype": model_precision("auto").name}))
 
 
 if __name__ == "__main__":

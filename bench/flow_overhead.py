@@ -1,43 +1,31 @@
-"""Orchestration benchmark: what Prefect costs the pipeline, a fully cached rerun, and two trainings at once.
+"""Orchestration benchmark: what Prefect costs a run, a fully cached rerun, and (optionally) two trainings at once.
 
-Usage: .venv/bin/python bench/flow_overhead.py [--model default|tiny] [--skip-concurrency]
+Usage: .venv/bin/python bench/flow_overhead.py [--config configs/default.yaml] [--repeats 3] [--model default|tiny]
+                                               [--concurrency]
 
-In one run, on configs/tiny.yaml (120 synthetic rows, 6 QLoRA steps, 8 held-out prompts) with its real base model
-(SmolLM2-135M-Instruct, the converted packaged GGUF; `--model tiny` swaps in a 2-layer random llama for a quick
-check of the script itself, where the work is so small that the overhead share means little):
+In one invocation, on --config (the default run, configs/default.yaml, unless told otherwise), each run in a fresh
+process with its own runs_dir (no cache hit, no champion), alternating, --repeats times each:
 
-1. direct: the flow's task functions called as plain functions (`task.fn(...)`, no Prefect), with the same
-   arguments and in the same order as flows/sft_pipeline.py;
-2. flow: the same pipeline through the flow, in this process, on Prefect's temporary (ephemeral) server as
-   `make run` uses it (its start is part of what the flow costs), with force=True (the data gate lets it train);
-   overhead = flow - direct, as a share of the flow's wall time, and that many seconds as a share of the default
-   run's wall time (the README's measured `make run`, `--default-run-s`);
-3. the fully cached rerun: the same run id again with force=True (every cached step a hit), in this process, then
-   as `sftflow run` processes: on the temporary server (which starts for each command) and against a running
-   `prefect server` (PREFECT_API_URL);
-4. concurrency: two `sftflow run` processes started together on other data (against the running server, train
-   slots from the machine: one per 2 cores), against one run alone, times two (one after the other).
+1. direct: the pipeline's steps as plain functions (`task.fn`, no Prefect), wired by flows/steps.py in the flow's
+   order with the flow's arguments (`--side direct`), imports included;
+2. flow: the same run as `sftflow run CONFIG --force` (`python -m flows.cli run`), the way `make run` runs it: its
+   temporary Prefect server's start, the flow and task runs, state changes and result records included.
+overhead = flow - direct per pair; its median, as a share of the median direct run (the denominator is measured here,
+in the same invocation: nothing is taken from an earlier run). `outside_tasks_s` (a flow run's wall time less its
+task runs' Running time, from the Prefect API) is the part of Prefect's cost that does not depend on the work, so it
+holds on a loaded machine where flow - direct (two runs of the work) is mostly noise.
+3. the fully cached rerun of the first flow run (same run id, every cached step a hit) as `sftflow run` on the
+   temporary server (what a second `make run` costs), and against a running `prefect server` (PREFECT_API_URL), each
+   --repeats times;
+4. with --concurrency: configs/tiny.yaml with its real base model, two `sftflow run` processes started together on
+   other data (train slots from the machine: one per 2 cores), against one run alone, times two; measured once.
+`--model tiny` swaps a 2-layer random llama in for the base model: a quick check of the script itself.
 
-The CPU, the cores, and the 1-minute load average (before and after) are printed: the figures are wall-clock on a
-shared machine. The last line printed is one JSON object:
-{"overhead_share", "cached_rerun_s", "overhead_s", "overhead_share_of_default_run", "direct_s", "flow_s",
- "cached_rerun_in_process_s", "cached_rerun_ephemeral_s", "cached_rerun_server_s", "outside_tasks_s",
- "outside_tasks_share", "cached_tasks", "tasks",
- "pair_s", "alone_s", "pair_vs_sequential", "train_overlap_s", "model", "cpu", "load_avg"}
-`overhead_share` compares two runs of the work, so on a loaded machine their difference is mostly noise;
-`outside_tasks_s` (the flow's wall time less its task runs' Running time, from the Prefect API) is the part of
-Prefect's cost that does not depend on the work. `cached_rerun_s` is the `sftflow run` command on the temporary
-server (what a second `make run` costs: the command starts that server itself, flows/temporary_server.py);
-`cached_rerun_server_s` the same against a running server (a scheduled rerun: the worker talks to one);
-`pair_vs_sequential` = the pair's wall time over twice the lone run's (1.0: as fast as
-taking turns by hand; the unlimited pair measured 2.4 before the train slots).
-
-Measured (AMD EPYC, 2 cores, AVX2, no native bf16; bench/README.md "Orchestration overhead"), 2026-12-01, load
-0.99 -> 2.12, full: direct 116.2 s, flow 129.1 s: overhead 13.0 s = 10% of this small run, 1.4% of the default
-run's 937 s; 13.4 s of the flow outside task runs; cached rerun 1.2 s in process (8 of 13 tasks cached, the other 5
-uncached by design), 11.8 s as `sftflow run` on the temporary server (22.4 s before the command started it
-itself), 9.9 s against a running server; one run alone 162.2 s, two together 294.2 s = 0.91x one after the
-other, trainings overlapped 0 s (the second waited 91 s for the slot).
+The CPU, the cores and the 1-minute load average before each run are printed: the figures are wall-clock on a shared
+machine. The last line printed is one JSON object: {"overhead_share", "overhead_s", "direct_s", "flow_s",
+"outside_tasks_s", "cached_rerun_s", "cached_rerun_server_s", ..., "config", "cpu", "load_before"}: `overhead_share`
+= median(flow - direct) / median(direct). Goals: overhead <= 5% of the default run; a cached rerun as a command
+<= 15 s.
 """
 
 from __future__ import annotations
@@ -46,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,8 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DEFAULT = ROOT / "configs" / "default.yaml"
 TINY = ROOT / "configs" / "tiny.yaml"
-DEFAULT_RUN_S = 937  # README: `make run` on configs/default.yaml, 2 shared cores
 
 
 def tiny_random_model(out: Path) -> Path:
@@ -66,71 +55,59 @@ def tiny_random_model(out: Path) -> Path:
 
 
 def direct_pipeline(config_path: Path, overrides: list[str], run_id: str) -> dict:
-    """Run the flow's steps as plain functions (`task.fn`), same arguments and order as flows/sft_pipeline.py."""
+    """Run the flow's steps as plain functions (`task.fn`), wired as flows/sft_pipeline.py wires them (flows/steps.py),
+    with no Prefect: save the config, fingerprint the sources, every step in order, the summary."""
+    from flows.steps import STEPS, RunContext
     from tasks.core.config import RunPaths, dump_config, load_config
-    from tasks.data.clean import clean
-    from tasks.data.data_gate import config_digest
-    from tasks.data.ingest import fingerprint_sources, ingest
-    from tasks.data.validate import validate, validation_args
-    from tasks.evaluate.evaluate import evaluate_adapter
-    from tasks.formatting.chat_format import format_chats
-    from tasks.model.modeling import prepare_base_model
-    from tasks.registry.register import pipeline_tags, register_model
-    from tasks.registry.registry import champion_to_compare
+    from tasks.data.ingest import fingerprint_sources
     from tasks.reporting.report import save_config, write_summary
-    from tasks.train.monitoring import run_tracking
-    from tasks.train.train import train_adapter
 
     started = time.time()
     cfg = load_config(config_path, overrides)
     run = RunPaths(cfg.runs_dir, run_id)
-    config_file = save_config.fn(dump_config(cfg), run.config)
-    data_fingerprint = fingerprint_sources.fn(cfg.data)
-    base = prepare_base_model.fn(cfg.train.base_model)
-    raw_db = ingest.fn(cfg.data, data_fingerprint, run.sources, run.ingest_db)
-    validate.fn(*validation_args("raw", raw_db, run, cfg.validation))
-    clean_db = clean.fn(raw_db, run.clean_db, run.clean_report, run.quarantine, cfg.clean, cfg.data.on_bad_rows)
-    validate.fn(*validation_args("clean", clean_db, run, cfg.validation))
-    chats = format_chats.fn(clean_db, base, run.formatted, cfg.chat, run.quarantine)
-    validate.fn(*validation_args("tokenized", chats, run, cfg.validation))
-    adapter = train_adapter.fn(chats, base, run.train, cfg.train, run_tracking(cfg, run.run_id))
-    champion = (champion_to_compare(cfg.tracking_uri(), cfg.registry.model_name, cfg.runs_dir / "champions", adapter)
-                if cfg.evaluate.compare_champion else None)
-    evaluation = evaluate_adapter.fn(chats, base, adapter, run.eval, cfg.evaluate, cfg.train, champion)
-    registered = register_model.fn(cfg.tracking_uri(), cfg.artifact_root(), run, base, adapter, evaluation,
-                                   pipeline_tags(data_fingerprint, None, config_file, config_digest(cfg)),
-                                   cfg.registry, cfg.train.method)
-    return write_summary.fn(run.run_id, run.clean_report, evaluation, registered, None, started, run.summary)
+    save_config.fn(dump_config(cfg), run.config)
+    context = RunContext(cfg, run, None, {"fingerprint": fingerprint_sources.fn(cfg.data)})
+    for name, step in STEPS.items():
+        context.hand_over(name, step.task.fn(*step.args(context)))
+    return write_summary.fn(run.run_id, run.clean_report, context["evaluation"], context["registered"], None, started,
+                            run.summary)
 
 
-def timed(fn, *args, **kwargs):
-    """Return (fn's result, wall seconds)."""
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
-
-
-def cli_command(overrides: list[str], run_id: str) -> list[str]:
-    """Return the `sftflow run configs/tiny.yaml --force` command line for `run_id` with `overrides`."""
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(TINY), "--run-id", run_id, "--force"]
+def cli_command(config: Path, overrides: list[str], run_id: str) -> list[str]:
+    """Return the `sftflow run CONFIG --force` command line for `run_id` with `overrides`."""
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(config), "--run-id", run_id, "--force"]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
 
 
-def start_cli(overrides: list[str], run_id: str, env: dict, log: Path) -> subprocess.Popen:
+def start_cli(config: Path, overrides: list[str], run_id: str, env: dict, log: Path) -> subprocess.Popen:
     """Start an `sftflow run` process writing its output to `log`."""
-    return subprocess.Popen(cli_command(overrides, run_id), cwd=ROOT, env=env, stdout=log.open("w"),
+    return subprocess.Popen(cli_command(config, overrides, run_id), cwd=ROOT, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
 
 
-def run_cli(overrides: list[str], run_id: str, env: dict, log: Path) -> float:
-    """Run one `sftflow run` to the end; return its wall seconds (fails loudly with its last output)."""
+def run_logged(cmd: list[str], env: dict, log: Path) -> float:
+    """Run `cmd` to the end, its output to `log`; return its wall seconds (fails loudly with its last output)."""
     start = time.perf_counter()
-    proc = start_cli(overrides, run_id, env, log)
-    if proc.wait() != 0:
-        raise SystemExit(f"sftflow run {run_id} failed:\n{log.read_text()[-3000:]}")
+    with log.open("w") as out:
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} failed:\n{log.read_text()[-3000:]}")
     return time.perf_counter() - start
+
+
+def run_cli(config: Path, overrides: list[str], run_id: str, env: dict, log: Path) -> float:
+    """Run one `sftflow run` to the end; return its wall seconds."""
+    return run_logged(cli_command(config, overrides, run_id), env, log)
+
+
+def run_direct(config: Path, overrides: list[str], env: dict, log: Path) -> float:
+    """Run the direct pipeline (no Prefect) in a fresh process; return its wall seconds, imports included."""
+    cmd = [sys.executable, __file__, "--side", "direct", "--config", str(config)]
+    for o in overrides:
+        cmd += ["--set", o]
+    return run_logged(cmd, env, log)
 
 
 def start_server(env: dict) -> tuple[subprocess.Popen, str]:
@@ -188,14 +165,15 @@ def overlap(runs_dir: Path, a: str, b: str) -> float:
 
 
 def measure_concurrency(overrides: list[str], runs: Path, env: dict, logs: Path) -> dict:
-    """Time one run alone, then two started together (other data each); return the times and their ratio."""
+    """Time one tiny run alone, then two started together (other data each); return the times and their ratio."""
     def data(seed: int) -> str:
         return f"data.sources=[{{synthetic: {{rows: 120, seed: {seed}}}}}]"
 
-    alone = run_cli([*overrides, data(11)], "alone", env, logs / "alone.log")
+    overrides = [*overrides, f"runs_dir={runs}"]
+    alone = run_cli(TINY, [*overrides, data(11)], "alone", env, logs / "alone.log")
     start = time.perf_counter()
-    procs = [start_cli([*overrides, data(seed)], r, env, logs / f"{r}.log") for r, seed in (("pair-a", 12),
-                                                                                            ("pair-b", 13))]
+    procs = [start_cli(TINY, [*overrides, data(seed)], r, env, logs / f"{r}.log") for r, seed in (("pair-a", 12),
+                                                                                                  ("pair-b", 13))]
     codes = [p.wait() for p in procs]
     pair = time.perf_counter() - start
     if codes != [0, 0]:
@@ -205,26 +183,60 @@ def measure_concurrency(overrides: list[str], runs: Path, env: dict, logs: Path)
             "train_overlap_s": round(overlap(runs, "pair-a", "pair-b"), 1), "slot_waits_s": waits}
 
 
-def warm_imports() -> None:
-    """Import what the stages import, so neither the direct nor the flow side pays the first imports."""
-    import duckdb  # noqa: F401
-    import great_expectations  # noqa: F401
-    import mlflow  # noqa: F401
-    import peft  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
+def median_spread(values: list[float]) -> tuple[float, list[float]]:
+    """Return the median and [min, max] of `values`, rounded."""
+    return round(statistics.median(values), 1), [round(min(values), 1), round(max(values), 1)]
+
+
+def measure_runs(config: Path, overrides: list[str], work: Path, env: dict, repeats: int) -> dict:
+    """Time direct and flow runs of `config`, alternating, `repeats` each; return the times and flow run ids."""
+    logs, out = work / "logs", {"direct": [], "flow": [], "flow_run_ids": [], "load_before": []}
+    for k in range(repeats):
+        for side in ("direct", "flow"):
+            runs_dir = work / f"{side}-runs-{k}"
+            out["load_before"].append(round(os.getloadavg()[0], 2))
+            if side == "direct":
+                seconds = run_direct(config, [*overrides, f"runs_dir={runs_dir}"], env, logs / f"direct-{k}.log")
+            else:
+                seconds = run_cli(config, [*overrides, f"runs_dir={runs_dir}"], "flow", env, logs / f"flow-{k}.log")
+                summary = json.loads((runs_dir / "flow" / "summary.json").read_text())
+                out["flow_run_ids"].append(summary["prefect_flow_run_id"])
+            out[side].append(seconds)
+            print(f"[{k + 1}/{repeats}] {side}: {seconds:.1f} s (load before {out['load_before'][-1]})", flush=True)
+    return out
+
+
+def measure_cached(config: Path, overrides: list[str], work: Path, env: dict, repeats: int, concurrency: bool
+                   ) -> dict:
+    """Time the cached rerun of the first flow run as a command, on the temporary server and against a running one;
+    then, if asked, two tiny runs at once."""
+    logs, rerun = work / "logs", [*overrides, f"runs_dir={work / 'flow-runs-0'}"]
+    ephemeral = [run_cli(config, rerun, "flow", env, logs / f"cached-ephemeral-{k}.log") for k in range(repeats)]
+    server, url = start_server(env)
+    try:
+        served = dict(env, PREFECT_API_URL=url)
+        against = [run_cli(config, rerun, "flow", served, logs / f"cached-server-{k}.log") for k in range(repeats)]
+        pair = measure_concurrency(overrides, work / "pair-runs", served, logs) if concurrency else {}
+    finally:
+        stop_server(server)
+    return {"ephemeral": ephemeral, "server": against, **pair}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT, help="the run measured (default: the default run)")
+    parser.add_argument("--repeats", type=int, default=3, help="direct and flow runs each, and cached reruns")
     parser.add_argument("--model", choices=("default", "tiny"), default="default",
-                        help="configs/tiny.yaml's own base model (SmolLM2-135M), or a 2-layer random llama")
-    parser.add_argument("--skip-concurrency", action="store_true", help="leave out the two-runs-at-once part")
-    parser.add_argument("--default-run-s", type=float, default=DEFAULT_RUN_S,
-                        help="the default run's wall time the overhead is compared with")
+                        help="the config's own base model, or a 2-layer random llama (a check of the script)")
+    parser.add_argument("--concurrency", action="store_true", help="also time two tiny runs at once")
+    parser.add_argument("--side", choices=("direct",), help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side == "direct":
+        direct_pipeline(args.config, args.set, "direct")
+        return
 
+    args.config = args.config.resolve()
     work = Path(tempfile.mkdtemp(prefix="sftflow-bench-flow-"))
     os.environ["SFTFLOW_HOME"] = str(work / "home")  # a throwaway Prefect home and result store
     from tasks.core.settings import apply_defaults
@@ -235,66 +247,51 @@ def main() -> None:
     # `make` migrates Prefect's database during setup; so does this, untimed
     subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade", "-y"], env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    load_before = os.getloadavg()[0]
-    print(f"cpu: {cpu_summary()}; affinity {len(os.sched_getaffinity(0))} cores; load {load_before:.2f}")
-
+    print(f"cpu: {cpu_summary()}; affinity {len(os.sched_getaffinity(0))} cores; load {os.getloadavg()[0]:.2f}; "
+          f"config {args.config}", flush=True)
+    (work / "logs").mkdir()
     overrides = []
     if args.model == "tiny":
-        model = tiny_random_model(work / "tiny-llama")
-        overrides += [f"train.base_model={model}", "register.min_stop_rate=0"]
-    warm_imports()
-    from flows.sft_pipeline import sft_pipeline
-
-    # each side its own store: a registered version would make the other side's evaluate score a champion too
-    _, direct_s = timed(direct_pipeline, TINY, [*overrides, f"runs_dir={work / 'direct-runs'}"], "direct")
-    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which PipelineConfig.tracking_uri() prefers to runs_dir's
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    overrides.append(f"runs_dir={work / 'runs'}")
-    print(f"direct (task.fn, no Prefect): {direct_s:.1f} s")
-    summary, flow_s = timed(sft_pipeline, TINY, overrides, "flow", force=True)
-    # outside any task body: the server's start, the flow run, task run creation, state changes, cache look-ups.
-    # Robust to the load (unlike flow - direct, two runs of the work); it leaves out what Prefect does inside a
-    # Running task (result writes), which the cached rerun below bounds.
-    outside_s = flow_s - task_seconds(summary["prefect_flow_run_id"])
-    print(f"flow (ephemeral server, its start included): {flow_s:.1f} s, {outside_s:.1f} s of it outside task runs")
-    overhead = flow_s - direct_s
-    cached, cached_in_s = timed(sft_pipeline, TINY, overrides, "flow", force=True)
-    states = task_states(cached["prefect_flow_run_id"])
-    print(f"cached rerun in this process: {cached_in_s:.1f} s; task states {sorted(states)}")
-    logs = work / "logs"
-    logs.mkdir()
-    cli_eph_s = run_cli(overrides, "flow", env, logs / "cached-ephemeral.log")
-    print(f"cached rerun, `sftflow run` on the temporary server: {cli_eph_s:.1f} s")
-    server, url = start_server(env)
-    try:
-        served = dict(env, PREFECT_API_URL=url)
-        cli_server_s = run_cli(overrides, "flow", served, logs / "cached-server.log")
-        print(f"cached rerun, `sftflow run` against a running server: {cli_server_s:.1f} s")
-        concurrency = {} if args.skip_concurrency else measure_concurrency(overrides, work / "runs", served, logs)
-        if concurrency:
-            print(f"concurrency: one alone {concurrency['alone_s']} s; two together {concurrency['pair_s']} s "
-                  f"= {concurrency['pair_vs_sequential']}x one after the other; trainings overlapped "
-                  f"{concurrency['train_overlap_s']} s; slot waits {concurrency['slot_waits_s']}")
-    finally:
-        stop_server(server)
-    load_after = os.getloadavg()[0]
-    print(f"overhead: {overhead:.1f} s = {overhead / flow_s:.1%} of the flow's wall time, "
-          f"{overhead / args.default_run_s:.1%} of the default run's {args.default_run_s:.0f} s; load "
-          f"{load_before:.2f} -> {load_after:.2f}")
-    result = {"overhead_share": round(overhead / flow_s, 4), "cached_rerun_s": round(cli_eph_s, 1),
-              "overhead_s": round(overhead, 1),
-              "overhead_share_of_default_run": round(overhead / args.default_run_s, 4),
-              "direct_s": round(direct_s, 1), "flow_s": round(flow_s, 1),
-              "cached_rerun_in_process_s": round(cached_in_s, 1), "cached_rerun_ephemeral_s": round(cli_eph_s, 1),
-              "cached_rerun_server_s": round(cli_server_s, 1), "outside_tasks_s": round(outside_s, 1),
-              "outside_tasks_share": round(outside_s / flow_s, 4), "cached_tasks": states.count("Cached"),
-              "tasks": len(states), **concurrency, "model": args.model, "cpu": cpu_summary(),
-              "load_avg": [round(load_before, 2), round(load_after, 2)]}
+        overrides += [f"train.base_model={tiny_random_model(work / 'tiny-llama')}", "register.min_stop_rate=0"]
+    runs = measure_runs(args.config, overrides, work, env, args.repeats)
+    cached = measure_cached(args.config, overrides, work, env, args.repeats, args.concurrency)
+    outside = [f - task_seconds(i) for f, i in zip(runs["flow"], runs["flow_run_ids"])]
+    rerun = json.loads((work / "flow-runs-0" / "flow" / "summary.json").read_text())["prefect_flow_run_id"]
+    states = task_states(rerun)
+    cached["cached_tasks"], cached["tasks"] = states.count("Cached"), len(states)
+    print(json.dumps(report(args, runs, cached, outside, cpu_summary())))
     kept = Path(tempfile.mkdtemp(prefix="sftflow-bench-flow-logs-"))
-    shutil.copytree(logs, kept, dirs_exist_ok=True)
+    shutil.copytree(work / "logs", kept, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"the sftflow run logs: {kept}")
-    print(json.dumps(result))
+
+
+def report(args, runs: dict, cached: dict, outside: list[float], cpu: str) -> dict:
+    """Print the medians, spreads and goals; return the JSON result."""
+    direct_s, direct_spread = median_spread(runs["direct"])
+    flow_s, flow_spread = median_spread(runs["flow"])
+    overhead_s, overhead_spread = median_spread([f - d for f, d in zip(runs["flow"], runs["direct"])])
+    outside_s, outside_spread = median_spread(outside)
+    eph_s, eph_spread = median_spread(cached["ephemeral"])
+    server_s, server_spread = median_spread(cached["server"])
+    share = overhead_s / direct_s
+    print(f"direct {direct_s} s {direct_spread}, flow {flow_s} s {flow_spread}: overhead {overhead_s} s "
+          f"{overhead_spread} = {share:.1%} of the direct run (goal <= 5%: {'met' if share <= 0.05 else 'NOT met'}); "
+          f"outside task runs {outside_s} s {outside_spread} = {outside_s / direct_s:.1%}; cached rerun as a command "
+          f"{eph_s} s {eph_spread} (goal <= 15 s: {'met' if eph_s <= 15 else 'NOT met'}), against a running server "
+          f"{server_s} s {server_spread}")
+    if "pair_s" in cached:
+        print(f"concurrency: one alone {cached['alone_s']} s; two together {cached['pair_s']} s = "
+              f"{cached['pair_vs_sequential']}x one after the other; trainings overlapped "
+              f"{cached['train_overlap_s']} s")
+    return {"overhead_share": round(share, 4), "overhead_s": overhead_s, "overhead_spread_s": overhead_spread,
+            "direct_s": direct_s, "direct_spread_s": direct_spread, "flow_s": flow_s, "flow_spread_s": flow_spread,
+            "outside_tasks_s": outside_s, "outside_tasks_share": round(outside_s / direct_s, 4),
+            "cached_rerun_s": eph_s, "cached_rerun_spread_s": eph_spread, "cached_rerun_server_s": server_s,
+            "cached_rerun_server_spread_s": server_spread, "repeats": args.repeats,
+            **{k: v for k, v in cached.items() if k not in ("ephemeral", "server")},
+            "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+            "model": args.model, "cpu": cpu, "load_before": runs["load_before"],
+            "load_after": round(os.getloadavg()[0], 2)}
 
 
 if __name__ == "__main__":

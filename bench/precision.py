@@ -1,18 +1,19 @@
 """Compute-dtype benchmark: one QLoRA optimizer step of the default base model in fp32 and in bf16 compute.
 
-Usage: .venv/bin/python bench/precision.py [--batch 4] [--tokens 256] [--steps 2]
+Usage: .venv/bin/python bench/precision.py [--batch 4] [--tokens 256] [--steps 3]
 
 Both sides load the base exactly as the train task does (tasks.model.modeling.load_base_model: 4-bit NF4, double
 quantisation) with LoRA r=16 on all linear layers, adapters in the compute dtype, autocast as the trainer would
-set it, and time forward + backward + AdamW step on the same random token batch, in one process. It prints seconds
-per step for each, the ratio, what `train.compute_dtype=auto` picks here, and the CPU; the last line is one JSON
-object.
+set it, and time forward + backward + AdamW step on the same random token batch, in one process: one untimed warm-up
+step, then --steps timed steps. It prints the median seconds per step and the spread (min-max) for each, the ratio of
+the medians, what `train.compute_dtype=auto` picks here, and the CPU; the last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -24,8 +25,8 @@ from tasks.model.modeling import load_base_model, model_precision
 from tasks.model.precision import cpu_summary
 
 
-def seconds_per_step(model_dir: str, dtype: str, batch: int, tokens: int, steps: int) -> float:
-    """Return the mean wall seconds of one QLoRA step (after one untimed warm-up step) in compute dtype `dtype`."""
+def seconds_per_step(model_dir: str, dtype: str, batch: int, tokens: int, steps: int) -> list[float]:
+    """Return the wall seconds of each of `steps` QLoRA steps (after one untimed warm-up step) in `dtype`."""
     torch.manual_seed(0)
     model = prepare_model_for_kbit_training(load_base_model(model_dir, True, dtype), use_gradient_checkpointing=False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -45,23 +46,28 @@ def seconds_per_step(model_dir: str, dtype: str, batch: int, tokens: int, steps:
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
         print(f"  {dtype}: step {len(times)}/{steps + 1} {times[-1]:.1f} s", flush=True)
-    return sum(times[1:]) / steps
+    return times[1:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
+    from tasks.core.settings import apply_defaults
+
+    apply_defaults()  # sftflow's environment: OpenMP threads sleep while they wait (a shared machine)
     model_dir = resolve_base_model(DEFAULT_BASE_MODEL)
     result = {"cpu": cpu_summary(),
               "batch": args.batch, "tokens": args.tokens, "auto_picks": model_precision("auto").name}
     for dtype in ("fp32", "bf16"):
-        result[f"{dtype}_s_per_step"] = round(seconds_per_step(model_dir, dtype, args.batch, args.tokens,
-                                                               args.steps), 2)
+        times = seconds_per_step(model_dir, dtype, args.batch, args.tokens, args.steps)
+        result[f"{dtype}_s_per_step"] = round(statistics.median(times), 2)
+        result[f"{dtype}_spread_s"] = [round(min(times), 2), round(max(times), 2)]
     result["bf16_over_fp32"] = round(result["bf16_s_per_step"] / result["fp32_s_per_step"], 2)
-    print(f"fp32 {result['fp32_s_per_step']} s/step, bf16 {result['bf16_s_per_step']} s/step: bf16 takes "
+    print(f"medians of {args.steps}: fp32 {result['fp32_s_per_step']} s/step {result['fp32_spread_s']}, bf16 "
+          f"{result['bf16_s_per_step']} s/step {result['bf16_spread_s']}: bf16 takes "
           f"{result['bf16_over_fp32']}x as long; auto picks {result['auto_picks']} on {result['cpu']}")
     print(json.dumps(result))
 

@@ -1,21 +1,39 @@
-"""Training benchmark: sftflow's train task against the plain TRL recipe (../shared/bench/trl_anchor.py), same run.
+"""Training benchmark: sftflow's train task against the plain TRL recipe (../shared/bench/trl_anchor.py) in each of
+its settings, in one run, on equal work; speed, memory, utilisation and held-out loss.
 
-Usage: .venv/bin/python bench/train.py [--rows 200] [--anchor-steps 8] [--format-rows 100000]
+Usage: .venv/bin/python bench/train.py [--rows 200] [--heldout 64] [--padded-steps 10] [--packed-steps 4]
+                                       [--settings padded-gc,padded-nogc,packed-gc,packed-nogc] [--no-quality]
 
-Both sides train QLoRA (4-bit NF4 base, LoRA r=16 on all linear layers) on the converted SmolLM2-135M-Instruct, on
-the first --rows GSM8K conversations of ../shared/data/gsm8k_train.jsonl, on the same CPU, one after the other, each
-in its own process (so each peak RSS is its own):
+Work, the same on every side: QLoRA (4-bit NF4 base, double quantisation, LoRA r=16 alpha 32 on all linear layers)
+of the converted SmolLM2-135M-Instruct, compute dtype `auto` (bf16 where the CPU has it natively, else fp32, the same
+on both sides), max length 512, on the first --rows GSM8K train rows (../shared/data/gsm8k_train.jsonl) as user
+question -> assistant answer. Every side runs in its own process, one after the other (each peak RSS is its own):
 
-1. the anchor: `trl_anchor.py MODEL DATA ROWS STEPS padded qlora` (TRL's SFTTrainer with its defaults, batch 8);
-2. sftflow: the same rows through the pipeline's own ingest, clean and format steps (run as plain functions), then
-   the trainer the train task builds (tasks.train.trainer.build_trainer) with configs/default.yaml's train section and
-   `train.max_steps` set so it sees as many supervised tokens as the anchor did.
+1. the anchor in each setting of --settings (`padded|packed` x `gc|nogc`: gradient checkpointing, TRL's default, on
+   or off), batch 8, lr 2e-4, run unchanged through bench/anchor_probe.py (which only times its steps, counts its
+   tokens and saves its adapter). Padded settings run --padded-steps steps; packed ones (8 packed rows of 512 tokens
+   per step, ~2.3x the tokens of a padded step) --packed-steps, so every setting sees about the same supervised
+   tokens (printed);
+2. sftflow: the same rows through the pipeline's own ingest, clean (near-duplicate dropping off, so no row is lost)
+   and format steps (`chat.too_long: truncate`, as the anchor truncates), then the train task's trainer
+   (tasks.train.trainer.build_trainer with the train task's callbacks) from configs/default.yaml's train section
+   (packed 1 x 512, padding-free, lean loss, no gradient checkpointing on a CPU, lr 1e-3), with as many steps as
+   it takes to see the padded anchor's supervised tokens.
 
-Each side counts the supervised tokens (labels != -100) its trainer was given and times `trainer.train()` alone.
-Then the format step's speed is measured on --format-rows GSM8K-sized conversations (bench/format.py): the whole
-format task (clean DuckDB in, both splits' Parquet out), `format_rows_per_s`, and its encode step alone.
-The last line printed is one JSON object:
-{"throughput_ratio", "rss_ratio", "sftflow_final_loss", "anchor_final_loss", "format_rows_per_s", "cpu", …}
+Every side runs in sftflow's environment (tasks/core/settings.py apply_defaults: OpenMP threads sleep while they
+wait, which matters on a shared machine), inherited alike. Speed: each side's steps after the first (warm-up) are
+split into 3 windows of consecutive steps, each window's supervised tokens/s is one repeat; the median and the
+spread (min-max) are printed, and the ratio to the fastest anchor setting (by median) is the headline. MFU
+(tasks/train/utilisation.py): the model FLOPs of the real (not padding) tokens per second over this CPU's peak for
+the dtype in use, for both sides. Peak RSS: the process's maximum.
+
+Quality (unless --no-quality): the held-out loss (tasks.evaluate.evaluate.supervised_loss, mean cross-entropy over
+the answer tokens of the first --heldout GSM8K *test* rows, formatted by sftflow) of every trained adapter, each
+loaded the same way (tasks.model.modeling.load_trained_model), after the same supervised tokens, at the same learning
+rate: at the anchor's 2e-4 (sftflow run again at 2e-4) and at sftflow's 1e-3 (the fastest padded anchor setting run
+again with only its learning rate changed), and the base model's for reference.
+The last line printed is one JSON object: {"throughput_ratio", "rss_ratio", "fastest_anchor", "ratios", "mfu",
+"heldout_loss", "cpu", "load_avg", "sftflow", "anchors", ...}. About 30 minutes on 2 idle cores with native bf16.
 """
 
 from __future__ import annotations
@@ -23,7 +41,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,9 +52,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared"
-ANCHOR = SHARED / "bench" / "trl_anchor.py"
-GSM8K = SHARED / "data" / "gsm8k_train.jsonl"
+GSM8K_TRAIN = SHARED / "data" / "gsm8k_train.jsonl"
+GSM8K_TEST = SHARED / "data" / "gsm8k_test.jsonl"
+ANCHOR_LR, GOAL_SPEED, GOAL_RSS = 2e-4, 3.0, 0.5
 
 
 def base_model_dir() -> str:
@@ -54,29 +76,32 @@ def last_json_line(text: str) -> dict:
 
 
 def run_side(cmd: list[str], label: str) -> dict:
-    """Run one side in its own process, echo its stderr tail on failure, and return its JSON result."""
-    print(f"[{label}] {' '.join(cmd)}", flush=True)
+    """Run one side in its own process and return its JSON result (its stderr tail on failure)."""
+    print(f"[{label}] load {os.getloadavg()[0]:.2f}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     result = last_json_line(proc.stdout)
-    print(f"[{label}] done in {time.perf_counter() - start:.0f} s: {json.dumps(result)}", flush=True)
+    print(f"[{label}] done in {time.perf_counter() - start:.0f} s", flush=True)
     return result
 
 
-def write_config(work: Path, rows: int) -> Path:
-    """Write the first `rows` GSM8K records and a pipeline config that reads them as prompt-completion pairs."""
+def write_config(work: Path, rows: int, heldout: int) -> Path:
+    """Write the first `rows` GSM8K train and `heldout` test records, and a pipeline config pinning them to the
+    train and held-out sides (the default train section, less its periodic held-out loss)."""
     import yaml
 
-    data = work / "gsm8k.jsonl"
-    with GSM8K.open(encoding="utf-8") as src:
-        data.write_text("".join(line for _, line in zip(range(rows), src)), encoding="utf-8")
-    config = {"runs_dir": str(work / "runs"),
-              "data": {"sources": [{"path": str(data), "format": "prompt_completion",
-                                    "columns": {"prompt": "question", "completion": "answer"}}]},
-              "clean": {"heldout_fraction": 0.05}, "validate": {"min_rows": 1}, "chat": {"max_length": 512},
-              # the default train section, less the periodic held-out loss the anchor does not compute
+    sources = []
+    for name, path, n, split in (("train", GSM8K_TRAIN, rows, "train"), ("test", GSM8K_TEST, heldout, "heldout")):
+        data = work / f"gsm8k_{name}.jsonl"
+        with path.open(encoding="utf-8") as src:
+            data.write_text("".join(line for _, line in zip(range(n), src)), encoding="utf-8")
+        sources.append({"path": str(data), "format": "alpaca", "split": split,
+                        "columns": {"instruction": "question", "output": "answer"}})
+    config = {"runs_dir": str(work / "runs"), "data": {"sources": sources},
+              "clean": {"drop_near_duplicates": False}, "validate": {"min_rows": 1},
+              "chat": {"max_length": 512, "too_long": "truncate"},
               "train": {**yaml.safe_load((ROOT / "configs" / "default.yaml").read_text(encoding="utf-8"))["train"],
                         "eval_steps": None}}
     path = work / "bench.yaml"
@@ -84,35 +109,59 @@ def write_config(work: Path, rows: int) -> Path:
     return path
 
 
-def sftflow_side(rows: int, target_supervised: int) -> dict:
-    """Format the rows with the pipeline's steps, train with the train task's trainer; return the measurements."""
-    from flows.single_task import step_call
+def prepare(work: Path, rows: int, heldout: int) -> Path:
+    """Ingest, clean and format the rows with the pipeline's own steps (plain functions); return the config."""
+    from flows.steps import STEPS, RunContext
     from tasks.core.config import RunPaths, load_config
-    from tasks.train.trainer import build_trainer
 
-    work = Path(tempfile.mkdtemp(prefix="sftflow-bench-train-"))
-    cfg = load_config(write_config(work, rows))
-    run = RunPaths(cfg.runs_dir, "bench")
-    run.root.mkdir(parents=True)
-    model_dir = base_model_dir()
-    for step in ("ingest", "clean", "format"):
-        task, args = step_call(step, cfg, run)
-        task.fn(*args)
-    trainer = build_trainer(run.formatted, model_dir, run.train, cfg.train)
-    # steps for the anchor's supervised-token budget, from what one optimizer step of this trainer holds
-    sup_per_row = supervised_tokens(trainer.train_dataset) / len(trainer.train_dataset)
-    per_step = sup_per_row * cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-    trainer.args.max_steps = max(1, math.ceil(target_supervised / per_step))
-    seen = count_supervised(trainer)
+    config = write_config(work, rows, heldout)
+    cfg = load_config(config)
+    context = RunContext(cfg, RunPaths(cfg.runs_dir, "bench"))
+    for name in ("prepare-base-model", "ingest", "clean", "format"):
+        context.hand_over(name, STEPS[name].task.fn(*STEPS[name].args(context)))
+    return config
+
+
+def sftflow_side(config: Path, target_supervised: int, lr: float, out: Path) -> dict:
+    """Train with the train task's trainer on the formatted rows for about `target_supervised` supervised tokens;
+    return the measurements (the adapter saved to out/adapter)."""
+    from anchor_probe import Counter, step_clock
+
+    from tasks.core.config import RunPaths, load_config
+    from tasks.model.modeling import model_precision
+    from tasks.train.trainer import build_trainer, training_callbacks
+    from tasks.train.utilisation import model_parameters
+
+    cfg = load_config(config, [f"train.learning_rate={lr}"])
+    formatted = RunPaths(cfg.runs_dir, "bench").formatted
+    counter = Counter()
+    clock = step_clock(counter)
+    trainer = build_trainer(formatted, base_model_dir(), out, cfg.train, [*training_callbacks(out, cfg.train), clock])
+    per_step = supervised_tokens(trainer.train_dataset) / len(trainer.train_dataset) * cfg.train.batch_size \
+        * cfg.train.gradient_accumulation_steps
+    trainer.args.max_steps = max(4, math.ceil(target_supervised / per_step))
+    original = trainer.compute_loss
+
+    def counting(model, inputs, *args, **kwargs):
+        if model.training:
+            counter.add(inputs)
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    params, trainable = model_parameters(trainer.model)
+    trainer.model.save_pretrained(str(out / "adapter"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"steps": trainer.args.max_steps, "wall_s": round(wall, 2), "supervised_tokens": seen["sup"],
-            "input_tokens": seen["tot"], "sup_tok_per_s": round(seen["sup"] / wall, 1),
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "packing": cfg.train.packing, "lean_loss": cfg.train.lean_loss,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+    return {"mode": "packed 1x512 padding-free, lean loss", "gradient_checkpointing": False,
+            "compute_dtype": model_precision(cfg.train.compute_dtype).name, "learning_rate": lr,
+            "steps": trainer.args.max_steps, "wall_s": round(wall, 2), "supervised_tokens": counter.sup,
+            "input_tokens": counter.processed, "real_tokens": counter.real,
+            "sup_tok_per_s": round(counter.sup / wall, 1), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "peak_rss_mb": peak_rss_mb, "params": params,
+            "trainable_params": trainable, "steps_log": clock.log, "adapter": str(out / "adapter")}
 
 
 def supervised_tokens(rows) -> int:
@@ -124,72 +173,167 @@ def supervised_tokens(rows) -> int:
     return sum(sum(mask) for mask in rows[column])
 
 
-def count_supervised(trainer) -> dict:
-    """Wrap compute_loss to count the supervised (labels != -100) and input tokens of every batch, as the anchor."""
-    seen = {"sup": 0, "tot": 0}
-    original = trainer.compute_loss
+def score_side(config: Path, adapters: list[str]) -> dict:
+    """Return the held-out loss of the base model and of each adapter, every model loaded and scored the same way."""
+    import pyarrow.parquet as pq
 
-    def counting(model, inputs, *args, **kwargs):
-        seen["sup"] += int((inputs["labels"] != -100).sum())
-        seen["tot"] += int(inputs["input_ids"].numel())
-        return original(model, inputs, *args, **kwargs)
+    from tasks.core.config import RunPaths, load_config
+    from tasks.evaluate.evaluate import supervised_loss
+    from tasks.model.modeling import load_base_model, load_trained_model
 
-    trainer.compute_loss = counting
-    return seen
+    cfg = load_config(config)
+    rows = pq.read_table(RunPaths(cfg.runs_dir, "bench").formatted / "heldout.parquet").to_pylist()
+    model_dir = base_model_dir()
+    out = {"rows": len(rows), "base": supervised_loss(load_base_model(model_dir, True).eval(), rows)}
+    for adapter in adapters:
+        out[adapter] = supervised_loss(load_trained_model(model_dir, Path(adapter), cfg.train).eval(), rows)
+    return out
 
 
-def load_bench_module(name: str):
-    """Return bench/<name>.py as a module (bench/ is scripts, not a package)."""
-    import importlib.util
+def speed(side: dict) -> dict:
+    """Return a side's per-window rates, their median and spread, and its MFU (tasks/train/utilisation.py)."""
+    from anchor_probe import window_rates
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tasks.train.utilisation import device_peak, ledger
+
+    windows = window_rates(side["steps_log"])
+    sup = [w["sup_tok_per_s"] for w in windows]
+    real = statistics.median(w["real_tok_per_s"] for w in windows)
+    book = ledger(real, 1.0, side["params"], side["trainable_params"], device_peak(side["compute_dtype"], False))
+    return {"windows": windows, "sup_tok_per_s_median": round(statistics.median(sup), 1),
+            "sup_tok_per_s_spread": [min(sup), max(sup)], "real_tok_per_s_median": round(real, 1),
+            "mfu": round(book.mfu, 4) if book.mfu is not None else None,
+            "achieved_gflops": round(book.achieved_flops_per_s / 1e9, 1), "peak": book.peak.how}
+
+
+def anchor_command(work: Path, model_dir: str, rows: int, setting: str, steps: int, lr: float | None) -> list[str]:
+    """Return the command that runs the anchor in `setting` (e.g. padded-gc) through bench/anchor_probe.py."""
+    mode, gc = setting.split("-")
+    out = work / f"anchor-{setting}-{'default' if lr is None else lr}"
+    return [sys.executable, str(ROOT / "bench" / "anchor_probe.py"), str(out), *(["--lr", str(lr)] if lr else []),
+            "--", model_dir, str(GSM8K_TRAIN), str(rows), str(steps), mode, "qlora", "auto", gc]
+
+
+def print_table(sides: dict[str, dict]) -> None:
+    """Print one line per side: supervised tok/s (median, spread), MFU, peak RSS, tokens, lr, held-out loss."""
+    print(f"\n{'side':26}{'sup tok/s':>10}{'spread':>16}{'MFU':>7}{'RSS MB':>8}{'sup tok':>9}{'pad %':>7}"
+          f"{'lr':>8}{'held-out':>10}")
+    for name, s in sides.items():
+        pad = 100 * (1 - s["real_tokens"] / s["input_tokens"]) if s["input_tokens"] else 0
+        loss = f"{s['heldout_loss']:.4f}" if s.get("heldout_loss") is not None else "-"
+        mfu = f"{s['speed']['mfu']:.1%}" if s["speed"]["mfu"] is not None else "-"
+        print(f"{name:26}{s['speed']['sup_tok_per_s_median']:>10}{str(s['speed']['sup_tok_per_s_spread']):>16}"
+              f"{mfu:>7}{s['peak_rss_mb']:>8}{s['supervised_tokens']:>9}{pad:>7.1f}{s['learning_rate']:>8g}{loss:>10}")
+
+
+def fastest(sides: dict[str, dict], mode: str = "") -> str:
+    """Return the name of the side (of `mode`, if given) with the highest median supervised tokens/s."""
+    return max((k for k in sides if mode in k), key=lambda k: sides[k]["speed"]["sup_tok_per_s_median"])
+
+
+def run_anchors(args, work: Path, model_dir: str) -> dict[str, dict]:
+    """Run the anchor in every setting at its own learning rate; return each side's result with its speed."""
+    anchors = {}
+    for setting in args.settings.split(","):
+        steps = args.padded_steps if setting.startswith("padded") else args.packed_steps
+        name = f"anchor {setting}"
+        anchors[name] = run_side(anchor_command(work, model_dir, args.rows, setting, steps, None), name)
+        anchors[name]["speed"] = speed(anchors[name])
+    return anchors
+
+
+def run_quality_sides(args, work: Path, model_dir: str, me: list[str], anchors: dict) -> dict[str, dict]:
+    """Run sftflow at the anchor's learning rate and the fastest padded anchor setting at sftflow's."""
+    sides = {f"sftflow lr {ANCHOR_LR:g}": run_side([*me, "--lr", str(ANCHOR_LR), "--out", str(work / "sftflow-2e-4")],
+                                                   f"sftflow lr {ANCHOR_LR:g}")}
+    best = fastest(anchors, "padded") if any("padded" in k for k in anchors) else fastest(anchors)
+    setting = best.removeprefix("anchor ")
+    steps = args.padded_steps if setting.startswith("padded") else args.packed_steps
+    sides[f"{best} lr 1e-3"] = run_side(anchor_command(work, model_dir, args.rows, setting, steps, 1e-3),
+                                        f"{best} lr 1e-3")
+    for side in sides.values():
+        side["speed"] = speed(side)
+    return sides
+
+
+def compare(args, work: Path) -> dict:
+    """Run every side, score the adapters, and return the result."""
+    from tasks.model.precision import cpu_summary
+
+    load_before, model_dir = os.getloadavg()[0], base_model_dir()
+    config = prepare(work, args.rows, args.heldout)
+    anchors = run_anchors(args, work, model_dir)
+    padded = [a for a in anchors.values() if a["mode"] == "padded"] or list(anchors.values())
+    target = round(statistics.median(a["supervised_tokens"] for a in padded))  # what the padded anchor saw
+    me = [sys.executable, __file__, "--side", "sftflow", "--config", str(config), "--target-supervised", str(target)]
+    ours = run_side([*me, "--lr", "1e-3", "--out", str(work / "sftflow-1e-3")], "sftflow lr 1e-3")
+    ours["speed"] = speed(ours)
+    extra = {} if args.no_quality else run_quality_sides(args, work, model_dir, me, anchors)
+    everything = {"sftflow lr 1e-3 (default)": ours, **{k: v for k, v in extra.items() if "sftflow" in k}, **anchors,
+                  **{k: v for k, v in extra.items() if "anchor" in k}}
+    heldout = {} if args.no_quality else run_side(
+        [sys.executable, __file__, "--side", "score", "--config", str(config), "--adapters",
+         ",".join(s["adapter"] for s in everything.values())], "held-out loss")
+    for side in everything.values():
+        side["heldout_loss"] = round(heldout[side["adapter"]], 4) if heldout else None
+        side["steps_log"] = len(side["steps_log"])  # its windows keep what the summary needs
+    peer = fastest(anchors)
+    ratios = {name: round(ours["speed"]["sup_tok_per_s_median"] / a["speed"]["sup_tok_per_s_median"], 2)
+              for name, a in anchors.items()}
+    return {"throughput_ratio": ratios[peer], "rss_ratio": round(ours["peak_rss_mb"] / anchors[peer]["peak_rss_mb"], 2),
+            "fastest_anchor": peer, "ratios": ratios,
+            "rss_ratios": {n: round(ours["peak_rss_mb"] / a["peak_rss_mb"], 2) for n, a in anchors.items()},
+            "mfu": {n: s["speed"]["mfu"] for n, s in everything.items()},
+            "heldout_loss": {"base": round(heldout["base"], 4), **{n: s["heldout_loss"] for n, s in
+                                                                    everything.items()}} if heldout else None,
+            "heldout_rows": heldout.get("rows"), "rows": args.rows, "target_supervised_tokens": target,
+            "cpu": cpu_summary(), "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "sides": everything}
+
+
+def verdict(value: float, goal: float, at_least: bool) -> str:
+    """Return 'met' or 'NOT met' for `value` against `goal`."""
+    return "met" if (value >= goal if at_least else value <= goal) else "NOT met"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200, help="GSM8K rows both sides train on")
-    parser.add_argument("--anchor-steps", type=int, default=8, help="the anchor's optimizer steps (batch 8)")
-    parser.add_argument("--format-rows", type=int, default=100_000, help="conversations for the format speed")
-    parser.add_argument("--anchor-json", type=Path, help="reuse the anchor's JSON line from an earlier run on this "
-                        "machine instead of running it (~15 min); say so wherever the figures are quoted")
-    parser.add_argument("--side", choices=("sftflow",), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, default=200, help="GSM8K train rows every side trains on")
+    parser.add_argument("--heldout", type=int, default=64, help="GSM8K test rows the held-out loss is taken on")
+    parser.add_argument("--padded-steps", type=int, default=10, help="the padded anchor's optimizer steps (batch 8)")
+    parser.add_argument("--packed-steps", type=int, default=4, help="the packed anchor's steps (8 packed rows each)")
+    parser.add_argument("--settings", default="padded-gc,padded-nogc,packed-gc,packed-nogc",
+                        help="anchor settings to run, comma-separated")
+    parser.add_argument("--no-quality", action="store_true", help="speed and memory only: no second learning rate, "
+                                                                  "no held-out loss")
+    parser.add_argument("--side", choices=("sftflow", "score"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--target-supervised", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--adapters", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "sftflow":
-        print(json.dumps(sftflow_side(args.rows, args.target_supervised)))
+        print(json.dumps(sftflow_side(args.config, args.target_supervised, args.lr, args.out)))
         return
+    if args.side == "score":
+        print(json.dumps(score_side(args.config, args.adapters.split(","))))
+        return
+    from tasks.core.settings import apply_defaults
 
-    from tasks.model.precision import cpu_summary
-
-    model_dir = base_model_dir()
-    if args.anchor_json:
-        anchor = last_json_line(args.anchor_json.read_text(encoding="utf-8"))
-        print(f"[anchor] reused from {args.anchor_json}: {json.dumps(anchor)}")
-    else:
-        anchor = run_side([sys.executable, str(ANCHOR), model_dir, str(GSM8K), str(args.rows),
-                           str(args.anchor_steps), "padded", "qlora"], "anchor")
-    ours = run_side([sys.executable, __file__, "--side", "sftflow", "--rows", str(args.rows),
-                     "--target-supervised", str(anchor["supervised_tokens"])], "sftflow")
-    format_bench = load_bench_module("format")
-    fmt = format_bench.format_rows_per_s(args.format_rows, paths=("fast",))
-    fmt["task"] = format_bench.format_task_rows_per_s(args.format_rows)
-    result = {"throughput_ratio": round(ours["sup_tok_per_s"] / anchor["sup_tok_per_s"], 2),
-              "rss_ratio": round(ours["peak_rss_mb"] / anchor["peak_rss_mb"], 2),
-              "sftflow_final_loss": ours["last_loss"], "anchor_final_loss": anchor["last_loss"],
-              "format_rows_per_s": fmt["task"]["rows_per_s"], "format_encode_rows_per_s": fmt["fast"]["rows_per_s"],
-              "cpu": cpu_summary(),
-              "sftflow": ours, "anchor": anchor, "format": fmt}
-    print(f"{'':10}{'sup tok/s':>12}{'peak RSS MB':>14}{'final loss':>12}{'sup tokens':>12}{'wall s':>9}")
-    for name, side in (("sftflow", ours), ("anchor", anchor)):
-        print(f"{name:10}{side['sup_tok_per_s']:>12}{side['peak_rss_mb']:>14}{side['last_loss'] or 0:>12.4f}"
-              f"{side['supervised_tokens']:>12}{side['wall_s']:>9}")
-    for line in format_bench.summary_lines(fmt):
-        print(line)
-    print(f"throughput {result['throughput_ratio']}x the anchor (goal >= 2), peak RSS {result['rss_ratio']}x "
-          f"(goal <= 0.5), format task {result['format_rows_per_s']} rows/s (goal >= 10,000); CPU: {result['cpu']}")
+    apply_defaults()  # sftflow's environment (OpenMP threads sleep while waiting), inherited by every side alike
+    work = Path(tempfile.mkdtemp(prefix="sftflow-bench-train-"))
+    result = compare(args, work)
+    print_table(result["sides"])
+    if result["heldout_loss"]:
+        print(f"{'base model (untrained)':26}{'':>65}{result['heldout_loss']['base']:>10.4f}")
+    ours = result["sides"]["sftflow lr 1e-3 (default)"]
+    speed_ok = verdict(result["throughput_ratio"], GOAL_SPEED, True)
+    rss_ok = verdict(result["rss_ratio"], GOAL_RSS, False)
+    print(f"\nsftflow: {result['throughput_ratio']}x the supervised tokens/s of the fastest anchor setting, "
+          f"{result['fastest_anchor']} (goal >= {GOAL_SPEED:g}: {speed_ok}), {result['rss_ratio']}x its peak RSS "
+          f"(goal <= {GOAL_RSS:g}: {rss_ok}); every setting: {result['ratios']}; MFU {ours['speed']['mfu']:.1%} "
+          f"({ours['speed']['peak']}); CPU {result['cpu']}; load {result['load_avg']}")
     print(json.dumps(result))
 
 

@@ -18,7 +18,10 @@ BLEU). Text metrics see an extracted dict as its canonical JSON (sorted keys) an
 - `accuracy`: the extracted value equals the reference's (labels and numbers: the canonical form); None scores 0;
 - `field_match`: the share of the reference object's fields whose values the prediction's object has exactly
   (`2` is not `"2"`); a prediction with no JSON object scores 0. Needs `extractor: json` and object references;
-- `json_valid`: 1 when the whole answer (stripped) parses as a JSON object, else 0 (trailing text fails it).
+- `json_valid`: 1 when the whole answer (stripped) parses as a JSON object, else 0 (trailing text fails it);
+- `extracted`: 1 when the extractor finds what it scores in the answer (gsm8k: a `#### N` line; json: an object;
+  regex: a match; label: a label; none: any text), else 0: the format rate, right or wrong. It means something where
+  accuracy does not yet (a small model that learnt the answer format but not the arithmetic).
 """
 
 from __future__ import annotations
@@ -207,6 +210,11 @@ def json_valid_item(answer: str) -> float:
         return 0.0
 
 
+def extracted_item(value: Any) -> float:
+    """Return 1.0 when the extractor found something to score (None and empty text are nothing)."""
+    return float(value is not None and value != "")
+
+
 PAIR_METRICS = {"exact_match": exact_match_item, "token_f1": token_f1_item, "accuracy": accuracy_item,
                 "field_match": field_match_item}
 
@@ -228,6 +236,8 @@ def score_items(metric: str, answers: list[str], references: list[str], extracto
     """Return `metric`'s score for each answer against its reference, after extraction."""
     if metric == "json_valid":
         return [json_valid_item(a) for a in answers]
+    if metric == "extracted":
+        return [extracted_item(extractor(a)) for a in answers]
     preds, refs = [extractor(a) for a in answers], [extractor.reference(r) for r in references]
     if metric == "rouge_l":
         return rouge_l_items(preds, refs)

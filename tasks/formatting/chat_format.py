@@ -278,9 +278,9 @@ def format_split(rows: SplitRows, split: str, encoder: ChatEncoder, cfg: ChatCon
 
 
 class SplitWriter:
-    """Takes a split's encoded rows in order (an encode_all sink), applies the length rule and the source weights'
-    copies, adds each row's prompt and reference, and writes the Parquet file on a thread of its own (pyarrow
-    releases the GIL), so it is written while later rows encode. The file appears, whole, at `close`."""
+    """Takes a split's encoded rows in order (an encode_all sink) and, on a thread of its own, applies the length rule
+    and the source weights' copies, adds each row's prompt and reference and writes the Parquet file (pyarrow releases
+    the GIL), so the file is made while later rows encode. The file appears, whole, at `close`."""
 
     ROWS_PER_GROUP = 10_000  # rows per Parquet row group (one write)
 
@@ -299,12 +299,19 @@ class SplitWriter:
         self.tmp.unlink(missing_ok=True)
 
     def add(self, part: Encoded, start: int) -> None:
-        """Take the encoded rows start… of the split."""
+        """Take the encoded rows start… of the split: their Parquet rows are made (`take`) and written on the
+        writing thread, in order, so the encoding thread goes on planning meanwhile (it would otherwise spend there
+        the time it waits for the tokenizer threads)."""
+        self.writes.append(self.thread.submit(self.take, part, start))
+
+    def take(self, part: Encoded, start: int) -> None:
+        """Make the Parquet rows of the encoded rows start… and write a row group when enough are pending (on the
+        writing thread)."""
         table, lengths = self.table_of(part, start)
         self.pending.append(table)
         self.lengths.append(lengths)
         if sum(t.num_rows for t in self.pending) >= self.ROWS_PER_GROUP:
-            self.flush()
+            self.write_pending()
 
     def table_of(self, part: Encoded, start: int) -> tuple[pa.Table, pa.Table]:
         """Return the Parquet rows of the encoded rows start… (one per part, repeated by its source's weight) and
@@ -368,11 +375,14 @@ class SplitWriter:
                                      "ids' prefix (a bug in tasks/formatting/masks.py)")
         return prompt, reference
 
-    def flush(self) -> None:
-        """Hand the rows taken so far to the writing thread, as one row group."""
+    def write_pending(self) -> None:
+        """Write the rows taken so far as one row group (on the writing thread); with none taken at all, the file
+        still gets its columns."""
         if self.pending:
             table, self.pending = pa.concat_tables(self.pending), []
-            self.writes.append(self.thread.submit(self.write, table))
+            self.write(table)
+        elif not self.lengths and self.writer is None:
+            self.write(FORMATTED_SCHEMA.empty_table())
 
     def write(self, table: pa.Table) -> None:
         """Append a row group to the file (on the writing thread)."""
@@ -395,9 +405,7 @@ class SplitWriter:
     def close(self) -> tuple[pa.Table, list[tuple[int, str]]]:
         """Finish the file; return the length columns of its rows (row_id, source, n_tokens, n_supervised,
         truncated) and the (row_id, detail) of the rows dropped for length."""
-        self.flush()
-        if not self.lengths:  # no rows: the file still has its columns
-            self.writes.append(self.thread.submit(self.write, FORMATTED_SCHEMA.empty_table()))
+        self.writes.append(self.thread.submit(self.write_pending))  # after every row taken: the writes are in order
         self.wait()
         self.tmp.replace(self.path)
         names = ("row_id", "source", "n_tokens", "n_supervised", "truncated")

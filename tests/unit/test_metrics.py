@@ -114,3 +114,13 @@ def test_field_match_needs_the_json_extractor_and_object_references():
         check_metrics(["field_match"], NONE, [ORDER])
     with pytest.raises(ConfigError, match="reference 1 is not a JSON object"):
         check_metrics(["field_match", "json_valid"], JSON, [ORDER, "42"])
+
+
+def test_extracted_is_the_format_rate_right_or_wrong():
+    gsm8k = Extractor("gsm8k")
+    answers = ["so 7\n#### 7", "#### 12", "the answer is 7", "", "#### "]
+    assert items("extracted", answers, ["#### 7"] * 5, gsm8k) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert items("accuracy", answers, ["#### 7"] * 5, gsm8k) == [1.0, 0.0, 0.0, 0.0, 0.0]  # format is not accuracy
+    assert items("extracted", ['x {"a": 1}', "{broken"], [ORDER] * 2, JSON) == [1.0, 0.0]
+    assert items("extracted", ["  text ", "   "], ["r", "r"]) == [1.0, 0.0]  # none: any text
+    assert score(["extracted"], ["#### 3", "no"], ["#### 3", "#### 4"], gsm8k)["extracted"] == (0.5, [1.0, 0.0])
