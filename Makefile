@@ -13,7 +13,7 @@ ARGS   ?=
 # the CLI applies it itself, and targets that run prefect or mlflow directly take it from `sftflow env`.
 SFTFLOW_ENV = eval "$$($(BIN)/sftflow env)" &&
 
-.PHONY: setup run test lint ui-prefect ui-mlflow clean-runs
+.PHONY: setup run test test-fast lint ui-prefect ui-mlflow clean-runs
 
 setup: $(STAMP)
 
@@ -38,50 +38,84 @@ run: $(STAMP)
 # then the model tests marked dtype_sensitive (they compare two computations or depend on the loss curve) again with
 # the other dtype forced through SFTFLOW_COMPUTE_DTYPE: a tolerance or curve that holds in one dtype only fails on
 # every machine, not just on the other kind. ARGS (options, e.g. -x or -k lean) go to both runs; a -k that leaves the
-# second run nothing to select (pytest's exit code 5) is not a failure. The second run took 65 s on a 2-core
-# AVX512-BF16 EPYC (fp32), and 105 s there with bf16 emulated as an AVX2-only CPU would run it.
+# second run nothing to select (pytest's exit code 5) is not a failure.
+# Two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's fixtures are built once), the slow
+# files first (tests/conftest.py): most tests wait on a subprocess, a server or a tiny model's Python overhead, so
+# two run side by side on 2 cores. Measured on a 2-core AVX512-BF16 EPYC: 27.6 min against 47.5 min in one process.
+# TEST_WORKERS=0 runs in one process (pytest -n 0), e.g. to debug with -x --pdb.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest tests $(ARGS)
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 	other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
 	  print(other(torch.cuda.is_available()))") && echo "make test: dtype_sensitive, SFTFLOW_COMPUTE_DTYPE=$$other" && \
 	  { SFTFLOW_COMPUTE_DTYPE=$$other $(BIN)/python -m pytest tests/model $(ARGS) -m dtype_sensitive || [ $$? -eq 5 ]; }
+
+# The edit loop: everything not marked slow (no real server and worker, no SIGKILL resume, no concurrent runs, no
+# second machine, no GGUF conversion), in this machine's dtype. `make test` stays the one command CI runs.
+test-fast: lint
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 # pyflakes, pycodestyle, import order and bugbear (pyproject.toml [tool.ruff.lint]); ruff is pinned in
 # requirements.txt. `make test` runs it first, so CI (.ci/run) lints too.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Data-layer benchmark: 1M synthetic rows through ingest + clean + split vs a pandas baseline (bench/README.md).
-# ARGS passes options, e.g. make bench ARGS="--rows 100000 --pandas-rows 20000".
-.PHONY: bench
+# Benchmarks (docs/benchmarks.md; figures in bench/README.md), each against its peer in the same run; ARGS passes
+# options. On a shared machine run them one at a time (e.g. `nice -n 10 make bench-train`).
+# Data layer: 1M synthetic rows through ingest + clean + split vs two pandas baselines (~25 min on 2 cores).
+.PHONY: bench bench-train bench-format bench-eval bench-flow bench-quality
 bench: $(STAMP)
 	$(BIN)/pip install -q datasketch
 	$(BIN)/python bench/clean.py $(ARGS)
 
-# Training benchmark: the train task against ../shared/bench/trl_anchor.py (plain TRL QLoRA) in one run, plus the
-# format step's rows/s (docs/benchmarks.md, figures in bench/README.md); about 20 minutes on 2 cores. ARGS e.g. "--anchor-steps 5".
-.PHONY: bench-train
+# Training: the train task against ../shared/bench/trl_anchor.py in its 4 settings (~30-40 min on 2 cores).
 bench-train: $(STAMP)
 	$(SFTFLOW_ENV) $(BIN)/python bench/train.py $(ARGS)
 
+bench-format: $(STAMP)
+	$(SFTFLOW_ENV) $(BIN)/python bench/format.py $(ARGS)
+
+bench-eval: $(STAMP)
+	$(SFTFLOW_ENV) $(BIN)/python bench/eval.py $(ARGS)
+
+bench-flow: $(STAMP)
+	$(BIN)/python bench/flow_overhead.py $(ARGS)
+
+# configs/gsm8k.yaml end to end through `sftflow run` (about an hour of training, then evaluation)
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py $(ARGS)
+
+# The UIs listen on the loopback interface only (a tunnel or a reverse proxy with auth opens them to others);
+# PREFECT_PORT, MLFLOW_PORT and RUNS (the runs_dir whose MLflow store to show) can be changed on the command line.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT  ?= 5000
+RUNS         ?= $(CURDIR)/runs
+
 # Prefect UI on http://127.0.0.1:4200, over the same database the runs wrote to.
 ui-prefect: $(STAMP)
-	$(SFTFLOW_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	$(SFTFLOW_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 # MLflow UI on http://127.0.0.1:5000: runs, metrics, artifacts and the model registry.
 ui-mlflow: $(STAMP)
-	$(SFTFLOW_ENV) MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port 5000 --workers 1 \
-	  --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --default-artifact-root $(CURDIR)/runs/mlartifacts
+	$(SFTFLOW_ENV) MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --workers 1 --backend-store-uri sqlite:///$(RUNS)/mlflow.db --default-artifact-root $(RUNS)/mlartifacts
 
 # The whole Prefect stack in the background (deployments/stack.py): `prefect server start` on 127.0.0.1:4200, the
-# `cpu` process pool, deployments/prefect.yaml deployed, a worker; PID files and logs in .sftflow/stack/. Idempotent.
-# ARGS="--port 4300" moves the server. prefect-down stops the worker and the server with their process trees.
+# `cpu` and `gpu` process pools, deployments/prefect.yaml deployed, a worker on `cpu`, Prefect's zombie-run automation;
+# PID files and logs in .sftflow/stack/. Idempotent. ARGS="--port 4300" moves the server; ARGS="--gpu-pool" adds a
+# worker on the `gpu` pool (docs/scale-out.md). prefect-down stops the workers and the server with their process trees.
 .PHONY: prefect-up prefect-down
 prefect-up: $(STAMP)
 	$(BIN)/python deployments/stack.py up $(ARGS)
 
 prefect-down:
 	$(BIN)/python deployments/stack.py down
+
+# The CPU image of deployments/Dockerfile (needs a Docker engine), then a container importing the pipeline on its torch
+.PHONY: image
+image:
+	docker build -f deployments/Dockerfile -t sftflow:cpu .
+	docker run --rm sftflow:cpu python -c "import torch, flows.placement, flows.sft_pipeline; print(torch.__version__)"
 
 clean-runs:
 	rm -rf runs .sftflow

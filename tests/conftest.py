@@ -22,6 +22,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 apply_defaults()
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Start the files whose tests are slow as a whole (a module-level `pytestmark` with `slow`) first, each file kept
+    together, every other order as collected: `make test` runs the files on two pytest-xdist workers (`--dist
+    loadfile`, in this order), and a long file taken last would leave one worker idle while the other ends it."""
+    def slow_file(item) -> bool:
+        marks = getattr(item.module, "pytestmark", [])
+        return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
+
+    items.sort(key=lambda item: not slow_file(item))  # stable: the order within each group stays
+
+
 def compute_dtype():
     """Return the torch dtype training and evaluation compute in when train.compute_dtype is auto: the one
     SFTFLOW_COMPUTE_DTYPE forces (`make test` runs the model tests in both), else this machine's native one."""

@@ -11,7 +11,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
-    assert cfg.data.sources and cfg.train.max_steps > 0
+    assert cfg.data.sources  # and a length of training: steps, or epochs when max_steps is null
+    assert cfg.train.max_steps > 0 if cfg.train.max_steps is not None else cfg.train.num_epochs > 0
+
+
+def test_max_steps_null_trains_by_epochs():
+    cfg = load_config(CONFIGS[0], ["train.max_steps=null", "train.num_epochs=2"])
+    assert cfg.train.max_steps is None and cfg.train.num_epochs == 2
 
 
 def test_default_config_is_qlora_on_the_packaged_smollm2_with_lora_on_all_linear_layers():

@@ -16,6 +16,8 @@ from prefect.settings import PREFECT_API_URL
 from tasks.reporting.failure import TRACEBACK_FILE, step_of
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # whole pipeline runs in subprocesses
+
 TINY = ROOT / "configs" / "tiny.yaml"
 
 # The program as installed (`main()` reads sys.argv and ends the process itself), with format's row accounting fed

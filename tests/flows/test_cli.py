@@ -16,6 +16,8 @@ from prefect.settings import PREFECT_API_URL
 from flows.cli import STEPS
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # the CLI in subprocesses, from a bare environment and a fresh Prefect home
+
 TINY = ROOT / "configs" / "tiny.yaml"
 
 

@@ -22,6 +22,8 @@ from tasks.train.concurrency import train_limit_name
 from tests.conftest import ROOT
 from tests.flows.test_remote_tracking import mlflow_server  # noqa: F401 (a fixture: a real `mlflow server`)
 
+pytestmark = pytest.mark.slow  # two pipeline runs and registrations at once
+
 TINY = ROOT / "configs" / "tiny.yaml"
 
 

@@ -24,6 +24,8 @@ from flows.cli import main
 from tasks.reporting.failure import FailureReport, report_failure, rerun_command, step_of
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # whole pipeline runs in subprocesses with faults injected
+
 TINY = ROOT / "configs" / "tiny.yaml"
 NO_WAIT = "orchestrate.retries={clean: {retries: 1, delay_s: 0, jitter: 0}}"  # one quick retry
 

@@ -25,6 +25,8 @@ from tasks.train.train import train_model
 from tests.conftest import ROOT
 from tests.flows.test_registry import lora_config, scores, write_report
 
+pytestmark = pytest.mark.slow  # a real mlflow server and a whole run against it
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -5,9 +5,11 @@ from the environment or a Prefect Secret block (and nowhere else), and each bad 
 from __future__ import annotations
 
 import json
-import re
+import os
 import secrets
 import shutil
+import signal
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,19 +18,29 @@ import pytest
 
 from flows.cli import main, parse_args
 from tasks.core.errors import ConfigError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, listening_hosts, wait_for_http
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def test_every_server_binds_loopback_unless_told_otherwise():
-    assert parse_args(["serve", "sftflow-orders@champion"]).host == "127.0.0.1"
-    makefile = (ROOT / "Makefile").read_text()
-    servers = [line for line in makefile.splitlines()  # recipe lines (a tab first), not comments
-               if line.startswith("\t") and re.search(r"(prefect server start|mlflow (server|ui))", line)]
-    assert servers and all("--host 127.0.0.1" in line for line in servers), servers
-    stack = (ROOT / "deployments" / "stack.py").read_text()
-    assert 'HOST = "127.0.0.1"' in stack and '"server", "start", "--host", HOST' in stack
+@pytest.mark.slow  # two real servers started through make
+@pytest.mark.parametrize("target, health", [("ui-mlflow", "/health"), ("ui-prefect", "/api/health")])
+def test_the_ui_servers_listen_on_loopback_only(target, health, tmp_path):
+    """`make ui-mlflow` and `make ui-prefect` started for real (on a free port, a throwaway home): bound to 127.0.0.1.
+    (`sftflow serve`: tests/server/test_openai_serve.py; `make prefect-up`: tests/server/test_deployment.py.)"""
+    port = free_port()
+    env = {**os.environ, "SFTFLOW_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    server = subprocess.Popen(["make", "-s", target, f"PREFECT_PORT={port}", f"MLFLOW_PORT={port}",
+                               f"RUNS={tmp_path}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}{health}", server)
+        assert listening_hosts(port) == {"127.0.0.1"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert parse_args(["serve", "sftflow-orders@champion"]).host == "127.0.0.1"  # and the serve default
 
 
 def model_with_own_code(tiny_model_dir: Path, out: Path, marker: Path) -> Path:

@@ -18,6 +18,8 @@ from prefect.settings import PREFECT_API_URL
 from flows.temporary_server import healthy, spawn_early
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # Prefect's temporary server started by the CLI
+
 USING = re.compile(r"Using temporary server on (http://127\.0\.0\.1:\d+/api)")
 
 

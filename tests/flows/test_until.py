@@ -26,6 +26,8 @@ from tasks.core.config import STEP_NAMES
 from tasks.reporting.failure import step_of
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # pipeline runs in subprocesses, stopped and resumed
+
 TINY = ROOT / "configs" / "tiny.yaml"
 SFTFLOW = Path(sys.executable).parent / "sftflow"
 ROW = re.compile(r"--- row (\d+) \((\w+)\): (\d+) tokens, (\d+) supervised")

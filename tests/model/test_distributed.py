@@ -17,6 +17,8 @@ from tasks.train.distributed import check_distributed_config, launch_env, prepar
 from tasks.train.train import train_model
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # accelerate launch with worker processes
+
 
 @pytest.fixture(scope="module")
 def formatted(tiny_model_dir, tmp_path_factory):

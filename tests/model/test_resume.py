@@ -298,6 +298,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, checkpoint: Path, timeout: float
     raise AssertionError(f"{checkpoint} never appeared (exit code {proc.poll()})")
 
 
+@pytest.mark.slow  # a train step in a subprocess, SIGKILLed and rerun
 def test_a_sigkilled_train_step_reruns_from_its_checkpoint_to_the_same_steps_and_loss(run, tmp_path):
     steps, overrides = 8, ["train.max_steps=8"]
     cfg = load_config(run.config, overrides)

@@ -27,7 +27,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import ROOT, free_port, wait_for_http
 
-pytestmark = pytest.mark.scale_out
+pytestmark = [pytest.mark.scale_out, pytest.mark.slow]  # slow: a real server, two workers, one SIGKILLed
 
 STACK = ROOT / "deployments" / "stack.py"
 MANUAL = "sft-pipeline/sft-pipeline-manual"

@@ -26,6 +26,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # a real Prefect server and worker running deployments
+
 STACK = ROOT / "deployments" / "stack.py"
 MANUAL, WEEKLY = "sft-pipeline/sft-pipeline-manual", "sft-pipeline/sft-pipeline-weekly"
 RUN_TIMEOUT_S = 300
@@ -146,8 +148,9 @@ def test_up_serves_the_api_with_the_process_pool_both_deployments_and_an_online_
     # each flow run works in this checkout, whatever directory the worker was started from
     assert manual.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     server = psutil.Process(stack.record("server")["pid"])
-    assert any(c.laddr.port == int(stack.url.split(":")[-1].split("/")[0]) for c in server.net_connections("tcp")
-               if c.status == psutil.CONN_LISTEN)
+    port = int(stack.url.split(":")[-1].split("/")[0])
+    assert {c.laddr.ip for c in server.net_connections("inet") if c.status == psutil.CONN_LISTEN
+            and c.laddr.port == port} == {"127.0.0.1"}  # listening on the loopback interface only
     assert Path(stack.record("server")["log"]).parent == stack.home / "stack"  # logs and PID files in sftflow's home
     assert (stack.home / "prefect" / "prefect.db").exists()  # the server's database in the throwaway PREFECT_HOME
 

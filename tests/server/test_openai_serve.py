@@ -30,6 +30,8 @@ from tasks.model.precision import choose_precision
 from tasks.serving.serve import add_serve_arguments, serve_command, serving_method
 from tests.conftest import ROOT, SERVED, listening_hosts
 
+pytestmark = pytest.mark.slow  # sftflow serve as real server processes
+
 ORDER = ('Extract the order as JSON with keys "customer", "item", "quantity", "city".\n\n'
          "Hi, this is Maria Lopez from Denver. Please send 3 x desk lamp.")
 # fp32: the answers are compared with transformers' in fp32 (the other servers take --dtype auto)

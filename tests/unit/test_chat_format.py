@@ -79,9 +79,12 @@ def test_format_writes_both_splits_with_prompts_references_and_length_stats(tiny
     rows = train + heldout
     # the last answer of the multi-turn chat
     multi = next(r for r in rows if r["reference"] == "def f():\n    return 2")
-    assert multi["prompt"] is None or json.loads(multi["prompt"]) == CONVERSATIONS[1][:4]
-    prompt, reference = prompt_at(CONVERSATIONS[1], 4)  # what a held-out copy of it would hold
+    prompt, reference = prompt_at(CONVERSATIONS[1], 4)  # what a held-out copy of it holds
     assert json.loads(prompt) == CONVERSATIONS[1][:4] and reference == multi["reference"]
+    if multi in heldout:  # the split is the hash's: a held-out copy carries its prompt, a training one none
+        assert json.loads(multi["prompt"]) == CONVERSATIONS[1][:4]
+    else:
+        assert multi in train and multi["prompt"] is None
     # evaluate generates from the held-out prompts: each is the turns before its reference, ending with the user's
     assert all(json.loads(r["prompt"])[-1]["role"] == "user" for r in heldout)
     assert all(r["prompt"] is None for r in train)
