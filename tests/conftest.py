@@ -165,6 +165,15 @@ def served_store(tmp_path_factory, tiny_model_dir) -> str:
     return uri
 
 
+def registry_client(uri: str):
+    """Return an MlflowClient on store `uri` for runs and the registry alike. (Given a tracking URI only, MLflow takes
+    the registry from mlflow.set_registry_uri, which register sets process-wide for the run's store: another test's
+    store, in this pytest process.)"""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)
+
+
 def free_port() -> int:
     """Return a TCP port free on the loopback interface now."""
     import socket

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL
 
 from flows.cli import STEPS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, registry_client
 
 pytestmark = pytest.mark.slow  # the CLI in subprocesses, from a bare environment and a fresh Prefect home
 
@@ -139,7 +139,7 @@ def assert_registered_as_trained(project: Path, run: Path, stdout: str, tmp_path
     found = find_version(uri, f"sftflow-tiny/{number}", tmp_path)
     assert directory_digest(found.trained_dir) == directory_digest(trained_model_dir(run / "train"))
     first = find_version(uri, "sftflow-tiny/1", tmp_path)
-    assert directory_digest(first.trained_dir) == MlflowClient(uri).get_model_version("sftflow-tiny", "1").tags[
+    assert directory_digest(first.trained_dir) == registry_client(uri).get_model_version("sftflow-tiny", "1").tags[
         "trained_sha256"]
 
 
@@ -213,7 +213,6 @@ MODEL = "cli-model"
 def store(tmp_path):
     """runs/mlflow.db with versions 1-3 of MODEL as register leaves them: v1 champion over the base, v2 not better,
     v3 champion over v1 (the gate's decisions applied by the registry's own code)."""
-    from mlflow import MlflowClient
 
     from tasks.registry.registry import GateDecision, apply_decision
 

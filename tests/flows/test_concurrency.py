@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
 from tasks.train.concurrency import train_limit_name
-from tests.conftest import ROOT
+from tests.conftest import ROOT, registry_client
 from tests.flows.test_remote_tracking import mlflow_server  # noqa: F401 (a fixture: a real `mlflow server`)
 
 pytestmark = pytest.mark.slow  # two pipeline runs and registrations at once
@@ -84,10 +84,9 @@ def test_both_runs_register_their_own_version(two_runs):
 
 
 def test_the_aliases_agree_with_the_champion_record_each_move_decided_against_the_one_before(two_runs):
-    from mlflow import MlflowClient
 
     runs, summaries = two_runs["runs"], two_runs["summaries"]
-    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{runs / 'mlflow.db'}")
     model = client.get_registered_model("sftflow-tiny")
     aliases = {alias: str(version) for alias, version in model.aliases.items()}
     assert set(aliases) == {"champion", "challenger"}

@@ -4,7 +4,6 @@ data gate; per-step retries and run names; JSON results. Real Prefect API (the h
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
@@ -12,7 +11,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from flows.cli import main
 from flows.sft_pipeline import sft_pipeline
 from tasks.core.config import load_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, registry_client
 
 TINY = ROOT / "configs" / "tiny.yaml"
 UPSTREAM = ("ingest.duckdb", "clean.duckdb", "formatted/train.parquet", "validation/raw.json",
@@ -45,7 +44,7 @@ def task_runs_of(flow_run_id):
 
 
 def versions(overrides) -> list[int]:
-    client = mlflow.MlflowClient(load_config(TINY, overrides).tracking_uri())
+    client = registry_client(load_config(TINY, overrides).tracking_uri())
     return sorted(int(v.version) for v in client.search_model_versions("name = 'sftflow-tiny'"))
 
 

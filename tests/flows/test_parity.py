@@ -16,7 +16,7 @@ from tasks.registry.parity import Divergence, Parity, compare_answers, decide_pa
 from tasks.registry.register import register_run
 from tasks.serving.serve import served_answers
 from tasks.train.train import train_model
-from tests.conftest import formatted_run
+from tests.conftest import formatted_run, registry_client
 
 LORA = TrainConfig(method="lora", learning_rate=2e-2, max_steps=4, batch_size=4, gradient_accumulation_steps=1,
                    logging_steps=1, save_steps=4, lora_r=4, packing=False, seed=0)
@@ -46,7 +46,7 @@ def test_the_logged_model_and_the_merged_export_answer_as_evaluated_and_the_vers
     result = register_into(tmp_path, run, adapter, tiny_model_dir, merged_export=True,
                            answer_paths={"served": served_answers})  # as flows/steps.py hands it to register
     assert (result["model_version"], result["alias"]) == (1, "champion")
-    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version("parity-test", "1").tags
+    tags = registry_client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version("parity-test", "1").tags
     assert (tags["parity.ok"], tags["parity.pyfunc"], tags["parity.merged"], tags["parity.served"]) == (
         "true", "8/8", "8/8", "8/8")
     assert tags["parity.reason"].startswith(
@@ -94,7 +94,7 @@ def test_a_logged_model_with_one_damaged_tensor_is_refused_champion_naming_the_p
     first = samples[int(where[1]) - 1]  # the first prompt whose answer differs: its row, its text, its tokens
     assert where[2] == str(first["row_id"]) and first["prompt"].startswith(where[3].rstrip("…"))
     assert where[5] != where[6] and int(where[4]) <= 12
-    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version("parity-test", "1").tags
+    tags = registry_client(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version("parity-test", "1").tags
     assert tags["parity.ok"] == "false" and tags["gate.promoted"] == "false" and tags["gate.reason"] == reason
 
 

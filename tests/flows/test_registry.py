@@ -17,7 +17,7 @@ from tasks.registry.register import register_run
 from tasks.registry.registry import GateDecision, decide_promotion, directory_digest, find_version
 from tasks.train.diagnose import write_diagnoses
 from tasks.train.train import train_model
-from tests.conftest import formatted_run
+from tests.conftest import formatted_run, registry_client
 
 NAME = "gate-test"
 
@@ -89,7 +89,7 @@ def gate_history(trained_runs, tiny_model_dir):
     results["a_again"] = register(runs, run_a, a, tiny_model_dir, cfg)
     write_report(run_c.eval, scores(0.1, 3.0), scores(0.6, 1.9), {**scores(0.5, 2.0), "version": "1"})
     results["c"] = register(runs, run_c, c, tiny_model_dir, cfg)
-    return runs, results, MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    return runs, results, registry_client(f"sqlite:///{runs / 'mlflow.db'}")
 
 
 def test_the_first_version_beating_the_base_takes_champion_and_reloads_with_the_tuned_models_logits(
@@ -181,7 +181,7 @@ def test_a_model_that_does_not_stop_is_refused_and_no_version_is_created(trained
     with pytest.raises(QualityGateError, match="registration refused: the model does not learn to stop: 50% of the "
                                                "tuned model's held-out answers ended"):
         register(tmp_path, run, adapter, tiny_model_dir, RegisterConfig(model_name="never-stops"), report)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.search_registered_models() == []
     (logged,) = client.search_runs([client.get_experiment_by_name("sftflow").experiment_id])
     assert logged.data.tags["registration_refused"].startswith("registration refused: the model does not learn")
@@ -208,7 +208,7 @@ def merged_first(trained_runs, tiny_model_dir, tmp_path_factory):
 def test_a_first_version_that_does_not_beat_the_base_is_only_a_challenger(merged_first):
     store, result, _ = merged_first
     assert (result["model_version"], result["alias"]) == (1, "challenger")
-    model = MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_registered_model("merged-test")
+    model = registry_client(f"sqlite:///{store / 'mlflow.db'}").get_registered_model("merged-test")
     assert {k: str(v) for k, v in model.aliases.items()} == {"challenger": "1"}
     assert result["gate"]["reason"] == ("token_f1 0.5 does not beat base's 0.5 by more than margin 0 "
                                         "(difference +0)")
@@ -218,7 +218,7 @@ def test_the_merged_export_is_safetensors_with_the_tuned_models_logits(merged_fi
     from transformers import AutoModelForCausalLM
 
     store, result, adapter = merged_first
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{store / 'mlflow.db'}")
     local = client.download_artifacts(result["mlflow_run_id"], "merged", str(tmp_path))
     assert (tmp_path / "merged" / "model.safetensors").is_file() and not (tmp_path / "merged" /
                                                                           "adapter_config.json").exists()
@@ -329,7 +329,7 @@ def retried_after_newer_promotion(trained_runs, tiny_model_dir, tmp_path_factory
             register(runs, run_b, b, tiny_model_dir, cfg, reports["b"])
     finally:
         register_module.apply_gate = original
-    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{runs / 'mlflow.db'}")
     stored = GateDecision.from_tags(client.get_model_version("retry-test", "2").tags)
     register(runs, run_c, c, tiny_model_dir, cfg, reports["c"])
     retried = register(runs, run_b, b, tiny_model_dir, cfg, reports["b"])

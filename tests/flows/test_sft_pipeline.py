@@ -14,7 +14,7 @@ from flows.sft_pipeline import sft_pipeline
 from tasks.core.config import load_config
 from tasks.data.ingest import fingerprint_data
 from tasks.reporting.report import human_summary
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, registry_client, write_jsonl
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -161,7 +161,6 @@ def test_the_prefect_run_shows_the_loss_curve_image_linked_to_the_same_png_in_ml
     import re
     from urllib.parse import parse_qs, urlparse
 
-    import mlflow
 
     runs, overrides, summary = finished_run
     diagnoses = run_artifacts(summary["prefect_flow_run_id"])["train-diagnoses"]
@@ -172,7 +171,7 @@ def test_the_prefect_run_shows_the_loss_curve_image_linked_to_the_same_png_in_ml
     query = parse_qs(urlparse(link).query)
     assert link.startswith("http://127.0.0.1:5000/get-artifact?")
     assert query == {"path": ["train/loss_curve.png"], "run_uuid": [summary["mlflow_run_id"]]}
-    client = mlflow.MlflowClient(load_config(TINY, overrides).tracking_uri())
+    client = registry_client(load_config(TINY, overrides).tracking_uri())
     assert "train/loss_curve.png" in {f.path for f in client.list_artifacts(summary["mlflow_run_id"], "train")}
     assert diagnoses.description.startswith("Loss curve; diagnoses: ")
 
@@ -219,7 +218,6 @@ def test_the_prefect_run_logs_the_progress_of_cleaning_training_and_evaluation(f
 
 
 def test_a_cached_rerun_of_the_same_run_id_registers_nothing_new(finished_run):
-    import mlflow
 
     runs, overrides, first = finished_run
     adapter = runs / "run-1" / "train" / "adapter" / "adapter_model.safetensors"
@@ -231,7 +229,7 @@ def test_a_cached_rerun_of_the_same_run_id_registers_nothing_new(finished_run):
     assert (summary["model_version"], summary["alias"], summary["new_version"]) == (1, "champion", False)
     assert summary["decision"].startswith("nothing new registered: the trained weights are byte-identical to "
                                           "sftflow-tiny v1 (@champion")
-    client = mlflow.MlflowClient(load_config(TINY, overrides).tracking_uri())
+    client = registry_client(load_config(TINY, overrides).tracking_uri())
     assert [int(v.version) for v in client.search_model_versions("name = 'sftflow-tiny'")] == [1]
     assert summary["mlflow_run_id"] == first["mlflow_run_id"]
 

@@ -24,7 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, registry_client
 
 pytestmark = pytest.mark.slow  # a real Prefect server and worker running deployments
 
@@ -102,9 +102,8 @@ def run_manual_deployment(stack: Stack) -> object:
 
 def model_versions(stack: Stack) -> list[int]:
     """Return the registered versions of sftflow-tiny in the run's own MLflow store (runs_dir/mlflow.db)."""
-    import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{stack.runs / 'mlflow.db'}")
+    client = registry_client(f"sqlite:///{stack.runs / 'mlflow.db'}")
     return sorted(int(v.version) for v in client.search_model_versions("name = 'sftflow-tiny'"))
 
 
