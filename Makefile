@@ -41,7 +41,7 @@ run: $(STAMP)
 # second run nothing to select (pytest's exit code 5) is not a failure.
 # Two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's fixtures are built once), the slow
 # files first (tests/conftest.py): most tests wait on a subprocess, a server or a tiny model's Python overhead, so
-# two run side by side on 2 cores. Measured on a 2-core AVX512-BF16 EPYC: 27.6 min against 47.5 min in one process.
+# two run side by side on 2 cores. Measured on a 2-core AVX2-only EPYC (fp32): 27.6 min against 47.5 min in one process.
 # TEST_WORKERS=0 runs in one process (pytest -n 0), e.g. to debug with -x --pdb.
 TEST_WORKERS ?= 2
 test: lint
