@@ -39,11 +39,14 @@ run: $(STAMP)
 # the other dtype forced through SFTFLOW_COMPUTE_DTYPE: a tolerance or curve that holds in one dtype only fails on
 # every machine, not just on the other kind. ARGS (options, e.g. -x or -k lean) go to both runs; a -k that leaves the
 # second run nothing to select (pytest's exit code 5) is not a failure.
-# Two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's fixtures are built once), the slow
-# files first (tests/conftest.py): most tests wait on a subprocess, a server or a tiny model's Python overhead, so
-# two run side by side on 2 cores. Measured on a 2-core AVX2-only EPYC (fp32): 27.6 min against 47.5 min in one process.
-# TEST_WORKERS=0 runs in one process (pytest -n 0), e.g. to debug with -x --pdb.
-TEST_WORKERS ?= 2
+# pytest-xdist workers, a test file each at a time (--dist loadfile: a file's fixtures are built once), the longest
+# files first (tests/conftest.py). Many tests wait on a subprocess, a server or a heartbeat, so three workers keep 2
+# cores busier than two: 24.1 min with three on a 2-core AVX2-only EPYC (fp32), 1.7 cores busy on average, against
+# 27.6 min with two and 47.5 min in one process (bench/README.md). The edit loop's tests are compute-bound (95% of
+# both cores with two workers), so `make test-fast` keeps two. TEST_WORKERS=0 runs in one process (pytest -n 0), e.g.
+# to debug with -x --pdb.
+TEST_WORKERS ?= 3
+FAST_WORKERS ?= 2
 test: lint
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 	other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
@@ -53,7 +56,7 @@ test: lint
 # The edit loop: everything not marked slow (no real server and worker, no SIGKILL resume, no concurrent runs, no
 # second machine, no GGUF conversion), in this machine's dtype. `make test` stays the one command CI runs.
 test-fast: lint
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest tests -n $(FAST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 # pyflakes, pycodestyle, import order and bugbear (pyproject.toml [tool.ruff.lint]); ruff is pinned in
 # requirements.txt. `make test` runs it first, so CI (.ci/run) lints too.

@@ -22,15 +22,32 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 apply_defaults()
 
 
+# The files that take longest (worker-seconds in `make test` on a 2-core EPYC, 2026-12-02), longest first. pytest-xdist
+# hands whole files to its workers (`--dist loadfile`) in collection order, so a long file started last leaves the
+# other workers idle while one ends it: these start first, in this order. A file missing here only starts later.
+LONGEST_FILES = (
+    "flows/test_cli.py", "scale_out/test_placement.py", "flows/test_concurrency.py", "flows/test_portable_model.py",
+    "model/test_resume.py", "unit/test_base_model.py", "flows/test_until.py", "flows/test_remote_tracking.py",
+    "flows/test_registry.py", "scale_out/test_machines.py", "flows/test_faults.py", "server/test_deployment.py",
+    "flows/test_orchestration.py", "server/test_openai_serve.py", "model/test_evaluate.py",
+    "model/test_distributed.py",
+)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Start the files whose tests are slow as a whole (a module-level `pytestmark` with `slow`) first, each file kept
-    together, every other order as collected: `make test` runs the files on two pytest-xdist workers (`--dist
-    loadfile`, in this order), and a long file taken last would leave one worker idle while the other ends it."""
+    """Start the files in LONGEST_FILES first, longest first, then the other files whose tests are slow as a whole (a
+    module-level `pytestmark` with `slow`), each file kept together, every other order as collected."""
     def slow_file(item) -> bool:
         marks = getattr(item.module, "pytestmark", [])
         return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
 
-    items.sort(key=lambda item: not slow_file(item))  # stable: the order within each group stays
+    def rank(item) -> tuple[int, int]:
+        path = Path(item.fspath).relative_to(ROOT / "tests").as_posix()
+        if path in LONGEST_FILES:
+            return 0, LONGEST_FILES.index(path)
+        return (1 if slow_file(item) else 2), 0
+
+    items.sort(key=rank)  # stable: the order within each group stays
 
 
 def compute_dtype():
@@ -68,6 +85,19 @@ def assert_same_value(actual, expected, dtype) -> None:
     rtol, atol = tolerance(dtype)
     scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale)
+
+
+@pytest.fixture(scope="session")
+def prefect_backend(tmp_path_factory):
+    """A real Prefect API for the session (Prefect's test harness: a temporary SQLite server) with result storage in
+    a temp dir. tests/flows uses it for every test; elsewhere a test asks for it. One per pytest-xdist worker: a
+    second harness would cost another server start (~20 s on 2 busy cores)."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}), prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

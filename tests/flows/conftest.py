@@ -1,12 +1,8 @@
-"""A real Prefect API (the test harness: a temporary SQLite server) with result storage in a temp dir."""
+"""Every test here runs against a real Prefect API: the session's test harness (tests/conftest.py `prefect_backend`)."""
 
 import pytest
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_backend(tmp_path_factory):
-    results = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}), prefect_test_harness(server_startup_timeout=120):
-        yield
+def flows_prefect_backend(prefect_backend):
+    yield

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -106,26 +107,45 @@ def test_every_step_of_the_cli_has_its_expected_output():
     assert set(STEP_OUTPUTS) == set(STEPS)
 
 
-@pytest.mark.parametrize("step", STEPS)
-def test_every_step_reruns_alone_on_a_finished_run(cli_run, step, tiny_model_dir, tmp_path):
-    project, home, first = cli_run
-    assert first.returncode == 0, first.stderr[-2000:]
-    started = time.time_ns()
-    result = sftflow("task", step, "--run", "cli-1", "--set", "evaluate.max_samples=4", cwd=project,
-                     env=bare_env(home, PREFECT_API_URL=PREFECT_API_URL.value(), HF_HUB_OFFLINE="1"))
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    assert "Traceback" not in output
+def assert_step_reran(step: str, project: Path, stdout: str, started: int, tiny_model_dir: Path,
+                      tmp_path: Path) -> None:
+    """The step's output in run cli-1 is new (register: a version holding the run's trained weights as they are)."""
     run = project / "runs" / "cli-1"
     if step == "prepare-base-model":
-        assert result.stdout.strip().splitlines()[-1] == str(tiny_model_dir)
+        assert stdout.strip().splitlines()[-1] == str(tiny_model_dir)
     elif step == "register":  # the version registered holds the run's trained weights as they are now
-        assert_registered_as_trained(project, run, result.stdout, tmp_path)
+        assert_registered_as_trained(project, run, stdout, tmp_path)
     else:
         assert (run / STEP_OUTPUTS[step]).stat().st_mtime_ns > started  # rewritten by this step
     if step == "clean":
         with duckdb.connect(str(run / "clean.duckdb"), read_only=True) as con:
             assert con.execute("SELECT count(*) FROM clean").fetchall()[0][0] > 50
+
+
+def test_a_step_reruns_alone_as_the_command_from_a_bare_environment(cli_run, tiny_model_dir, tmp_path):
+    """`sftflow task STEP --run ID` as typed, in its own process from a bare environment (the other steps run
+    through the same entry point in this process below: one process start each would only add imports)."""
+    project, home, first = cli_run
+    assert first.returncode == 0, first.stderr[-2000:]
+    started = time.time_ns()
+    result = sftflow("task", "format", "--run", "cli-1", "--set", "evaluate.max_samples=4", cwd=project,
+                     env=bare_env(home, PREFECT_API_URL=PREFECT_API_URL.value(), HF_HUB_OFFLINE="1"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    assert_step_reran("format", project, result.stdout, started, tiny_model_dir, tmp_path)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_every_step_reruns_alone_on_a_finished_run(cli_run, step, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    project, _, first = cli_run
+    assert first.returncode == 0, first.stderr[-2000:]
+    monkeypatch.chdir(project)  # runs/ and configs/ as the user's working directory has them
+    started = time.time_ns()
+    code, out, err = cli(capsys, "task", step, "--run", "cli-1", "--set", "evaluate.max_samples=4")
+    assert code == 0, (out + err)[-3000:]
+    assert "Traceback" not in out + err
+    assert_step_reran(step, project, out, started, tiny_model_dir, tmp_path)
 
 
 def assert_registered_as_trained(project: Path, run: Path, stdout: str, tmp_path: Path) -> None:
@@ -209,17 +229,19 @@ def finished_tiny_source(tmp_path) -> Path:
 MODEL = "cli-model"
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
     """runs/mlflow.db with versions 1-3 of MODEL as register leaves them: v1 champion over the base, v2 not better,
-    v3 champion over v1 (the gate's decisions applied by the registry's own code)."""
-
+    v3 champion over v1 (the gate's decisions applied by the registry's own code). Built once: a new sqlite store
+    runs MLflow's migrations, 2-7 s a time on 2 cores; each test gets its own copy (`store`)."""
     from tasks.registry.registry import GateDecision, apply_decision
 
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    (tmp_path / "runs").mkdir()
+    root = tmp_path_factory.mktemp("cli-store")
+    uri = f"sqlite:///{root / 'runs' / 'mlflow.db'}"
+    (root / "runs").mkdir()
     client = MlflowClient(uri, registry_uri=uri)
-    experiment = client.create_experiment("cli", artifact_location=(tmp_path / "artifacts").as_uri())
+    # no artifacts are logged: the runs only anchor the versions, so the copies need no artifact directory
+    experiment = client.create_experiment("cli", artifact_location=(root / "artifacts").as_uri())
     client.create_registered_model(MODEL)
     decisions = [GateDecision("field_match", 0.5, "base", 0.1, 0.0, True, "field_match 0.5 beats base's 0.1"),
                  GateDecision("field_match", 0.4, "champion v1", 0.5, 0.0, False, "0.4 does not beat v1's 0.5"),
@@ -229,7 +251,16 @@ def store(tmp_path):
         version = client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id,
                                               tags=decision.tags())
         apply_decision(client, MODEL, str(version.version), decision, "tester")
-    return tmp_path, uri, client
+    return root / "runs" / "mlflow.db"
+
+
+@pytest.fixture
+def store(tmp_path, store_template):
+    """A copy of `store_template` in tmp_path/runs: (tmp_path, its URI, a client of it)."""
+    (tmp_path / "runs").mkdir()
+    shutil.copyfile(store_template, tmp_path / "runs" / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    return tmp_path, uri, MlflowClient(uri, registry_uri=uri)
 
 
 def cli(capsys, *argv):

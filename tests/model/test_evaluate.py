@@ -266,18 +266,8 @@ def test_turn_markers_follow_the_template(tiny_model_dir):
     assert headers[0] == "### Instruction:" and tokenizer.eos_token_id in stops
 
 
-@pytest.fixture
-def prefect_api(tmp_path):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}), \
-            prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def test_inside_a_prefect_run_evaluate_publishes_the_samples_table_and_the_comparison(
-        prefect_api, formatted, can_stop_dir, adapters, tmp_path):  # noqa: F811
+        prefect_backend, formatted, can_stop_dir, adapters, tmp_path):  # noqa: F811
     from prefect import flow
     from prefect.client.orchestration import get_client
 

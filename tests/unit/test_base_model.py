@@ -211,6 +211,8 @@ print("->", resolve_base_model(sys.argv[1]))
 """
 
 
+@pytest.mark.slow  # two real conversions of the packaged SmolLM2 at once (about 90 s on 2 cores): a tiny GGUF
+# converts too fast for the two to overlap, which is what this checks
 def test_two_processes_converting_the_packaged_gguf_at_once_both_get_the_one_complete_copy(tmp_path):
     # two scheduled runs on a fresh machine: both find no conversion and convert; neither may fail or see half a copy
     from tasks.core.config import DEFAULT_BASE_MODEL
