@@ -55,6 +55,7 @@ def load_serving_model(version: RegisteredVersion, as_trained: bool = False, dty
     from tasks.core.config import TrainConfig
     from tasks.model.modeling import has_cuda, is_adapter_dir, load_trained_model, resolve_version_base
     from tasks.model.precision import choose_precision
+    from tasks.serving.packed import pack_linears
 
     adapter = is_adapter_dir(version.trained_dir)
     # the base by its spec, resolved on this machine (a GGUF converted, a Hub id fetched), or its registered
@@ -70,7 +71,10 @@ def load_serving_model(version: RegisteredVersion, as_trained: bool = False, dty
     precision = choose_precision(dtype, has_cuda())
     if not has_cuda() and cfg.method not in ("qlora", "lora_8bit") and precision.name != "fp32":
         model = model.to(precision.torch_dtype)
-    return model.eval()
+    model = model.eval()
+    if not has_cuda() and cfg.method not in ("qlora", "lora_8bit"):
+        pack_linears(model)  # a plain model's fp32 layers, laid out once for batched decoding (tasks/serving/packed.py)
+    return model
 
 
 def default_tracking_uri(runs_dir: Path) -> str:

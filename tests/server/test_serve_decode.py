@@ -166,3 +166,57 @@ def test_the_request_checks_take_openai_clients_fields_and_refuse_typos_and_feat
             parse_chat(raw, 16, names)
         assert (refused.value.status, refused.value.code) == (status, code), name
         assert message is None or refused.value.message == message, name
+
+
+def test_packed_linear_layers_compute_the_plain_layers_logits_and_the_decoder_answers_the_same(tiny):
+    """What `sftflow serve` does to an fp32 model on a CPU (tasks/serving/packed.py): every nn.Linear replaced, the
+    logits of a padded prefill and of cached decode steps within fp32 rounding of the plain model's, and the batched
+    decoder's greedy answers the same tokens."""
+    import copy
+
+    import torch
+
+    from tasks.serving.packed import pack_linears
+    from tests.conftest import assert_same_value
+
+    model, tokenizer = tiny
+    plain = copy.deepcopy(model).float()
+    packed = copy.deepcopy(plain)
+    linears = sum(type(m) is torch.nn.Linear for m in plain.modules())
+    assert pack_linears(packed) == linears > 0
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+
+    texts = ["Hi", "Extract the order: 2 lamps to Oslo, for Maria Lopez", "Ship 3 mugs"]
+    ids = [prompt(tokenizer, t) for t in texts]
+    width = max(map(len, ids))
+    batch = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.inference_mode():
+        outs = [m(batch, attention_mask=mask, use_cache=True) for m in (plain, packed)]
+        assert_same_value(outs[1].logits, outs[0].logits, torch.float32)
+        last = outs[0].logits[:, -1].argmax(-1)[:, None]
+        step_mask = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1)
+        positions = mask.sum(-1)[:, None]
+        steps = [m(last, attention_mask=step_mask, position_ids=positions, past_key_values=o.past_key_values,
+                   use_cache=True).logits for m, o in zip((plain, packed), outs)]
+        assert_same_value(steps[1], steps[0], torch.float32)
+
+    stops = [tokenizer.eos_token_id]
+    answers = []
+    for m in (plain, packed):
+        rows = [Row(i, Sampling(max_tokens=10), lambda e: None) for i in ids]
+        run(Decoder(m, tokenizer, stops, stops[0]), {0: rows})
+        answers.append([r.tokens for r in rows])
+    assert answers[1] == answers[0]
+
+
+def test_packing_leaves_bf16_layers_as_they_are(tiny):
+    import copy
+
+    import torch
+
+    from tasks.serving.packed import pack_linears
+
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    assert pack_linears(model) == 0
+    assert any(type(m) is torch.nn.Linear for m in model.modules())
