@@ -21,9 +21,7 @@ The last line printed is one JSON object: {"ratio", "ratio_min", "ratio_max", "s
 "requests", "clients", "max_tokens", "completion_tokens_mean", "finish_reasons", "largest_batch", "served", "dtype",
 "cpu", "load_avg", "server"}: medians over the repeats, `ratio` = concurrent answers/s over single answers/s.
 
-Measured (2026-12-02, AMD EPYC 2 cores with AVX512-BF16, shared: 1-min load average about 4): --dtype auto (bf16)
-0.214 -> 0.941 answers/s, ratio 4.19x (4.11-4.86), p50 4.47 s / 7.81 s; --dtype fp32 0.166 -> 0.493 answers/s, ratio
-2.79x (2.42-3.10), p50 6.15 s / 15.01 s. docs/serving.md says what limits fp32.
+Figures, with their CPU and commit: bench/README.md (Serving).
 """
 
 from __future__ import annotations
