@@ -18,6 +18,7 @@ for free (docs/serving.md), and a quantized base keeps its own kernels.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -26,8 +27,10 @@ log = logging.getLogger("sftflow.serve")
 BATCH_HINT = 8  # the rows oneDNN lays the weights out for: `sftflow serve`'s default --max-batch (any count works)
 
 
+@functools.cache
 def packed_linear_class():
-    """Return the PackedLinear module class (torch imported on first use)."""
+    """Return the PackedLinear module class, defined once, on first use (so that importing this module needs no
+    torch)."""
     import torch
 
     class PackedLinear(torch.nn.Module):
