@@ -84,17 +84,20 @@ def checkpoints_newest_first(checkpoints: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)), reverse=True)
 
 
-def latest_valid_checkpoint(checkpoints: Path) -> Path | None:
-    """Return the newest whole checkpoint; remove, with a warning naming each, the broken ones newer than it."""
+def latest_valid_checkpoint(checkpoints: Path, clear: bool = True) -> Path | None:
+    """Return the newest whole checkpoint; remove, with a warning naming each, the broken ones newer than it (with
+    clear=False only skip them)."""
     for path in checkpoints_newest_first(checkpoints):
         if (problem := checkpoint_problem(path)) is None:
             return path
+        if not clear:
+            continue
         stage_logger().warning("train: skipping checkpoint %s: %s (an interrupted save?); removed it", path, problem)
         shutil.rmtree(path, ignore_errors=True)  # else Trainer would later write into it or count it as kept
     return None
 
 
-def resumable_checkpoint(out_dir: Path, key: str) -> str | None:
+def resumable_checkpoint(out_dir: Path, key: str, clear: bool = True) -> str | None:
     """Return the newest valid checkpoint of the same training job, if any; clear checkpoints of a different job.
 
     out_dir/job.json holds the key of the job that owns out_dir/checkpoints. Checkpoints of another job (other data,
@@ -102,8 +105,15 @@ def resumable_checkpoint(out_dir: Path, key: str) -> str | None:
     position belong to another run. A truncated or corrupt checkpoint (a process killed while saving it) is skipped
     and removed with a warning, and the next older valid one is used; with none left, training starts at step 0.
     A finished run of the same job resumes at its last step and trains no further steps.
+
+    clear=False only reads: a distributed job's ranks, whose launcher on machine 0 already cleared and marked out_dir,
+    must not rewrite job.json or remove checkpoints one of them may be writing.
     """
     checkpoints, marker = out_dir / "checkpoints", out_dir / "job.json"
+    if not clear:
+        same = checkpoints.is_dir() and marker.is_file() and marker.read_text(encoding="utf-8") == key
+        latest = latest_valid_checkpoint(checkpoints, clear=False) if same else None
+        return str(latest) if latest is not None else None
     if checkpoints.is_dir() and marker.is_file() and marker.read_text(encoding="utf-8") == key:
         latest = latest_valid_checkpoint(checkpoints)
         if latest is not None:
@@ -155,7 +165,7 @@ def restore_finished(trainer, checkpoint: Path) -> None:
     trainer._load_from_checkpoint(str(final))  # Trainer's own loader: an adapter, full weights or shards alike
 
 
-def resume_training(trainer, out_dir: Path, key: str) -> None:
+def resume_training(trainer, out_dir: Path, key: str, clear: bool = True) -> None:
     """Train `trainer`'s job to max_steps, from its newest valid checkpoint if there is one (resumable_checkpoint).
 
     A finished job's rerun (a retry after training ended, `sftflow task train` again) trains no further step: resumed
@@ -163,7 +173,7 @@ def resume_training(trainer, out_dir: Path, key: str) -> None:
     An early-stopped job counts as finished when its stop step was saved; when the stop fell between checkpoints, the
     rerun resumes from the last one and early stopping (its patience count restored) stops it at the next evaluation.
     """
-    checkpoint = resumable_checkpoint(out_dir, key)
+    checkpoint = resumable_checkpoint(out_dir, key, clear)
     if checkpoint is not None and is_finished(Path(checkpoint)):
         stage_logger().info("train: %s is the job's last step; nothing left to train", checkpoint)
         restore_finished(trainer, Path(checkpoint))

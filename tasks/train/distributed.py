@@ -259,7 +259,7 @@ def run_worker(spec: dict) -> None:
     cfg, out_dir, formatted = (TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]),
                                Path(spec["formatted_dir"]))
     trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir, cfg))
-    resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg))
+    resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg), clear=False)
     record_rank(trainer, out_dir, trainer.args.process_index)
     save_trained(trainer, load_tokenizer(spec["model_dir"], formatted, cfg.trust_remote_code), out_dir, cfg)
 

@@ -269,6 +269,22 @@ def test_with_no_valid_checkpoint_left_training_starts_at_step_0(straight, tmp_p
     assert "no valid checkpoint" in caplog.text
 
 
+def test_a_distributed_rank_only_reads_the_train_dir_its_launcher_cleared(straight, tmp_path):
+    # every rank of an accelerate job resumes; only the launcher on machine 0 may rewrite job.json or remove
+    # checkpoints (a rank rewriting it raced the others, and on a shared runs_dir left it with machine 1's mode)
+    out = copy_of(straight, tmp_path)
+    key = (out / "job.json").read_text()
+    truncate(out / "checkpoints" / "checkpoint-4" / "optimizer.pt", 1000)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert resumable_checkpoint(out, key, clear=False) == str(out / "checkpoints" / "checkpoint-2")
+    assert resumable_checkpoint(out, "another job", clear=False) is None
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]  # the broken one skipped, not removed
+    shutil.rmtree(out / "checkpoints")
+    assert resumable_checkpoint(out, key, clear=False) is None
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == {
+        p: t for p, t in before.items() if "checkpoints" not in p.parts}  # nothing written, nothing else removed
+
+
 def sftflow_train(run: RunPaths, log: Path) -> subprocess.Popen:
     """Start `sftflow task train --run <id>` as a user would, in a session of its own, its output going to `log`."""
     with log.open("w") as sink:
