@@ -26,6 +26,16 @@ def model_precision(compute_dtype: str = "auto") -> Precision:
     return choose_precision(compute_dtype, has_cuda())
 
 
+def evaluation_precision(method: str, compute_dtype: str = "auto") -> Precision:
+    """Return the precision evaluate's model of train.method `method` (train.compute_dtype `compute_dtype`) computes
+    in on this device, as `load_base_model` loads it: the compute dtype on CUDA and over a 4-bit base (bitsandbytes'
+    compute dtype), fp32 for a full-precision or 8-bit base on a CPU, which evaluate runs without autocast. What
+    `sftflow serve --dtype auto` serves a version in, so that it answers as it was evaluated."""
+    if has_cuda() or method == "qlora":
+        return model_precision(compute_dtype)
+    return Precision("fp32", f"train.method={method} is evaluated in fp32 on a CPU")
+
+
 def quantization_config(precision: Precision):
     """Return the QLoRA 4-bit NF4 config (double quantization) computing in `precision`."""
     from transformers import BitsAndBytesConfig

@@ -147,10 +147,11 @@ def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_rem
 
 def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir: Path, report: dict,
                       cfg: RegisterConfig, method: str, trust_remote_code: bool = False, base_spec: str | None = None,
-                      answer_paths: dict | None = None):
+                      answer_paths: dict | None = None, compute_dtype: str = "auto"):
     """Log the trained model (`log_trained_model`, a held-out prompt as its input example) and check its serving
     parity against evaluate's answers (tasks/registry/parity.py), on `answer_paths` too; return (model info, parity
-    verdict). `base_spec` is train.base_model (the base's spec; `model_dir` where it resolved here)."""
+    verdict). `base_spec` is train.base_model (the base's spec; `model_dir` where it resolved here), `compute_dtype`
+    train.compute_dtype (what the served path computes in: tasks/model/modeling.py evaluation_precision)."""
     from tasks.model.modeling import is_adapter_dir
 
     budget = generation_budget(report, DEFAULT_MAX_NEW_TOKENS)
@@ -159,7 +160,7 @@ def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir
                              example_request(run.formatted, eval_dir, budget), budget, method,
                              f"{cfg.model_name} (sftflow run {run.run_id})")
     candidate = RegisteredVersion(cfg.model_name, "candidate", Path(trained_dir), base_spec or model_dir, method,
-                                  model_dir)
+                                  model_dir, compute_dtype)
     parity = check_parity(run.formatted, eval_dir, report, info, MERGED_ARTIFACT if merged else None, candidate,
                           cfg.parity_min_identical, answer_paths)
     return info, parity
@@ -173,7 +174,8 @@ def version_tags(report: dict, decision: GateDecision, digest: str, about: dict,
     # the base by its spec (train.base_model), resolved again wherever the version loads; the local directory it
     # resolved to here is only a hint (tasks/model/modeling.py resolve_version_base)
     return {"trained_sha256": digest, "base_model": about["base_model"], "base_model_spec": about["base_model"],
-            "base_model_path": about["base_dir"], "train_method": about["method"], "sftflow_run_id": about["run_id"],
+            "base_model_path": about["base_dir"], "train_method": about["method"],
+            "train_compute_dtype": about["compute_dtype"], "sftflow_run_id": about["run_id"],
             "heldout_fingerprint": str(report.get("heldout_fingerprint", "")),
             "heldout_rows": str(report.get("heldout_rows", "")), **tuned, **decision.tags(),
             **{k: run_tags[k] for k in ("dataset_fingerprint", "config_digest", "git_sha") if run_tags.get(k)}}
@@ -198,7 +200,8 @@ def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, r
     decision = decide(current_champion(client, cfg.model_name))  # for the card; decided again at the move
     saved = yaml.safe_load(run.config.read_text(encoding="utf-8"))
     about = {"name": cfg.model_name, "base_model": saved["train"]["base_model"], "base_dir": model_dir,
-             "method": method, "trained_sha256": digest, "min_stop_rate": cfg.min_stop_rate, "run_id": run.run_id}
+             "method": method, "compute_dtype": str(saved["train"].get("compute_dtype", "auto")),
+             "trained_sha256": digest, "min_stop_rate": cfg.min_stop_rate, "run_id": run.run_id}
     verdict = ("takes @champion" if decision.promoted else "stays @challenger") + f": {decision.reason}"
     card = redact(model_card(run, report, f"{'Promoted' if decision.promoted else 'Not promoted'}: {decision.reason}",
                              about))
@@ -209,7 +212,7 @@ def register_version(client, run: RunPaths, model_dir: str, trained_dir: Path, r
     with child or contextlib.nullcontext():
         info, parity = log_checked_model(model_dir, trained_dir, run, eval_dir or run.eval, report, cfg, method,
                                          bool(saved["train"].get("trust_remote_code", False)),
-                                         saved["train"]["base_model"], answer_paths)
+                                         saved["train"]["base_model"], answer_paths, about["compute_dtype"])
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
             client.log_model_artifact(info.model_id, str(Path(tmp) / "README.md"))

@@ -28,6 +28,7 @@ class RegisteredVersion:
     base_model: str  # the base's spec (train.base_model: Hub id, pkg://…, GGUF path or directory) the adapter goes over
     method: str  # train.method it was trained with: decides how its base loads (4-bit, 8-bit, full)
     base_path: str = ""  # where the base resolved to when it was registered: a hint (modeling.resolve_version_base)
+    compute_dtype: str = "auto"  # train.compute_dtype it was trained and evaluated with (modeling.evaluation_precision)
 
 
 Champion = RegisteredVersion  # what evaluate compares against: the version holding @champion
@@ -69,7 +70,8 @@ def find_version(tracking_uri: str, ref: str, cache_dir: Path) -> RegisteredVers
     spec = version.tags.get("base_model_spec") or version.tags.get("base_model", "")
     old_dir = version.tags.get("base_model", "")
     hint = version.tags.get("base_model_path") or (old_dir if old_dir != spec else "")
-    return RegisteredVersion(name, str(version.version), trained, spec, version.tags.get("train_method", "qlora"), hint)
+    return RegisteredVersion(name, str(version.version), trained, spec, version.tags.get("train_method", "qlora"), hint,
+                             version.tags.get("train_compute_dtype", "auto"))
 
 
 def cached_weights(client, name: str, version, cache_dir: Path) -> Path:

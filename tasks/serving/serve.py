@@ -48,31 +48,35 @@ def serving_method(method: str, cuda: bool, as_trained: bool = False) -> str:
 def load_serving_model(version: RegisteredVersion, as_trained: bool = False, dtype: str = "fp32") -> Any:
     """Return the version's model ready for inference: full weights, or its adapter over the base (merged into a
     full-precision base, see `serving_method`). On a CPU its full-precision weights then take `dtype`: fp32, bf16,
-    or auto, the dtype the CPU computes natively (tasks/model/precision.py: bf16 with AVX512-BF16 or AMX, else fp32);
-    a base kept quantized (`as_trained`) computes in its own dtype, and on CUDA the weights load as trained."""
+    or auto, the dtype evaluate computed the version in on this CPU (tasks/model/modeling.py evaluation_precision:
+    a qlora version its train.compute_dtype, bf16 where the CPU has AVX512-BF16 or AMX; a lora or full version fp32),
+    so that it answers as it was evaluated and gated; a base kept quantized (`as_trained`) computes in its own dtype,
+    and on CUDA the weights load as trained."""
     from pydantic import ValidationError
 
     from tasks.core.config import TrainConfig
-    from tasks.model.modeling import has_cuda, is_adapter_dir, load_trained_model, resolve_version_base
+    from tasks.model import modeling
     from tasks.model.precision import choose_precision
     from tasks.serving.packed import pack_linears
 
-    adapter = is_adapter_dir(version.trained_dir)
+    cuda = modeling.has_cuda()
+    adapter = modeling.is_adapter_dir(version.trained_dir)
     # the base by its spec, resolved on this machine (a GGUF converted, a Hub id fetched), or its registered
     # directory where that is still here
-    base = resolve_version_base(version.base_model, version.base_path) if adapter else ""
+    base = modeling.resolve_version_base(version.base_model, version.base_path) if adapter else ""
     try:
-        cfg = TrainConfig(method=serving_method(version.method, has_cuda(), as_trained))
+        cfg = TrainConfig(method=serving_method(version.method, cuda, as_trained))
     except ValidationError:
         raise ConfigError(f"{version.name}/{version.version}: unknown train_method tag {version.method!r}") from None
-    model = load_trained_model(base, version.trained_dir, cfg)
+    model = modeling.load_trained_model(base, version.trained_dir, cfg)
     if adapter and cfg.method == "lora":
         model = model.merge_and_unload()
-    precision = choose_precision(dtype, has_cuda())
-    if not has_cuda() and cfg.method not in ("qlora", "lora_8bit") and precision.name != "fp32":
+    precision = (modeling.evaluation_precision(version.method, version.compute_dtype) if dtype == "auto"
+                 else choose_precision(dtype, cuda))
+    if not cuda and cfg.method not in ("qlora", "lora_8bit") and precision.name != "fp32":
         model = model.to(precision.torch_dtype)
     model = model.eval()
-    if not has_cuda() and cfg.method not in ("qlora", "lora_8bit"):
+    if not cuda and cfg.method not in ("qlora", "lora_8bit"):
         pack_linears(model)  # a plain model's fp32 layers, laid out once for batched decoding (tasks/serving/packed.py)
     return model
 
@@ -229,8 +233,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a client has to send its request's headers, and again its body (408 after)")
     parser.add_argument("--keep-alive", type=int, default=5, help="seconds an idle keep-alive connection stays open")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="CPU weights and compute: auto (bf16 where the CPU has it natively, else fp32), fp32 "
-                             "(as evaluate computes a lora or full version), bf16")
+                        help="CPU weights and compute: auto (as evaluate computed the version here: bf16 for a "
+                             "qlora version where the CPU has bf16 natively, else fp32), fp32, bf16")
     parser.add_argument("--as-trained", action="store_true",
                         help="load a qlora/lora_8bit base quantized as in training, also on a CPU (slower)")
 

@@ -26,7 +26,6 @@ import openai
 import pytest
 
 from tasks.core.errors import ConfigError
-from tasks.model.precision import choose_precision
 from tasks.serving.serve import add_serve_arguments, serve_command, serving_method
 from tests.conftest import ROOT, SERVED, listening_hosts
 
@@ -34,7 +33,8 @@ pytestmark = pytest.mark.slow  # sftflow serve as real server processes
 
 ORDER = ('Extract the order as JSON with keys "customer", "item", "quantity", "city".\n\n'
          "Hi, this is Maria Lopez from Denver. Please send 3 x desk lamp.")
-# fp32: the answers are compared with transformers' in fp32 (the other servers take --dtype auto)
+# fp32: the answers are compared with transformers' in fp32 (the endless server forces bf16, the others take --dtype
+# auto, which serves a lora or full version in fp32 on a CPU, as evaluate computes it)
 CHAMPION_LIMITS = ["--max-input-tokens", "96", "--max-new-tokens", "16", "--read-timeout", "2", "--dtype", "fp32"]
 
 
@@ -81,7 +81,7 @@ def endless(served_store, tmp_path_factory):
     """The URL of `sftflow serve SERVED/3`, which answers until its budget: 2 rows a batch, 2 more may wait."""
     runs = tmp_path_factory.mktemp("endless")
     proc, url = start_server(f"{SERVED}/3", served_store, runs, "--max-batch", "2", "--max-waiting", "2",
-                             "--max-input-tokens", "64", "--max-new-tokens", "6000")
+                             "--max-input-tokens", "64", "--max-new-tokens", "6000", "--dtype", "bf16")
     yield url, runs
     rc, last = stop_server(proc, signal.SIGTERM)  # as a process manager stops it
     assert (rc, last) == (0, f"stopped serving {SERVED}/3\n")
@@ -323,8 +323,7 @@ def test_concurrent_requests_are_decoded_in_shared_batches(endless):
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda k: ask(url, f"order {k}", model=f"{SERVED}/3", max_tokens=300), range(4)))
     after = health(url)
-    native = choose_precision("auto", cuda=False).name  # --dtype auto: bf16 where this CPU computes it natively
-    assert after["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[native]
+    assert after["dtype"] == "bfloat16"  # --dtype bf16, forced on any CPU
     assert [(a.choices[0].finish_reason, a.usage.completion_tokens) for a in answers] == [("length", 300)] * 4
     steps = after["stats"]["steps"] - before.get("steps", 0)
     assert after["largest_batch"] == 2 and steps < 0.75 * 4 * 299  # alone, each answer is 299 steps after prefill
@@ -376,11 +375,13 @@ def test_a_version_by_number_stops_by_itself_and_ctrl_c_stops_the_server(served_
                              "--max-new-tokens", "8")
     try:
         answer = ask(url, "Hi", model=f"{SERVED}/2")
+        dtype = health(url)["dtype"]
     finally:
         rc, last = stop_server(proc)
     assert (answer.choices[0].message.content, answer.choices[0].finish_reason, answer.usage.completion_tokens) == (
         "", "stop", 1)
     assert rc == 0 and last.startswith(f"stopped serving {SERVED}/2")
+    assert dtype == "float32"  # --dtype auto: a full version is served as evaluate computes it on a CPU, in fp32
     with pytest.raises(httpx.ConnectError):
         health(url)
 

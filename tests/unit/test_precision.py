@@ -137,3 +137,21 @@ def test_the_real_probe_reads_this_machines_flags():
     flags = precision.cpu_flags()
     assert flags and precision.cpu_name()
     assert (precision.native_cpu_bf16(flags) is not None) == bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+@pytest.mark.parametrize("flags, method, compute_dtype, expected", [
+    (AMX, "qlora", "auto", "bf16"), (AVX512_BF16, "qlora", "auto", "bf16"), (AVX2_ONLY, "qlora", "auto", "fp32"),
+    (AMX, "qlora", "fp32", "fp32"), (AVX2_ONLY, "qlora", "bf16", "bf16"),
+    (AMX, "lora", "auto", "fp32"), (AMX, "full", "bf16", "fp32"), (AVX512_BF16, "lora_8bit", "auto", "fp32")])
+def test_a_version_is_served_in_the_dtype_evaluate_computed_it_in(cpu, flags, method, compute_dtype, expected):
+    """`sftflow serve --dtype auto`: a 4-bit base computes in train.compute_dtype's choice (bitsandbytes' compute
+    dtype), a full-precision or 8-bit base loads in fp32 on a CPU and evaluate runs it without autocast."""
+    cpu(flags)
+    assert modeling.evaluation_precision(method, compute_dtype).name == expected
+
+
+def test_on_cuda_every_method_is_served_in_its_compute_dtype(monkeypatch):
+    monkeypatch.setattr(modeling, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    assert {modeling.evaluation_precision(m).name for m in ("qlora", "lora", "full")} == {"bf16"}
