@@ -152,22 +152,42 @@ def read_model(client, name: str) -> tuple[dict[str, str], str | None]:
     return dict(model.tags), None if alias is None else str(alias)
 
 
-def complete_claim(client, name: str, seq: int) -> bool:
-    """Copy a claim of move `seq` left behind into the record (or drop it when the record has that move already);
-    return False when there is no claim."""
+VANISHED = ""  # read_claim: a claim deleted while it was read (its writer recorded its move first)
+
+
+def read_claim(client, name: str, seq: int) -> str | None:
+    """Return the move claim `seq` of model `name` carries (its CLAIM_TAG), None when there is no claim, or VANISHED
+    when the claim was deleted while it was read.
+
+    The SQL store reads a registered model and its tags in two queries, so a claim its writer deletes between them
+    reads as a model without tags; read again, it is gone, and its move is in the record (a writer records its move
+    before it deletes its claim). A claim still without the tag is not sftflow's (the claim and its tag are created in
+    one request)."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        claim = client.get_registered_model(claim_name(name, seq))
-    except MlflowException as e:
-        if "RESOURCE_DOES_NOT_EXIST" in error_code(e):
-            return False
-        raise
-    if CLAIM_TAG not in claim.tags:  # never dropped unrecorded: the claim and its tag are created in one request
-        raise RegistryError(f"{claim_name(name, seq)} is not an sftflow claim (no {CLAIM_TAG} tag); delete it by hand")
+    seen = False
+    for _ in range(3):
+        try:
+            claim = client.get_registered_model(claim_name(name, seq))
+        except MlflowException as e:
+            if "RESOURCE_DOES_NOT_EXIST" in error_code(e):
+                return VANISHED if seen else None
+            raise
+        if CLAIM_TAG in claim.tags:
+            return claim.tags[CLAIM_TAG]
+        seen = True
+    raise RegistryError(f"{claim_name(name, seq)} is not an sftflow claim (no {CLAIM_TAG} tag); delete it by hand")
+
+
+def complete_claim(client, name: str, seq: int) -> bool:
+    """Copy a claim of move `seq` left behind into the record (or drop it when the record has that move already);
+    return False when there is no claim (True after one that vanished while read: the record has changed)."""
+    move = read_claim(client, name, seq)
+    if move is None or move == VANISHED:
+        return move == VANISHED
     tags, _ = read_model(client, name)  # after the claim: an absent tag here proves the claim is the first
     if move_tag(seq) not in tags:
-        upsert(client.set_registered_model_tag, name, move_tag(seq), claim.tags[CLAIM_TAG])
+        upsert(client.set_registered_model_tag, name, move_tag(seq), move)
     drop_claim(client, name, seq)
     return True
 

@@ -382,3 +382,46 @@ def test_many_moves_from_two_processes_at_once_lose_none(tmp_path):
     assert state.seq == moved + 1 and len(state.history) == state.seq  # every move recorded, none lost
     assert str(model.aliases["champion"]) == state.champion  # the alias shows the last move
     assert [m.name for m in client.search_registered_models()] == ["race"]  # no claim left behind
+
+
+def test_a_claim_deleted_while_it_is_read_is_no_foreign_claim(tmp_path, monkeypatch):
+    """The SQL store reads a model, then its tags: a claim its writer deletes in between reads as one without tags.
+    The reader reads it again, finds it gone and the move recorded, and goes on (a 2-process run of the test above
+    failed on this once, with 'not an sftflow claim')."""
+    from mlflow import MlflowClient
+
+    from tasks.registry import ledger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, writer = MlflowClient(uri, registry_uri=uri), MlflowClient(uri, registry_uri=uri)
+    registered(client, [0.5, 0.6])
+    move = ledger.Move("2", "1", "manual", "a writer", "test")
+    client.create_registered_model(ledger.claim_name("race", 2), tags={ledger.CLAIM_TAG: move.to_json()})
+    read = client.get_registered_model
+
+    def read_while_its_writer_finishes(name):
+        model = read(name)
+        if ledger.is_claim(name) and ledger.CLAIM_TAG in model.tags:  # its writer records the move, deletes the claim
+            writer.set_registered_model_tag("race", ledger.move_tag(2), model.tags[ledger.CLAIM_TAG])
+            writer.delete_registered_model(name)
+            model._tags = {}  # what the store's second query (the tags) then finds
+        return model
+
+    monkeypatch.setattr(client, "get_registered_model", read_while_its_writer_finishes)
+    state = ledger.read_state(client, "race")
+    assert (state.seq, state.champion, state.history) == (2, "2", ("1", "2"))
+    assert [m.name for m in writer.search_registered_models()] == ["race"]  # and no claim left
+
+
+def test_a_claim_without_the_sftflow_tag_is_refused_with_the_fix(tmp_path):
+    from mlflow import MlflowClient
+
+    from tasks.registry import ledger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    registered(client, [0.5])
+    client.create_registered_model(ledger.claim_name("race", 2))
+    with pytest.raises(ledger.RegistryError, match=r"^race.champion-claim.2 is not an sftflow claim \(no "
+                                                    r"sftflow.champion_move tag\); delete it by hand$"):
+        ledger.read_state(client, "race")
