@@ -303,12 +303,15 @@ def test_two_registrations_at_once_the_better_holds_champion_whichever_writes_la
 
     registered(MlflowClient(store, registry_uri=store), [0.5, 0.9, 0.8])
     versions = {"0.9": "2", "0.8": "3"}
-    other_done, decided = threading.Event(), {"0.9": [], "0.8": []}
+    other_done, held_waits, decided = threading.Event(), threading.Event(), {"0.9": [], "0.8": []}
     claim = ledger.claim_move
 
     def held_claim(client, name, seq, move):  # hold one writer between its decision and its write
         if move.version == versions[held] and not other_done.is_set():
+            held_waits.set()
             assert other_done.wait(120), "the other registration did not finish"
+        elif move.version != versions[held]:  # the other claims only once the held one has decided: a real race
+            assert held_waits.wait(120), "the held registration never reached its claim"
         return claim(client, name, seq, move)
 
     monkeypatch.setattr(ledger, "claim_move", held_claim)
