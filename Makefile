@@ -35,10 +35,12 @@ run: $(STAMP)
 	$(BIN)/sftflow run $(CONFIG) $(ARGS)
 
 # The suite in this machine's own compute dtype (tasks/model/precision.py: bf16 where the CPU has it natively, else fp32),
-# then the model tests marked dtype_sensitive (they compare two computations or depend on the loss curve) again with
-# the other dtype forced through SFTFLOW_COMPUTE_DTYPE: a tolerance or curve that holds in one dtype only fails on
-# every machine, not just on the other kind. ARGS (options, e.g. -x or -k lean) go to both runs; a -k that leaves the
-# second run nothing to select (pytest's exit code 5) is not a failure.
+# and beside it the model tests marked dtype_sensitive (they compare two computations or depend on the loss curve)
+# again with the other dtype forced through SFTFLOW_COMPUTE_DTYPE: a tolerance or curve that holds in one dtype only
+# fails on every machine, not just on the other kind. That second run goes at low priority (nice), on the cores the
+# suite leaves idle while its tests wait on servers and subprocesses, and its output follows the suite's. ARGS
+# (options, e.g. -x or -k lean) go to both runs; a -k that leaves the second run nothing to select (pytest's exit
+# code 5) is not a failure.
 # pytest-xdist workers, a test file each at a time (--dist loadfile: a file's fixtures are built once), the longest
 # files first (tests/conftest.py). Many tests wait on a subprocess, a server or a heartbeat, so three workers keep 2
 # cores busier than two: 24.1 min with three on a 2-core AVX2-only EPYC (fp32), 1.7 cores busy on average, against
@@ -48,10 +50,14 @@ run: $(STAMP)
 TEST_WORKERS ?= 3
 FAST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS)
-	other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
-	  print(other(torch.cuda.is_available()))") && echo "make test: dtype_sensitive, SFTFLOW_COMPUTE_DTYPE=$$other" && \
-	  { SFTFLOW_COMPUTE_DTYPE=$$other $(BIN)/python -m pytest tests/model $(ARGS) -m dtype_sensitive || [ $$? -eq 5 ]; }
+	@other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
+	  print(other(torch.cuda.is_available()))") && log=$$(mktemp) && \
+	echo "make test: the dtype_sensitive tests run again beside the suite with SFTFLOW_COMPUTE_DTYPE=$$other" && \
+	{ SFTFLOW_COMPUTE_DTYPE=$$other nice -n 10 $(BIN)/python -m pytest tests/model -m dtype_sensitive \
+	  -p no:cacheprovider $(ARGS) > $$log 2>&1; echo $$? > $$log.rc; } & \
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS); suite=$$?; wait; \
+	echo "make test: dtype_sensitive, SFTFLOW_COMPUTE_DTYPE=$$other"; cat $$log; again=$$(cat $$log.rc); \
+	rm -f $$log $$log.rc; [ $$again -eq 5 ] && again=0; [ $$suite -eq 0 ] && [ $$again -eq 0 ]
 
 # The edit loop: everything not marked slow (no real server and worker, no SIGKILL resume, no concurrent runs, no
 # second machine, no GGUF conversion), in this machine's dtype. `make test` stays the one command CI runs.

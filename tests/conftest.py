@@ -16,7 +16,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # sftflow's own environment (tasks/core/settings.py), with its state in a throwaway home rather than the project's
 # .sftflow, and the Hub forbidden: tests are hermetic. Set before anything imports Prefect.
-os.environ["SFTFLOW_HOME"] = tempfile.mkdtemp(prefix="sftflow-tests-")
+os.environ["SFTFLOW_HOME"] = TEST_HOME = tempfile.mkdtemp(prefix="sftflow-tests-")
 os.environ.pop("PREFECT_HOME", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 apply_defaults()
@@ -27,7 +27,7 @@ apply_defaults()
 # other workers idle while one ends it: these start first, in this order. A file missing here only starts later.
 LONGEST_FILES = (
     "flows/test_cli.py", "scale_out/test_placement.py", "flows/test_concurrency.py", "flows/test_portable_model.py",
-    "model/test_resume.py", "unit/test_base_model.py", "flows/test_until.py", "flows/test_remote_tracking.py",
+    "model/test_resume.py", "flows/test_until.py", "flows/test_remote_tracking.py",
     "flows/test_registry.py", "scale_out/test_machines.py", "flows/test_faults.py", "server/test_deployment.py",
     "flows/test_orchestration.py", "server/test_openai_serve.py", "model/test_evaluate.py",
     "model/test_distributed.py",
@@ -100,22 +100,39 @@ def prefect_backend(tmp_path_factory):
         yield
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """Return `name` in the session's shared temp directory, made by `build(path)` once for the whole session: the
+    pytest-xdist workers share the base temp directory's parent, and the first worker to ask builds under a file lock
+    while the others wait, then read it (`make test`'s workers would each spend ~10 s of a core on the same model)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out, done = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            build(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random llama (hidden 64) saved with the SmolLM2 tokenizer and chat template
-    (tasks/model/tiny_model.py)."""
+    (tasks/model/tiny_model.py), built once for the session and read-only to the tests."""
     from tasks.model.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+    return built_once(tmp_path_factory, "tiny-llama", build_tiny_model)
 
 
 @pytest.fixture(scope="session")
-def tiny_gguf(tmp_path_factory) -> Path:
+def tiny_gguf(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny llama as a GGUF file with the packaged GGUF's tokenizer and template: a base given by a GGUF spec,
     converted as the default one is, in seconds (tasks/model/tiny_model.py `build_tiny_gguf`)."""
     from tasks.model.tiny_model import build_tiny_gguf
 
-    return build_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf")
+    return built_once(tmp_path_factory, "tiny-llama.gguf", lambda out: build_tiny_gguf(out, tiny_model_dir))
 
 
 @pytest.fixture(scope="session")
@@ -193,6 +210,26 @@ def served_store(tmp_path_factory, tiny_model_dir) -> str:
                                     tags={"base_model": str(tiny_model_dir), "train_method": method})
     client.set_registered_model_alias(SERVED, "champion", "1")
     return uri
+
+
+def new_store(db: Path) -> str:
+    """Return the URI of a new MLflow sqlite store at `db` (kept if it is there): a copy of a store as MLflow creates
+    it, tables migrated and nothing else, made once per test process. MLflow would otherwise run its ~60 schema
+    migrations for each new store, 1.5-7 s of a core each time on 2 cores. Stores the product creates itself (a
+    pipeline run's runs/mlflow.db) are not copied: those runs test the creation too."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    template = Path(TEST_HOME) / "empty-mlflow.db"
+    if not template.exists():
+        uri = f"sqlite:///{template.with_suffix('.tmp')}"
+        MlflowClient(uri, registry_uri=uri).search_registered_models()  # creates and migrates every table
+        template.with_suffix(".tmp").replace(template)
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
 
 
 def registry_client(uri: str):

@@ -3,6 +3,7 @@ orchestration benchmark train when what they measure is the pipeline, not the mo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -28,10 +29,13 @@ def build_tiny_model(out: Path) -> Path:
     return out
 
 
-def build_tiny_gguf(out: Path) -> Path:
-    """Write the tiny llama of `build_tiny_model` as a GGUF file `out` (F32 tensors, the packaged GGUF's tokenizer,
-    chat template and metadata otherwise) and return it: a base model given by a GGUF spec, converted as the default
-    one is, in seconds rather than a minute (the tests of a version that loads on another machine)."""
+def build_tiny_gguf(out: Path, model_dir: Path | None = None, quantized: bool = False) -> Path:
+    """Write the tiny llama of `build_tiny_model` (the one in `model_dir`, else a new one) as a GGUF file `out` with
+    the packaged GGUF's tokenizer, chat template and metadata, and return it: a base model given by a GGUF spec,
+    converted as the default one is, in seconds rather than a minute (the tests of a version that loads on another
+    machine). Its tensors are F32, or with `quantized` each in the packaged file's type for that tensor (Q4_1 and Q8_0
+    blocks), so that converting it de-quantizes as converting the default base does."""
+    import json
     import tempfile
 
     import gguf
@@ -41,9 +45,7 @@ def build_tiny_gguf(out: Path) -> Path:
     from tasks.model.base_model import resolve_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
-        import json
-
-        model_dir = build_tiny_model(Path(tmp))
+        model_dir = model_dir or build_tiny_model(Path(tmp))
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         weights = load_file(model_dir / "model.safetensors")
     source = gguf.GGUFReader(resolve_gguf(DEFAULT_BASE_MODEL))
@@ -53,7 +55,7 @@ def build_tiny_gguf(out: Path) -> Path:
             "llama.attention.head_count": config["num_attention_heads"],
             "llama.attention.head_count_kv": config["num_key_value_heads"],
             "llama.rope.dimension_count": config["hidden_size"] // config["num_attention_heads"],
-            "general.file_type": 0}  # all F32
+            "general.file_type": source.fields["general.file_type"].contents() if quantized else 0}  # 0: all F32
     for key, field in source.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue  # the writer's own
@@ -69,8 +71,15 @@ def build_tiny_gguf(out: Path) -> Path:
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for layer in range(config["num_hidden_layers"]):
         names |= {f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{g}.weight" for hf, g in per_layer.items()}
+    # the packaged file's type per tensor, block 0's standing for every block's (norms stay F32 there too)
+    types = {t.name.replace("blk.0.", "blk.{}."): t.tensor_type for t in source.tensors}
     for hf_name, tensor in weights.items():
-        writer.add_tensor(names[hf_name], tensor.astype("float32"))
+        name, data = names[hf_name], tensor.astype("float32")
+        kind = types.get(re.sub(r"^blk\.\d+\.", "blk.{}.", name), gguf.GGMLQuantizationType.F32)
+        if quantized and kind != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -13,6 +13,8 @@ from flows.sft_pipeline import sft_pipeline
 from tasks.core.config import load_config
 from tests.conftest import ROOT, registry_client
 
+pytestmark = pytest.mark.slow  # whole pipeline runs, rerun with settings changed
+
 TINY = ROOT / "configs" / "tiny.yaml"
 UPSTREAM = ("ingest.duckdb", "clean.duckdb", "formatted/train.parquet", "validation/raw.json",
             "validation/clean.json", "validation/tokenized.json")

@@ -16,7 +16,7 @@ from tasks.registry.parity import Divergence, Parity, compare_answers, decide_pa
 from tasks.registry.register import register_run
 from tasks.serving.serve import served_answers
 from tasks.train.train import train_model
-from tests.conftest import formatted_run, registry_client
+from tests.conftest import formatted_run, new_store, registry_client
 
 LORA = TrainConfig(method="lora", learning_rate=2e-2, max_steps=4, batch_size=4, gradient_accumulation_steps=1,
                    logging_steps=1, save_steps=4, lora_r=4, packing=False, seed=0)
@@ -36,10 +36,11 @@ def evaluated_run(tiny_model_dir, tmp_path_factory):
 def register_into(store: Path, run, adapter, base_dir: Path, answer_paths: dict | None = None, **options) -> dict:
     cfg = RegisterConfig(model_name="parity-test", experiment="parity", gate_metric="eval_loss", min_stop_rate=0,
                          **options)
-    return register_run(f"sqlite:///{store / 'mlflow.db'}", store / "mlartifacts", run, str(base_dir), adapter,
+    return register_run(new_store(store / "mlflow.db"), store / "mlartifacts", run, str(base_dir), adapter,
                         run.eval, {}, cfg, "lora", answer_paths)
 
 
+@pytest.mark.slow  # a run trained, evaluated, registered and served
 def test_the_logged_model_and_the_merged_export_answer_as_evaluated_and_the_version_takes_champion(
         evaluated_run, tiny_model_dir, tmp_path):
     run, adapter = evaluated_run
@@ -76,6 +77,7 @@ def corrupt_logged_weights(monkeypatch, tensor: str, factor: float) -> list[Path
     return damaged
 
 
+@pytest.mark.slow  # a run trained, evaluated, registered and served
 def test_a_logged_model_with_one_damaged_tensor_is_refused_champion_naming_the_prompt_and_token(
         evaluated_run, tiny_model_dir, tmp_path, monkeypatch):
     run, adapter = evaluated_run

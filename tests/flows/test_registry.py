@@ -17,7 +17,7 @@ from tasks.registry.register import register_run
 from tasks.registry.registry import GateDecision, decide_promotion, directory_digest, find_version
 from tasks.train.diagnose import write_diagnoses
 from tasks.train.train import train_model
-from tests.conftest import formatted_run, registry_client
+from tests.conftest import formatted_run, new_store, registry_client
 
 NAME = "gate-test"
 
@@ -70,7 +70,7 @@ def trained_runs(tiny_model_dir, tmp_path_factory):
 
 def register(store, run, adapter, base_dir, cfg: RegisterConfig, eval_dir=None, tracking_uri=None):
     """register_run as the flow calls it, into the sqlite store in `store` (or `tracking_uri`)."""
-    uri = tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
+    uri = tracking_uri or new_store(store / "mlflow.db")
     return register_run(uri, store / "mlartifacts", run, str(base_dir), adapter, eval_dir or run.eval,
                         {"dataset_fingerprint": "d"}, cfg, "lora")
 
@@ -258,7 +258,7 @@ def log_version(client, uri: str, name: str, trained: Path, experiment: str) -> 
 
 
 def fresh_store(runs: Path, db: str = "mlflow.db") -> tuple[str, MlflowClient, str]:
-    uri = f"sqlite:///{runs / db}"
+    uri = new_store(runs / db)
     client = MlflowClient(uri, registry_uri=uri)
     return uri, client, client.create_experiment("cache", artifact_location=(runs / "mlartifacts").as_uri())
 

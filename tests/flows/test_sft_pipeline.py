@@ -16,6 +16,8 @@ from tasks.data.ingest import fingerprint_data
 from tasks.reporting.report import human_summary
 from tests.conftest import ROOT, registry_client, write_jsonl
 
+pytestmark = pytest.mark.slow  # a whole pipeline run, and the CLI in subprocesses
+
 TINY = ROOT / "configs" / "tiny.yaml"
 
 

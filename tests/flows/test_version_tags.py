@@ -4,10 +4,11 @@ directory it resolved to where it was registered as a hint (tasks/model/modeling
 from mlflow import MlflowClient
 
 from tasks.registry.weights import find_version
+from tests.conftest import new_store
 
 
 def test_find_version_reads_the_spec_and_the_hint_from_new_and_older_tags(tiny_model_dir, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("bases", artifact_location=(tmp_path / "artifacts").as_uri())
     client.create_registered_model("based")

@@ -14,7 +14,7 @@ from tasks.core.errors import SftflowError, TrainingDiverged
 from tasks.registry.register import register_run
 from tasks.train.monitoring import Tracking, open_mlflow_run, open_training_run, report_training
 from tasks.train.train import train_adapter, train_model
-from tests.conftest import formatted_run
+from tests.conftest import formatted_run, new_store
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def pipeline_run(tiny_model_dir, tmp_path_factory):
 
 
 def tracking_for(tmp_path, name="run-a") -> Tracking:
-    return Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlartifacts", "sftflow-test", name)
+    return Tracking(new_store(tmp_path / "mlflow.db"), tmp_path / "mlartifacts", "sftflow-test", name)
 
 
 def small_config(**kw) -> TrainConfig:

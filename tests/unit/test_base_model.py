@@ -205,22 +205,42 @@ def test_prepare_base_model_retries_transient_errors_briefly_and_works_without_p
 # --- the packaged GGUF, converted once per machine ------------------------------------------------------------------
 
 CONVERT = """
-import sys
+import pathlib, sys, time
+import torch, transformers  # the conversion's imports, done before the start so that both start converting at once
 from tasks.model.base_model import resolve_base_model
+ready, go = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
 print("->", resolve_base_model(sys.argv[1]))
 """
 
 
-@pytest.mark.slow  # two real conversions of the packaged SmolLM2 at once (about 90 s on 2 cores): a tiny GGUF
-# converts too fast for the two to overlap, which is what this checks
-def test_two_processes_converting_the_packaged_gguf_at_once_both_get_the_one_complete_copy(tmp_path):
-    # two scheduled runs on a fresh machine: both find no conversion and convert; neither may fail or see half a copy
-    from tasks.core.config import DEFAULT_BASE_MODEL
+@pytest.fixture(scope="module")
+def quantized_gguf(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny llama as a GGUF quantized as the packaged SmolLM2 is (Q4_1 blocks, a Q8_0 embedding, F32 norms), with
+    its tokenizer and template: converting it de-quantizes what converting the default base does, in seconds."""
+    from tasks.model.tiny_model import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", tiny_model_dir, quantized=True)
+
+
+@pytest.mark.slow  # two conversions in two processes
+def test_two_processes_converting_a_gguf_at_once_both_get_the_one_complete_copy(quantized_gguf, tiny_model_dir,
+                                                                                   tmp_path):
+    # two scheduled runs on a fresh machine: both find no conversion and convert; neither may fail or see half a copy.
+    # Both start converting at one signal, once their imports are done: the tokenizer alone takes seconds to read,
+    # so the two overlap (the check below that both converted fails the test if they ever did not)
     from tasks.model.base_model import missing_parts
 
     env = dict(os.environ, SFTFLOW_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, DEFAULT_BASE_MODEL], env=env, cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    ready, go = [tmp_path / f"ready-{i}" for i in range(2)], tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT, str(quantized_gguf), str(ready[i]), str(go)], env=env,
+                              cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    deadline = time.monotonic() + 300
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    go.touch()
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert all("de-quantizing GGUF tensors" in o for o in outputs)  # both really converted, at the same time
@@ -232,4 +252,7 @@ def test_two_processes_converting_the_packaged_gguf_at_once_both_get_the_one_com
     assert missing_parts(Path(first)) == []
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(first).config.model_type == "llama"
+    converted, original = (AutoModelForCausalLM.from_pretrained(d).model.layers[1].mlp.up_proj.weight.detach()
+                           for d in (first, tiny_model_dir))
+    assert converted.shape == original.shape  # de-quantized to the weights, within one 4-bit step of their range
+    assert 0 < float((converted - original).abs().max()) <= float(original.max() - original.min()) / 15
