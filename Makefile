@@ -51,8 +51,8 @@ TEST_WORKERS ?= 3
 FAST_WORKERS ?= 2
 test: lint
 	@other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
-	  print(other(torch.cuda.is_available()))") && log=$$(mktemp) && \
-	echo "make test: the dtype_sensitive tests run again beside the suite with SFTFLOW_COMPUTE_DTYPE=$$other" && \
+	  print(other(torch.cuda.is_available()))") || exit 1; log=$$(mktemp) || exit 1; \
+	echo "make test: the dtype_sensitive tests run again beside the suite with SFTFLOW_COMPUTE_DTYPE=$$other"; \
 	{ SFTFLOW_COMPUTE_DTYPE=$$other nice -n 10 $(BIN)/python -m pytest tests/model -m dtype_sensitive \
 	  -p no:cacheprovider $(ARGS) > $$log 2>&1; echo $$? > $$log.rc; } & \
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS); suite=$$?; wait; \

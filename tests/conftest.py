@@ -197,7 +197,7 @@ def served_store(tmp_path_factory, tiny_model_dir) -> str:
         if positions:
             full.config.max_position_embeddings = positions
         full.save_pretrained(out)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = new_store(root / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
     experiment = client.create_experiment("serve", artifact_location=(root / "artifacts").as_uri())
     client.create_registered_model(SERVED)

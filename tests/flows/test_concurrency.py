@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 
 from tasks.train.concurrency import train_limit_name
-from tests.conftest import ROOT, registry_client
+from tests.conftest import ROOT, new_store, registry_client
 from tests.flows.test_remote_tracking import mlflow_server  # noqa: F401 (a fixture: a real `mlflow server`)
 
 pytestmark = pytest.mark.slow  # two pipeline runs and registrations at once
@@ -288,7 +288,7 @@ def registered(client, scores: list[float]) -> None:
 def store(request, tmp_path):
     """A registry store: a sqlite file, or a real `mlflow server` on a loopback port (many processes, one database)."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'mlflow.db'}"
+        return new_store(tmp_path / "mlflow.db")
     return request.getfixturevalue("mlflow_server")[0]
 
 
@@ -370,7 +370,7 @@ def test_many_moves_from_two_processes_at_once_lose_none(tmp_path):
 
     from tasks.registry.ledger import read_state
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     registered(MlflowClient(uri, registry_uri=uri), [0.5, 0.6, 0.7, 0.8])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", MOVER, uri, *versions], cwd=ROOT, env=env,
@@ -395,7 +395,7 @@ def test_a_claim_deleted_while_it_is_read_is_no_foreign_claim(tmp_path, monkeypa
 
     from tasks.registry import ledger
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client, writer = MlflowClient(uri, registry_uri=uri), MlflowClient(uri, registry_uri=uri)
     registered(client, [0.5, 0.6])
     move = ledger.Move("2", "1", "manual", "a writer", "test")
@@ -421,7 +421,7 @@ def test_a_claim_without_the_sftflow_tag_is_refused_with_the_fix(tmp_path):
 
     from tasks.registry import ledger
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, registry_uri=uri)
     registered(client, [0.5])
     client.create_registered_model(ledger.claim_name("race", 2))

@@ -61,7 +61,8 @@ def servers_in(cwd: Path) -> list[int]:
     return pids
 
 
-def test_without_an_api_url_the_step_runs_on_the_server_the_command_started_and_none_is_left(project, tmp_path):
+def test_without_an_api_url_the_step_runs_on_the_server_the_command_started_and_none_is_left(project, tmp_path,
+                                                                                              tiny_model_dir):
     result, output = sftflow_task(project, bare_env(tmp_path))
     assert result.returncode == 0, output[-3000:]
     assert "Traceback" not in output
@@ -70,10 +71,11 @@ def test_without_an_api_url_the_step_runs_on_the_server_the_command_started_and_
     assert not healthy(url) and servers_in(project) == []  # stopped with the command
     with sqlite3.connect(project / ".sftflow" / "prefect" / "prefect.db") as db:  # what `make ui-prefect` serves
         names = [row[0] for row in db.execute("SELECT name FROM task_run")]
-    assert names == ["prepare-base-model[tiny-llama0]"]
+    assert names == [f"prepare-base-model[{tiny_model_dir.name}]"]
 
 
-def test_an_api_url_from_a_prefect_profile_is_used_and_the_early_server_stopped_unused(project, tmp_path):
+def test_an_api_url_from_a_prefect_profile_is_used_and_the_early_server_stopped_unused(project, tmp_path,
+                                                                                        tiny_model_dir):
     # the command cannot see a profile's URL before Prefect is imported: it starts a server, then stops it unused
     url = PREFECT_API_URL.value()  # the test harness's server
     prefect_home = project / ".sftflow" / "prefect"
@@ -86,7 +88,7 @@ def test_an_api_url_from_a_prefect_profile_is_used_and_the_early_server_stopped_
     assert servers_in(project) == []
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[
-            "prepare-base-model[tiny-llama0]"])))
+            f"prepare-base-model[{tiny_model_dir.name}]"])))
     assert any(r.start_time and r.start_time.timestamp() >= started - 1 for r in runs)  # it ran on the profile's
 
 
