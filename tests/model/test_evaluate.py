@@ -266,6 +266,7 @@ def test_turn_markers_follow_the_template(tiny_model_dir):
     assert headers[0] == "### Instruction:" and tokenizer.eos_token_id in stops
 
 
+@pytest.mark.slow  # evaluate again, inside a Prefect flow run (the pipeline tests read these artifacts too)
 def test_inside_a_prefect_run_evaluate_publishes_the_samples_table_and_the_comparison(
         prefect_backend, formatted, can_stop_dir, adapters, tmp_path):  # noqa: F811
     from prefect import flow
