@@ -71,11 +71,13 @@ def build_tiny_gguf(out: Path, model_dir: Path | None = None, quantized: bool = 
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for layer in range(config["num_hidden_layers"]):
         names |= {f"model.layers.{layer}.{hf}.weight": f"blk.{layer}.{g}.weight" for hf, g in per_layer.items()}
-    # the packaged file's type per tensor, block 0's standing for every block's (norms stay F32 there too)
-    types = {t.name.replace("blk.0.", "blk.{}."): t.tensor_type for t in source.tensors}
+    def role(name: str) -> str:  # a tensor's name with its block number left out: the same role in every block
+        return re.sub(r"^blk\.\d+\.", "blk.", name)
+
+    types = {role(t.name): t.tensor_type for t in source.tensors}  # the packaged file's type per role (norms: F32)
     for hf_name, tensor in weights.items():
         name, data = names[hf_name], tensor.astype("float32")
-        kind = types.get(re.sub(r"^blk\.\d+\.", "blk.{}.", name), gguf.GGMLQuantizationType.F32)
+        kind = types.get(role(name), gguf.GGMLQuantizationType.F32)
         if quantized and kind != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
