@@ -12,7 +12,17 @@ import pytest
 from tasks.core.settings import apply_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("SFTFLOW_TEST_DATA") or ROOT.parent / "shared" / "data")
+
+
+def shared_data(name: str) -> Path:
+    """Return the real data set `name` from SHARED_DATA (GSM8K, the Alpaca demo), or fail the test in one line saying
+    where it is looked for: beside the clone in ../shared/data, or in the folder SFTFLOW_TEST_DATA names."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: this test reads the real data sets in ../shared/data; clone sftflow beside "
+                    "shared/ or set SFTFLOW_TEST_DATA to the folder that holds them", pytrace=False)
+    return path
 
 # sftflow's own environment (tasks/core/settings.py), with its state in a throwaway home rather than the project's
 # .sftflow, and the Hub forbidden: tests are hermetic. Set before anything imports Prefect.

@@ -11,7 +11,7 @@ from tasks.core.errors import DataValidationError
 from tasks.data.clean import clean_database
 from tasks.data.ingest import ingest_rows
 from tasks.data.validate import validate, validate_table
-from tests.conftest import SHARED_DATA, write_jsonl
+from tests.conftest import shared_data, write_jsonl
 
 GOOD = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(30)]
 
@@ -87,7 +87,7 @@ def test_a_failed_suite_stops_with_a_readable_summary_and_keeps_the_details(tmp_
 
 
 def test_gsm8k_goes_through_ingest_clean_and_validate_via_a_column_mapping(tmp_path):
-    source = {"path": str(SHARED_DATA / "gsm8k_train.jsonl"), "columns": {"instruction": "question",
+    source = {"path": str(shared_data("gsm8k_train.jsonl")), "columns": {"instruction": "question",
                                                                            "output": "answer"}}
     counts = ingest_rows(DataConfig(sources=[source]), tmp_path, tmp_path / "i.duckdb")
     assert counts == {"gsm8k_train": 7473}
@@ -123,7 +123,7 @@ def test_tool_calling_rows_whose_call_turns_have_no_text_pass_the_suite(tmp_path
 
 
 def test_the_alpaca_demo_set_is_auto_detected_and_passes_ingest_clean_and_validate(tmp_path):
-    counts = ingest_rows(DataConfig(sources=[{"path": str(SHARED_DATA / "alpaca_en_demo.json")}]), tmp_path,
+    counts = ingest_rows(DataConfig(sources=[{"path": str(shared_data("alpaca_en_demo.json"))}]), tmp_path,
                          tmp_path / "i.duckdb")
     assert counts == {"alpaca_en_demo": 999}
     accounting = clean_database(tmp_path / "i.duckdb", tmp_path / "c.duckdb", CleanConfig())

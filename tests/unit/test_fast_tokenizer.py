@@ -12,9 +12,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from tasks.formatting.chat_format import chat_encoder
 from tasks.formatting.encoding import encode_all
 from tasks.formatting.fast_tokenizer import ROW_SEPARATOR, FastTokenizer, fast_tokenizer
-from tests.conftest import SHARED_DATA
+from tests.conftest import shared_data
 
-DATA = SHARED_DATA
 ADVERSARIAL = [
     "", " ", "  ", "\n", "\n\n\n", "\t\t x", "a  b   c    d", "  leading", "trailing  ", " \n \n", "x\r\ny\rz",
     "1234567890 12 3.14159 1,000,000 ١٢٣ ½ Ⅷ", "it's they're we've I'm you'll he'd 'S 'T ''s", "don't'll 'dd",
@@ -57,8 +56,8 @@ def assert_same_as_hf(encoder, convos: list[list[dict]]) -> None:
 
 
 def test_the_smollm2_tokenizer_is_proved_and_gives_hf_ids_on_every_gsm8k_and_alpaca_row(encoder):
-    rows = [json.loads(line) for line in (DATA / "gsm8k_train.jsonl").read_text(encoding="utf-8").splitlines()]
-    alpaca = json.loads((DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in shared_data("gsm8k_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    alpaca = json.loads(shared_data("alpaca_en_demo.json").read_text(encoding="utf-8"))
     convos = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
               for r in rows]
     convos += [[{"role": "user", "content": f"{a['instruction']}\n{a['input']}".strip()},
