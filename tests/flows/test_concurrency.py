@@ -20,7 +20,6 @@ from prefect.settings import PREFECT_API_URL
 
 from tasks.train.concurrency import train_limit_name
 from tests.conftest import ROOT, new_store, registry_client
-from tests.flows.test_remote_tracking import mlflow_server  # noqa: F401 (a fixture: a real `mlflow server`)
 
 pytestmark = pytest.mark.slow  # two pipeline runs and registrations at once
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tasks.core.config import RegisterConfig, RunPaths, TrainConfig
+from tasks.core.config import RegisterConfig, RunPaths
 from tasks.core.errors import ConfigError, QualityGateError
 from tasks.model.modeling import load_trained_model
 from tasks.registry.register import register_run
@@ -18,38 +18,9 @@ from tasks.registry.registry import GateDecision, decide_promotion, directory_di
 from tasks.train.diagnose import write_diagnoses
 from tasks.train.train import train_model
 from tests.conftest import formatted_run, new_store, registry_client
+from tests.flows.conftest import lora_config, scores, write_report
 
 NAME = "gate-test"
-
-
-def lora_config(seed: int) -> TrainConfig:
-    return TrainConfig(method="lora", learning_rate=2e-2, max_steps=4, batch_size=4, gradient_accumulation_steps=1,
-                       logging_steps=1, save_steps=4, lora_r=4, packing=False, seed=seed)
-
-
-def scores(metric: float, loss: float, stop_rate: float = 1.0) -> dict:
-    return {"eval_loss": loss, "perplexity": 2.718281828 ** loss, "exact_match": metric, "token_f1": metric,
-            "stop_rate": stop_rate, "runaway_rate": 0.0}
-
-
-def write_report(eval_dir, base: dict, tuned: dict, champion: dict | None = None, fingerprint: str = "set-1"):
-    """report.json and samples.jsonl as evaluate writes them (the contract between evaluate and register), with
-    per-item scores equal to each model's mean (the gate's bootstrap then sees the difference of the means)."""
-    models = {"base": base, "tuned": tuned, **({"champion": champion} if champion else {})}
-    flat = {f"{m}_{k}": v for m, s in models.items() for k, v in s.items() if isinstance(v, (int, float))}
-    items = {m: {k: [v] * 8 for k, v in s.items() if k in ("exact_match", "token_f1", "eval_loss") and v is not None}
-             for m, s in models.items()}
-    report = {"heldout_rows": 8, "heldout_fingerprint": fingerprint, "metrics": ["exact_match", "token_f1"],
-              "generation": {"max_new_tokens": 12, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0,
-                             "batch_size": 8},
-              "models": models, "eval_loss": tuned["eval_loss"], "base_eval_loss": base["eval_loss"], **flat,
-              "items": items, "item_tokens": [10] * 8}
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / "report.json").write_text(json.dumps(report), encoding="utf-8")
-    row = {"row_id": "r1", "prompt": "p", "reference": "r", "base": "b", "tuned": "t", "base_score": 0.0,
-           "tuned_score": 1.0, "base_stopped": True, "tuned_stopped": True}
-    (eval_dir / "samples.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
-    return eval_dir
 
 
 @pytest.fixture(scope="module")

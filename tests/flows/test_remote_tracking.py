@@ -5,11 +5,7 @@ home, the server's store and artifacts, Prefect's database and result storage, n
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,66 +19,9 @@ from tasks.registry.register import register_run
 from tasks.reporting.report import save_config
 from tasks.train.train import train_model
 from tests.conftest import ROOT
-from tests.flows.test_registry import lora_config, scores, write_report
+from tests.flows.conftest import live_processes, lora_config, scores, write_report
 
 pytestmark = pytest.mark.slow  # a real mlflow server and a whole run against it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {url} did not answer /health within {timeout} s")
-
-
-def live_processes(pgid: int) -> list[int]:
-    """Return the processes of a process group that are still running (zombies aside), from /proc."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` as `make ui-mlflow` starts it (sqlite store, job execution off), on a free loopback port."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "server-artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, proc)
-        yield url, proc
-    finally:
-        if live_processes(proc.pid):
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and every worker it started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def test_register_honours_a_remote_tracking_uri_and_the_server_keeps_version_and_aliases(

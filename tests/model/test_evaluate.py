@@ -25,7 +25,7 @@ from tasks.model.modeling import load_base_model, load_trained_model
 from tasks.registry.registry import Champion
 from tasks.train.train import train_model
 from tests.conftest import compute_dtype, tolerance
-from tests.model.test_qlora import ANSWER, formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
+from tests.model.conftest import ANSWER, tiny_train_config
 
 JSON_EVAL = {"extractor": "json", "metrics": ["field_match", "exact_match", "json_valid"], "max_new_tokens": 40,
              "batch_size": 4, "loss_batch_size": 3}
@@ -55,7 +55,7 @@ def can_stop_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def adapters(formatted, can_stop_dir, tmp_path_factory):  # noqa: F811
+def adapters(formatted, can_stop_dir, tmp_path_factory):
     """A tuned LoRA adapter that learned the answer and to stop, and a weaker one (4 steps) to stand as champion."""
     tmp = tmp_path_factory.mktemp("eval-adapters")
     tuned = train_model(formatted, can_stop_dir, tmp / "tuned", lora_config())
@@ -64,7 +64,7 @@ def adapters(formatted, can_stop_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def report(formatted, can_stop_dir, adapters, tmp_path_factory):  # noqa: F811
+def report(formatted, can_stop_dir, adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-out")
     champion = Champion("sftflow-tiny", "3", adapters[1], can_stop_dir, "lora")
     result = evaluate_model(formatted, can_stop_dir, adapters[0], out, EvaluateConfig(**JSON_EVAL), lora_config(),
@@ -72,7 +72,7 @@ def report(formatted, can_stop_dir, adapters, tmp_path_factory):  # noqa: F811
     return result, out
 
 
-def test_the_report_has_every_contract_key_for_base_tuned_and_champion(report, formatted):  # noqa: F811
+def test_the_report_has_every_contract_key_for_base_tuned_and_champion(report, formatted):
     result, out = report
     cfg = EvaluateConfig(**JSON_EVAL)
     rows = select_rows(pq.read_table(formatted / "heldout.parquet").to_pylist(), cfg.max_samples)
@@ -105,7 +105,7 @@ def test_the_tuned_model_answers_stops_and_beats_base_and_the_weaker_champion(re
     assert base["field_match"] < 1.0
 
 
-def test_samples_hold_each_models_answer_headline_score_and_stop_flag(report, formatted):  # noqa: F811
+def test_samples_hold_each_models_answer_headline_score_and_stop_flag(report, formatted):
     result, out = report
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     rows = select_rows(pq.read_table(formatted / "heldout.parquet").to_pylist(), EvaluateConfig().max_samples)
@@ -120,7 +120,7 @@ def test_samples_hold_each_models_answer_headline_score_and_stop_flag(report, fo
     assert sum(s["base_score"] for s in samples) / len(samples) == pytest.approx(result["base_field_match"])
 
 
-def test_the_champion_is_scored_loaded_over_its_own_base_with_its_own_method(report, formatted, can_stop_dir,  # noqa: F811
+def test_the_champion_is_scored_loaded_over_its_own_base_with_its_own_method(report, formatted, can_stop_dir,
                                                                             adapters):
     rows = pq.read_table(formatted / "heldout.parquet").to_pylist()
     champion = load_trained_model(can_stop_dir, adapters[1], lora_config()).eval()
@@ -128,7 +128,7 @@ def test_the_champion_is_scored_loaded_over_its_own_base_with_its_own_method(rep
     assert report[0]["champion_eval_loss"] == pytest.approx(supervised_loss(champion, rows), rel=rtol)
 
 
-def test_the_batched_eval_loss_equals_one_row_at_a_time(formatted, can_stop_dir, adapters):  # noqa: F811
+def test_the_batched_eval_loss_equals_one_row_at_a_time(formatted, can_stop_dir, adapters):
     model = load_trained_model(can_stop_dir, adapters[0], lora_config()).eval()
     rows = [*pq.read_table(formatted / "heldout.parquet").to_pylist(),
             *pq.read_table(formatted / "train.parquet").to_pylist()[:6]]
@@ -156,7 +156,7 @@ def test_the_report_holds_per_item_scores_paired_by_position_that_average_to_the
         assert weighted == pytest.approx(summary["eval_loss"], rel=1e-6)  # the token-weighted mean the gate resamples
 
 
-def test_row_losses_sum_to_the_batched_mean(formatted, can_stop_dir, adapters):  # noqa: F811
+def test_row_losses_sum_to_the_batched_mean(formatted, can_stop_dir, adapters):
     model = load_trained_model(can_stop_dir, adapters[0], lora_config()).eval()
     rows = pq.read_table(formatted / "heldout.parquet").to_pylist()
     sums, counts = supervised_row_losses(model, rows, batch_size=3)
@@ -203,7 +203,7 @@ def test_the_fingerprint_covers_generation_settings_extractor_metrics_tokens_and
     assert heldout_fingerprint(rows, cfg) != base
 
 
-def test_batched_greedy_answers_equal_one_prompt_at_a_time(formatted, tiny_model_dir, tiny_tokenizer):  # noqa: F811
+def test_batched_greedy_answers_equal_one_prompt_at_a_time(formatted, tiny_model_dir, tiny_tokenizer):
     model = load_base_model(str(tiny_model_dir), False).eval()
     prompts = [[{"role": "user", "content": text}] for text in ("Hi", "Extract the order of a lamp for Ada in Oslo.",
                                                                   "Two words", "What is 2 + 2? Answer briefly.")]
@@ -226,7 +226,7 @@ def test_the_same_seed_samples_the_same_answers_and_another_seed_others(tiny_mod
     assert greedy != first  # sampling was on
 
 
-def test_a_model_that_never_emits_eos_has_stop_rate_zero_and_is_flagged(formatted, can_stop_dir, tmp_path):  # noqa: F811
+def test_a_model_that_never_emits_eos_has_stop_rate_zero_and_is_flagged(formatted, can_stop_dir, tmp_path):
     never_stops = tmp_path / "never-stops"  # full weights whose generation config suppresses the stop token
     shutil.copytree(can_stop_dir, never_stops)
     model = load_base_model(str(never_stops), False)
@@ -268,7 +268,7 @@ def test_turn_markers_follow_the_template(tiny_model_dir):
 
 @pytest.mark.slow  # evaluate again, inside a Prefect flow run (the pipeline tests read these artifacts too)
 def test_inside_a_prefect_run_evaluate_publishes_the_samples_table_and_the_comparison(
-        prefect_backend, formatted, can_stop_dir, adapters, tmp_path):  # noqa: F811
+        prefect_backend, formatted, can_stop_dir, adapters, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
 

@@ -15,7 +15,7 @@ from tasks.train.methods import hft_halves, transformer_blocks
 from tasks.train.train import train_model
 from tasks.train.trainer import build_trainer
 from tests.conftest import assert_same_value
-from tests.model.test_qlora import formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
+from tests.model.conftest import tiny_train_config
 
 
 def method_config(method, **kw):
@@ -30,7 +30,7 @@ def logged(train_dir, key="loss"):
 @pytest.mark.dtype_sensitive  # the loss must halve in either dtype
 @pytest.mark.parametrize("method", ["lora", "lora_8bit", "full", "hft"])
 def test_each_method_lowers_the_loss_trains_its_parameters_and_evaluate_loads_the_result(
-        method, formatted, tiny_model_dir, tmp_path):  # noqa: F811
+        method, formatted, tiny_model_dir, tmp_path):
     cfg = method_config(method)
     before = {k: v.clone() for k, v in load_base_model(str(tiny_model_dir), False).state_dict().items()}
     trained = train_model(formatted, str(tiny_model_dir), tmp_path / "train", cfg)
@@ -61,7 +61,7 @@ def test_each_method_lowers_the_loss_trains_its_parameters_and_evaluate_loads_th
     assert report["eval_loss"] < report["base_eval_loss"]  # the trained weights were loaded, not the base
 
 
-def test_hft_keeps_the_frozen_half_unchanged_in_each_round_and_swaps_halves(formatted, tiny_model_dir,  # noqa: F811
+def test_hft_keeps_the_frozen_half_unchanged_in_each_round_and_swaps_halves(formatted, tiny_model_dir,
                                                                            tmp_path):
     from transformers import TrainerCallback
 
@@ -91,7 +91,7 @@ def test_hft_keeps_the_frozen_half_unchanged_in_each_round_and_swaps_halves(form
 # this machine (or SFTFLOW_COMPUTE_DTYPE) computes in, where bf16 gradients differ by a rounding or two of bf16
 @pytest.mark.parametrize("compute_dtype", ["fp32", pytest.param("auto", marks=pytest.mark.dtype_sensitive)])
 @pytest.mark.parametrize("packing", [True, False])
-def test_the_lean_loss_and_its_gradients_equal_the_full_logits_loss(formatted, tiny_model_dir, tmp_path,  # noqa: F811
+def test_the_lean_loss_and_its_gradients_equal_the_full_logits_loss(formatted, tiny_model_dir, tmp_path,
                                                                     packing, compute_dtype):
     cfg = tiny_train_config(method="lora", max_steps=1, packing=packing, pack_length=256, compute_dtype=compute_dtype)
     trainer = build_trainer(formatted, str(tiny_model_dir), tmp_path, cfg)
@@ -120,7 +120,7 @@ def test_the_lean_loss_and_its_gradients_equal_the_full_logits_loss(formatted, t
     assert "entropy" in results[False][2] and "entropy" not in results[True][2]  # no full-vocabulary metrics
 
 
-def test_null_max_steps_trains_whole_epochs_with_warmup_then_cosine_decay(formatted, tiny_model_dir,  # noqa: F811
+def test_null_max_steps_trains_whole_epochs_with_warmup_then_cosine_decay(formatted, tiny_model_dir,
                                                                          tmp_path):
     cfg = tiny_train_config(method="lora", max_steps=None, num_epochs=2, lr_scheduler="cosine", warmup_ratio=0.25,
                             batch_size=2, gradient_accumulation_steps=1, logging_steps=1, save_steps=100,
@@ -135,7 +135,7 @@ def test_null_max_steps_trains_whole_epochs_with_warmup_then_cosine_decay(format
     assert rates[peak:] == sorted(rates[peak:], reverse=True) and rates[-1] < 0.1 * cfg.learning_rate
 
 
-def test_early_stopping_ends_training_when_the_heldout_loss_stops_improving(formatted, tiny_model_dir,  # noqa: F811
+def test_early_stopping_ends_training_when_the_heldout_loss_stops_improving(formatted, tiny_model_dir,
                                                                            tmp_path):
     # A clipped-to-nothing gradient leaves every weight as it is, so the held-out loss can never improve
     cfg = tiny_train_config(method="full", max_steps=10, max_grad_norm=1e-30, learning_rate=1e-9, eval_steps=1,

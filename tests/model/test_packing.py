@@ -9,13 +9,13 @@ import torch
 from tasks.train.packing import PACKED_ATTENTION
 from tasks.train.trainer import build_trainer
 from tests.conftest import assert_same_value, compute_dtype
-from tests.model.test_qlora import ANSWER, formatted, tiny_train_config  # noqa: F401 (formatted is a fixture)
+from tests.model.conftest import ANSWER, tiny_train_config
 
 PACK = 256  # the fixture's conversations are 10-90 tokens: several share a packed row
 
 
 @pytest.fixture(scope="module")
-def packed(formatted, tiny_model_dir, tmp_path_factory):  # noqa: F811
+def packed(formatted, tiny_model_dir, tmp_path_factory):
     """A LoRA trainer over the packed fixture rows (lora_B starts at zero: its model computes the base's logits)."""
     out = tmp_path_factory.mktemp("packed")
     return build_trainer(formatted, str(tiny_model_dir), out,
@@ -28,7 +28,7 @@ def segments(position_ids):
     return list(zip(starts, starts[1:] + [len(position_ids)]))
 
 
-def test_conversations_are_bfd_packed_and_the_fill_rate_is_reported(formatted, packed):  # noqa: F811
+def test_conversations_are_bfd_packed_and_the_fill_rate_is_reported(formatted, packed):
     trainer, out = packed
     source = pq.read_table(formatted / "train.parquet").column("input_ids").to_pylist()
     rows = trainer.train_dataset
