@@ -32,15 +32,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 apply_defaults()
 
 
-# The files that take longest (worker-seconds in `make test` on a 2-core EPYC, 2026-12-02), longest first. pytest-xdist
-# hands whole files to its workers (`--dist loadfile`) in collection order, so a long file started last leaves the
-# other workers idle while one ends it: these start first, in this order. A file missing here only starts later.
+# The files that take longest (seconds of their tests in `make test`, three workers on a 2-core AMD EPYC with
+# AVX512-BF16, 2026-12-03), longest first. pytest-xdist hands whole files to its workers (`--dist loadfile`) in the
+# collected order (`--no-loadscope-reorder` in pyproject.toml; by default it would hand them out by their number of
+# tests), each worker taking the next file as it starts the second-last test of its current one. A long file started
+# last leaves the other workers idle while one ends it (with xdist's own order, 2.5 minutes of one worker alone at the
+# end): these start first, in this order. A file missing here only starts later; keep the list in step with the
+# slowest files (`pytest --durations`).
 LONGEST_FILES = (
-    "flows/test_cli.py", "scale_out/test_placement.py", "flows/test_concurrency.py", "flows/test_portable_model.py",
-    "model/test_resume.py", "flows/test_until.py", "flows/test_remote_tracking.py",
-    "flows/test_registry.py", "scale_out/test_machines.py", "flows/test_faults.py", "server/test_deployment.py",
-    "flows/test_orchestration.py", "server/test_openai_serve.py", "model/test_evaluate.py",
-    "model/test_distributed.py",
+    "scale_out/test_placement.py", "flows/test_cli.py", "flows/test_concurrency.py", "flows/test_portable_model.py",
+    "model/test_resume.py", "server/test_deployment.py", "server/test_openai_serve.py", "scale_out/test_machines.py",
+    "flows/test_remote_tracking.py", "flows/test_until.py", "flows/test_orchestration.py", "flows/test_registry.py",
+    "flows/test_faults.py", "model/test_methods.py", "unit/test_base_model.py", "model/test_distributed.py",
+    "model/test_evaluate.py", "flows/test_temporary_server.py", "model/test_qlora.py", "unit/test_trl_templates.py",
+    "flows/test_broken_invariant.py", "unit/test_fast_tokenizer.py", "flows/test_sft_pipeline.py",
+    "data/test_raw_and_tokenized_suites.py", "flows/test_safety.py",
 )
 
 

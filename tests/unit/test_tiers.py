@@ -26,3 +26,11 @@ def test_every_module_has_tests_in_the_fast_tier():
     tested = {m for p in fast for m in imports(p) if m in found}
     reached = tested | {m for t in tested for m in imports(found[t]) if m in found}
     assert sorted(set(found) - reached) == []
+
+
+def test_the_longest_files_list_names_test_files_that_exist():
+    """conftest.py starts these first on the xdist workers: a renamed or deleted file would silently start last."""
+    from tests.conftest import LONGEST_FILES
+
+    assert len(set(LONGEST_FILES)) == len(LONGEST_FILES)
+    assert [name for name in LONGEST_FILES if not (ROOT / "tests" / name).is_file()] == []
