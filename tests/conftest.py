@@ -50,6 +50,25 @@ LONGEST_FILES = (
 )
 
 
+def slow_as_a_whole(path: Path) -> bool:
+    """Return whether a test file's module-level `pytestmark` includes the slow marker (read with ast, not imported)."""
+    import ast
+
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
+            return "slow" in ast.unparse(node.value)
+    return False
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under `-m "not slow"` (make test-fast), do not import the files whose tests are all slow: every one would be
+    deselected, and importing them (the openai client, servers' helpers) cost each worker ~3 s of a core."""
+    if config.getoption("markexpr") == "not slow" and collection_path.suffix == ".py" and \
+            collection_path.name.startswith("test_") and slow_as_a_whole(collection_path):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Start the files in LONGEST_FILES first, longest first, then the other files whose tests are slow as a whole (a
     module-level `pytestmark` with `slow`), each file kept together, every other order as collected."""

@@ -4,19 +4,8 @@ under test and the parts it is built from). Marking a module's only tests slow f
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
-from tests.conftest import ROOT
+from tests.conftest import ROOT, slow_as_a_whole
 from tests.unit.test_layers import imports, modules
-
-
-def slow_as_a_whole(path: Path) -> bool:
-    """Return whether a test file's module-level `pytestmark` includes the slow marker."""
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets):
-            return "slow" in ast.unparse(node.value)
-    return False
 
 
 def test_every_module_has_tests_in_the_fast_tier():
