@@ -42,10 +42,10 @@ run: $(STAMP)
 # (options, e.g. -x or -k lean) go to both runs; a -k that leaves the second run nothing to select (pytest's exit
 # code 5) is not a failure.
 # pytest-xdist workers, a test file each at a time (--dist loadfile: a file's fixtures are built once), the longest
-# files first (tests/conftest.py). Many tests wait on a subprocess, a server or a heartbeat, so three workers keep 2
-# cores busier than two: 24.1 min with three on a 2-core AVX2-only EPYC (fp32), 1.7 cores busy on average, against
-# 27.6 min with two and 47.5 min in one process (bench/README.md). The edit loop's tests are compute-bound (95% of
-# both cores with two workers), so `make test-fast` keeps two. TEST_WORKERS=0 runs in one process (pytest -n 0), e.g.
+# files first (tests/conftest.py; --no-loadscope-reorder in pyproject.toml keeps that order). Many tests wait on a
+# subprocess, a server or a heartbeat, so three workers keep 2 cores busier than two: on a 2-core AVX512-BF16 EPYC,
+# 13.5 min with three (both cores busy), 14.6 min with two (1.85 busy), 16.2 min with four (bench/README.md). The
+# edit loop's tests are compute-bound (95% of both cores with two workers), so `make test-fast` keeps two. TEST_WORKERS=0 runs in one process (pytest -n 0), e.g.
 # to debug with -x --pdb.
 TEST_WORKERS ?= 3
 FAST_WORKERS ?= 2
