@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -50,6 +51,7 @@ LONGEST_FILES = (
 )
 
 
+@functools.cache
 def slow_as_a_whole(path: Path) -> bool:
     """Return whether a test file's module-level `pytestmark` includes the slow marker (read with ast, not imported)."""
     import ast
@@ -72,15 +74,11 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_collection_modifyitems(session, config, items):
     """Start the files in LONGEST_FILES first, longest first, then the other files whose tests are slow as a whole (a
     module-level `pytestmark` with `slow`), each file kept together, every other order as collected."""
-    def slow_file(item) -> bool:
-        marks = getattr(item.module, "pytestmark", [])
-        return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
-
     def rank(item) -> tuple[int, int]:
         path = Path(item.fspath).relative_to(ROOT / "tests").as_posix()
         if path in LONGEST_FILES:
             return 0, LONGEST_FILES.index(path)
-        return (1 if slow_file(item) else 2), 0
+        return (1 if slow_as_a_whole(Path(item.fspath)) else 2), 0
 
     items.sort(key=rank)  # stable: the order within each group stays
 

@@ -40,9 +40,9 @@ TELEMETRY_OFF = {
 # glibc reads these when a process starts; `tune_malloc` applies them to a process already running. Allocations
 # under 32 MiB (glibc's largest mmap threshold) come from the heap, and up to 1 GiB of freed heap is kept (256 MiB
 # asked of the kernel at a time) rather than trimmed.
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-                 "MALLOC_TOP_PAD_": str(256 << 20)}
-MALLOPT_PARAMS = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2, "MALLOC_MMAP_THRESHOLD_": -3}  # malloc.h M_*
+# variable: (value, mallopt's parameter number in malloc.h: M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD)
+MALLOC_TUNING = {"MALLOC_TRIM_THRESHOLD_": (1 << 30, -1), "MALLOC_TOP_PAD_": (256 << 20, -2),
+                 "MALLOC_MMAP_THRESHOLD_": (32 << 20, -3)}
 
 
 def tune_malloc(environ: MutableMapping[str, str]) -> bool:
@@ -54,7 +54,7 @@ def tune_malloc(environ: MutableMapping[str, str]) -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    for name, param in MALLOPT_PARAMS.items():
+    for name, (_, param) in MALLOC_TUNING.items():
         value = environ.get(name, "")
         if value.isdigit() and not libc.mallopt(param, int(value)):
             return False
@@ -85,7 +85,7 @@ def default_environment(environ: MutableMapping[str, str] | None = None, cwd: Pa
         **TELEMETRY_OFF,
         "OMP_WAIT_POLICY": "PASSIVE",  # read when torch starts its thread pool: set before torch is imported
         "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning after DuckDB/torch threads have started
-        **MALLOC_TUNING,
+        **{name: str(value) for name, (value, _) in MALLOC_TUNING.items()},
     }
 
 
