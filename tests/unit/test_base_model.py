@@ -225,6 +225,19 @@ def quantized_gguf(tmp_path_factory, tiny_model_dir) -> Path:
     return build_tiny_gguf(tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf", tiny_model_dir, quantized=True)
 
 
+def test_within_a_conversion_each_gguf_file_is_parsed_once_and_the_reader_is_restored_after(tiny_gguf):
+    import gguf
+
+    from tasks.model.base_model import gguf_read_once
+
+    original = gguf.GGUFReader
+    with gguf_read_once():
+        first = gguf.GGUFReader(tiny_gguf)
+        assert gguf.GGUFReader(str(tiny_gguf)) is first  # the config, the tokenizer and the weights read one parse
+        assert first.fields["general.architecture"] is not None
+    assert gguf.GGUFReader is original and gguf.GGUFReader(tiny_gguf) is not first
+
+
 @pytest.mark.slow  # two conversions in two processes
 def test_two_processes_converting_a_gguf_at_once_both_get_the_one_complete_copy(quantized_gguf, tiny_model_dir,
                                                                                    tmp_path):
