@@ -286,15 +286,21 @@ def test_a_distributed_rank_only_reads_the_train_dir_its_launcher_cleared(straig
 
 
 def sftflow_train(run: RunPaths, log: Path) -> subprocess.Popen:
-    """Start `sftflow task train --run <id>` as a user would, in a session of its own, its output going to `log`."""
+    """Start `sftflow task train --run <id>` as a user would, in a session of its own, its output going to `log`, on
+    the session's Prefect API (the test harness, as a worker's flow run has its server's: no temporary server to
+    start, each start ~12 CPU-s)."""
+    from prefect.settings import PREFECT_API_URL
+
     with log.open("w") as sink:
         return subprocess.Popen([str(Path(sys.executable).parent / "sftflow"), "task", "train", "--run", run.run_id,
                                  "--runs-dir", str(run.runs_dir)], stdout=sink, stderr=subprocess.STDOUT,
-                                cwd=run.runs_dir, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+                                cwd=run.runs_dir, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                       "PREFECT_API_URL": PREFECT_API_URL.value()},
+                                start_new_session=True)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL what is left of `proc`'s session (the temporary Prefect server it started outlives it)."""
+    """SIGKILL what is left of `proc`'s session (any process the step started outlives it)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -315,7 +321,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, checkpoint: Path, timeout: float
 
 
 @pytest.mark.slow  # a train step in a subprocess, SIGKILLed and rerun
-def test_a_sigkilled_train_step_reruns_from_its_checkpoint_to_the_same_steps_and_loss(run, tmp_path):
+def test_a_sigkilled_train_step_reruns_from_its_checkpoint_to_the_same_steps_and_loss(run, tmp_path, prefect_backend):
     steps, overrides = 8, ["train.max_steps=8"]
     cfg = load_config(run.config, overrides)
     job = RunPaths(run.runs_dir, "killed")
