@@ -18,19 +18,21 @@ import pytest
 
 from flows.cli import main, parse_args
 from tasks.core.errors import ConfigError
-from tests.conftest import ROOT, free_port, listening_hosts, wait_for_http
+from tests.conftest import ROOT, free_port, listening_hosts, seed_prefect_database, wait_for_http
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.mark.slow  # two real servers started through make
 @pytest.mark.parametrize("target, health", [("ui-mlflow", "/health"), ("ui-prefect", "/api/health")])
-def test_the_ui_servers_listen_on_loopback_only(target, health, tmp_path):
+def test_the_ui_servers_listen_on_loopback_only(target, health, tmp_path, tmp_path_factory):
     """`make ui-mlflow` and `make ui-prefect` started for real (on a free port, a throwaway home): bound to 127.0.0.1.
     (`sftflow serve`: tests/server/test_openai_serve.py; `make prefect-up`: tests/server/test_deployment.py.)"""
     port = free_port()
     env = {**os.environ, "SFTFLOW_HOME": str(tmp_path / "home")}
     env.pop("PREFECT_API_URL", None)
+    if target == "ui-prefect":  # the bind is the subject, not Prefect's migrations
+        seed_prefect_database(tmp_path / "home" / "prefect", tmp_path_factory)
     server = subprocess.Popen(["make", "-s", target, f"PREFECT_PORT={port}", f"MLFLOW_PORT={port}",
                                f"RUNS={tmp_path}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)

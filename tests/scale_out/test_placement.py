@@ -25,7 +25,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import ROOT, free_port, wait_for_http
+from tests.conftest import ROOT, free_port, seed_prefect_database, wait_for_http
 
 pytestmark = [pytest.mark.scale_out, pytest.mark.slow]  # slow: a real server, two workers, one SIGKILLed
 
@@ -123,6 +123,7 @@ def boxes(tmp_path_factory, tiny_model_dir):
         [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}", "train.compute_dtype=fp32", "train.max_steps=8",
          "train.save_steps=2", "evaluate.max_samples=4", "orchestrate.placement={train: gpu, evaluate: gpu}",
          "orchestrate.retries.train.delay_s=1"])
+    seed_prefect_database(cpu_home / "prefect", tmp_path_factory)  # a migrated database: the boxes are the subject
     try:
         up = subprocess.run([sys.executable, str(STACK), "up", "--port", str(port), "--zombie-after",
                              str(ZOMBIE_AFTER_S)], cwd=ROOT, env=the_boxes.stack_env, capture_output=True, text=True,

@@ -24,7 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import ROOT, registry_client
+from tests.conftest import ROOT, registry_client, seed_prefect_database
 
 pytestmark = pytest.mark.slow  # a real Prefect server and worker running deployments
 
@@ -77,6 +77,7 @@ def stack(tmp_path_factory, tiny_model_dir):
     overrides = [f"runs_dir={runs}", f"train.base_model={tiny_model_dir}", "register.min_stop_rate=0",
                  "register.gate_metric=eval_loss", "train.max_steps=2", "evaluate.max_samples=4"]
     the_stack = Stack(f"http://127.0.0.1:{port}/api", home, runs, env, overrides)
+    seed_prefect_database(home / "prefect", tmp_path_factory)  # a migrated database: the stack is the subject here
     try:
         started = stack_command(env, "up", "--port", str(port))
         assert started.returncode == 0, started.stdout + started.stderr
