@@ -193,13 +193,12 @@ def wait_for_training(boxes: Boxes, parent_id, run_id: str):
     deadline = time.monotonic() + TIMEOUT_S
     while True:
         assert time.monotonic() < deadline, f"training never reached checkpoint-2\n{boxes.logs()}"
-        kids = [k for k in children(parent_id) if k.name.endswith(": train") and k.state.is_running()]
-        if kids and checkpoint.is_file():
-            try:
-                json.loads(checkpoint.read_text())
-                return kids[0]
-            except ValueError:  # being written
-                pass
+        try:  # the file first: asking the API ten times a second for the whole run would keep its server busy
+            whole = checkpoint.is_file() and json.loads(checkpoint.read_text()) is not None
+        except ValueError:  # being written
+            whole = False
+        if whole and (kids := [k for k in children(parent_id) if k.name.endswith(": train") and k.state.is_running()]):
+            return kids[0]
         time.sleep(0.1)
 
 
