@@ -35,10 +35,11 @@ from prefect.runtime import flow_run
 
 from flows.steps import STEPS, RunContext, run_names
 from tasks.core import errors
-from tasks.core.common import configured, stage_logger
+from tasks.core.common import stage_logger
 from tasks.core.config import PipelineConfig, RunPaths, load_config
 from tasks.core.redact import install_log_redaction, redact, reveal
 from tasks.core.settings import apply_defaults
+from tasks.core.stage import configured
 
 STEP_FLOW = "sft-step"  # the one-step flow; deployment `sft-step/<pool>` runs it on work pool <pool>
 POLL_S = 2  # how often the parent asks the API whether a placed step has finished

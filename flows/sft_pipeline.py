@@ -21,11 +21,11 @@ from prefect.states import Completed
 
 from flows.placement import run_placed
 from flows.steps import STEPS, RunContext, run_names
-from tasks.core.common import configured
 from tasks.core.config import STEP_NAMES, PipelineConfig, RunPaths, dump_config, load_config
 from tasks.core.errors import ConfigError
 from tasks.core.redact import install_log_redaction
 from tasks.core.settings import apply_defaults
+from tasks.core.stage import configured
 from tasks.data.data_gate import NO_NEW_DATA, data_gate, skipped_summary
 from tasks.data.ingest import fingerprint_sources
 from tasks.reporting.failure import report_failure, rerun_command

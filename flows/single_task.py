@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from flows.steps import STEPS, RunContext, run_names
-from tasks.core.common import configured
 from tasks.core.config import RunPaths, load_config
 from tasks.core.errors import ConfigError, SftflowError, StepFailed
+from tasks.core.stage import configured
 from tasks.formatting.chat_format import inspect_rows
-from tasks.model.modeling import prepare_base_model
+from tasks.model.prepare import prepare_base_model
 from tasks.reporting.failure import step_failure
 
 

@@ -19,7 +19,8 @@ from tasks.data.ingest import fingerprint_data, ingest
 from tasks.data.validate import validate, validation_args
 from tasks.evaluate.evaluate import evaluate_adapter
 from tasks.formatting.chat_format import format_chats
-from tasks.model.modeling import prepare_base_model, trained_model_dir
+from tasks.model.modeling import trained_model_dir
+from tasks.model.prepare import prepare_base_model
 from tasks.registry.register import pipeline_tags, register_model
 from tasks.registry.registry import champion_to_compare
 from tasks.serving.serve import served_answers

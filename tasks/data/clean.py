@@ -18,8 +18,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from tasks.core.common import COMPRESSION_SQL, in_prefect_run, stage_logger, stage_task
+from tasks.core.common import COMPRESSION_SQL, in_prefect_run, stage_logger
 from tasks.core.config import CleanConfig, content_hash
+from tasks.core.stage import stage_task
 from tasks.data.cleaning_report import publish_cleaning_report
 from tasks.data.dedup import near_duplicate_clusters
 from tasks.data.source_check import enforce_source_checks, source_warnings

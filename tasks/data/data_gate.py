@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from tasks.core.common import in_prefect_run, stage_logger, stage_task
+from tasks.core.common import in_prefect_run, stage_logger
 from tasks.core.config import PipelineConfig, RunPaths, absent_sqlite_store
+from tasks.core.stage import stage_task
 
 NO_NEW_DATA = "no new data"  # the name of the Completed state a gated run ends in
 NOT_MODEL_INPUTS = ("runs_dir", "orchestrate")

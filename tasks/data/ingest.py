@@ -26,9 +26,10 @@ import orjson
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from tasks.core.common import COMPRESSION_SQL, fingerprint_path, stage_logger, stage_task
+from tasks.core.common import COMPRESSION_SQL, fingerprint_path, stage_logger
 from tasks.core.config import DataConfig, SourceConfig, content_hash
 from tasks.core.errors import InputError
+from tasks.core.stage import stage_task
 from tasks.data import synth
 from tasks.data.fast_ingest import fast_path_applies, json_lines, lone_surrogate_error, stage_alpaca
 from tasks.data.formats import desirable, detect_format, explode_record, missing_fields, to_conversation

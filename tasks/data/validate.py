@@ -14,9 +14,10 @@ import duckdb
 import pandas as pd
 
 from tasks.core.artifacts import markdown_table, publish_markdown
-from tasks.core.common import stage_logger, stage_task
+from tasks.core.common import stage_logger
 from tasks.core.config import RunPaths, ValidateConfig
 from tasks.core.errors import DataValidationError
+from tasks.core.stage import stage_task
 from tasks.data.gx_messages import explain_failure
 
 # One row per record / conversation / tokenized row, with the derived columns each suite checks.

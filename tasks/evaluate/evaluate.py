@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.core.common import in_prefect_run, stage_logger, stage_task
+from tasks.core.common import in_prefect_run, stage_logger
 from tasks.core.config import EvaluateConfig, TrainConfig
 from tasks.core.errors import DataValidationError
+from tasks.core.stage import stage_task
 from tasks.evaluate.eval_artifacts import publish_artifacts
 from tasks.evaluate.heldout import heldout_fingerprint, scoring_settings, select_rows
 from tasks.evaluate.metrics import Extractor, check_metrics, score

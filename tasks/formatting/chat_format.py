@@ -27,9 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.core.artifacts import publish_table
-from tasks.core.common import stage_logger, stage_task
+from tasks.core.common import stage_logger
 from tasks.core.config import ChatConfig
 from tasks.core.errors import ConfigError, DataValidationError
+from tasks.core.stage import stage_task
 from tasks.formatting.encoding import TEXT_ROLE, ChatEncoder, Encoded, Rows, encode_all, is_checked
 from tasks.formatting.fast_tokenizer import fast_tokenizer
 from tasks.formatting.masks import marked_text

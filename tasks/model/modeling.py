@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import stage_logger, stage_task
+from tasks.core.common import stage_logger
 from tasks.core.errors import ConfigError
-from tasks.model.base_model import PICKLE_SUFFIXES, resolve_base_model
+from tasks.model.base_model import PICKLE_SUFFIXES
 from tasks.model.precision import Precision, choose_precision
 
 
@@ -105,17 +105,6 @@ def check_adapter_weights(adapter_dir: Path) -> None:
                       "pickle weights: re-save the adapter with PEFT's save_pretrained, which writes safetensors")
 
 
-# Short backoff, transient Hub errors only (a bad train.base_model is a ConfigError, never retried). Not cached: the
-# check is cheap once the files are on disk, and a cached path could point at a since-deleted directory.
-@stage_task("prepare-base-model", retries=2, retry_delay_seconds=[5, 20], cache=False)
-def prepare_base_model(spec: str, trust_remote_code: bool = False) -> str:
-    """Return the checked local directory later steps load the base model from (Hub id fetched, GGUF converted); a
-    model that ships its own Python code is refused unless `trust_remote_code` (train.trust_remote_code)."""
-    resolved = resolve_base_model(spec, trust_remote_code=trust_remote_code)
-    stage_logger().info("base model %s -> %s", spec, resolved)
-    return resolved
-
-
 def resolve_version_base(spec: str, hint: str = "", trust_remote_code: bool = False) -> str:
     """Return the local directory a registered version's base loads from on this machine: `hint` (the directory it
     resolved to where the version was registered) when it is still a complete model directory here, else `spec`
@@ -132,4 +121,6 @@ def resolve_version_base(spec: str, hint: str = "", trust_remote_code: bool = Fa
                           f"hint {hint!r} is not on this machine; re-register it with a current sftflow")
     if local is not None:
         stage_logger().info("base model %s: %s is not on this machine; resolving the spec again", spec, hint)
+    from tasks.model.prepare import prepare_base_model
+
     return prepare_base_model.fn(spec, trust_remote_code)

@@ -16,11 +16,12 @@ from pathlib import Path
 import yaml
 
 from tasks.core.artifacts import markdown_table, publish_link, publish_markdown
-from tasks.core.common import stage_logger, stage_task
+from tasks.core.common import stage_logger
 from tasks.core.config import RegisterConfig, RunPaths, flatten
 from tasks.core.errors import ConfigError, QualityGateError, disk_full
 from tasks.core.links import run_url, version_url
 from tasks.core.redact import install_log_redaction, redact, redact_value, redacted_errors, remember
+from tasks.core.stage import stage_task
 from tasks.registry.card import model_card, numbers
 from tasks.registry.gate import item_tags
 from tasks.registry.parity import Parity, check_parity, example_request, generation_budget, guard_decision

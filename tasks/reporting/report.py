@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 from tasks.core.artifacts import markdown_table, publish_markdown
-from tasks.core.common import in_prefect_run, stage_logger, stage_task
+from tasks.core.common import in_prefect_run, stage_logger
 from tasks.core.config import RUN_LAYOUT, RunPaths
 from tasks.core.redact import redact, redact_value
+from tasks.core.stage import stage_task
 from tasks.registry.card import data_accounting, numbers, rows_line
 
 # what a run stopped early (--until) lists of its directory, in pipeline order, when it is there

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.common import STAGE_CACHE, stage_logger, stage_task
+from tasks.core.common import stage_logger
 from tasks.core.config import TrainConfig
 from tasks.core.errors import TrainingDiverged
+from tasks.core.stage import STAGE_CACHE, stage_task
 from tasks.model.modeling import model_precision
 from tasks.model.tokenizer import load_tokenizer
 from tasks.train.checkpoints import resume_training, training_key

@@ -49,7 +49,7 @@ import dataclasses, functools, sys
 import flows.steps
 from flows.cli import main
 from tasks.data.clean import clean
-from tasks.core.common import stage_task
+from tasks.core.stage import stage_task
 
 FAILURES, calls = {failures}, []
 

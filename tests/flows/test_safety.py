@@ -130,7 +130,7 @@ def test_the_hub_token_comes_from_a_prefect_secret_block_or_hf_token_and_is_neve
     from prefect.logging.handlers import APILogHandler
 
     from tasks.core.secrets import HF_TOKEN_BLOCK
-    from tasks.model.modeling import prepare_base_model
+    from tasks.model.prepare import prepare_base_model
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     block_token, env_token = f"hf_{secrets.token_hex(12)}", f"hf_{secrets.token_hex(12)}"

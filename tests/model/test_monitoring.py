@@ -8,9 +8,9 @@ from mlflow import MlflowClient
 from prefect.states import Failed
 from transformers import TrainerCallback
 
-from tasks.core.common import retry_unless_user_error
 from tasks.core.config import RegisterConfig, TrainConfig
 from tasks.core.errors import SftflowError, TrainingDiverged
+from tasks.core.stage import retry_unless_user_error
 from tasks.registry.register import register_run
 from tasks.train.monitoring import Tracking, open_mlflow_run, open_training_run, report_training
 from tasks.train.train import train_adapter, train_model

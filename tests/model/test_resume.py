@@ -20,7 +20,7 @@ from tasks.core.config import RunPaths, TrainConfig, dump_config, load_config
 from tasks.data.clean import clean
 from tasks.data.ingest import fingerprint_data, ingest
 from tasks.formatting.chat_format import format_chats
-from tasks.model.modeling import prepare_base_model
+from tasks.model.prepare import prepare_base_model
 from tasks.reporting.report import save_config
 from tasks.train.checkpoints import checkpoint_problem, resumable_checkpoint, training_key
 from tasks.train.train import train_model

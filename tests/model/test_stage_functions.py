@@ -11,7 +11,7 @@ from tasks.data.ingest import fingerprint_sources, ingest
 from tasks.data.validate import validate, validation_args
 from tasks.evaluate.evaluate import evaluate_adapter
 from tasks.formatting.chat_format import format_chats
-from tasks.model.modeling import prepare_base_model
+from tasks.model.prepare import prepare_base_model
 from tasks.registry.register import register_model
 from tasks.reporting.report import save_config, write_summary
 from tasks.train.train import train_adapter

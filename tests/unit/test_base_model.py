@@ -196,7 +196,7 @@ def test_an_invalid_hub_id_that_is_no_directory_either_is_one_line():
 
 
 def test_prepare_base_model_retries_transient_errors_briefly_and_works_without_prefect(tiny_model_dir):
-    from tasks.model.modeling import prepare_base_model
+    from tasks.model.prepare import prepare_base_model
 
     assert (prepare_base_model.retries, prepare_base_model.retry_delay_seconds) == (2, [5, 20])
     assert prepare_base_model.fn(str(tiny_model_dir)) == str(tiny_model_dir.resolve())

@@ -10,9 +10,9 @@ from prefect.states import Failed
 from flows.cli import main, release
 from flows.sft_pipeline import step_tasks, trains
 from flows.steps import STEPS, RunContext, run_names
-from tasks.core.common import retry_unless_user_error
 from tasks.core.config import STEP_NAMES, RunPaths, load_config
 from tasks.core.errors import ConfigError, DataValidationError
+from tasks.core.stage import retry_unless_user_error
 from tasks.reporting.failure import TRACEBACK_FILE, FailureReport, rerun_command, step_failure
 from tests.conftest import ROOT
 

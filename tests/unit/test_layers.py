@@ -91,3 +91,18 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from tasks.train.trainer import build_trainer\n")
     assert "tasks.train.trainer" in imports(bad) and layer("tasks.train.trainer") > layer("tasks.data.clean")
+
+
+def test_a_training_rank_and_the_model_server_import_no_prefect():
+    """Only the Prefect side of a stage (tasks/core/stage.py, and the modules that define tasks) imports Prefect: a
+    training rank (`python -m tasks.train.distributed`) and `sftflow serve` run no Prefect task, and each of their
+    processes would spend ~1.5 CPU-s importing it. Their logger is the standard one there."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nimport flows.cli, tasks.train.distributed, tasks.train.trainer, tasks.train.checkpoints\n"
+             "import tasks.model.tokenizer, tasks.serving.serve\nfrom tasks.core.common import stage_logger\n"
+             "assert stage_logger().name == 'sftflow'\nprint(sorted(m for m in sys.modules if m.split('.')[0] == "
+             "'prefect'))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-2000:]
