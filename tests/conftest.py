@@ -134,23 +134,21 @@ def prefect_backend(tmp_path_factory):
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     results, database = tmp_path_factory.mktemp("prefect-results"), tmp_path_factory.mktemp("prefect-harness")
-    template = shared_root(tmp_path_factory) / MIGRATED_PREFECT_DB
+    template = migrated_prefect_db(tmp_path_factory)
     with contextlib.ExitStack() as stack:
         with FileLock(f"{template}.lock"):  # the others wait for the first's migrations rather than run their own
             seeded = seed_prefect_database(database, tmp_path_factory, name="prefect-test.db")
-            patcher = mock.patch.object(harness, "mkdtemp", return_value=str(database))  # where it puts its db
-            patcher.start()
-            try:
+            with mock.patch.object(harness, "mkdtemp", return_value=str(database)):  # where it puts its database
                 stack.enter_context(temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}))
                 stack.enter_context(harness.prefect_test_harness(server_startup_timeout=120))
-            finally:
-                patcher.stop()
             if not seeded:
                 copy_sqlite(database / "prefect-test.db", template)
         yield
 
 
-MIGRATED_PREFECT_DB = "prefect-migrated.db"
+def migrated_prefect_db(tmp_path_factory) -> Path:
+    """Return where the session keeps the copy of the first harness's database, just migrated."""
+    return shared_root(tmp_path_factory) / "prefect-migrated.db"
 
 
 def copy_sqlite(source: Path, target: Path) -> None:
@@ -171,7 +169,7 @@ def seed_prefect_database(prefect_home: Path, tmp_path_factory, name: str = "pre
     not what the test is about: a bare environment's first `sftflow run` still migrates its own."""
     import shutil
 
-    template = shared_root(tmp_path_factory) / MIGRATED_PREFECT_DB
+    template = migrated_prefect_db(tmp_path_factory)
     if not template.is_file():
         return False
     prefect_home.mkdir(parents=True, exist_ok=True)

@@ -69,14 +69,10 @@ def gguf_read_once() -> Iterator[None]:
     """Within the block, every `gguf.GGUFReader` of one file is the first one made. transformers parses a GGUF's
     header anew for the config, for the tokenizer and for the weights, and each parse walks the whole vocabulary in
     Python: converting the tiny test GGUF took 20 CPU-s with three parses and 13 with one (2-core AMD EPYC). A
-    reader only maps the file read-only, so sharing it changes nothing that is read. Without gguf's reader (another
-    gguf version) the block runs as it is."""
+    reader only maps the file read-only, so sharing it changes nothing that is read."""
     import gguf as gguf_package
 
-    original = getattr(gguf_package, "GGUFReader", None)
-    if original is None:
-        yield
-        return
+    original = gguf_package.GGUFReader
     readers: dict[tuple[str, str], Any] = {}
 
     def reader(path, mode="r"):
