@@ -40,7 +40,8 @@ run: $(STAMP)
 # fails on every machine, not just on the other kind. That second run goes at low priority (nice), on the cores the
 # suite leaves idle while its tests wait on servers and subprocesses, and its output follows the suite's. ARGS
 # (options, e.g. -x or -k lean) go to both runs; a -k that leaves the second run nothing to select (pytest's exit
-# code 5) is not a failure.
+# code 5) is not a failure. Both runs share one folder (SFTFLOW_TEST_SHARED) for what a session builds once: the tiny
+# model and the migrated Prefect database.
 # pytest-xdist workers, a test file each at a time (--dist loadfile: a file's fixtures are built once), the longest
 # files first (tests/conftest.py; --no-loadscope-reorder in pyproject.toml keeps that order). Many tests wait on a
 # subprocess, a server or a heartbeat, so three workers keep 2 cores busier than two: on a 2-core AVX512-BF16 EPYC,
@@ -52,12 +53,13 @@ FAST_WORKERS ?= 2
 test: lint
 	@other=$$($(BIN)/python -c "import torch; from tasks.model.precision import other_compute_dtype as other; \
 	  print(other(torch.cuda.is_available()))") || exit 1; log=$$(mktemp) || exit 1; \
+	export SFTFLOW_TEST_SHARED=$$(mktemp -d) || exit 1; \
 	echo "make test: the dtype_sensitive tests run again beside the suite with SFTFLOW_COMPUTE_DTYPE=$$other"; \
 	{ SFTFLOW_COMPUTE_DTYPE=$$other nice -n 10 $(BIN)/python -m pytest tests/model -m dtype_sensitive \
 	  -p no:cacheprovider $(ARGS) > $$log 2>&1; echo $$? > $$log.rc; } & \
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS); suite=$$?; wait; \
 	echo "make test: dtype_sensitive, SFTFLOW_COMPUTE_DTYPE=$$other"; cat $$log; again=$$(cat $$log.rc); \
-	rm -f $$log $$log.rc; [ $$again -eq 5 ] && again=0; [ $$suite -eq 0 ] && [ $$again -eq 0 ]
+	rm -rf $$log $$log.rc $$SFTFLOW_TEST_SHARED; [ $$again -eq 5 ] && again=0; [ $$suite -eq 0 ] && [ $$again -eq 0 ]
 
 # The edit loop: everything not marked slow (no real server and worker, no SIGKILL resume, no concurrent runs, no
 # second machine, no GGUF conversion), in this machine's dtype. `make test` stays the one command CI runs.

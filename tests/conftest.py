@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.common import collect_garbage_less_often
 from tasks.core.settings import apply_defaults
+
+collect_garbage_less_often()  # as in sftflow's own processes, before the tests' imports
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SFTFLOW_TEST_DATA") or ROOT.parent / "shared" / "data")
@@ -178,7 +181,11 @@ def seed_prefect_database(prefect_home: Path, tmp_path_factory, name: str = "pre
 
 
 def shared_root(tmp_path_factory) -> Path:
-    """Return the temp directory every pytest-xdist worker of this session shares (the base temp's parent)."""
+    """Return the temp directory every pytest-xdist worker of this session shares (the base temp's parent), or the
+    one SFTFLOW_TEST_SHARED names: `make test` gives its dtype re-run and the suite one, so the tiny model and the
+    migrated database are made once for both."""
+    if os.environ.get("SFTFLOW_TEST_SHARED"):
+        return Path(os.environ["SFTFLOW_TEST_SHARED"])
     root = tmp_path_factory.getbasetemp()
     return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
 

@@ -28,7 +28,7 @@ from collections import deque
 from pathlib import Path
 
 from tasks.core import errors
-from tasks.core.common import stage_logger
+from tasks.core.common import collect_garbage_less_often, stage_logger
 from tasks.core.config import TrainConfig
 from tasks.core.errors import ConfigError
 from tasks.train.checkpoints import resumable_checkpoint, training_key
@@ -267,6 +267,7 @@ def run_worker(spec: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Worker entry point: `python -m tasks.train.distributed <spec.json>`, started by accelerate launch in each
     process."""
+    collect_garbage_less_often()
     spec_file = Path((argv or sys.argv[1:])[0])
     spec = json.loads(spec_file.read_text(encoding="utf-8"))
     rank, world = rank_env()

@@ -106,3 +106,21 @@ def test_a_training_rank_and_the_model_server_import_no_prefect():
              "'prefect'))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout.strip()) == (0, "[]"), done.stderr[-2000:]
+
+
+def test_each_process_sftflow_starts_collects_garbage_less_often_before_its_imports():
+    """The CLI and a worker's flow run import the flows package first, and a training rank calls its `main`: each sets
+    GC_THRESHOLDS before its heavy imports (a fifth of their CPU goes to collections at CPython's default)."""
+    import subprocess
+    import sys
+
+    from tasks.core.common import GC_THRESHOLDS
+
+    probe = ("import gc\nimport flows\nprint(gc.get_threshold())\n"
+             "import tasks.train.distributed as rank\ngc.set_threshold(700, 10, 10)\n"
+             "try:\n    rank.main(['/nonexistent/distributed_job.json'])\nexcept FileNotFoundError:\n"
+             "    print(gc.get_threshold())\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == [str(GC_THRESHOLDS)] * 2
+    assert GC_THRESHOLDS[0] > 700  # CPython's default
