@@ -1,6 +1,8 @@
 """Every test here runs against a real Prefect API: the session's test harness (tests/conftest.py `prefect_backend`).
-Shared here: a real `mlflow server` (`mlflow_server`), and report.json as evaluate writes it for register's tests."""
+Shared here: a real `mlflow server` (`mlflow_server`, or `module_mlflow_server` for a module's tests), and report.json
+as evaluate writes it for register's tests."""
 
+import contextlib
 import json
 import os
 import signal
@@ -32,15 +34,15 @@ def live_processes(pgid: int) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` as `make ui-mlflow` starts it (sqlite store, job execution off), on a free loopback port:
-    (its URL, its process)."""
+@contextlib.contextmanager
+def running_mlflow_server(folder: Path):
+    """`mlflow server` as `make ui-mlflow` starts it (sqlite store, job execution off) on a free loopback port, its
+    store and artifacts in `folder`: (its URL, its process), stopped with every worker it started on the way out."""
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "server-artifacts"),
+         f"sqlite:///{folder / 'server.db'}", "--default-artifact-root", str(folder / "server-artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -55,6 +57,21 @@ def mlflow_server(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` of the test's own, its store in the test's tmp_path: (its URL, its process)."""
+    with running_mlflow_server(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_mlflow_server(tmp_path_factory):
+    """One real `mlflow server` for a module's tests that neither stop it nor share a model name (a server costs
+    ~10 CPU-s to start): (its URL, its process)."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as server:
+        yield server
 
 
 def lora_config(seed: int) -> TrainConfig:

@@ -269,26 +269,27 @@ def prepared_report(tuned: float) -> dict:
                       "champion": {"exact_match": items(0.5)}}}
 
 
-def registered(client, scores: list[float]) -> None:
-    """Model `race` with one version per score, tagged as register tags them (score, items, held-out set); v1
+def registered(client, scores: list[float], name: str = "race") -> None:
+    """Model `name` with one version per score, tagged as register tags them (score, items, held-out set); v1
     champion."""
     from tasks.registry.gate import item_tags
     from tasks.registry.registry import GateDecision, apply_decision
 
-    client.create_registered_model("race")
+    client.create_registered_model(name)
     for score in scores:
         report = prepared_report(score)
-        client.create_model_version("race", "s3://sftflow-test/nowhere", tags={
+        client.create_model_version(name, "s3://sftflow-test/nowhere", tags={
             "heldout_fingerprint": "set-1", "score.exact_match": repr(score), **item_tags(report)})
-    apply_decision(client, "race", "1", GateDecision("exact_match", 0.5, "base", 0.1, 0.0, True, "v1 over base"), "t")
+    apply_decision(client, name, "1", GateDecision("exact_match", 0.5, "base", 0.1, 0.0, True, "v1 over base"), "t")
 
 
 @pytest.fixture(params=["sqlite", "mlflow-server"])
 def store(request, tmp_path):
-    """A registry store: a sqlite file, or a real `mlflow server` on a loopback port (many processes, one database)."""
+    """A registry store: a sqlite file, or a real `mlflow server` on a loopback port (many processes, one database;
+    the module's one, so each test registers a model of its own name)."""
     if request.param == "sqlite":
         return new_store(tmp_path / "mlflow.db")
-    return request.getfixturevalue("mlflow_server")[0]
+    return request.getfixturevalue("module_mlflow_server")[0]
 
 
 @pytest.mark.parametrize("held", ["0.9", "0.8"])
@@ -300,7 +301,8 @@ def test_two_registrations_at_once_the_better_holds_champion_whichever_writes_la
     from tasks.registry import ledger
     from tasks.registry.registry import apply_gate, decide_promotion
 
-    registered(MlflowClient(store, registry_uri=store), [0.5, 0.9, 0.8])
+    name = f"race-held-{held}"  # the server is the module's
+    registered(MlflowClient(store, registry_uri=store), [0.5, 0.9, 0.8], name)
     versions = {"0.9": "2", "0.8": "3"}
     other_done, held_waits, decided = threading.Event(), threading.Event(), {"0.9": [], "0.8": []}
     claim = ledger.claim_move
@@ -323,7 +325,7 @@ def test_two_registrations_at_once_the_better_holds_champion_whichever_writes_la
             return decision
 
         try:
-            results[label] = apply_gate(MlflowClient(store, registry_uri=store), "race", versions[label], decide, label)
+            results[label] = apply_gate(MlflowClient(store, registry_uri=store), name, versions[label], decide, label)
         except Exception as e:  # noqa: BLE001 -- reported by the assertion below
             errors.append(e)
         finally:
@@ -337,7 +339,7 @@ def test_two_registrations_at_once_the_better_holds_champion_whichever_writes_la
         t.join(180)
     assert errors == []
     client = MlflowClient(store, registry_uri=store)
-    model = client.get_registered_model("race")
+    model = client.get_registered_model(name)
     assert str(model.aliases["champion"]) == "2"  # 0.9 holds @champion
     assert decided[held][0] == "champion v1"  # the held one decided against v1, then waited: a real race
     moves = [json.loads(model.tags[k]) for k in sorted(model.tags) if k.startswith("champion.move.")]
@@ -349,7 +351,7 @@ def test_two_registrations_at_once_the_better_holds_champion_whichever_writes_la
         assert decided["0.8"] == ["champion v1", "champion v2"]
         assert [(m["version"], m["previous"]) for m in moves] == [("1", None), ("2", "1")]
         assert not results["0.8"].promoted and "does not beat champion v2's 0.9" in results["0.8"].reason
-    v3 = client.get_model_version("race", "3").tags
+    v3 = client.get_model_version(name, "3").tags
     assert v3["gate.applied"] == "true" and v3["gate.against"] == ("champion v1" if held == "0.9" else "champion v2")
     assert json.loads(model.tags["champion_history"]) == [m["version"] for m in moves]
     assert str(model.aliases["challenger"]) == "3"  # the newest version
