@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from tasks.core.config import ChatConfig
@@ -67,7 +67,8 @@ def special_tokens(tokenizer) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TemplateFeatures:
-    """What a chat template can render, found by rendering probe conversations (`probe_features`)."""
+    """What a chat template can render, found by rendering probe conversations (`probe_features`): frozen, as one is
+    shared by every renderer of its template."""
 
     thinking_switch: str | None  # the variable that turns thinking on and off (enable_thinking), if it reads one
     reasoning_key: str | None  # the message key it renders a thinking trace from; None: traces go inline
@@ -108,7 +109,6 @@ class ChatRenderer:
     def __getstate__(self) -> dict:
         state = {**self.__dict__, "_compiled": None, "_skeletons": {}}
         state.pop("features", None)
-        state.pop("undeclared", None)
         return state
 
     def without_skeletons(self) -> ChatRenderer:
@@ -138,13 +138,6 @@ class ChatRenderer:
         return self.compiled.render(messages=messages, tools=tools, documents=None,
                                     add_generation_prompt=add_generation_prompt, **{**self.variables, **kwargs})
 
-    @cached_property
-    def undeclared(self) -> frozenset[str]:
-        """Return the variables the template reads without setting them."""
-        from jinja2 import meta
-
-        return frozenset(meta.find_undeclared_variables(self.compiled.environment.parse(self.template)))
-
     def shows(self, needle: str, messages: list[dict], **kwargs) -> bool:
         """Return whether rendering `messages` succeeds and contains `needle`."""
         try:
@@ -154,27 +147,8 @@ class ChatRenderer:
 
     @cached_property
     def features(self) -> TemplateFeatures:
-        """Return what this template can render (probed once)."""
-        parts = not self.shows(PROBE_ANSWER, [{"role": "user", "content": PROBE_USER},
-                                              {"role": "assistant", "content": PROBE_ANSWER}])
-        text = (lambda s: [{"type": "text", "text": s}]) if parts else (lambda s: s)
-        user = {"role": "user", "content": text(PROBE_USER)}
-        switch = next((name for name in THINKING_SWITCHES if name in self.undeclared), None)
-        on = {switch: True} if switch else {}
-        key = next((k for k in REASONING_KEYS if self.shows(
-            PROBE_TRACE, [user, {"role": "assistant", "content": text(PROBE_ANSWER), k: PROBE_TRACE}], **on)), None)
-        call = {"role": "assistant", "content": text(""), "tool_calls": probe_call()}
-        calls = self.shows(PROBE_FN, [user, call])
-        result = {"role": "tool", "content": text(PROBE_RESULT), "name": PROBE_FN}
-        answer = {"role": "assistant", "content": text(PROBE_ANSWER)}
-        tool_role = self.shows(PROBE_RESULT, [user, call if calls else answer, result, answer])
-        tools = self.shows(PROBE_FN, [user, answer], tools=probe_tools())
-        try:
-            prompt = self.render([user], add_generation_prompt=True, **({switch: False} if switch else {}))
-        except Exception:  # noqa: BLE001 -- a template that cannot prompt fails later, with the row named
-            prompt = ""
-        opens = prompt.rstrip().endswith(THINK_OPEN)
-        return TemplateFeatures(switch, key, tools, calls, tool_role, parts, opens)
+        """Return what this template can render (`probe_features`)."""
+        return probe_features(self.template, json.dumps(self.variables, sort_keys=True))
 
     def messages_for(self, convo: list[dict], tools: list[dict] | None = None, thinking: bool | None = None
                      ) -> tuple[list[dict], dict, list[str]]:
@@ -222,3 +196,39 @@ class ChatRenderer:
             out = [{**m, "content": [{"type": "text", "text": m["content"]}],
                     **({"_answer": [{"type": "text", "text": m["_answer"]}]} if "_answer" in m else {})} for m in out]
         return out, kwargs, fallbacks
+
+
+@lru_cache(maxsize=256)
+def undeclared_variables(template: str) -> frozenset[str]:
+    """Return the variables `template` reads without setting them."""
+    from jinja2 import meta
+
+    return frozenset(meta.find_undeclared_variables(ChatRenderer(template, {}).compiled.environment.parse(template)))
+
+
+@lru_cache(maxsize=256)
+def probe_features(template: str, variables: str) -> TemplateFeatures:
+    """Return what `template` can render with `variables` (the tokenizer's special tokens, as JSON), found by
+    rendering the probe conversations: once per template in a process, however many encoders the format, evaluate
+    and serve stages (and the tests) build for it."""
+    renderer = ChatRenderer(template, json.loads(variables), skeletons=False)
+    parts = not renderer.shows(PROBE_ANSWER, [{"role": "user", "content": PROBE_USER},
+                                              {"role": "assistant", "content": PROBE_ANSWER}])
+    text = (lambda s: [{"type": "text", "text": s}]) if parts else (lambda s: s)
+    user = {"role": "user", "content": text(PROBE_USER)}
+    switch = next((name for name in THINKING_SWITCHES if name in undeclared_variables(template)), None)
+    on = {switch: True} if switch else {}
+    key = next((k for k in REASONING_KEYS if renderer.shows(
+        PROBE_TRACE, [user, {"role": "assistant", "content": text(PROBE_ANSWER), k: PROBE_TRACE}], **on)), None)
+    call = {"role": "assistant", "content": text(""), "tool_calls": probe_call()}
+    calls = renderer.shows(PROBE_FN, [user, call])
+    result = {"role": "tool", "content": text(PROBE_RESULT), "name": PROBE_FN}
+    answer = {"role": "assistant", "content": text(PROBE_ANSWER)}
+    tool_role = renderer.shows(PROBE_RESULT, [user, call if calls else answer, result, answer])
+    tools = renderer.shows(PROBE_FN, [user, answer], tools=probe_tools())
+    try:
+        prompt = renderer.render([user], add_generation_prompt=True, **({switch: False} if switch else {}))
+    except Exception:  # noqa: BLE001 -- a template that cannot prompt fails later, with the row named
+        prompt = ""
+    opens = prompt.rstrip().endswith(THINK_OPEN)
+    return TemplateFeatures(switch, key, tools, calls, tool_role, parts, opens)
