@@ -252,12 +252,16 @@ def run_worker(spec: dict) -> None:
     The same trainer, callbacks (each logs or stops on rank 0 only) and resume as tasks/train/train.py train_model; the
     launcher already cleared other jobs' checkpoints, so resuming here only reads.
     """
+    cfg, out_dir, formatted = (TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]),
+                               Path(spec["formatted_dir"]))
+    rows = formatted / "train.parquet"
+    if not rows.is_file():  # before ~10 CPU-s of imports: a machine that does not see the shared runs_dir says so now
+        raise FileNotFoundError(f"{rows} is missing on this machine: every machine reads the formatted rows from the "
+                                "shared runs_dir")
     from tasks.model.tokenizer import load_tokenizer
     from tasks.train.checkpoints import resume_training
     from tasks.train.trainer import build_trainer, training_callbacks
 
-    cfg, out_dir, formatted = (TrainConfig.model_validate(spec["cfg"]), Path(spec["out_dir"]),
-                               Path(spec["formatted_dir"]))
     trainer = build_trainer(formatted, spec["model_dir"], out_dir, cfg, training_callbacks(out_dir, cfg))
     resume_training(trainer, out_dir, training_key(formatted, spec["model_dir"], cfg), clear=False)
     record_rank(trainer, out_dir, trainer.args.process_index)
