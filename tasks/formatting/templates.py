@@ -199,24 +199,19 @@ class ChatRenderer:
 
 
 @lru_cache(maxsize=256)
-def undeclared_variables(template: str) -> frozenset[str]:
-    """Return the variables `template` reads without setting them."""
-    from jinja2 import meta
-
-    return frozenset(meta.find_undeclared_variables(ChatRenderer(template, {}).compiled.environment.parse(template)))
-
-
-@lru_cache(maxsize=256)
 def probe_features(template: str, variables: str) -> TemplateFeatures:
     """Return what `template` can render with `variables` (the tokenizer's special tokens, as JSON), found by
     rendering the probe conversations: once per template in a process, however many encoders the format, evaluate
     and serve stages (and the tests) build for it."""
+    from jinja2 import meta
+
     renderer = ChatRenderer(template, json.loads(variables), skeletons=False)
+    undeclared = meta.find_undeclared_variables(renderer.compiled.environment.parse(template))  # read, never set
     parts = not renderer.shows(PROBE_ANSWER, [{"role": "user", "content": PROBE_USER},
                                               {"role": "assistant", "content": PROBE_ANSWER}])
     text = (lambda s: [{"type": "text", "text": s}]) if parts else (lambda s: s)
     user = {"role": "user", "content": text(PROBE_USER)}
-    switch = next((name for name in THINKING_SWITCHES if name in undeclared_variables(template)), None)
+    switch = next((name for name in THINKING_SWITCHES if name in undeclared), None)
     on = {switch: True} if switch else {}
     key = next((k for k in REASONING_KEYS if renderer.shows(
         PROBE_TRACE, [user, {"role": "assistant", "content": text(PROBE_ANSWER), k: PROBE_TRACE}], **on)), None)
