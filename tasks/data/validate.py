@@ -67,8 +67,9 @@ def config_expectations(stage: str, cfg: ValidateConfig) -> list[dict]:
     return []
 
 
-def checkpoint_for(context, suite):
-    """Return a checkpoint that validates a dataframe against `suite` and updates the Data Docs (idempotent)."""
+def checkpoint_for(context, suite, docs: bool = True):
+    """Return a checkpoint that validates a dataframe against `suite` and, with `docs`, updates the Data Docs
+    (idempotent)."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
@@ -85,17 +86,21 @@ def checkpoint_for(context, suite):
     definition = context.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
     return context.checkpoints.add_or_update(gx.Checkpoint(
-        name=suite.name, validation_definitions=[definition], actions=[UpdateDataDocsAction(name="data_docs")]))
+        name=suite.name, validation_definitions=[definition],
+        actions=[UpdateDataDocsAction(name="data_docs")] if docs else []))
 
 
 def run_suite(frame: pd.DataFrame, suite, docs_root: Path | None = None) -> tuple[list[dict], str | None]:
-    """Validate `frame`; return one dict per expectation and the Data Docs URL (file context in `docs_root`)."""
+    """Validate `frame`; return one dict per expectation and the Data Docs URL (file context in `docs_root`).
+
+    Without `docs_root` the context is ephemeral and builds no Data Docs: GX would write them to a temporary folder
+    that nothing returns or removes."""
     import great_expectations as gx
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     context = gx.get_context(mode="file", project_root_dir=str(docs_root)) if docs_root else gx.get_context(
         mode="ephemeral")
-    result = checkpoint_for(context, suite).run(batch_parameters={"dataframe": frame})
+    result = checkpoint_for(context, suite, docs=docs_root is not None).run(batch_parameters={"dataframe": frame})
     (validation,) = result.run_results.values()
     rows = [{"expectation": r.expectation_config.type,
              "kwargs": {k: v for k, v in r.expectation_config.kwargs.items() if k != "batch_id"},

@@ -1,5 +1,7 @@
 """The raw-rows and tokenized-rows GX suites: pass on good data, each expectation seen failing, Data Docs built."""
 
+import tempfile
+
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,6 +89,15 @@ def test_each_run_gets_data_docs_in_its_own_directory(raw_db, tmp_path):
     _, url = validate_table("raw", raw_db, CFG.raw_suite, CFG, docs_root=tmp_path / "run")
     index = tmp_path / "run" / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     assert url == index.as_uri() and "raw_rows" in index.read_text()
+
+
+def test_a_suite_run_without_a_docs_folder_writes_nothing_outside_it(raw_db, tmp_path, monkeypatch):
+    """GX's ephemeral context would build Data Docs in a fresh temporary folder on every run and never remove it."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    results, url = validate_table("raw", raw_db, CFG.raw_suite, CFG)
+    assert url is None and results and all(r["success"] for r in results)
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_every_suite_gets_its_data_docs_validation_page(raw_db, formatted, tmp_path, caplog):
