@@ -104,10 +104,12 @@ def accelerate_config(cfg: TrainConfig, port: int, cuda: bool) -> dict:
     return config
 
 
-def launch_command(config_file: Path, spec_file: Path) -> list[str]:
-    """Return the `accelerate launch` command line that runs this module's worker on the job spec."""
+def launch_command(config_file: Path, spec_file: Path, log_dir: Path) -> list[str]:
+    """Return the `accelerate launch` command line that runs this module's worker on the job spec. torch's elastic
+    agent keeps its per-rank files in `log_dir` (given none, it makes a folder in /tmp per launch and never removes
+    it)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-            "-m", "tasks.train.distributed", str(spec_file)]
+            "--log_dir", str(log_dir), "-m", "tasks.train.distributed", str(spec_file)]
 
 
 def launch_env(num_processes: int, cuda: bool, cores: int | None = None) -> dict[str, str]:
@@ -152,7 +154,8 @@ def prepare_launch(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Trai
     port = cfg.main_process_port or free_port()  # several machines meet at the configured one
     write_atomically(spec_file, json.dumps(spec, indent=1))
     write_atomically(config_file, yaml.safe_dump(accelerate_config(cfg, port, cuda)))
-    return launch_command(config_file, spec_file), launch_env(cfg.num_processes // cfg.num_machines, cuda, cores)
+    cmd = launch_command(config_file, spec_file, out_dir / "launcher" / f"machine{cfg.machine_rank}")
+    return cmd, launch_env(cfg.num_processes // cfg.num_machines, cuda, cores)
 
 
 def stream_launch(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:

@@ -66,7 +66,12 @@ def test_two_cpu_processes_train_one_qlora_adapter_that_evaluate_uses(formatted,
     assert report["eval_loss"] > 0 and 0 <= report["tuned_exact_match"] <= 1
 
 
-def test_a_failing_worker_fails_the_task_with_one_line_naming_the_rank_and_cause(tiny_model_dir, tmp_path):
+def test_a_failing_worker_fails_the_task_with_one_line_naming_the_rank_and_cause(tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    """...and the launcher's per-rank files stay in the train dir: torch's elastic agent, given no log dir, makes one
+    in the temp dir per launch and never removes it."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the launcher's and its ranks' temp dir
     cfg = tiny_config(tmp_path, tiny_model_dir, "train.num_processes=2", "train.max_steps=1")
     missing = tmp_path / "formatted"  # no train.parquet: every worker fails reading its rows
     missing.mkdir()
@@ -75,6 +80,8 @@ def test_a_failing_worker_fails_the_task_with_one_line_naming_the_rank_and_cause
     message = str(failed.value)
     assert "\n" not in message and "accelerate launch exited 1" in message, message
     assert "rank " in message and "train.parquet" in message, message
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert [p.name for p in (tmp_path / "train" / "launcher" / "machine0").iterdir()]  # torch's attempt folder
 
 
 def test_fsdp_launch_config_shards_transformer_blocks_and_cpu_or_qlora_fsdp_is_refused(tmp_path, tiny_model_dir):
