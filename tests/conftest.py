@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,6 +34,7 @@ def shared_data(name: str) -> Path:
 # sftflow's own environment (tasks/core/settings.py), with its state in a throwaway home rather than the project's
 # .sftflow, and the Hub forbidden: tests are hermetic. Set before anything imports Prefect.
 os.environ["SFTFLOW_HOME"] = TEST_HOME = tempfile.mkdtemp(prefix="sftflow-tests-")
+atexit.register(shutil.rmtree, TEST_HOME, ignore_errors=True)  # each pytest process removes the home it made
 os.environ.pop("PREFECT_HOME", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 apply_defaults()
