@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +159,12 @@ def run_placed(step: str, pool: str, parameters: dict[str, Any]) -> None:
     refresh = bool(getattr(TaskRunContext.get().task, "refresh_cache", False))
     stage_logger().info("%s: placed on work pool %r (deployment %s)%s", step, pool, deployment_name,
                         ", cache refreshed" * refresh)
+    # one key per attempt: Prefect's client sends the create request again when the server answers it late (after
+    # PREFECT_API_REQUEST_TIMEOUT on a busy server), and without a key the server makes a second child that runs the
+    # step again beside the first; with one, it returns the run it already made
     child = run_deployment(deployment_name, parameters={**parameters, "refresh": refresh}, as_subflow=True,
-                           flow_run_name=f"{parameters['run_id']}: {step}", poll_interval=POLL_S)
+                           flow_run_name=f"{parameters['run_id']}: {step}", poll_interval=POLL_S,
+                           idempotency_key=f"{step}-{uuid.uuid4()}")
     run = RunPaths(Path(parameters["runs_dir"]), parameters["run_id"])
     stage_logger().info("%s: flow run %s on work pool %r ended %s after %.0f s", step, child.name, pool,
                         child.state.name, time.monotonic() - started)

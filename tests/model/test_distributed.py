@@ -94,7 +94,8 @@ def test_fsdp_launch_config_shards_transformer_blocks_and_cpu_or_qlora_fsdp_is_r
     assert written["fsdp_config"]["fsdp_version"] == 2
     assert written["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert written["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # rank 0 saves a whole adapter
-    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(config_file), "-m",
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(config_file),
+                       "--log_dir", str(tmp_path / "train" / "launcher" / "machine0"), "-m",
                        "tasks.train.distributed", str(spec_file)]
     assert "ACCELERATE_USE_CPU" not in env or env["ACCELERATE_USE_CPU"] != "true"
     spec = json.loads(spec_file.read_text())
