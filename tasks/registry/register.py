@@ -20,6 +20,7 @@ from tasks.core.common import stage_logger
 from tasks.core.config import RegisterConfig, RunPaths, flatten
 from tasks.core.errors import ConfigError, QualityGateError, disk_full
 from tasks.core.links import run_url, version_url
+from tasks.core.mlflow_store import seed_sqlite_store
 from tasks.core.redact import install_log_redaction, redact, redact_value, redacted_errors, remember
 from tasks.core.stage import stage_task
 from tasks.registry.card import model_card, numbers
@@ -291,6 +292,7 @@ def use_experiment(tracking_uri: str, artifact_root: Path, name: str) -> None:
     # choice of store: keep the user's values, or a second run in this process (another runs_dir) would write here
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     install_log_redaction()
+    seed_sqlite_store(tracking_uri)
     mlflow.set_tracking_uri(remember(tracking_uri))
     mlflow.set_registry_uri(tracking_uri)
     for key, value in saved.items():

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tasks.core.mlflow_store import seed_sqlite_store
 from tasks.registry.gate import LOWER_IS_BETTER, GateDecision, decide_promotion, improvement  # noqa: F401 (API)
 from tasks.registry.ledger import (
     CHALLENGER,
@@ -44,6 +45,7 @@ def find_champion(tracking_uri: str, model_name: str, cache_dir: Path) -> Champi
     downloaded, or None when there is none yet."""
     from mlflow import MlflowClient
 
+    seed_sqlite_store(tracking_uri)
     held = current_champion(MlflowClient(tracking_uri, registry_uri=tracking_uri), model_name)
     return None if held is None else find_version(tracking_uri, f"{model_name}/{held[0]}", cache_dir)
 
@@ -53,6 +55,7 @@ def champion_to_compare(tracking_uri: str, model_name: str, cache_dir: Path, tra
     very weights in `trained_dir` (a cached rerun: scoring them against themselves decides nothing)."""
     from mlflow import MlflowClient
 
+    seed_sqlite_store(tracking_uri)
     held = current_champion(MlflowClient(tracking_uri, registry_uri=tracking_uri), model_name)
     if held is None or held[1].get("trained_sha256") == directory_digest(trained_dir):
         return None

@@ -22,6 +22,7 @@ from pathlib import Path
 from tasks.core.common import stage_logger
 from tasks.core.config import PipelineConfig, TrainConfig, flatten
 from tasks.core.errors import TrainingDiverged
+from tasks.core.mlflow_store import seed_sqlite_store
 from tasks.core.redact import install_log_redaction, redact, remember, reveal
 from tasks.train.diagnose import diagnosis_tags, publish_diagnoses, write_diagnoses
 
@@ -84,6 +85,7 @@ def open_mlflow_run(tracking: Tracking, train_dir: Path) -> str:
     from mlflow import MlflowClient
 
     install_log_redaction()
+    seed_sqlite_store(tracking.tracking_uri)
     client = MlflowClient(remember(tracking.tracking_uri))
     exp_id = experiment_id(client, tracking)
     run_id = saved_run_id(client, train_dir, tracking) or tagged_run_id(client, exp_id, tracking.run_name)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.config import TrainConfig
+from tasks.core.mlflow_store import seed_sqlite_store
 from tests.conftest import free_port, wait_for_http
 
 
@@ -40,6 +41,7 @@ def running_mlflow_server(folder: Path):
     store and artifacts in `folder`: (its URL, its process), stopped with every worker it started on the way out."""
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    seed_sqlite_store(f"sqlite:///{folder / 'server.db'}")  # as sftflow's own stores start: migrated, empty
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
          f"sqlite:///{folder / 'server.db'}", "--default-artifact-root", str(folder / "server-artifacts"),

@@ -25,6 +25,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from tasks.core.mlflow_store import seed_sqlite_store
 from tests.conftest import ROOT, free_port, seed_prefect_database, wait_for_http
 
 pytestmark = [pytest.mark.scale_out, pytest.mark.slow]  # slow: a real server, two workers, one SIGKILLed
@@ -106,6 +107,7 @@ def boxes(tmp_path_factory, tiny_model_dir):
         path.mkdir(parents=True)
     port, mlflow_port = free_port(), free_port()
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    seed_sqlite_store(f"sqlite:///{root / 'mlflow.db'}")  # as sftflow's own stores start: migrated, empty
     mlflow = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
          f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "mlflow-artifacts"),
