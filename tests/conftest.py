@@ -304,23 +304,12 @@ def served_store(tmp_path_factory, tiny_model_dir) -> str:
 
 
 def new_store(db: Path) -> str:
-    """Return the URI of a new MLflow sqlite store at `db` (kept if it is there): a copy of a store as MLflow creates
-    it, tables migrated and nothing else, made once per test process. MLflow would otherwise run its ~60 schema
-    migrations for each new store, 1.5-7 s of a core each time on 2 cores. Stores the product creates itself (a
-    pipeline run's runs/mlflow.db) are not copied: those runs test the creation too."""
-    import shutil
+    """Return the URI of a new MLflow sqlite store at `db` (kept if it is there), started as sftflow starts its own:
+    a copy of the cache's empty migrated store (tasks/core/mlflow_store.py), not MLflow's ~60 migrations again."""
+    from tasks.core.mlflow_store import seed_sqlite_store
 
-    from mlflow import MlflowClient
-
-    template = Path(TEST_HOME) / "empty-mlflow.db"
-    if not template.exists():
-        uri = f"sqlite:///{template.with_suffix('.tmp')}"
-        MlflowClient(uri, registry_uri=uri).search_registered_models()  # creates and migrates every table
-        template.with_suffix(".tmp").replace(template)
-    if not db.exists():
-        db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(template, db)
-    return f"sqlite:///{db}"
+    seed_sqlite_store(uri := f"sqlite:///{db}")
+    return uri
 
 
 def registry_client(uri: str):
