@@ -26,7 +26,10 @@ def seed_sqlite_store(tracking_uri: str) -> None:
     path = absent_sqlite_store(tracking_uri)
     if path is None:
         return
-    template = empty_store()
+    try:
+        template = empty_store()
+    except (OSError, sqlite3.Error):  # a cache it cannot write: MLflow makes the store itself, as without sftflow
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     shutil.copyfile(template, partial)

@@ -46,3 +46,12 @@ def test_an_existing_store_or_a_server_is_left_alone(tmp_path, monkeypatch):
     seed_sqlite_store("http://127.0.0.1:5000")
     assert existing.read_bytes() == b"a store of the user's"
     assert not (tmp_path / "cache").exists()  # nothing was made for them
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_store_to_mlflow(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("SFTFLOW_CACHE", str(tmp_path / "cache"))
+    seed_sqlite_store(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert not (tmp_path / "runs").exists()
+    client = MlflowClient(uri := f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", registry_uri=uri)
+    assert client.get_experiment("0").name == "Default"  # MLflow made it, as it always could
