@@ -109,6 +109,14 @@ def sftflow_trainer_class():
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 
+        def log(self, logs, start_time=None):
+            # The run's summary log (train_runtime, ...) comes after the last evaluation, in eval mode, so TRL's log
+            # drops the pending train metrics: a run that ends before its first logging step would report no tokens
+            # to the ledger (tasks/train/utilisation.py). The summary carries the run's count itself.
+            if "train_runtime" in logs:
+                logs = {**logs, "num_tokens": self._total_train_tokens}
+            super().log(logs, start_time)
+
     return SftflowTrainer
 
 

@@ -3,6 +3,7 @@ the NaN/inf stop, the diagnoses, and register attaching the model to the run tra
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 from prefect.states import Failed
@@ -96,6 +97,23 @@ def test_metrics_reach_the_mlflow_run_while_training_and_register_attaches_to_th
     assert after.data.tags["model_version"] == "1" and after.data.metrics["tuned_exact_match"] == 0.5
     assert after.data.params["chat.max_length"] == str(cfg.chat.max_length)  # the rest of the config joined
     assert len(client.search_runs([logged.info.experiment_id])) == 1
+
+
+def test_a_run_that_ends_before_its_first_log_still_counts_its_tokens_in_the_ledger(pipeline_run, tiny_model_dir,
+                                                                                     tmp_path):
+    _, run = pipeline_run
+    out = tmp_path / "short" / "train"
+    # no training log at all, and an evaluation at the last step: TRL's summary log then comes in eval mode
+    cfg = small_config(max_steps=2, logging_steps=10, eval_steps=2, save_steps=10)
+    train_model(run.formatted, str(tiny_model_dir), out, cfg)
+    history = json.loads((out / "log_history.json").read_text())
+    assert not any("loss" in r for r in history) and "eval_loss" in history[0]  # an evaluation, then the summary
+    ledger = json.loads((out / "ledger.json").read_text())
+    rows = [len(ids) for ids in pq.read_table(run.formatted / "train.parquet", columns=["input_ids"])
+            .column("input_ids").to_pylist()]
+    # 2 steps of 4 rows (padded batches: their attention masks count each row's own tokens)
+    assert 8 * min(rows) <= ledger["tokens"] <= 8 * max(rows) and ledger["mfu"] > 0
+    assert history[-1]["num_tokens"] == ledger["tokens"]
 
 
 @pytest.mark.dtype_sensitive  # the overflow must happen in either dtype
