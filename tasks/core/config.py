@@ -241,6 +241,10 @@ class EvaluateConfig(StageConfig):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling share (do_sample only).")
     seed: int = Field(0, description="Seed for sampled generation.")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="transformers' repetition penalty over the prompt's and the answer's tokens (1.0: "
+                               "off; 1.1 divides a seen token's positive logit by 1.1). It breaks the greedy loops "
+                               "of small models (configs/gsm8k.yaml); the registered model answers with it too.")
     metrics: list[Literal[METRICS]] = Field(  # type: ignore[valid-type]
         ["exact_match", "token_f1"], min_length=1,
         description="Scores computed on the extracted answers; the first is the headline (summary, gate default).")

@@ -112,12 +112,21 @@ def decode_generation(tokenizer, tokens: list[int], stops: set[int] | list[int],
                       any(h in raw for h in headers))
 
 
-def generation_kwargs(cfg: EvaluateConfig, stops: list[int], pad_id: int) -> dict:
-    """Return `generate`'s settings: greedy, or seeded sampling with exactly the configured temperature and top_p."""
+def generation_kwargs(cfg: EvaluateConfig, stops: list[int], pad_id: int, attention_mask=None) -> dict:
+    """Return `generate`'s settings: greedy, or seeded sampling with exactly the configured temperature and top_p;
+    with `evaluate.repetition_penalty` on, transformers' own penalty over each row's prompt and answer tokens, its
+    left padding (the zeros of `attention_mask`) left out, so a row answers as it would alone."""
     kw = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "use_cache": True,
-          "eos_token_id": stops, "pad_token_id": pad_id}
+          "eos_token_id": stops, "pad_token_id": pad_id,
+          "repetition_penalty": 1.0}  # exactly evaluate's settings, not a penalty the model's generation_config sets
     if cfg.do_sample:  # top_k=0: no hidden top-50 cut (transformers' default) on top of top_p
         kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+    if cfg.repetition_penalty != 1.0:
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        pads = None if attention_mask is None else (attention_mask == 0).sum(dim=1)
+        kw["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(
+            cfg.repetition_penalty, prompt_ignore_length=pads)])
     return kw
 
 
@@ -163,7 +172,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvaluateConfig, l
         if label:
             stage_logger().info("%s: reading the prompts", what)
         with torch.no_grad():
-            out = model.generate(**enc, **generation_kwargs(cfg, stops, pad_id), stopping_criteria=progress)
+            out = model.generate(**enc, **generation_kwargs(cfg, stops, pad_id, enc["attention_mask"]),
+                                 stopping_criteria=progress)
         for k, tokens in zip(batch, out[:, enc["input_ids"].shape[1]:].tolist()):
             results[k] = decode_generation(tokenizer, tokens, stops, headers)
     return results  # type: ignore[return-value]

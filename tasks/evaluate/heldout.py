@@ -42,9 +42,16 @@ def metrics_code_version() -> str:
     return hashlib.sha256(Path(metrics.__file__).read_bytes()).hexdigest()
 
 
+def generation_settings(cfg: EvaluateConfig) -> dict:
+    """Return evaluate's decoding settings as its report records them; the repetition penalty only when it is on,
+    so a run without one keeps the fingerprint (and the champion comparison) it had before the setting existed."""
+    penalty = {"repetition_penalty": cfg.repetition_penalty} if cfg.repetition_penalty != 1.0 else {}
+    return {k: getattr(cfg, k) for k in GENERATION_KEYS} | penalty
+
+
 def scoring_settings(cfg: EvaluateConfig) -> dict:
     """Return what scores depend on besides the rows and the model: generation, extractor, metrics, metric code."""
-    return {"generation": {k: getattr(cfg, k) for k in GENERATION_KEYS},
+    return {"generation": generation_settings(cfg),
             "extractor": {"name": cfg.extractor, "pattern": cfg.pattern, "labels": cfg.labels},
             "metrics": list(cfg.metrics), "metrics_code": metrics_code_version()}
 

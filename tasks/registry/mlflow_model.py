@@ -97,10 +97,10 @@ def load_full_model(model_dir: str, trained_dir: Path, dtype, method: str = "lor
 
 
 def export_model(model_dir: str, trained_dir: Path, method: str = "lora",
-                 trust_remote_code: bool = False) -> tuple[Any, Any]:
+                 trust_remote_code: bool = False, repetition_penalty: float = 1.0) -> tuple[Any, Any]:
     """Return (model, tokenizer) as they are logged: full weights (`load_full_model`: an adapter of train.method
     `method` merged into its base), the tokenizer with its chat template, a generation config that answers greedily
-    and stops at the template's end of turn."""
+    with evaluate's `repetition_penalty` and stops at the template's end of turn."""
     from transformers import AutoTokenizer
 
     from tasks.core.errors import ConfigError
@@ -119,6 +119,7 @@ def export_model(model_dir: str, trained_dir: Path, method: str = "lora",
     generation.eos_token_id = stops
     generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     generation.do_sample = False  # greedy, as evaluate's default: the same prompt, the same answer
+    generation.repetition_penalty = repetition_penalty  # evaluate's (1.0: off), not whatever the base's config set
     for sampling in ("temperature", "top_p", "top_k"):
         setattr(generation, sampling, None)
     return model.eval(), tokenizer
@@ -147,12 +148,12 @@ def log_chat_model(model, tokenizer, example: dict, max_new_tokens: int, source:
 
 def log_trained_chat_model(model_dir: str, trained_dir: Path, example: dict, max_new_tokens: int,
                            method: str = "lora", trust_remote_code: bool = False, also_as: str | None = None,
-                           source: str = "sftflow model"):
+                           source: str = "sftflow model", repetition_penalty: float = 1.0):
     """Log the trained model as the active run's MLflow chat model (`export_model`), and, given `also_as`, as plain
     safetensors with its tokenizer under that artifact path too; return the ModelInfo."""
     import mlflow
 
-    model, tokenizer = export_model(model_dir, trained_dir, method, trust_remote_code)
+    model, tokenizer = export_model(model_dir, trained_dir, method, trust_remote_code, repetition_penalty)
     info = log_chat_model(model, tokenizer, example, max_new_tokens, source)
     if also_as:
         with tempfile.TemporaryDirectory() as tmp:

@@ -193,6 +193,11 @@ def generation_budget(report: dict, default: int) -> int:
     return int((report.get("generation") or {}).get("max_new_tokens") or default)
 
 
+def repetition_penalty(report: dict) -> float:
+    """Return evaluate's repetition penalty from report.json (1.0, off, when it records none)."""
+    return float((report.get("generation") or {}).get("repetition_penalty") or 1.0)
+
+
 def example_request(run_formatted: Path, eval_dir: Path, budget: int) -> dict | None:
     """Return the logged model's input example: the first evaluated held-out prompt as a chat request, or None."""
     from tasks.registry.mlflow_model import input_example

@@ -25,7 +25,14 @@ from tasks.core.redact import install_log_redaction, redact, redact_value, redac
 from tasks.core.stage import stage_task
 from tasks.registry.card import model_card, numbers
 from tasks.registry.gate import item_tags
-from tasks.registry.parity import Parity, check_parity, example_request, generation_budget, guard_decision
+from tasks.registry.parity import (
+    Parity,
+    check_parity,
+    example_request,
+    generation_budget,
+    guard_decision,
+    repetition_penalty,
+)
 from tasks.registry.registry import (
     CHALLENGER,
     CHAMPION,
@@ -132,11 +139,12 @@ def log_run_data(run: RunPaths, eval_dir: Path, report: dict) -> None:
 
 def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_remote_code: bool = False,
                       example: dict | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, method: str = "lora",
-                      source: str = "sftflow model"):
+                      source: str = "sftflow model", repetition_penalty: float = 1.0):
     """Log the trained weights (`trained/`, as they are) and the MLflow chat model (tasks/registry/mlflow_model.py:
     the adapter merged into its base as train.method `method` trained it, dequantized to full precision, or the full
     weights, with tokenizer, chat template, `llm/v1/chat` signature and input `example`); with `merged`, the same
-    merged weights as plain safetensors too (`merged/`); return the model info. `source` names it in its answers."""
+    merged weights as plain safetensors too (`merged/`); return the model info. `source` names it in its answers;
+    it answers with evaluate's `repetition_penalty`."""
     import mlflow
 
     from tasks.registry.mlflow_model import input_example, log_trained_chat_model
@@ -144,7 +152,7 @@ def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_rem
     mlflow.log_artifacts(str(trained_dir), artifact_path=TRAINED_ARTIFACT)
     example = example or input_example([{"role": "user", "content": "Hello"}], max_new_tokens)
     return log_trained_chat_model(model_dir, trained_dir, example, max_new_tokens, method, trust_remote_code,
-                                  MERGED_ARTIFACT if merged else None, source)
+                                  MERGED_ARTIFACT if merged else None, source, repetition_penalty)
 
 
 def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir: Path, report: dict,
@@ -156,13 +164,13 @@ def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir
     train.compute_dtype (what the served path computes in: tasks/model/modeling.py evaluation_precision)."""
     from tasks.model.modeling import is_adapter_dir
 
-    budget = generation_budget(report, DEFAULT_MAX_NEW_TOKENS)
+    budget, penalty = generation_budget(report, DEFAULT_MAX_NEW_TOKENS), repetition_penalty(report)
     merged = cfg.merged_export and is_adapter_dir(trained_dir)
     info = log_trained_model(model_dir, trained_dir, merged, trust_remote_code,
                              example_request(run.formatted, eval_dir, budget), budget, method,
-                             f"{cfg.model_name} (sftflow run {run.run_id})")
+                             f"{cfg.model_name} (sftflow run {run.run_id})", penalty)
     candidate = RegisteredVersion(cfg.model_name, "candidate", Path(trained_dir), base_spec or model_dir, method,
-                                  model_dir, compute_dtype)
+                                  model_dir, compute_dtype, penalty)
     parity = check_parity(run.formatted, eval_dir, report, info, MERGED_ARTIFACT if merged else None, candidate,
                           cfg.parity_min_identical, answer_paths)
     return info, parity
@@ -179,7 +187,8 @@ def version_tags(report: dict, decision: GateDecision, digest: str, about: dict,
             "base_model_path": about["base_dir"], "train_method": about["method"],
             "train_compute_dtype": about["compute_dtype"], "sftflow_run_id": about["run_id"],
             "heldout_fingerprint": str(report.get("heldout_fingerprint", "")),
-            "heldout_rows": str(report.get("heldout_rows", "")), **tuned, **decision.tags(),
+            "heldout_rows": str(report.get("heldout_rows", "")),
+            "generation_repetition_penalty": repr(repetition_penalty(report)), **tuned, **decision.tags(),
             **{k: run_tags[k] for k in ("dataset_fingerprint", "config_digest", "git_sha") if run_tags.get(k)}}
 
 

@@ -29,6 +29,7 @@ class RegisteredVersion:
     method: str  # train.method it was trained with: decides how its base loads (4-bit, 8-bit, full)
     base_path: str = ""  # where the base resolved to when it was registered: a hint (modeling.resolve_version_base)
     compute_dtype: str = "auto"  # train.compute_dtype it was trained and evaluated with (modeling.evaluation_precision)
+    repetition_penalty: float = 1.0  # evaluate.repetition_penalty its scores were measured with: serving's default
 
 
 Champion = RegisteredVersion  # what evaluate compares against: the version holding @champion
@@ -71,7 +72,8 @@ def find_version(tracking_uri: str, ref: str, cache_dir: Path) -> RegisteredVers
     old_dir = version.tags.get("base_model", "")
     hint = version.tags.get("base_model_path") or (old_dir if old_dir != spec else "")
     return RegisteredVersion(name, str(version.version), trained, spec, version.tags.get("train_method", "qlora"), hint,
-                             version.tags.get("train_compute_dtype", "auto"))
+                             version.tags.get("train_compute_dtype", "auto"),
+                             float(version.tags.get("generation_repetition_penalty") or 1.0))
 
 
 def cached_weights(client, name: str, version, cache_dir: Path) -> Path:

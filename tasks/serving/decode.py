@@ -30,13 +30,15 @@ from tasks.serving.prefix import PrefixCache
 
 @dataclass(frozen=True)
 class Sampling:
-    """One request's decoding settings: a budget of new tokens, greedy (temperature 0) or seeded sampling, stop text."""
+    """One request's decoding settings: a budget of new tokens, greedy (temperature 0) or seeded sampling, stop text,
+    and a repetition penalty (None: the decoder's default, the one the served version was evaluated with)."""
 
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,11 @@ class Batch:
 class Decoder:
     """One model answering Rows in a shared batch: `advance` admits newcomers, runs one step, drops finished rows."""
 
-    def __init__(self, model, tokenizer, stop_ids: list[int], pad_id: int):
+    def __init__(self, model, tokenizer, stop_ids: list[int], pad_id: int, repetition_penalty: float = 1.0):
         import torch
 
         self.model, self.tokenizer, self.stop_ids, self.pad_id = model, tokenizer, set(stop_ids), pad_id
+        self.repetition_penalty = repetition_penalty  # a row's default (Sampling.repetition_penalty None)
         self.seconds = Counter(step=0.0, prefill=0.0)  # time spent in decode steps and in prefills, for /health
         self.prefix = PrefixCache(model)
         self.device = next(model.parameters()).device
@@ -155,7 +158,15 @@ class Decoder:
         return self.choose(batch, out.logits[:, -1])
 
     def choose(self, batch: Batch, logits) -> Batch | None:
-        """Pick each row's next token (greedy or its own sampler), report it, and return the rows still going."""
+        """Pick each row's next token (greedy or its own sampler) after its repetition penalty, report it, and return
+        the rows still going."""
+        penalties = [self.repetition_penalty if r.sampling.repetition_penalty is None else r.sampling.repetition_penalty
+                     for r in batch.rows]
+        if any(p != 1.0 for p in penalties):
+            logits = logits.float()  # as generate() scores: float32 logits, then the processors
+            for k, (row, penalty) in enumerate(zip(batch.rows, penalties)):
+                if penalty != 1.0:
+                    logits[k] = penalised(logits[k], row.prompt + row.tokens, penalty)
         tokens = logits.argmax(-1).tolist()
         for k, row in enumerate(batch.rows):
             if row.sampling.temperature > 0:
@@ -223,6 +234,18 @@ def left_pad(x, width: int):
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def penalised(logits, seen: list[int], penalty: float):
+    """Return one row's `logits` with transformers' repetition penalty on the `seen` ids (its prompt, no padding, and
+    its answer so far): a positive logit divided by `penalty`, a negative one multiplied, as
+    RepetitionPenaltyLogitsProcessor does, so the served answer is evaluate's."""
+    import torch
+
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    ids = ids[ids < logits.shape[-1]]  # an id past the output vocabulary cannot be generated: nothing to penalise
+    scores = logits[ids]
+    return logits.index_put((ids,), torch.where(scores < 0, scores * penalty, scores / penalty))
 
 
 def sample(logits, sampling: Sampling, rng) -> int:

@@ -3,9 +3,11 @@
 Fields: `messages` (system/developer/user/assistant turns, the user's last; content a string or text parts), `model`
 (optional; when given it must name the served version), `max_tokens` or `max_completion_tokens`, `temperature` (0, the
 default, is greedy: the decoding evaluate scored the version with), `top_p`, `seed`, `stop` (a string or up to 4),
-`n` (1 only), `stream` and `stream_options.include_usage`. Accepted and ignored: `user`, `metadata`, `store`,
-`service_tier`, `parallel_tool_calls`, `prompt_cache_key`, `safety_identifier`. Fields for features this server does not
-have (penalties, logprobs, tools, response formats, ...) are accepted at their neutral value only and refused
+`repetition_penalty` (vLLM's extension, sent by the openai client as `extra_body`; by default the one evaluate scored
+the version with, transformers' penalty over the prompt's and the answer's tokens; 1.0 is off), `n` (1 only), `stream`
+and `stream_options.include_usage`. Accepted and ignored: `user`, `metadata`, `store`, `service_tier`,
+`parallel_tool_calls`, `prompt_cache_key`, `safety_identifier`. Fields for features this server does not have (frequency
+and presence penalties, logprobs, tools, response formats, ...) are accepted at their neutral value only and refused
 otherwise. Any other field is refused with OpenAI's own "Unrecognized request argument supplied", so a typo
 (`max_token`) fails instead of being silently ignored.
 """
@@ -75,6 +77,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     stop: str | list[str] | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=2)  # vLLM's extension; None: the served version's own
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -172,7 +175,7 @@ def sampling(request: ChatRequest, max_new_tokens: int) -> Sampling:
     if len(stops) > MAX_STOPS or "" in stops:
         raise ApiError(400, f"stop: send up to {MAX_STOPS} non-empty strings (got {len(stops)})", "invalid_value",
                        "stop")
-    return Sampling(budget, request.temperature, request.top_p, request.seed, tuple(stops))
+    return Sampling(budget, request.temperature, request.top_p, request.seed, tuple(stops), request.repetition_penalty)
 
 
 def completion_id() -> str:

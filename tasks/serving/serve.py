@@ -121,7 +121,8 @@ def serving_parts(version: RegisteredVersion, as_trained: bool = False, dtype: s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     # the prompt is cut and tokenized as format cut the training rows (tasks/formatting/masks.py): the same ids
     encoder = chat_encoder(tokenizer, tokenizer.chat_template, fast=False)
-    return model, tokenizer, encoder, Decoder(model, tokenizer, stops, pad)
+    # answering with the repetition penalty its held-out scores were measured with (evaluate.repetition_penalty)
+    return model, tokenizer, encoder, Decoder(model, tokenizer, stops, pad, version.repetition_penalty)
 
 
 def served_answers(version: RegisteredVersion, prompts: list[list[dict]], max_new_tokens: int,

@@ -25,8 +25,11 @@ from tests.conftest import ROOT, free_port, wait_for_http
 TINY = ROOT / "configs" / "tiny.yaml"
 NAME = "sftflow-tiny"
 # the GGUF base, LoRA computing in fp32 (the merged MLflow model's precision), and the parity check enforced as by
-# default (tiny.yaml relaxes it for QLoRA over the random tiny llama, whose near-tied logits flip under 4-bit)
-SETTINGS = ["train.method=lora", "train.compute_dtype=fp32", "register.parity_min_identical=0.9"]
+# default (tiny.yaml relaxes it for QLoRA over the random tiny llama, whose near-tied logits flip under 4-bit);
+# evaluate with a repetition penalty, which the MLflow model, the merged export and the served decoder must answer with
+# (one below 1, favouring the tokens seen: the tiny model never repeats by itself, and a path without it then differs)
+SETTINGS = ["train.method=lora", "train.compute_dtype=fp32", "register.parity_min_identical=0.9",
+            "evaluate.repetition_penalty=0.5"]
 pytestmark = pytest.mark.slow  # two pipeline runs, a model server and three loads on another "machine"
 
 
@@ -75,7 +78,8 @@ def test_the_version_names_its_base_by_spec_with_the_local_directory_as_a_hint_o
     tags = MlflowClient(registered["store"], registry_uri=registered["store"]).get_model_version(NAME, "1").tags
     assert tags["base_model"] == tags["base_model_spec"] == str(registered["base"])
     assert tags["base_model_path"] == str(registered["converted"]) and not registered["converted"].exists()
-    assert tags["parity.ok"] == "true", tags["parity.reason"]
+    assert tags["parity.ok"] == "true", tags["parity.reason"]  # pyfunc, merged and served, all with the penalty
+    assert tags["generation_repetition_penalty"] == "0.5"
 
 
 def test_pyfunc_on_another_machine_answers_chat_messages_in_the_versions_chat_template(registered, monkeypatch):

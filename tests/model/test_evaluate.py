@@ -16,6 +16,7 @@ from tasks.evaluate.evaluate import (
     evaluate_model,
     generate,
     heldout_fingerprint,
+    stop_ids,
     supervised_loss,
     supervised_row_losses,
     turn_markers,
@@ -192,7 +193,7 @@ def test_the_fingerprint_covers_generation_settings_extractor_metrics_tokens_and
     assert heldout_fingerprint(rows, cfg) == base
     for change in ({"max_new_tokens": 65}, {"do_sample": True}, {"temperature": 0.7}, {"top_p": 0.9}, {"seed": 1},
                    {"batch_size": 8}, {"extractor": "gsm8k"}, {"extractor": "regex", "pattern": "(\\d+)"},
-                   {"metrics": ["token_f1", "exact_match"]}):
+                   {"metrics": ["token_f1", "exact_match"]}, {"repetition_penalty": 1.1}):
         assert heldout_fingerprint(rows, cfg.model_copy(update=change)) != base, change
     assert heldout_fingerprint(rows, cfg.model_copy(update={"loss_batch_size": 3})) == base  # the same loss
     assert heldout_fingerprint([{**rows[0], "input_ids": [1, 2, 9]}, *rows[1:]], cfg) != base  # other tokens
@@ -210,6 +211,35 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(formatted, tiny_model
     batched = generate(model, tiny_tokenizer, prompts, EvaluateConfig(max_new_tokens=8, batch_size=4))
     single = generate(model, tiny_tokenizer, prompts, EvaluateConfig(max_new_tokens=8, batch_size=1))
     assert [g.text for g in batched] == [g.text for g in single]
+
+
+def test_a_repetition_penalty_answers_batched_as_alone_and_as_transformers_penalty_on_one_prompt(tiny_model_dir,
+                                                                                                  tiny_tokenizer):
+    """evaluate.repetition_penalty: the padding of a batch is not penalised (a row answers as it would alone), the
+    penalty is transformers' own over the prompt and the answer, and it changes greedy answers. The random tiny llama
+    never repeats a token by itself, so the penalty is one below 1, which favours the tokens seen (the padding, the
+    end-of-turn id, would be favoured too if it counted) and shows that it acts; 1.1 (configs/gsm8k.yaml's) runs."""
+    import copy
+
+    model = load_base_model(str(tiny_model_dir), False).eval()
+    tiny_tokenizer = copy.deepcopy(tiny_tokenizer)
+    tiny_tokenizer.pad_token = tiny_tokenizer.convert_ids_to_tokens(1000)  # a pad id no prompt holds (Llama 3's kind)
+    prompts = [[{"role": "user", "content": text}] for text in ("Hi", "Extract the order of a lamp for Ada in Oslo.",
+                                                                  "a a a a a a", "What is 2 + 2? Answer briefly.")]
+    penalised = EvaluateConfig(max_new_tokens=16, batch_size=4, repetition_penalty=0.3)
+    batched = [g.text for g in generate(model, tiny_tokenizer, prompts, penalised)]
+    single = [g.text for g in generate(model, tiny_tokenizer, prompts, penalised.model_copy(update={"batch_size": 1}))]
+    assert batched == single
+    plain = [g.text for g in generate(model, tiny_tokenizer, prompts, EvaluateConfig(max_new_tokens=16, batch_size=4))]
+    assert plain != batched  # the penalty was on
+    ids = tiny_tokenizer.apply_chat_template(prompts[2], add_generation_prompt=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, repetition_penalty=0.3,
+                             eos_token_id=stop_ids(model, tiny_tokenizer), pad_token_id=tiny_tokenizer.eos_token_id)
+    expected = tiny_tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    assert batched[2] == expected and expected
+    assert all(g.text for g in generate(model, tiny_tokenizer, prompts, penalised.model_copy(
+        update={"repetition_penalty": 1.1})))
 
 
 def test_the_same_seed_samples_the_same_answers_and_another_seed_others(tiny_model_dir, tiny_tokenizer):

@@ -201,6 +201,10 @@ def test_stop_strings_seeds_and_sampling_behave_as_openai_documents_them(champio
     sampled = [ask(url, max_tokens=16, temperature=1.5, top_p=0.95, seed=s).choices[0].message.content
                for s in (11, 11, 12)]
     assert sampled[0] == sampled[1] != sampled[2] and sampled[0] != full
+    # vLLM's repetition_penalty through the client's extra_body: 1.0 is the version's own (off) and answers as without;
+    # one below 1 favours the tokens seen, which the random tiny llama never repeats by itself
+    assert ask(url, max_tokens=16, extra_body={"repetition_penalty": 1.0}).choices[0].message.content == full
+    assert ask(url, max_tokens=16, extra_body={"repetition_penalty": 0.3}).choices[0].message.content != full
 
 
 def refusal(response: httpx.Response) -> tuple[int, str | None, str]:

@@ -101,6 +101,34 @@ def test_seeded_sampling_answers_the_same_alone_or_batched_with_other_rows(tiny)
     assert rows[1].tokens != alone(model, ids, 12, stops)  # and it did sample
 
 
+def test_a_repetition_penalty_answers_as_transformers_penalty_alone_by_default_or_per_request(tiny):
+    """The decoder's default penalty (the served version's evaluate.repetition_penalty) and a request's own
+    (`repetition_penalty`, vLLM's extension) answer what generate() answers alone with transformers' penalty, batched
+    beside a row with another penalty; without one, the answer is the plain greedy one."""
+    import torch
+
+    model, tokenizer = tiny
+    stops = [tokenizer.eos_token_id]
+    ids = [prompt(tokenizer, t) for t in ("a a a a a a", "Extract the order: 2 lamps to Oslo", "Hi")]
+
+    def penalised(k: int, penalty: float) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids[k]]), attention_mask=torch.ones(1, len(ids[k]), dtype=torch.long),
+                                 max_new_tokens=14, do_sample=False, repetition_penalty=penalty, eos_token_id=stops,
+                                 pad_token_id=stops[0])
+        return out[0, len(ids[k]):].tolist()
+
+    rows = [Row(ids[0], Sampling(14), lambda e: None),
+            Row(ids[1], Sampling(14, repetition_penalty=1.0), lambda e: None),
+            Row(ids[2], Sampling(14, repetition_penalty=1.8), lambda e: None)]
+    # the random tiny llama never repeats a token by itself: a penalty below 1, which favours the tokens seen, shows
+    # that the penalty acts
+    run(Decoder(model, tokenizer, stops, stops[0], repetition_penalty=0.3), {0: rows[:2], 2: rows[2:]})
+    assert rows[0].tokens == penalised(0, 0.3) != alone(model, ids[0], 14, stops)
+    assert rows[1].tokens == alone(model, ids[1], 14, stops)  # 1.0: off for this request
+    assert rows[2].tokens == penalised(2, 1.8)
+
+
 def test_a_cancelled_row_leaves_the_batch_before_the_next_step_and_the_others_go_on(tiny):
     model, tokenizer = tiny
     stops = [tokenizer.eos_token_id]
@@ -148,7 +176,10 @@ def test_the_request_checks_take_openai_clients_fields_and_refuse_typos_and_feat
     assert (chat.sampling.max_tokens, chat.sampling.stop, chat.sampling.seed, chat.sampling.temperature) == (
         5, ("}",), -3, 0.0)
     assert chat.stream and chat.include_usage
+    assert chat.sampling.repetition_penalty is None  # the served version's own
+    assert parse_chat(body(repetition_penalty=1.2), 16, names).sampling.repetition_penalty == 1.2
     refusals = {
+        "penalty": (body(repetition_penalty=0), 400, "invalid_value", None),
         "max_token": (body(max_token=5), 400, "unknown_parameter", "Unrecognized request argument supplied: "
                                                                    "max_token"),
         "logprobs": (body(logprobs=True), 400, "unsupported_parameter", "'logprobs' is not supported by this "
