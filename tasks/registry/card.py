@@ -116,7 +116,8 @@ def card_limitations(report: dict, diagnoses: list[dict], method: str) -> list[s
     lines += [f"- Training curve: {d['name']} ({d['message']})." for d in diagnoses]
     if method in ("qlora", "lora_8bit"):
         lines.append(f"- Trained over a {'4' if method == 'qlora' else '8'}-bit quantized base; the logged model "
-                     "puts the adapter on the full-precision base, so its outputs differ slightly from evaluate's.")
+                     "and `sftflow serve` merge the adapter into that base dequantized, in fp32, so long greedy "
+                     "answers can leave evaluate's late (the version's parity tags count them).")
     return [*lines, "- Greedy answers reflect the training data's style and mistakes; check the samples table."]
 
 

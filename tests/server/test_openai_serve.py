@@ -26,7 +26,7 @@ import openai
 import pytest
 
 from tasks.core.errors import ConfigError
-from tasks.serving.serve import add_serve_arguments, serve_command, serving_method
+from tasks.serving.serve import add_serve_arguments, serve_command, serving_method, serving_precision
 from tests.conftest import ROOT, SERVED, listening_hosts
 
 pytestmark = pytest.mark.slow  # sftflow serve as real server processes
@@ -144,6 +144,18 @@ def test_serving_loads_quantized_lora_bases_full_precision_on_a_cpu_unless_asked
     assert serving_method("qlora", cuda=False, as_trained=True) == "qlora"
     assert serving_method("qlora", cuda=True) == "qlora"
     assert serving_method("full", cuda=False) == "full"
+
+
+def test_an_adapter_merged_on_a_cpu_is_served_in_fp32_under_auto_and_in_a_forced_dtype_otherwise():
+    """--dtype auto: a qlora version merged on a CPU computes in fp32 (the MLflow model's dtype), not its
+    train.compute_dtype; kept quantized (--as-trained) it computes in that; fp32 and bf16 are forced."""
+    from tasks.registry.registry import RegisteredVersion
+
+    version = RegisteredVersion("m", "1", Path("."), "base", "qlora", compute_dtype="bf16")
+    assert serving_precision(version, "auto", cuda=False, merged=True).name == "fp32"
+    assert serving_precision(version, "auto", cuda=False, merged=False).name == "bf16"
+    assert serving_precision(version, "bf16", cuda=False, merged=True).name == "bf16"
+    assert serving_precision(version, "fp32", cuda=False, merged=False).name == "fp32"
 
 
 def test_the_champion_answers_an_openai_chat_as_transformers_generates_it_with_openai_fields(
