@@ -313,6 +313,12 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="after the timed runs, profile a further, untimed sftflow run with cProfile")
     args = ap.parse_args()
+    import importlib.util
+
+    if importlib.util.find_spec("datasketch") is None:  # the second baseline's library: fail now, not minutes in
+        print("bench/clean.py: the pandas + datasketch baseline needs datasketch: `make bench` installs it, or "
+              "`.venv/bin/pip install datasketch`", file=sys.stderr)
+        return 2
     from tasks.model.precision import cpu_summary
 
     print(f"CPU: {cpu_summary()}; load {os.getloadavg()[0]:.2f}", flush=True)
