@@ -45,7 +45,7 @@ if sys.argv[1] == "tuned":
 import torch
 sizes = torch.randint(1 << 16, 1 << 22, (40,), generator=torch.Generator().manual_seed(0)).tolist()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(30):
+for _ in range(int(sys.argv[2])):
     held = [torch.empty(n // 4).fill_(1.0) for n in sizes]
     del held
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -59,11 +59,14 @@ def test_freed_tensor_memory_is_reused_instead_of_faulted_in_again_each_step(tmp
     assert (env["MALLOC_MMAP_THRESHOLD_"], env["MALLOC_TRIM_THRESHOLD_"]) == (str(32 << 20), str(1 << 30))
     assert platform.libc_ver()[0] == "glibc"  # the machines sftflow is tested on; elsewhere tune_malloc does nothing
 
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", ALLOCATE_AND_FREE, mode], capture_output=True, text=True,
-                             cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, check=True)
+    def faults(mode: str, rounds: int) -> int:
+        out = subprocess.run([sys.executable, "-c", ALLOCATE_AND_FREE, mode, str(rounds)], capture_output=True,
+                             text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, check=True)
         return int(out.stdout)
 
-    # glibc's defaults hand the larger tensors back to the kernel on free and fault them in again (100k-290k faults
-    # here); tuned, the loop faults in about its first round only (~24k: 4 KiB pages of ~90 MiB)
-    assert faults("tuned") * 3 < faults("plain")
+    # Tuned, the loop faults in about its first round only (~24k: 4 KiB pages of ~90 MiB), so 30 more rounds add
+    # almost nothing. Untuned, glibc hands the larger tensors back to the kernel and faults them in again each round,
+    # but how often varies by machine (46k to 290k faults for 30 rounds measured), so the untuned count is no fixed
+    # yardstick: the growth with the rounds is what tuning removes (untuned, 30 more rounds added 97k faults here).
+    first, twice = faults("tuned", 30), faults("tuned", 60)
+    assert twice - first < first / 4, (first, twice)
