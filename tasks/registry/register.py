@@ -161,7 +161,7 @@ def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir
     """Log the trained model (`log_trained_model`, a held-out prompt as its input example) and check its serving
     parity against evaluate's answers (tasks/registry/parity.py), on `answer_paths` too; return (model info, parity
     verdict). `base_spec` is train.base_model (the base's spec; `model_dir` where it resolved here), `compute_dtype`
-    train.compute_dtype (what the served path computes in: tasks/model/modeling.py evaluation_precision)."""
+    train.compute_dtype (what the served path computes in unless it merges: serve.py serving_precision)."""
     from tasks.model.modeling import is_adapter_dir
 
     budget, penalty = generation_budget(report, DEFAULT_MAX_NEW_TOKENS), repetition_penalty(report)

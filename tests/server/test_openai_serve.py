@@ -217,6 +217,8 @@ def test_stop_strings_seeds_and_sampling_behave_as_openai_documents_them(champio
     # one below 1 favours the tokens seen, which the random tiny llama never repeats by itself
     assert ask(url, max_tokens=16, extra_body={"repetition_penalty": 1.0}).choices[0].message.content == full
     assert ask(url, max_tokens=16, extra_body={"repetition_penalty": 0.3}).choices[0].message.content != full
+    documented = ask(url, max_tokens=16, extra_body={"repetition_penalty": 1.1})  # docs/serving.md's example
+    assert documented.choices[0].message.content and documented.usage.completion_tokens <= 16
 
 
 def refusal(response: httpx.Response) -> tuple[int, str | None, str]:
