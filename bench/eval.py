@@ -51,7 +51,7 @@ def default_run(run: Path | None) -> Path:
     trained now (ingest to train, the default config, untimed)."""
     if run is not None:
         return run
-    done = sorted((p.parent.parent for p in (ROOT / "runs").glob("*/train/adapter/adapter_config.json")),
+    done = sorted((p.parents[2] for p in (ROOT / "runs").glob("*/train/adapter/adapter_config.json")),
                   key=lambda p: p.stat().st_mtime)
     if done:
         return done[-1]
