@@ -10,7 +10,7 @@ What is logged (artifact `model` of the version's run, an MLflow transformers mo
 - the tokenizer with the chat template the rows were formatted with (`chat_template.jinja`, saved with the adapter),
   which `predict` renders chat messages with;
 - a generation config that answers greedily and stops where evaluate stops (the template's end of turn and EOS), and
-  a default of evaluate's `max_new_tokens`;
+  evaluate's `max_new_tokens` and generation batch size as the defaults of its model_config;
 - the `llm/v1/chat` signature, an input example (a held-out prompt), pinned pip requirements.
 
 So `mlflow.transformers.load_model`, `mlflow.pyfunc.load_model(...).predict({"messages": [...]})` and
@@ -130,31 +130,36 @@ def input_example(messages: list[dict], max_new_tokens: int) -> dict:
     return {"messages": messages, "max_tokens": max_new_tokens}
 
 
-def log_chat_model(model, tokenizer, example: dict, max_new_tokens: int, source: str = "sftflow model"):
+def log_chat_model(model, tokenizer, example: dict, max_new_tokens: int, source: str = "sftflow model",
+                   batch_size: int = 1):
     """Log `model` and `tokenizer` as an MLflow transformers chat model (`llm/v1/chat`, safetensors) under the active
-    run; return its ModelInfo. Its default answer budget is `max_new_tokens` (evaluate's); `source` is the name its
-    answers give as `model` (not a Hub id: MLflow would look its card and license up there). MLflow checks the input
-    example by loading what it saved and answering it."""
+    run; return its ModelInfo. Its default answer budget is `max_new_tokens` (evaluate's) and a request of several
+    rows is generated `batch_size` rows at a time (left-padded); a loader may change either
+    (`mlflow.pyfunc.load_model(uri, model_config={"batch_size": 4})`), and only keys logged here can be changed so.
+    `source` is the name its answers give as `model` (not a Hub id: MLflow would look its card and license up
+    there). MLflow checks the input example by loading what it saved and answering it."""
     import mlflow
     from huggingface_hub import ModelCard
 
     model.name_or_path = source  # else the base's local path, which MLflow records and answers with
     return mlflow.transformers.log_model(
         {"model": model, "tokenizer": tokenizer}, name=MODEL_ARTIFACT, task=CHAT_TASK, input_example=example,
-        torch_dtype=model.dtype, model_config={"max_new_tokens": max_new_tokens}, pip_requirements=pip_requirements(),
+        torch_dtype=model.dtype, model_config={"max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        pip_requirements=pip_requirements(),
         model_card=ModelCard(f"# {source}\n"),  # register logs the real card (README.md) next
         metadata={"sftflow_weights": f"merged, {str(model.dtype).removeprefix('torch.')}"})
 
 
 def log_trained_chat_model(model_dir: str, trained_dir: Path, example: dict, max_new_tokens: int,
                            method: str = "lora", trust_remote_code: bool = False, also_as: str | None = None,
-                           source: str = "sftflow model", repetition_penalty: float = 1.0):
-    """Log the trained model as the active run's MLflow chat model (`export_model`), and, given `also_as`, as plain
-    safetensors with its tokenizer under that artifact path too; return the ModelInfo."""
+                           source: str = "sftflow model", repetition_penalty: float = 1.0, batch_size: int = 1):
+    """Log the trained model as the active run's MLflow chat model (`export_model`; `batch_size` its default rows
+    per generation batch), and, given `also_as`, as plain safetensors with its tokenizer under that artifact path
+    too; return the ModelInfo."""
     import mlflow
 
     model, tokenizer = export_model(model_dir, trained_dir, method, trust_remote_code, repetition_penalty)
-    info = log_chat_model(model, tokenizer, example, max_new_tokens, source)
+    info = log_chat_model(model, tokenizer, example, max_new_tokens, source, batch_size)
     if also_as:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)

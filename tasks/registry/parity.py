@@ -158,7 +158,9 @@ def paired_prompts(samples_file: Path, heldout_file: Path) -> tuple[list[str], l
 
 def pyfunc_answers(model_uri: str, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
     """Return the logged model's answers through mlflow.pyfunc (loaded from the store), in one predict call over
-    all prompts, generated `batch_size` at a time (a decode step reads every weight: batching amortises that)."""
+    all prompts, generated `batch_size` at a time (a decode step reads every weight: batching amortises that). The
+    load-time `batch_size` reaches the pipeline because the model was logged with one in its model_config: MLflow
+    drops (with a warning) any load-time key the logged config lacks."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(model_uri, model_config={"batch_size": batch_size})
@@ -191,6 +193,13 @@ def local_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: in
 def generation_budget(report: dict, default: int) -> int:
     """Return evaluate's max_new_tokens from report.json (`default` when it records none)."""
     return int((report.get("generation") or {}).get("max_new_tokens") or default)
+
+
+def generation_batch(report: dict, default: int = 8) -> int:
+    """Return evaluate's generation batch size from report.json (`default` when it records none): it fit in memory
+    there, so the logged model batches as many prompts by default and the parity check generates as many at once
+    (transformers' `generate` leaves a row's left padding out of a repetition penalty, as evaluate does)."""
+    return max(1, int((report.get("generation") or {}).get("batch_size") or default))
 
 
 def repetition_penalty(report: dict) -> float:
@@ -255,8 +264,7 @@ def check_parity(run_formatted: Path, eval_dir: Path, report: dict, model_info, 
                                lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
                                lambda token: tokenizer.decode([token]))
 
-    # evaluate's batch size: it fit in memory there
-    batch = max(1, min(int((report.get("generation") or {}).get("batch_size") or 8), len(prompts)))
+    batch = min(generation_batch(report), len(prompts))
     paths = [compare("pyfunc", pyfunc_answers(model_info.model_uri, prompts, budget, batch))]
     if merged_artifact is not None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,7 @@ from tasks.registry.parity import (
     Parity,
     check_parity,
     example_request,
+    generation_batch,
     generation_budget,
     guard_decision,
     repetition_penalty,
@@ -139,12 +140,12 @@ def log_run_data(run: RunPaths, eval_dir: Path, report: dict) -> None:
 
 def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_remote_code: bool = False,
                       example: dict | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, method: str = "lora",
-                      source: str = "sftflow model", repetition_penalty: float = 1.0):
+                      source: str = "sftflow model", repetition_penalty: float = 1.0, batch_size: int = 1):
     """Log the trained weights (`trained/`, as they are) and the MLflow chat model (tasks/registry/mlflow_model.py:
     the adapter merged into its base as train.method `method` trained it, dequantized to full precision, or the full
     weights, with tokenizer, chat template, `llm/v1/chat` signature and input `example`); with `merged`, the same
     merged weights as plain safetensors too (`merged/`); return the model info. `source` names it in its answers;
-    it answers with evaluate's `repetition_penalty`."""
+    it answers with evaluate's `repetition_penalty`, `batch_size` requested rows at a time by default."""
     import mlflow
 
     from tasks.registry.mlflow_model import input_example, log_trained_chat_model
@@ -152,7 +153,7 @@ def log_trained_model(model_dir: str, trained_dir: Path, merged: bool, trust_rem
     mlflow.log_artifacts(str(trained_dir), artifact_path=TRAINED_ARTIFACT)
     example = example or input_example([{"role": "user", "content": "Hello"}], max_new_tokens)
     return log_trained_chat_model(model_dir, trained_dir, example, max_new_tokens, method, trust_remote_code,
-                                  MERGED_ARTIFACT if merged else None, source, repetition_penalty)
+                                  MERGED_ARTIFACT if merged else None, source, repetition_penalty, batch_size)
 
 
 def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir: Path, report: dict,
@@ -168,7 +169,7 @@ def log_checked_model(model_dir: str, trained_dir: Path, run: RunPaths, eval_dir
     merged = cfg.merged_export and is_adapter_dir(trained_dir)
     info = log_trained_model(model_dir, trained_dir, merged, trust_remote_code,
                              example_request(run.formatted, eval_dir, budget), budget, method,
-                             f"{cfg.model_name} (sftflow run {run.run_id})", penalty)
+                             f"{cfg.model_name} (sftflow run {run.run_id})", penalty, generation_batch(report))
     candidate = RegisteredVersion(cfg.model_name, "candidate", Path(trained_dir), base_spec or model_dir, method,
                                   model_dir, compute_dtype, penalty)
     parity = check_parity(run.formatted, eval_dir, report, info, MERGED_ARTIFACT if merged else None, candidate,

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 import tasks.registry.mlflow_model as mlflow_model
 from tasks.core.config import RegisterConfig, TrainConfig
 from tasks.evaluate.evaluate import evaluate_model
-from tasks.registry.parity import Divergence, Parity, compare_answers, decide_parity
+from tasks.registry.parity import Divergence, Parity, compare_answers, decide_parity, paired_prompts
 from tasks.registry.register import register_run
 from tasks.serving.serve import served_answers
 from tasks.train.train import train_model
@@ -52,6 +52,35 @@ def test_the_logged_model_and_the_merged_export_answer_as_evaluated_and_the_vers
         "true", "8/8", "8/8", "8/8")
     assert tags["parity.reason"].startswith(
         "serving parity holds: pyfunc 8/8 identical, merged 8/8 identical, served 8/8 identical")
+    logged_model_batches_rows(f"sqlite:///{tmp_path / 'mlflow.db'}", run)
+
+
+def logged_model_batches_rows(store: str, run) -> None:
+    """The logged MLflow model generates a request's rows evaluate's batch size at a time by default, a loader's on
+    request (`model_config` at load), with the same greedy answers as evaluate's: the batches that reach the model's
+    forward are counted (its first call per batch, with the whole prompts)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    uri = "models:/parity-test/1"
+    evaluated_batch = json.loads((run.eval / "report.json").read_text(encoding="utf-8"))["generation"]["batch_size"]
+    assert mlflow.models.get_model_info(uri).flavors["python_function"]["config"]["batch_size"] == evaluated_batch
+    _, prompts, evaluated = paired_prompts(run.eval / "samples.jsonl", run.formatted / "heldout.parquet")
+    model = mlflow.pyfunc.load_model(uri, model_config={"batch_size": 3})
+    prefills = []
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:
+            prefills.append(ids.shape[0])
+
+    hook = model._model_impl.pipeline.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        out = model.predict([{"messages": messages, "max_tokens": 12} for messages in prompts])
+    finally:
+        hook.remove()
+    assert prefills == [3, 3, 2]  # 8 rows, 3 at a time
+    assert [o["choices"][0]["message"]["content"].strip() for o in out] == [a.strip() for a in evaluated]
 
 
 def corrupt_logged_weights(monkeypatch, tensor: str, factor: float) -> list[Path]:
