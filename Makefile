@@ -79,13 +79,13 @@ lint: $(STAMP)
 
 # Benchmarks (docs/benchmarks.md; figures in bench/README.md), each against its peer in the same run; ARGS passes
 # options. On a shared machine run them one at a time (e.g. `nice -n 10 make bench-train`).
-# Data layer: 1M synthetic rows through ingest + clean + split vs two pandas baselines (~25 min on 2 cores).
+# Data layer: 1M synthetic rows through ingest + clean + split vs two pandas baselines (12-25 min on 2 cores, by CPU).
 .PHONY: bench bench-train bench-format bench-eval bench-flow bench-quality
 bench: $(STAMP)
 	$(BIN)/pip install -q datasketch
 	$(BIN)/python bench/clean.py $(ARGS)
 
-# Training: the train task against ../shared/bench/trl_anchor.py in its 4 settings (~30-40 min on 2 cores).
+# Training: the train task against ../shared/bench/trl_anchor.py in its 4 settings (18-40 min on 2 cores, by CPU).
 bench-train: $(STAMP)
 	$(SFTFLOW_ENV) $(BIN)/python bench/train.py $(ARGS)
 
