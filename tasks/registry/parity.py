@@ -190,21 +190,26 @@ def local_answers(model_dir: Path, prompts: list[list[dict]], max_new_tokens: in
     return out
 
 
+def generation_setting(report: dict, key: str, default):
+    """Return evaluate's generation setting `key` as report.json records it, `default` where it records none."""
+    return (report.get("generation") or {}).get(key) or default
+
+
 def generation_budget(report: dict, default: int) -> int:
     """Return evaluate's max_new_tokens from report.json (`default` when it records none)."""
-    return int((report.get("generation") or {}).get("max_new_tokens") or default)
+    return int(generation_setting(report, "max_new_tokens", default))
 
 
 def generation_batch(report: dict, default: int = 8) -> int:
     """Return evaluate's generation batch size from report.json (`default` when it records none): it fit in memory
     there, so the logged model batches as many prompts by default and the parity check generates as many at once
     (transformers' `generate` leaves a row's left padding out of a repetition penalty, as evaluate does)."""
-    return max(1, int((report.get("generation") or {}).get("batch_size") or default))
+    return max(1, int(generation_setting(report, "batch_size", default)))
 
 
 def repetition_penalty(report: dict) -> float:
     """Return evaluate's repetition penalty from report.json (1.0, off, when it records none)."""
-    return float((report.get("generation") or {}).get("repetition_penalty") or 1.0)
+    return float(generation_setting(report, "repetition_penalty", 1.0))
 
 
 def example_request(run_formatted: Path, eval_dir: Path, budget: int) -> dict | None:
