@@ -44,11 +44,14 @@ MACROS_SQL = [
         scrub_flagged(x, coalesce(regexp_matches(x, '{MAYBE_CHANGED}'), false), strip)""",
     f"""CREATE TEMP MACRO redact(x) AS
         regexp_replace(regexp_replace(x, '{EMAIL}', '[EMAIL]', 'g'), '{PHONE}', '[PHONE]', 'g')""",
-    # Prompts: every run of whitespace (RE2's \s) becomes one space, ends trimmed.
+    # Prompts: every run of whitespace (RE2's \s) becomes one space, ends trimmed. trim(x) strips Unicode spaces
+    # such as U+00A0, too; it decodes the whole string to find its end, so it runs only where x starts or ends with
+    # something other than printable ASCII (RE2 tests the end from the end).
     """CREATE TEMP MACRO collapse(x) AS CASE
         WHEN contains(x, '  ') OR contains(x, chr(9)) OR contains(x, chr(10)) OR contains(x, chr(12))
             OR contains(x, chr(13)) THEN trim(regexp_replace(x, '\\s{2,}|[\\t\\n\\f\\r]', ' ', 'g'))
-        ELSE trim(x) END  -- trim(x) strips Unicode spaces such as U+00A0, too""",
+        WHEN regexp_matches(x, '^[^!-~]') OR regexp_matches(x, '[^!-~]$') THEN trim(x)
+        ELSE x END""",
     # Answers keep their layout (code indentation) and lose only trailing spaces per line (one pass), then leading
     # blank lines and trailing whitespace (the next pass).
     """CREATE TEMP MACRO line_ends(x) AS CASE
@@ -86,7 +89,8 @@ SCRUB_PASSES = [
     turn_pass("m.content", "m.reasoning",
               f", 'maybe_changed': coalesce(regexp_matches(m.content, '{MAYBE_CHANGED}'), false)"),
     turn_pass(REDACT.format("scrub_flagged(m.content, m.maybe_changed, $strip)"), SCRUB.format("m.reasoning"),
-              f", 'ctrl': m.maybe_changed AND regexp_matches(m.content, '{CONTROL_CHARS}')"),
+              # CASE, not AND: DuckDB evaluates both sides of an AND for every turn
+              f", 'ctrl': CASE WHEN m.maybe_changed THEN regexp_matches(m.content, '{CONTROL_CHARS}') ELSE false END"),
 ]
 LAYOUT_PASSES = [
     turn_pass("CASE WHEN m.role IN ('assistant', 'text') THEN line_ends(m.content) ELSE collapse(m.content) END",

@@ -101,7 +101,8 @@ PLAIN = {
 def test_guarded_rewrites_give_the_same_text_as_the_plain_ones():
     rng = random.Random(0)
     pieces = [" ", "  ", "\t", "\n", "\r\n", "\r", "\x0b", "\x0c", "\x07", "\x00", "\x7f", "\x85", "a", "b", "é",
-              "e\u0301", "\u0301", "A\u030a", "\u212b", "\u2028", "\u00a0", "\ufb01", "\u1100\u1161", "한", "x"]
+              "e\u0301", "\u0301", "A\u030a", "\u212b", "\u2028", "\u00a0", "\ufb01", "\u1100\u1161", "한", "x",
+              "\u3000", "\u2009", "\u1680", "\u180e", "\u202f", ".", "~"]
     texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
     with duckdb.connect() as con:
         for macro in MACROS_SQL:
@@ -114,3 +115,17 @@ def test_guarded_rewrites_give_the_same_text_as_the_plain_ones():
                 OR collapse(s) IS DISTINCT FROM {PLAIN['collapse']}
                 OR answer_edges(line_ends(s)) IS DISTINCT FROM {PLAIN['answer']}""").fetchall()
     assert differing == []
+
+
+def test_collapse_trims_every_character_duckdb_trim_strips():
+    """collapse runs trim() only where a prompt starts or ends with something other than printable ASCII: for every
+    code point at either end, it must give what the plain rewrite gives."""
+    with duckdb.connect() as con:
+        for macro in MACROS_SQL:
+            con.execute(macro)
+        differing, stripped = con.execute(f"""
+            SELECT list(cp) FILTER (collapse(s) IS DISTINCT FROM {PLAIN['collapse']}), count(*) FILTER (trim(s) = 'a')
+            FROM (SELECT cp, unnest([chr(cp::INTEGER) || 'a', 'a' || chr(cp::INTEGER)]) AS s  -- each end alone
+                  FROM range(1, 1114112) t(cp) WHERE cp NOT BETWEEN 55296 AND 57343)""").fetchall()[0]
+    # U+0020, U+00A0, U+1680, U+2000-200A, U+202F, U+205F, U+3000, each at either end
+    assert differing is None and stripped >= 2 * 17
