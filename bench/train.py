@@ -6,8 +6,9 @@ Usage: .venv/bin/python bench/train.py [--rows 200] [--heldout 64] [--padded-ste
 
 Work, the same on every side: QLoRA (4-bit NF4 base, double quantisation, LoRA r=16 alpha 32 on all linear layers)
 of the converted SmolLM2-135M-Instruct, compute dtype `auto` (bf16 where the CPU has it natively, else fp32, the same
-on both sides), max length 512, on the first --rows GSM8K train rows (../shared/data/gsm8k_train.jsonl) as user
-question -> assistant answer. Every side runs in its own process, one after the other (each peak RSS is its own):
+on both sides: the anchor is given the dtype sftflow's `auto` resolves to), max length 512, on the first --rows GSM8K
+train rows (../shared/data/gsm8k_train.jsonl) as user question -> assistant answer. Every side runs in its own
+process, one after the other (each peak RSS is its own):
 
 1. the anchor in each setting of --settings (`padded|packed` x `gc|nogc`: gradient checkpointing, TRL's default, on
    or off), batch 8, lr 2e-4, run unchanged through bench/anchor_probe.py (which only times its steps, counts its
@@ -34,6 +35,11 @@ rate: at the anchor's 2e-4 (sftflow run again at 2e-4) and at sftflow's 1e-3 (th
 again with only its learning rate changed), and the base model's for reference.
 The last line printed is one JSON object: {"throughput_ratio", "rss_ratio", "fastest_anchor", "ratios", "mfu",
 "heldout_loss", "cpu", "load_avg", "sftflow", "anchors", ...}. About 30 minutes on 2 idle cores with native bf16.
+
+An AVX2-only CPU, reproduced on a newer one: `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 make bench-train`
+keeps torch's kernels (oneDNN's and ATen's) to AVX2, so `auto` takes fp32 on both sides and the MFU is taken against
+the fp32 peak; the "cpu" field names the limit. bitsandbytes' own CPU kernels, the clock and the caches stay the
+newer CPU's.
 """
 
 from __future__ import annotations
@@ -206,12 +212,21 @@ def speed(side: dict) -> dict:
             "achieved_gflops": round(book.achieved_flops_per_s / 1e9, 1), "peak": book.peak.how}
 
 
+def anchor_dtype() -> str:
+    """Return the compute dtype the anchor is told to use: the one sftflow's `auto` resolves to in this environment
+    (so an instruction-set limit such as ONEDNN_MAX_CPU_ISA=AVX2 reaches both sides alike), else the anchor's auto."""
+    from tasks.model.precision import choose_precision
+
+    name = choose_precision("auto", cuda=False).name
+    return name if name in ("bf16", "fp32") else "auto"
+
+
 def anchor_command(work: Path, model_dir: str, rows: int, setting: str, steps: int, lr: float | None) -> list[str]:
     """Return the command that runs the anchor in `setting` (e.g. padded-gc) through bench/anchor_probe.py."""
     mode, gc = setting.split("-")
     out = work / f"anchor-{setting}-{'default' if lr is None else lr}"
     return [sys.executable, str(ROOT / "bench" / "anchor_probe.py"), str(out), *(["--lr", str(lr)] if lr else []),
-            "--", model_dir, str(GSM8K_TRAIN), str(rows), str(steps), mode, "qlora", "auto", gc]
+            "--", model_dir, str(GSM8K_TRAIN), str(rows), str(steps), mode, "qlora", anchor_dtype(), gc]
 
 
 def print_table(sides: dict[str, dict]) -> None:

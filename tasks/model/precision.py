@@ -4,6 +4,10 @@ On a CPU, bf16 arithmetic is native only with AVX512-BF16 or AMX; on an AVX2-onl
 step of SmolLM2-135M took over 100 s in bf16 against 9.6 s in fp32 (README). CUDA devices report bf16 support
 themselves; one without it (e.g. a T4 or V100) gets fp16 mixed precision. `train.compute_dtype` overrides the choice.
 
+oneDNN runs torch's CPU matmuls, and ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) can keep it below the CPU's bf16
+instructions, in a container or to reproduce an older CPU (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`, as
+bench/README.md's AVX2 rows do); bf16 is then emulated, so `auto` takes fp32 where torch reports that limit.
+
 SFTFLOW_COMPUTE_DTYPE=bf16|fp32 forces the dtype for the whole process (and the processes it starts: `sftflow task
 train`, accelerate's ranks) wherever `train.compute_dtype` is `auto`; an explicit `train.compute_dtype` still wins.
 It exists for tests: `make test` runs the model tests a second time with the dtype this CPU does not pick, so a test
@@ -22,6 +26,7 @@ from tasks.core.errors import ConfigError
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 /proc/cpuinfo flags; aarch64 calls its bf16 extension "bf16"
 COMPUTE_DTYPE_ENV = "SFTFLOW_COMPUTE_DTYPE"
+ONEDNN_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's cap on the instructions it uses
 FORCEABLE = ("bf16", "fp32")  # fp16 is CUDA-only mixed precision: a CUDA user sets train.compute_dtype=fp16 instead
 
 
@@ -74,12 +79,39 @@ def native_cpu_bf16(flags: set[str]) -> str | None:
     return found[0] if found else None
 
 
+def onednn_bf16_limit() -> str | None:
+    """Return the setting (`ONEDNN_MAX_CPU_ISA=AVX2`) that keeps oneDNN from this CPU's bf16 instructions, as torch's
+    own probe reports it; None where no such setting is made, or oneDNN may still use them."""
+    setting = next((f"{k}={os.environ[k]}" for k in ONEDNN_ISA_ENV if os.environ.get(k, "").strip()), None)
+    if setting is None:
+        return None
+    return None if onednn_runs_bf16() in (True, None) else setting
+
+
+def onednn_runs_bf16() -> bool | None:
+    """Return whether torch's oneDNN runs bf16 natively in this process (its own probe, which honours
+    ONEDNN_MAX_CPU_ISA), or None for a torch without that probe."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def isa_limits() -> list[str]:
+    """Return the instruction-set limits set for this process's torch (oneDNN's and ATen's kernels), if any."""
+    return [f"{k}={os.environ[k]}" for k in (*ONEDNN_ISA_ENV, "ATEN_CPU_CAPABILITY") if os.environ.get(k, "").strip()]
+
+
 def cpu_summary() -> str:
     """Return the CPU model and the flags that decide its speed here, for benchmark records
-    ("…; native bf16: no; avx2")."""
+    ("…; native bf16: no; avx2"), with any instruction-set limit set for torch."""
     flags = cpu_flags()
     vector = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
-    return f"{cpu_name()}; native bf16: {native_cpu_bf16(flags) or 'no'}; {vector}; {os.cpu_count()} cores"
+    limits = isa_limits()
+    return (f"{cpu_name()}; native bf16: {native_cpu_bf16(flags) or 'no'}; {vector}; {os.cpu_count()} cores"
+            + (f"; torch limited to {' '.join(limits)}" if limits else ""))
 
 
 def auto_precision(cuda: bool) -> Precision:
@@ -92,6 +124,9 @@ def auto_precision(cuda: bool) -> Precision:
             return Precision("bf16", f"CUDA device {name} supports bf16")
         return Precision("fp16", f"CUDA device {name} has no bf16: fp16 mixed precision")
     flag = native_cpu_bf16(cpu_flags())
+    if flag and (limit := onednn_bf16_limit()):
+        return Precision("fp32", f"CPU {cpu_name()} has native bf16 ({flag}), but {limit} keeps torch's oneDNN from "
+                                 "it: bf16 would be emulated, over 10x slower")
     if flag:
         return Precision("bf16", f"CPU {cpu_name()} has native bf16 ({flag})")
     return Precision("fp32", f"CPU {cpu_name()} has no native bf16 (no AMX or AVX512-BF16): bf16 would be emulated, "
@@ -124,6 +159,6 @@ def choose_precision(requested: str, cuda: bool) -> Precision:
         if requested is None:
             return auto_precision(cuda)
         source = f"forced by {COMPUTE_DTYPE_ENV}={requested} (train.compute_dtype is auto)"
-    if requested == "bf16" and not cuda and not native_cpu_bf16(cpu_flags()):
+    if requested == "bf16" and not cuda and (not native_cpu_bf16(cpu_flags()) or onednn_bf16_limit()):
         return Precision("bf16", f"{source}, although CPU {cpu_name()} emulates bf16 (over 10x slower than fp32)")
     return Precision(requested, source)

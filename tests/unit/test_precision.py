@@ -1,5 +1,10 @@
 """The compute dtype follows what the hardware does natively; the hardware probes are patched to each kind of CPU."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +22,8 @@ AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_bf16"}
 def unforced(monkeypatch):
     """No SFTFLOW_COMPUTE_DTYPE from outside (a shell, a make test run): these tests decide it themselves."""
     monkeypatch.delenv(precision.COMPUTE_DTYPE_ENV, raising=False)
+    for name in precision.ONEDNN_ISA_ENV:  # nor an instruction-set limit on oneDNN
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -73,6 +80,41 @@ def test_sftflow_compute_dtype_forces_the_dtype_of_an_auto_config_and_says_so(cp
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[forced]
     assert modeling.quantization_config(chosen).bnb_4bit_compute_dtype == dtype  # what the trainer gets
     assert sft_config(TrainConfig(), tmp_path, chosen).bf16 == (forced == "bf16")
+
+
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_a_onednn_limit_below_bf16_makes_auto_compute_in_fp32_and_says_why(cpu, monkeypatch, variable):
+    cpu(AVX512_BF16)
+    monkeypatch.setenv(variable, "AVX2")
+    monkeypatch.setattr(precision, "onednn_runs_bf16", lambda: False)
+    chosen = modeling.model_precision("auto")
+    assert (chosen.name, chosen.reason) == ("fp32", f"CPU Test CPU has native bf16 (avx512_bf16), but {variable}=AVX2 "
+                                                    "keeps torch's oneDNN from it: bf16 would be emulated, over 10x "
+                                                    "slower")
+    monkeypatch.setenv("SFTFLOW_COMPUTE_DTYPE", "bf16")  # forced anyway: the reason names the cost
+    assert "emulates bf16" in modeling.model_precision("auto").reason
+
+
+@pytest.mark.parametrize("runs_bf16", [True, None])
+def test_a_onednn_limit_that_keeps_bf16_or_a_torch_without_the_probe_leaves_bf16(cpu, monkeypatch, runs_bf16):
+    cpu(AMX)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    monkeypatch.setattr(precision, "onednn_runs_bf16", lambda: runs_bf16)
+    assert modeling.model_precision("auto").name == "bf16"
+
+
+def test_the_real_onednn_limit_reaches_the_choice_and_the_benchmarks_cpu_line():
+    """Unpatched, in a fresh process, as `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` reproduces an AVX2 CPU:
+    torch's own probe says oneDNN has no bf16, and auto takes fp32 (on any CPU)."""
+    env = {k: v for k, v in os.environ.items() if k != precision.COMPUTE_DTYPE_ENV}
+    env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    code = ("import torch; from tasks.model.precision import choose_precision, cpu_summary, onednn_runs_bf16; "
+            "print(choose_precision('auto', False).name, onednn_runs_bf16(), torch.backends.cpu.get_cpu_capability()); "
+            "print(cpu_summary())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.splitlines()
+    assert out[0] == "fp32 False AVX2"
+    assert out[1].endswith("; torch limited to ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2")
 
 
 def test_forced_bf16_on_an_avx2_only_cpu_names_the_cost_of_emulation(cpu, monkeypatch):
