@@ -16,6 +16,9 @@ tests all apply these. A variable the user has set always wins. Nothing here run
   step faulted them in again. On a 2-core EPYC the model tests (tests/model/test_methods.py) made 3.1M page faults
   and spent 9 s of 43 CPU-s in the kernel; with these settings 1.2M and 4.5 s, 11% less CPU in all (PyTorch's CPU
   performance guide makes the same point with jemalloc or tcmalloc, which are not on every machine).
+- Hugging Face's progress bars are off (HF_HUB_DISABLE_PROGRESS_BARS, HF_DATASETS_DISABLE_PROGRESS_BARS): a run
+  loads its model 4-5 times, and each load drew a bar; the base model stage logs a Hub download itself. Set either
+  variable to 0 to see them.
 - The Hub stays reachable for users who have it (`train.base_model` may be a Hub id); the base model is resolved to
   a local directory before any other step, so nothing after that touches the Hub. HF_HUB_OFFLINE=1 forbids it.
 """
@@ -85,6 +88,10 @@ def default_environment(environ: MutableMapping[str, str] | None = None, cwd: Pa
         **TELEMETRY_OFF,
         "OMP_WAIT_POLICY": "PASSIVE",  # read when torch starts its thread pool: set before torch is imported
         "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning after DuckDB/torch threads have started
+        # progress bars: transformers draws "Loading weights" for each of a run's 4-5 model loads, datasets one per map;
+        # in a pipeline's log they are noise (stages log what they load). Read when the libraries are imported.
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
         **{name: str(value) for name, (value, _) in MALLOC_TUNING.items()},
     }
 

@@ -1,5 +1,6 @@
 """One place decides sftflow's environment; the user's own values always win."""
 
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,26 @@ def test_defaults_put_prefect_in_the_project_turn_telemetry_off_and_give_prefect
     assert env["MLFLOW_ENABLE_TELEMETRY"] == "false" and env["HF_HUB_DISABLE_TELEMETRY"] == "1"
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # a busy machine: waiting threads sleep instead of spinning
     assert "HF_HUB_OFFLINE" not in env  # users with the Hub keep it; the default model needs none
+
+
+LOAD_A_MODEL = """
+import sys
+from tasks.core.settings import apply_defaults
+apply_defaults()
+from transformers import AutoModelForCausalLM
+AutoModelForCausalLM.from_pretrained(sys.argv[1])
+"""
+
+
+def test_loading_a_model_draws_no_progress_bar_unless_the_user_asks_for_bars(tmp_path, tiny_model_dir):
+    def stderr(**env):
+        environ = {k: v for k, v in os.environ.items() if not k.endswith("_DISABLE_PROGRESS_BARS")}
+        return subprocess.run([sys.executable, "-c", LOAD_A_MODEL, str(tiny_model_dir)], capture_output=True,
+                              text=True, check=True, cwd=ROOT, env={**environ, "SFTFLOW_HOME": str(tmp_path), **env}
+                              ).stderr
+
+    assert "Loading weights" not in stderr()
+    assert "Loading weights" in stderr(HF_HUB_DISABLE_PROGRESS_BARS="0")  # the user's value wins
 
 
 def test_a_value_the_user_set_wins(tmp_path):
