@@ -19,14 +19,19 @@ tests all apply these. A variable the user has set always wins. Nothing here run
 - Hugging Face's progress bars are off (HF_HUB_DISABLE_PROGRESS_BARS, HF_DATASETS_DISABLE_PROGRESS_BARS): a run
   loads its model 4-5 times, and each load drew a bar; the base model stage logs a Hub download itself. Set either
   variable to 0 to see them.
+- A few library messages that every default run printed about the libraries' own internals are dropped
+  (KNOWN_NOISE, each with its reason); every other warning still shows.
 - The Hub stays reachable for users who have it (`train.base_model` may be a Hub id); the base model is resolved to
   a local directory before any other step, so nothing after that touches the Hub. HF_HUB_OFFLINE=1 forbids it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shlex
+import warnings
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -62,6 +67,42 @@ def tune_malloc(environ: MutableMapping[str, str]) -> bool:
         if value.isdigit() and not libc.mallopt(param, int(value)):
             return False
     return True
+
+
+# Messages the libraries print on every default run about their own internals, none of which the user can act on:
+# (logger, or None for a Python warning, and the start of the message, the reason it is dropped).
+KNOWN_NOISE = [
+    (None, "`is_gradient_checkpointing` is deprecated",  # FutureWarning, 3 per run
+     "PEFT's PeftModel reads transformers' deprecated alias; nothing in sftflow does"),
+    ("transformers.integrations.bitsandbytes", "The modules are dequantized in",
+     "register merges the adapter into the 4-bit base on purpose (its dtype is logged)"),
+    ("transformers.tokenization_utils_tokenizers", "Ignoring clean_up_tokenization_spaces=True for BPE",
+     "MLflow's text-generation pipeline asks for a cleanup that transformers rightly skips for BPE tokenizers"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
+     "an optional CPU kernel fetched from the Hub at run time; without it bitsandbytes uses its own, as intended"),
+]
+
+
+class DropMessages(logging.Filter):
+    """Drop the records whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: list[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_known_noise() -> None:
+    """Drop KNOWN_NOISE from this process's warnings and loggers (idempotent); every other warning still shows."""
+    for logger, prefix, _ in KNOWN_NOISE:
+        if logger is None:
+            warnings.filterwarnings("ignore", message=re.escape(prefix), category=FutureWarning)
+            continue
+        target = logging.getLogger(logger)  # the library's own logger: it is created here if not imported yet
+        if not any(isinstance(f, DropMessages) for f in target.filters):
+            target.addFilter(DropMessages([p for name, p, _ in KNOWN_NOISE if name == logger]))
 
 
 def cache_root() -> Path:
@@ -105,6 +146,7 @@ def apply_defaults(environ: MutableMapping[str, str] | None = None, cwd: Path | 
     Path(environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     if environ is os.environ:
         tune_malloc(environ)  # this process started before the variables were set
+        quiet_known_noise()
     return {key: environ[key] for key in default_environment(environ, cwd)}
 
 

@@ -96,10 +96,13 @@ def run_suite(frame: pd.DataFrame, suite, docs_root: Path | None = None) -> tupl
     Without `docs_root` the context is ephemeral and builds no Data Docs: GX would write them to a temporary folder
     that nothing returns or removes."""
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     context = gx.get_context(mode="file", project_root_dir=str(docs_root)) if docs_root else gx.get_context(
         mode="ephemeral")
+    # GX draws a "Calculating Metrics" bar per suite on stderr: noise in a pipeline's log (the results are reported)
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     result = checkpoint_for(context, suite, docs=docs_root is not None).run(batch_parameters={"dataframe": frame})
     (validation,) = result.run_results.values()
     rows = [{"expectation": r.expectation_config.type,

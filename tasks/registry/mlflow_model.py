@@ -146,7 +146,9 @@ def log_chat_model(model, tokenizer, example: dict, max_new_tokens: int, source:
         {"model": model, "tokenizer": tokenizer}, name=MODEL_ARTIFACT, task=CHAT_TASK, input_example=example,
         torch_dtype=model.dtype, model_config={"max_new_tokens": max_new_tokens, "batch_size": batch_size},
         pip_requirements=pip_requirements(),
-        model_card=ModelCard(f"# {source}\n"),  # register logs the real card (README.md) next
+        # a placeholder (register logs the real card, README.md, next); its metadata block keeps huggingface_hub from
+        # warning that it has none
+        model_card=ModelCard(f"---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n# {source}\n"),
         metadata={"sftflow_weights": f"merged, {str(model.dtype).removeprefix('torch.')}"})
 
 

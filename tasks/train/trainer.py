@@ -160,7 +160,7 @@ def sft_config(cfg: TrainConfig, out_dir: Path, precision: Precision, liger: boo
         seed=cfg.seed, report_to=[], use_cpu=not cuda, bf16=precision.name == "bf16", fp16=precision.name == "fp16",
         dataloader_num_workers=0, packing=cfg.packing, packing_strategy="bfd", padding_free=cfg.packing,
         max_length=cfg.pack_length if cfg.packing else None,
-        gradient_checkpointing=cuda, disable_tqdm=True, use_liger_kernel=liger,
+        activation_checkpointing=cuda, disable_tqdm=True, use_liger_kernel=liger,  # not gradient_checkpointing (v6)
     )
 
 
@@ -204,7 +204,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     """Return the trainer for `train.method` over the tokenized training rows (packed if asked): LoRA on a 4-bit,
     8-bit or full-precision base, or full weights (full, hft); early stopping on the held-out loss if asked."""
     from datasets import Dataset
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     from tasks.train.methods import method_callbacks
     from tasks.train.packing import use_packed_attention, write_packing_report
@@ -230,6 +230,9 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
         trainable_dtype=trainable_dtype(precision) if cfg.uses_lora else None)
     if cfg.uses_lora:
         match_adapter_dtype(trainer.model, precision)
+    # With tqdm off the Trainer prints every log dict to stdout; the train task logs each step itself (and MLflow
+    # records the metrics), so the prints only repeated it.
+    trainer.remove_callback(PrinterCallback)
     if cfg.packing:
         report = write_packing_report(rows, trainer.train_dataset, cfg.pack_length, out_dir)
         stage_logger().info("train: packed %d conversations into %d rows of %d tokens, fill rate %.1f%%",

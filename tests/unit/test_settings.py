@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tasks.core.settings import PREFECT_STARTUP_TIMEOUT_S, apply_defaults, shell_exports
+from tasks.core.settings import KNOWN_NOISE, PREFECT_STARTUP_TIMEOUT_S, apply_defaults, shell_exports
 from tests.conftest import ROOT
 
 
@@ -36,6 +36,38 @@ def test_loading_a_model_draws_no_progress_bar_unless_the_user_asks_for_bars(tmp
 
     assert "Loading weights" not in stderr()
     assert "Loading weights" in stderr(HF_HUB_DISABLE_PROGRESS_BARS="0")  # the user's value wins
+
+
+MAKE_THE_KNOWN_NOISE = """
+import sys, warnings
+if sys.argv[2] == "defaults":
+    from tasks.core.settings import apply_defaults
+    apply_defaults()
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=quantized)
+model(torch.tensor([[1, 2, 3]]))  # bitsandbytes' CPU matmul
+get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=quantized).dequantize(dtype=torch.float32)
+AutoTokenizer.from_pretrained(sys.argv[1]).decode([1, 2, 3], clean_up_tokenization_spaces=True)
+warnings.warn("a warning of the user's own", FutureWarning)
+"""
+
+
+def test_the_known_library_noise_is_dropped_and_every_other_warning_still_shows(tmp_path, tiny_model_dir):
+    """Each KNOWN_NOISE message is printed by a plain process doing what a run does, and by none under sftflow's
+    defaults; a warning that is not on the list still shows."""
+    def stderr(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", MAKE_THE_KNOWN_NOISE, str(tiny_model_dir), mode],
+                              capture_output=True, text=True, check=True, cwd=ROOT,
+                              env={**os.environ, "SFTFLOW_HOME": str(tmp_path)}).stderr
+
+    plain, quiet = stderr("plain"), stderr("defaults")
+    for _, message, _ in KNOWN_NOISE:
+        assert message in plain and message not in quiet, message
+    assert "a warning of the user's own" in plain and "a warning of the user's own" in quiet
 
 
 def test_a_value_the_user_set_wins(tmp_path):
