@@ -82,7 +82,7 @@ def native_cpu_bf16(flags: set[str]) -> str | None:
 def onednn_bf16_limit() -> str | None:
     """Return the setting (`ONEDNN_MAX_CPU_ISA=AVX2`) that keeps oneDNN from this CPU's bf16 instructions, as torch's
     own probe reports it; None where no such setting is made, or oneDNN may still use them."""
-    setting = next((f"{k}={os.environ[k]}" for k in ONEDNN_ISA_ENV if os.environ.get(k, "").strip()), None)
+    setting = next(iter(isa_limits(ONEDNN_ISA_ENV)), None)
     if setting is None:
         return None
     return None if onednn_runs_bf16() in (True, None) else setting
@@ -99,9 +99,10 @@ def onednn_runs_bf16() -> bool | None:
         return None
 
 
-def isa_limits() -> list[str]:
-    """Return the instruction-set limits set for this process's torch (oneDNN's and ATen's kernels), if any."""
-    return [f"{k}={os.environ[k]}" for k in (*ONEDNN_ISA_ENV, "ATEN_CPU_CAPABILITY") if os.environ.get(k, "").strip()]
+def isa_limits(names: tuple[str, ...] = (*ONEDNN_ISA_ENV, "ATEN_CPU_CAPABILITY")) -> list[str]:
+    """Return the instruction-set limits (`NAME=value`) set among `names` for this process's torch: by default
+    oneDNN's and ATen's."""
+    return [f"{k}={os.environ[k]}" for k in names if os.environ.get(k, "").strip()]
 
 
 def cpu_summary() -> str:
