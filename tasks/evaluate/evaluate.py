@@ -245,7 +245,7 @@ def free_memory() -> None:
 
 def score_trained(model_dir: str, trained_dir: Path, train_cfg: TrainConfig, *args) -> dict[str, Scored]:
     """Score the tuned model, and for an adapter the base too (the same weights with the adapter disabled)."""
-    model = load_trained_model(model_dir, trained_dir, train_cfg).eval()
+    model = load_trained_model(model_dir, trained_dir, train_cfg, generating=True).eval()
     results = {"tuned": run_model("tuned", model, *args)}
     if is_adapter_dir(trained_dir):
         with model.disable_adapter():
@@ -282,7 +282,7 @@ def score_champion(champion: Champion, model_dir: str, tokenizer, rows, prompts,
     own = load_tokenizer(str(champion.trained_dir) if own_tokenizer else base, trust_remote_code=trust)
     same = own.get_vocab() == tokenizer.get_vocab()
     method_cfg = train_cfg.model_copy(update={"method": champion.method})
-    model = load_trained_model(base, champion.trained_dir, method_cfg).eval()
+    model = load_trained_model(base, champion.trained_dir, method_cfg, generating=True).eval()
     scored = run_model("champion", model, tokenizer if same else own, rows, prompts, cfg, extractor, with_loss=same)
     scored.summary["version"] = champion.version
     return scored

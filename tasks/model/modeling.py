@@ -83,15 +83,25 @@ def trained_model_dir(train_dir: Path) -> Path:
     return full if (full / "config.json").is_file() else Path(train_dir) / "adapter"
 
 
-def load_trained_model(model_dir: str, trained_dir: Path, cfg) -> Any:
+def load_trained_model(model_dir: str, trained_dir: Path, cfg, generating: bool = False) -> Any:
     """Return the trained model: the adapter in `trained_dir` over the base loaded as in training (`cfg`, a
-    TrainConfig), or the full weights in `trained_dir`. Safetensors only: an adapter saved as a pickle is refused."""
+    TrainConfig), or the full weights in `trained_dir`. Safetensors only: an adapter saved as a pickle is refused.
+
+    `generating`: the model will answer prompts as it is (evaluate). A 4-bit base on a CPU where bitsandbytes has no
+    fused inference kernel then has its frozen weights dequantized once, not at every generated token
+    (tasks/model/dequantized.py): the same answers."""
     if not is_adapter_dir(trained_dir):
         return load_base_model(str(trained_dir), False, cfg.compute_dtype, trust_remote_code=cfg.trust_remote_code)
     from peft import PeftModel
 
     check_adapter_weights(Path(trained_dir))
     base = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit, cfg.trust_remote_code)
+    if generating and cfg.load_in_4bit and not has_cuda():
+        from tasks.model.dequantized import dequantize_once, inference_kernel
+
+        if not inference_kernel():
+            choice = dequantize_once(base, model_precision(cfg.compute_dtype).torch_dtype, cuda=False)
+            stage_logger().info("4-bit weights: %s", choice.reason)
     return PeftModel.from_pretrained(base, str(trained_dir))
 
 
