@@ -8,7 +8,8 @@ beside the NF4 weight. The values are the ones bitsandbytes' backward computes (
 the losses and gradients are bit-identical to bitsandbytes' own path (tests/model/test_dequantized.py, in both
 dtypes). The cost is memory: 2 (bf16) or 4 (fp32) bytes a weight on top of the NF4 half byte. So this is done only
 while those copies fit in a quarter of the memory available when the model loads; a larger base keeps bitsandbytes'
-path, and the train task logs which one it took and why.
+path, and the train task logs which one it took and why. Evaluate does the same where bitsandbytes has no fused CPU
+inference kernel (a CPU without AVX512-BF16), where generation would otherwise dequantize every layer at every token.
 
 The copies are plain attributes, not parameters or buffers: nothing is saved with a checkpoint or an adapter, and the
 optimizer never sees them.
@@ -106,15 +107,15 @@ def dequantized_forward(self, x):
     import torch.nn.functional as F
 
     weight = getattr(self, ATTRIBUTE)
-    inference_kernel = (x.device.type == "cpu" and getattr(self, "support_avx512bf16_for_cpu", False)
-                        and not self.training and not x.requires_grad)
+    fused = (x.device.type == "cpu" and getattr(self, "support_avx512bf16_for_cpu", False)
+             and not self.training and not x.requires_grad)  # where bitsandbytes runs its CPU inference kernel
     if not self.compute_type_is_set:  # bitsandbytes' own first-call choice, kept as it keeps it
         self.set_compute_type(x)
         self.compute_type_is_set = True
     matmul = self.compute_dtype
     if torch.is_autocast_enabled(x.device.type) and matmul in (torch.float32, torch.bfloat16, torch.float16):
         matmul = torch.get_autocast_dtype(x.device.type)
-    if inference_kernel or matmul != weight.dtype:
+    if fused or matmul != weight.dtype:
         return bnb.nn.Linear4bit.forward(self, x)
     bias = None if self.bias is None else self.bias.to(self.compute_dtype)
     return F.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
