@@ -49,6 +49,21 @@ def inference_kernel() -> bool:
     return bool(bnb_functional.has_avx512bf16())
 
 
+def train_without_repacking(model: Any) -> int:
+    """Keep bitsandbytes' CPU inference kernel out of a model being trained; return the 4-bit layers guarded.
+
+    At its first forward in eval mode without gradients (an in-training held-out evaluation, `train.eval_steps`) a
+    Linear4bit on a CPU with AVX512-BF16 repacks its weight for that kernel, and from then on computes with
+    `gemv_4bit` in training too. That op has no autograd kernel: the gradient through the frozen layer to its input
+    is silently dropped (torch only warns), so every step after the first evaluation trains the LoRA weights on wrong
+    gradients (bitsandbytes 0.50; tests/model/test_dequantized.py shows it). Guarded, such an evaluation dequantizes
+    as training does (or uses the kept copies)."""
+    layers = linear_4bit_modules(model)
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def choose(cuda: bool, weights: int, bytes_per_weight: int, available: int) -> Choice:
     """Return whether `weights` 4-bit weights are dequantized once, at `bytes_per_weight` each, with `available` bytes
     of memory free (a pure function of what the device and the model offer, tested as the dtype choice is)."""

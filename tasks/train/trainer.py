@@ -20,7 +20,7 @@ from pathlib import Path
 from tasks.core.common import stage_logger
 from tasks.core.config import TrainConfig
 from tasks.core.errors import ConfigError
-from tasks.model.dequantized import dequantize_once
+from tasks.model.dequantized import dequantize_once, train_without_repacking
 from tasks.model.modeling import has_cuda, load_base_model, model_precision
 from tasks.model.precision import Precision
 from tasks.model.tokenizer import load_tokenizer
@@ -218,6 +218,7 @@ def build_trainer(formatted_dir: Path, model_dir: str, out_dir: Path, cfg: Train
     model = load_base_model(model_dir, cfg.load_in_4bit, cfg.compute_dtype, cfg.load_in_8bit, cfg.trust_remote_code,
                             attn_implementation=kernels.attention)
     if cfg.load_in_4bit:  # the frozen NF4 weights dequantized once on a CPU, not twice a micro-batch
+        train_without_repacking(model)  # an in-training evaluation must not switch bitsandbytes to its inference op
         stage_logger().info("train: 4-bit weights: %s",
                             dequantize_once(model, precision.torch_dtype, has_cuda()).reason)
     if not cfg.uses_lora:

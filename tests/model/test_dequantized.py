@@ -1,6 +1,8 @@
 """The 4-bit base's frozen weights dequantized once on a CPU (tasks/model/dequantized.py): the same losses, gradients
 and answers as bitsandbytes' own path, bit for bit, in both compute dtypes; used in training; never saved."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -105,6 +107,7 @@ def test_the_train_task_uses_the_kept_weights_and_logs_why(formatted, tiny_model
         trainer = build_trainer(formatted, str(tiny_model_dir), tmp_path, tiny_train_config(max_steps=1))
     layers = linear_4bit_modules(trainer.model)
     assert layers and all(hasattr(layer, ATTRIBUTE) for layer in layers)
+    assert not any(layer.support_avx512bf16_for_cpu for layer in layers)  # train_without_repacking
     assert any("4-bit weights: CPU: the base's frozen 4-bit weights dequantized once" in r.getMessage()
                for r in caplog.records)
     lora = build_trainer(formatted, str(tiny_model_dir), tmp_path / "lora", tiny_train_config(max_steps=1,
@@ -157,3 +160,42 @@ def test_evaluate_keeps_the_weights_only_where_bitsandbytes_has_no_cpu_inference
         expected = plain.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(kept.generate(input_ids=ids, max_new_tokens=12, do_sample=False), expected)
         assert torch.equal(kept(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def evaluate_then_step(model, dtype):
+    """A held-out forward in eval mode without gradients (as the Trainer's evaluation runs), then a training step."""
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        model(input_ids=torch.arange(5, 25).reshape(2, 10))
+    model.train()
+    return loss_and_grads(model, dtype)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["bitsandbytes-path", "kept-weights"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_evaluation_during_training_leaves_the_next_steps_gradients_exact(tiny_model_dir, dtype, keep):
+    """bitsandbytes repacks its 4-bit weights for its CPU inference kernel at the first no-gradient eval forward, and
+    then trains through an op without a backward (the input's gradient dropped). Guarded, the step after an
+    evaluation gets the gradients of a step with no evaluation before it, with or without the kept weights."""
+    from tasks.model.dequantized import train_without_repacking
+
+    reference = loss_and_grads(qlora_model(tiny_model_dir, dtype), dtype)
+    model = qlora_model(tiny_model_dir, dtype)
+    assert train_without_repacking(model) == len(linear_4bit_modules(model)) > 0
+    if keep:
+        assert dequantize_once(model, dtype, cuda=False).once
+    loss, grads = evaluate_then_step(model, dtype)
+    assert torch.equal(loss, reference[0]) and all(torch.equal(grads[n], reference[1][n]) for n in grads)
+
+
+def test_without_the_guard_bitsandbytes_drops_the_gradient_after_an_evaluation_on_an_avx512_bf16_cpu(tiny_model_dir):
+    """Why the guard exists, shown on the CPUs where bitsandbytes has the kernel (elsewhere it never repacks). If a
+    bitsandbytes release fixes it, this fails: then the guard can go."""
+    from tasks.model.dequantized import inference_kernel
+
+    reference = loss_and_grads(qlora_model(tiny_model_dir, torch.bfloat16), torch.bfloat16)
+    with pytest.warns(UserWarning, match="autograd kernel was not registered") if inference_kernel() else \
+            contextlib.nullcontext():
+        _, grads = evaluate_then_step(qlora_model(tiny_model_dir, torch.bfloat16), torch.bfloat16)
+    first = next(n for n in grads if "layers.0.self_attn.q_proj.lora_A" in n)
+    assert torch.equal(grads[first], reference[1][first]) != inference_kernel()
